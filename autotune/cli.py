@@ -1,0 +1,358 @@
+"""The ``autotune`` command line (typer). Every user error is one line on stderr and exit code 2.
+
+Exit codes: 0 ok, 2 bad input (spec, model, storage, space), 3 no config met the SLO,
+130 interrupted (the study resumes when the same command is run again).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from autotune.config import BASELINE, TrialConfig
+from autotune.errors import AutotuneError, NoFeasibleConfig, SpecError, StorageError, TrialFailure
+from autotune.spec import StudySpec, load_spec
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Find the fastest LLM inference config that meets your latency SLO, by measuring it.")
+out = Console()
+err = Console(stderr=True)
+
+DEFAULT_SPEC = Path("studies/quickstart.yaml")
+StorageOpt = Annotated[str | None, typer.Option("--storage", help="SQLAlchemy URL [default: sqlite:///studies/autotune.db]")]
+
+
+# -- helpers ------------------------------------------------------------------------------------
+def _default_spec_path() -> Path:
+    if DEFAULT_SPEC.is_file():
+        return DEFAULT_SPEC
+    return Path(str(resources.files("autotune") / "data" / "quickstart.yaml"))
+
+
+def _storage_url(storage: str | None, *, for_write: bool) -> str:
+    from autotune.tuner import DEFAULT_STORAGE
+
+    if storage:
+        return storage
+    if for_write:
+        Path("studies").mkdir(exist_ok=True)
+    elif not Path("studies/autotune.db").exists():
+        raise StorageError("no study database at studies/autotune.db; run `autotune tune` first or pass --storage")
+    return DEFAULT_STORAGE
+
+
+def _load_study(name: str, storage: str | None) -> Any:
+    import optuna
+
+    from autotune.tuner import open_storage
+
+    url = _storage_url(storage, for_write=False)
+    if url.startswith("sqlite:///") and not url.endswith(":memory:"):
+        path = Path(url.removeprefix("sqlite:///"))
+        if not path.exists():
+            raise StorageError(f"no database file at {path}")
+    st = open_storage(url)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return optuna.load_study(study_name=name, storage=st, sampler=optuna.samplers.RandomSampler())
+    except KeyError:
+        names = [s.study_name for s in optuna.get_all_study_summaries(st, include_best_trial=False)]
+        raise StorageError(
+            f"no study named {name!r} in {url}; studies there: {', '.join(names) or '(none)'}"
+        ) from None
+
+
+def _fmt(v: float, unit: str = "") -> str:
+    return "-" if v != v else f"{v:,.1f}{unit}"
+
+
+def _metrics_table(title: str, m: Any, spec: StudySpec | None = None) -> Table:
+    t = Table(title=title, show_header=True, header_style="bold")
+    t.add_column("metric")
+    for p in ("p50", "p90", "p95", "p99"):
+        t.add_column(p, justify="right")
+    for name in ("e2e_ms", "ttft_ms", "tpot_ms", "queue_ms"):
+        t.add_row(name, *(_fmt(getattr(m, name)[p]) for p in ("p50", "p90", "p95", "p99")))
+    t.caption = (
+        f"output {m.output_tokens_per_s:,.1f} tok/s · {m.requests_per_s:,.2f} req/s · {m.requests} requests in "
+        f"{m.duration_s:.1f} s · mean batch {m.mean_batch_rows:.1f} · peak memory {m.peak_memory_mb:,.0f} MB "
+        f"({m.memory_kind})"
+    )
+    if spec is not None:
+        verdicts = []
+        for c in spec.slo:
+            v = m.value(c.name)
+            verdicts.append(f"{c.describe()}: {_fmt(v)} {'OK' if v <= c.max else 'MISSED'}")
+        t.caption += "\nSLO: " + " · ".join(verdicts)
+    return t
+
+
+def _config_table(cfg: dict[str, Any], title: str) -> Table:
+    t = Table(title=title, show_header=False)
+    t.add_column("knob", style="bold")
+    t.add_column("value")
+    for k, v in cfg.items():
+        t.add_row(k, str(v))
+    return t
+
+
+def _run(fn: Any) -> None:
+    """Run a command body, mapping our errors to one line and an exit code."""
+    try:
+        fn()
+    except AutotuneError as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:
+        err.print("interrupted; run the same command again to resume the study")
+        raise typer.Exit(130) from None
+
+
+def _preflight(spec: StudySpec) -> tuple[Any, Any]:
+    from autotune.runner import preflight
+
+    with err.status("probing hardware and model (child process)…"):
+        return preflight(spec)
+
+
+# -- commands -----------------------------------------------------------------------------------
+@app.command()
+def tune(
+    spec_path: Annotated[Path | None, typer.Argument(metavar="[SPEC]", help="study spec YAML [default: studies/quickstart.yaml]")] = None,
+    trials: Annotated[int | None, typer.Option(min=1, help="trial budget of the study (total, resumes count)")] = None,
+    timeout: Annotated[float | None, typer.Option(min=1, help="wall-time budget in seconds")] = None,
+    storage: StorageOpt = None,
+    study: Annotated[str | None, typer.Option(help="study name [default: the spec's name]")] = None,
+    export: Annotated[Path | None, typer.Option(help="write the best config's export JSON here")] = None,
+    sampler: Annotated[str | None, typer.Option(help="tpe, nsga2, gp, random or grid")] = None,
+    seed: Annotated[int | None, typer.Option(help="sampler seed")] = None,
+) -> None:
+    """Search the spec's space, measuring every trial for real, and report the best feasible config."""
+
+    def body() -> None:
+        from autotune.export import export_dict, write_export
+        from autotune.tuner import Tuner, open_storage
+
+        spec = load_spec(spec_path or _default_spec_path())
+        if sampler is not None and sampler not in ("tpe", "nsga2", "gp", "random", "grid"):
+            raise SpecError(f"--sampler: unknown sampler {sampler!r}; allowed: tpe, nsga2, gp, random, grid")
+        url = _storage_url(storage, for_write=True)
+        open_storage(url)  # fail fast on an unreachable storage, before the slow preflight
+        hw, info = _preflight(spec)
+        out.print(f"[bold]{spec.name}[/bold]: {info.ref} ({info.num_parameters / 1e6:,.1f}M params) on {hw.summary()}")
+        tuner = Tuner(spec, hw, info, storage_url=url, study_name=study, trials=trials, timeout_s=timeout,
+                      sampler=sampler, seed=seed)
+        for knob, reason in tuner.space.dropped.items():
+            out.print(f"[dim]not searched: {knob}: {reason}[/dim]")
+        out.print(f"space: {tuner.space.size()} configs · budget {tuner.budget} trials · SLO: "
+                  + ", ".join(c.describe() for c in spec.slo) + f" · storage {url}")
+        study_obj = _run_with_progress(tuner)
+        _report(study_obj, spec)
+        if export is not None:
+            path = write_export(export_dict(study_obj), export)
+            out.print(f"exported best config to {path}")
+
+    _run(body)
+
+
+def _run_with_progress(tuner: Any) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from autotune.tuner import TuneEvents, trial_measurement
+
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=err, transient=False)
+    task = progress.add_task("trials", total=tuner.budget)
+    state = {"best": "none yet"}
+
+    def on_start(done: int, total: int) -> None:
+        progress.update(task, completed=min(done, total))
+
+    def on_trial_start(number: int, cfg: TrialConfig) -> None:
+        progress.update(task, description=f"trial {number}: {cfg.label()} | best feasible {state['best']}")
+
+    def on_trial_end(study: Any, trial: Any, best: Any) -> None:
+        if best is not None:
+            state["best"] = f"{best.values[0]:,.0f} tok/s"
+        progress.update(task, completed=min(tuner.counted(study), tuner.budget))
+        m = trial_measurement(trial)
+        if "failure" in trial.user_attrs:
+            f = trial.user_attrs["failure"]
+            progress.console.print(f"  trial {trial.number} failed ({f['kind']}): {f['reason']}", highlight=False)
+        elif "rejected" in trial.user_attrs:
+            progress.console.print(f"  [dim]trial {trial.number} rejected before loading: {trial.user_attrs['rejected']}[/dim]",
+                                   highlight=False)
+        elif m is not None and "duplicate_of" not in trial.user_attrs:
+            mark = "ok" if trial.user_attrs.get("feasible") else "misses SLO"
+            progress.console.print(
+                f"  trial {trial.number}: {_label(trial)} → "
+                f"{m.output_tokens_per_s:,.0f} tok/s, {tuner.spec.second_objective} {trial.values[1]:,.0f} ms ({mark})",
+                highlight=False,
+            )
+
+    tuner.events = TuneEvents(on_start, on_trial_start, on_trial_end)
+    with progress:
+        return tuner.run()
+
+
+def _label(trial: Any) -> str:
+    return TrialConfig.model_validate(trial.user_attrs["config"]).label()
+
+
+def _report(study_obj: Any, spec: StudySpec) -> None:
+    from autotune.tuner import best_feasible, closest_to_feasible, trial_measurement
+
+    best = best_feasible(study_obj)
+    if best is None:
+        lines = []
+        for t in closest_to_feasible(study_obj):
+            m = trial_measurement(t)
+            misses = []
+            for c, v in zip(spec.slo, t.user_attrs.get("constraints", [])):
+                if v > 0:
+                    misses.append(f"{c.describe()} missed by {v:.0%} ({m.value(c.name) if m else float('nan'):,.0f})")
+            lines.append(f"  trial {t.number} {_label(t)}: " + "; ".join(misses))
+        detail = ("\nclosest configs:\n" + "\n".join(lines)) if lines else " (no trial completed)"
+        raise NoFeasibleConfig(f"no configuration met the SLO in study {study_obj.study_name!r}{detail}")
+    m = trial_measurement(best)
+    out.print(_config_table(best.user_attrs["config"], f"best feasible config (trial {best.number})"))
+    out.print(_metrics_table("its measurement", m, spec))
+
+
+@app.command()
+def measure(
+    spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="study spec YAML (its model and workload)")],
+    config: Annotated[Path | None, typer.Option(help="a TrialConfig JSON, or an export file")] = None,
+    baseline: Annotated[bool, typer.Option(help="measure the naive baseline: batch 1, fp32, eager, 1 stream")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the measurement as JSON")] = False,
+) -> None:
+    """Measure one config under the spec's workload (no search)."""
+
+    def body() -> None:
+        from autotune.runner import run_trial
+        from autotune.space import SearchSpace
+
+        spec = load_spec(spec_path)
+        if baseline == (config is not None):
+            raise SpecError("give exactly one of --config FILE or --baseline")
+        cfg = BASELINE if baseline else _read_config(config)  # type: ignore[arg-type]
+        hw, info = _preflight(spec)
+        space = SearchSpace.from_spec(spec, hw, info)
+        reason = space.check(cfg)
+        if reason:
+            raise SpecError(f"config cannot run here: {reason}")
+        with err.status(f"measuring {cfg.label()} (child process)…"):
+            try:
+                m = run_trial(spec, cfg, hw)
+            except TrialFailure as e:
+                raise AutotuneError(f"measurement failed ({e.kind}): {e.reason}") from None
+        if as_json:
+            print(json.dumps({"config": cfg.model_dump(mode="json"), "measurement": m.to_dict()}, indent=2))
+        else:
+            out.print(_metrics_table(f"{cfg.label()} on {hw.summary()}", m, spec))
+
+    _run(body)
+
+
+def _read_config(path: Path) -> TrialConfig:
+    from pydantic import ValidationError
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SpecError(f"config file not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SpecError(f"{path}: not valid JSON ({e})") from None
+    if isinstance(data, dict) and "config" in data and isinstance(data["config"], dict):
+        data = data["config"]
+    try:
+        return TrialConfig.model_validate(data)
+    except ValidationError as e:
+        from autotune.spec import _format_validation_error
+
+        raise SpecError(f"{path}: {_format_validation_error(e)}") from None
+
+
+@app.command()
+def best(
+    study: Annotated[str, typer.Argument(help="study name")],
+    storage: StorageOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the export document instead of a table")] = False,
+) -> None:
+    """Show the best feasible config of a study."""
+
+    def body() -> None:
+        from autotune.export import export_dict
+        from autotune.spec import parse_spec
+        from autotune.tuner import best_feasible, trial_measurement
+
+        s = _load_study(study, storage)
+        if as_json:
+            print(json.dumps(export_dict(s), indent=2))
+            return
+        spec = parse_spec(s.user_attrs["spec"]) if "spec" in s.user_attrs else None
+        b = best_feasible(s)
+        if b is None:
+            if spec is None:
+                raise NoFeasibleConfig(f"study {study!r} has no feasible trial")
+            _report(s, spec)
+            return
+        out.print(_config_table(b.user_attrs["config"], f"{study}: best feasible config (trial {b.number})"))
+        out.print(_metrics_table("its measurement", trial_measurement(b), spec))
+
+    _run(body)
+
+
+@app.command("export")
+def export_cmd(
+    study: Annotated[str, typer.Argument(help="study name")],
+    storage: StorageOpt = None,
+    output: Annotated[Path | None, typer.Option(help="file to write [default: stdout]")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="json")] = "json",
+) -> None:
+    """Export the best feasible config as a versioned JSON file."""
+
+    def body() -> None:
+        from autotune.export import export_dict, write_export
+
+        if fmt != "json":
+            raise SpecError(f"--format: unknown format {fmt!r}; allowed: json")
+        doc = export_dict(_load_study(study, storage))
+        if output is None:
+            print(json.dumps(doc, indent=2))
+        else:
+            out.print(f"wrote {write_export(doc, output)}")
+
+    _run(body)
+
+
+@app.command()
+def presets() -> None:
+    """List the built-in model presets (real architectures, seeded random weights)."""
+    from autotune.presets import PRESETS
+
+    t = Table("preset", "parameters", "description")
+    for name, p in PRESETS.items():
+        t.add_row(f"preset:{name}", f"{p.approx_parameters / 1e6:,.1f}M", p.description)
+    out.print(t)
+
+
+def main() -> None:
+    # Must be set before torch is imported anywhere in this process (see runner.py).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    try:
+        app()
+    except SystemExit as e:
+        sys.exit(e.code)
+
+
+if __name__ == "__main__":
+    main()

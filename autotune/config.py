@@ -1,0 +1,58 @@
+"""TrialConfig: one point of the search space, the unit that is measured, stored and exported.
+
+Knob names live here, torch-free, so the parent process (tuner, CLI, dashboard) can validate
+and reason about configs without importing the engine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Precision = Literal["fp32", "tf32", "bf16", "fp16"]
+Quantization = Literal["none", "int8-dynamic", "int8-weight-only", "int4-weight-only", "fp8"]
+Backend = Literal["eager", "inductor", "inductor-cudagraphs"]
+
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+QUANTIZATIONS: tuple[str, ...] = get_args(Quantization)
+BACKENDS: tuple[str, ...] = get_args(Backend)
+
+#: Knobs that change the loaded model (a change means a rebuild), in application order.
+MODEL_KNOBS = ("precision", "quantization", "backend")
+#: Knobs that only change how requests are scheduled onto an already built model.
+RUNTIME_KNOBS = ("batch_size", "streams", "max_queue_delay_ms")
+KNOBS = RUNTIME_KNOBS + MODEL_KNOBS
+
+
+class TrialConfig(BaseModel):
+    """One inference configuration. Frozen and hashable so it can key caches and dedupe trials."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    batch_size: int = Field(1, ge=1, le=4096, description="Max requests per generate call.")
+    precision: Precision = Field("fp32", description="Weight/activation dtype (tf32: fp32 with TF32 matmuls).")
+    quantization: Quantization = Field("none", description="Weight (and activation) quantization scheme.")
+    streams: int = Field(1, ge=1, le=64, description="Concurrent workers sharing the model.")
+    backend: Backend = Field("eager", description="Execution backend for the forward pass.")
+    max_queue_delay_ms: float = Field(
+        0.0, ge=0.0, le=60_000.0, description="How long the batcher waits to fill a batch."
+    )
+
+    def key(self) -> str:
+        """A short stable hash of the knob values, for dedupe and caches."""
+        blob = json.dumps(self.model_dump(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+    def label(self) -> str:
+        """A compact human-readable one-liner, e.g. ``b32 fp32 int8-dynamic x1 eager 10ms``."""
+        return (
+            f"b{self.batch_size} {self.precision} {self.quantization} x{self.streams} "
+            f"{self.backend} {self.max_queue_delay_ms:g}ms"
+        )
+
+
+BASELINE = TrialConfig()
+"""The naive baseline: batch 1, fp32, no quantization, eager, one stream, no queue delay."""

@@ -1,0 +1,299 @@
+"""The Engine: one model, a dynamic batcher and N stream workers.
+
+Trials measure it and deployments serve it (``autotune.deploy.load_engine``), so what was
+measured is what runs. It knows nothing about tuning or databases.
+
+Requests go into one queue. Each stream worker takes the oldest request, waits until the
+batch is full or the oldest request has waited ``max_queue_delay_ms``, then runs one
+``generate`` call for the batch (on its own CUDA stream on GPU, its own thread on CPU).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from autotune.config import TrialConfig
+from autotune.hardware import Hardware
+from autotune.models import ModelInfo
+from autotune.optimize import BACKENDS, PRECISIONS, QUANTIZERS
+from autotune.optimize.compile import needs_fixed_shapes
+
+
+@dataclass
+class GenerationResult:
+    """One finished request, with the timestamps (perf_counter seconds) that latency is made of."""
+
+    request_id: int
+    prompt_tokens: int
+    output_ids: list[int]
+    t_submit: float
+    t_start: float
+    t_first_token: float
+    t_end: float
+    batch_rows: int
+    stream: int
+
+    @property
+    def output_tokens(self) -> int:
+        return len(self.output_ids)
+
+    @property
+    def e2e_s(self) -> float:
+        return self.t_end - self.t_submit
+
+    @property
+    def ttft_s(self) -> float:
+        return self.t_first_token - self.t_submit
+
+    @property
+    def tpot_s(self) -> float:
+        n = self.output_tokens
+        return (self.t_end - self.t_first_token) / (n - 1) if n > 1 else 0.0
+
+    @property
+    def queue_s(self) -> float:
+        return self.t_start - self.t_submit
+
+
+@dataclass
+class _Pending:
+    request_id: int
+    prompt_ids: list[int]
+    max_new_tokens: int
+    t_submit: float
+    future: Future[GenerationResult] = field(default_factory=Future)
+
+
+@dataclass
+class BuildTimings:
+    """Seconds spent before serving; kept apart from steady-state measurement."""
+
+    load_s: float = 0.0
+    precision_s: float = 0.0
+    quantize_s: float = 0.0
+    compile_s: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(self.__dict__)
+
+
+class _TokenClock:
+    """A transformers streamer that timestamps the first generated token (and counts steps)."""
+
+    def __init__(self, sync: Any = None) -> None:
+        self.calls = 0
+        self.t_first: float | None = None
+        self._sync = sync
+
+    def put(self, value: Any) -> None:
+        self.calls += 1
+        if self.calls == 2:  # call 1 is the prompt, call 2 the first new token
+            if self._sync is not None:
+                self._sync()
+            self.t_first = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+class EngineClosed(RuntimeError):
+    """Raised by submit() after stop()."""
+
+
+class Engine:
+    """Serve ``generate`` requests for one model under one :class:`TrialConfig`."""
+
+    def __init__(
+        self, model: Any, tokenizer: Any, config: TrialConfig, hardware: Hardware, info: ModelInfo,
+        *, timings: BuildTimings | None = None, prompt_pad_to: int | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.hardware = hardware
+        self.info = info
+        self.timings = timings or BuildTimings()
+        self.fixed_shapes = needs_fixed_shapes(config.backend)
+        self.prompt_pad_to = prompt_pad_to
+        self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+        self._queue: queue.Queue[_Pending | None] = queue.Queue()
+        self._threads: list[threading.Thread] = []
+        self._closed = False
+        self._next_id = 0
+        self._id_lock = threading.Lock()
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def build(
+        cls, model_ref: str, config: TrialConfig, hardware: Hardware, *, seed: int = 0,
+        prompt_pad_to: int | None = None,
+    ) -> Engine:
+        """Load the model and apply precision, then quantization, then the backend."""
+        from autotune.models import load_model
+
+        timings = BuildTimings()
+        t = time.perf_counter()
+        model, tokenizer, info = load_model(model_ref, device=hardware.device, seed=seed)
+        timings.load_s = time.perf_counter() - t
+        t = time.perf_counter()
+        model = PRECISIONS[config.precision].apply(model, hardware)
+        timings.precision_s = time.perf_counter() - t
+        t = time.perf_counter()
+        model = QUANTIZERS[config.quantization].apply(model, hardware)
+        timings.quantize_s = time.perf_counter() - t
+        model = BACKENDS[config.backend].apply(model, hardware)  # compile itself happens at warm-up
+        return cls(model, tokenizer, config, hardware, info, timings=timings, prompt_pad_to=prompt_pad_to)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> Engine:
+        if self._threads:
+            return self
+        for i in range(self.config.streams):
+            th = threading.Thread(target=self._worker, args=(i,), name=f"autotune-stream-{i}", daemon=True)
+            th.start()
+            self._threads.append(th)
+        return self
+
+    def stop(self) -> None:
+        """Finish queued and in-flight requests, then stop the workers."""
+        self._closed = True
+        for _ in self._threads:
+            self._queue.put(None)
+        for th in self._threads:
+            th.join()
+        self._threads.clear()
+
+    def __enter__(self) -> Engine:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- requests -----------------------------------------------------------------------------
+    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        return [int(t) for t in prompt]
+
+    def submit(self, prompt: str | Sequence[int], max_new_tokens: int) -> Future[GenerationResult]:
+        """Queue one request; the future resolves when its batch finishes."""
+        if self._closed:
+            raise EngineClosed("engine is stopped")
+        if not self._threads:
+            self.start()
+        ids = self.encode(prompt)
+        with self._id_lock:
+            rid, self._next_id = self._next_id, self._next_id + 1
+        pending = _Pending(rid, ids, int(max_new_tokens), time.perf_counter())
+        self._queue.put(pending)
+        return pending.future
+
+    async def asubmit(self, prompt: str | Sequence[int], max_new_tokens: int) -> GenerationResult:
+        return await asyncio.wrap_future(self.submit(prompt, max_new_tokens))
+
+    def generate(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int) -> list[GenerationResult]:
+        """Run a list of prompts through the batcher and return results in order."""
+        futures = [self.submit(p, max_new_tokens) for p in prompts]
+        return [f.result() for f in futures]
+
+    def decode(self, result: GenerationResult) -> str:
+        return str(self.tokenizer.decode(result.output_ids, skip_special_tokens=True))
+
+    # -- workers ------------------------------------------------------------------------------
+    def _collect(self) -> list[_Pending] | None:
+        first = self._queue.get()
+        if first is None:
+            return None
+        batch = [first]
+        deadline = first.t_submit + self.config.max_queue_delay_ms / 1000.0
+        while len(batch) < self.config.batch_size:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    break
+                try:
+                    item = self._queue.get(timeout=remaining)
+                except queue.Empty:
+                    break
+            if item is None:  # shutdown marker: put it back for this or another worker
+                self._queue.put(None)
+                break
+            batch.append(item)
+        return batch
+
+    def _worker(self, index: int) -> None:
+        import torch
+
+        stream_ctx: Any = None
+        if self.hardware.device_type == "cuda":
+            stream_ctx = torch.cuda.stream(torch.cuda.Stream(device=self.hardware.device))
+        elif self.config.streams > 1:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.config.streams))
+        while True:
+            batch = self._collect()
+            if batch is None:
+                return
+            try:
+                if stream_ctx is not None:
+                    with stream_ctx:
+                        results = self._run_batch(batch, index)
+                else:
+                    results = self._run_batch(batch, index)
+            except BaseException as err:  # deliver the error to every waiter, keep serving
+                for p in batch:
+                    p.future.set_exception(err)
+                continue
+            for p, r in zip(batch, results):
+                p.future.set_result(r)
+
+    def run_batch(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+        """One generate call on token ids, outside the batcher (used for warm-up and bare timing)."""
+        now = time.perf_counter()
+        pend = [_Pending(-1, list(p), max_new_tokens, now) for p in prompts]
+        return [r.output_ids for r in self._run_batch(pend, 0)]
+
+    def _run_batch(self, batch: list[_Pending], stream: int) -> list[GenerationResult]:
+        import torch
+
+        rows = len(batch)
+        target_rows = self.config.batch_size if self.fixed_shapes else rows
+        longest = max(len(p.prompt_ids) for p in batch)
+        width = max(longest, self.prompt_pad_to or 0) if self.fixed_shapes else longest
+        new_tokens = max(p.max_new_tokens for p in batch)
+        ids = torch.full((max(rows, target_rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(batch):
+            n = len(p.prompt_ids)
+            ids[i, width - n:] = torch.tensor(p.prompt_ids, dtype=torch.long)
+            mask[i, width - n:] = 1
+        mask[rows:, -1] = 1  # padding rows attend to one token so softmax stays finite
+        device = self.hardware.device
+        sync = torch.cuda.current_stream().synchronize if self.hardware.device_type == "cuda" else None
+        clock = _TokenClock(sync)
+        t_start = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens, do_sample=False, pad_token_id=self.pad_id, streamer=clock,
+            )
+            generated = out[:, width:].tolist()  # .tolist() synchronizes with the device
+        t_end = time.perf_counter()
+        t_first = clock.t_first if clock.t_first is not None else t_end
+        return [
+            GenerationResult(
+                request_id=p.request_id, prompt_tokens=len(p.prompt_ids),
+                output_ids=generated[i][: p.max_new_tokens], t_submit=p.t_submit, t_start=t_start,
+                t_first_token=t_first, t_end=t_end, batch_rows=rows, stream=stream,
+            )
+            for i, p in enumerate(batch)
+        ]

@@ -1,0 +1,59 @@
+"""The exported config: a versioned JSON file that deployments load and run as-is."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial
+
+from autotune import __version__
+from autotune.errors import NoFeasibleConfig
+from autotune.tuner import A_CONFIG, best_feasible, trial_measurement
+
+SCHEMA_VERSION = 1
+_LATENCY_KEYS = ("p50", "p90", "p95", "p99")
+
+
+def export_dict(study: optuna.Study, trial: FrozenTrial | None = None) -> dict[str, Any]:
+    """The export document for ``trial`` (default: the study's best feasible trial)."""
+    trial = trial or best_feasible(study)
+    if trial is None:
+        raise NoFeasibleConfig(f"study {study.study_name!r} has no trial that meets its SLO; nothing to export")
+    m = trial_measurement(trial)
+    assert m is not None
+    attrs = study.user_attrs
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "autotune_version": __version__,
+        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "study": study.study_name,
+        "trial": trial.number,
+        "model": attrs.get("spec", {}).get("model"),
+        "model_seed": attrs.get("spec", {}).get("model_seed", 0),
+        "hardware": {**attrs.get("hardware", {}), "fingerprint": attrs.get("fingerprint")},
+        "slo": attrs.get("slo", []),
+        "workload": attrs.get("spec", {}).get("workload"),
+        "config": trial.user_attrs[A_CONFIG],
+        "metrics": {
+            "output_tokens_per_s": m.output_tokens_per_s,
+            "requests_per_s": m.requests_per_s,
+            **{k: {p: getattr(m, k)[p] for p in _LATENCY_KEYS} for k in ("e2e_ms", "ttft_ms", "tpot_ms")},
+            "peak_memory_mb": m.peak_memory_mb,
+            "memory_kind": m.memory_kind,
+            "requests_measured": m.requests,
+        },
+    }
+
+
+def write_export(doc: dict[str, Any], path: str | Path) -> Path:
+    """Write atomically (temp file + rename) so a crash never leaves half a config behind."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(p)
+    return p

@@ -1,0 +1,210 @@
+"""Replay a workload against an Engine and summarize it as a :class:`Measurement`.
+
+Client threads block on futures (they never spin), so on a 2-core machine the harness does
+not steal the CPU it is measuring. Warm-up (and compile) runs before the measured window and
+is reported on its own.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from autotune.spec import PERCENTILES, WorkloadSpec
+from autotune.workload import Request, build_requests, concurrency
+
+if TYPE_CHECKING:
+    from autotune.engine import Engine, GenerationResult
+
+LATENCIES = ("e2e_ms", "ttft_ms", "tpot_ms", "queue_ms")
+HISTOGRAM_SAMPLES = 2000
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile (numpy's default method), q in [0, 100]."""
+    if not values:
+        return math.nan
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def distribution(values: Sequence[float]) -> dict[str, float]:
+    out = {name: percentile(values, q) for name, q in PERCENTILES.items()}
+    out["mean"] = sum(values) / len(values) if values else math.nan
+    out["max"] = max(values) if values else math.nan
+    return out
+
+
+@dataclass
+class Measurement:
+    """What one trial measured. Latencies in ms at p50/p90/p95/p99 (plus mean, max)."""
+
+    output_tokens_per_s: float
+    requests_per_s: float
+    requests: int
+    output_tokens: int
+    duration_s: float
+    e2e_ms: dict[str, float]
+    ttft_ms: dict[str, float]
+    tpot_ms: dict[str, float]
+    queue_ms: dict[str, float]
+    mean_batch_rows: float
+    peak_memory_mb: float
+    memory_kind: str
+    timings: dict[str, float] = field(default_factory=dict)
+    e2e_samples_ms: list[float] = field(default_factory=list)
+    stopped_by: str = "requests"
+
+    def value(self, name: str) -> float:
+        """Look up ``e2e_ms.p95``-style or plain (``peak_memory_mb``) metric names."""
+        if "." in name:
+            metric, pct = name.split(".", 1)
+            return float(getattr(self, metric)[pct])
+        return float(getattr(self, name))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Measurement:
+        return cls(**data)
+
+
+def summarize(
+    results: Sequence[GenerationResult], t0: float, t1: float, *, peak_memory_mb: float = math.nan,
+    memory_kind: str = "none", timings: dict[str, float] | None = None, stopped_by: str = "requests",
+) -> Measurement:
+    """Turn finished requests and the window [t0, t1] (perf_counter seconds) into a Measurement."""
+    if not results:
+        raise ValueError("no request finished inside the measurement window")
+    duration = max(t1 - t0, 1e-9)
+    tokens = sum(r.output_tokens for r in results)
+    e2e = [r.e2e_s * 1000 for r in results]
+    return Measurement(
+        output_tokens_per_s=tokens / duration,
+        requests_per_s=len(results) / duration,
+        requests=len(results),
+        output_tokens=tokens,
+        duration_s=duration,
+        e2e_ms=distribution(e2e),
+        ttft_ms=distribution([r.ttft_s * 1000 for r in results]),
+        tpot_ms=distribution([r.tpot_s * 1000 for r in results]),
+        queue_ms=distribution([r.queue_s * 1000 for r in results]),
+        mean_batch_rows=sum(r.batch_rows for r in results) / len(results),
+        peak_memory_mb=peak_memory_mb,
+        memory_kind=memory_kind,
+        timings=dict(timings or {}),
+        e2e_samples_ms=e2e[:HISTOGRAM_SAMPLES],
+        stopped_by=stopped_by,
+    )
+
+
+# -- memory ---------------------------------------------------------------------------------------
+def reset_peak_memory(engine: Engine) -> None:
+    if engine.hardware.device_type == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats(engine.hardware.device)
+
+
+def peak_memory(engine: Engine) -> tuple[float, str]:
+    """CUDA max allocated on GPU; the process's peak resident set on CPU (whole trial process)."""
+    if engine.hardware.device_type == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated(engine.hardware.device) / 2**20, "cuda_max_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_peak_rss"
+
+
+# -- replay ---------------------------------------------------------------------------------------
+def warm_up(engine: Engine, spec: WorkloadSpec, vocab_size: int, first_token_id: int) -> dict[str, float]:
+    """Run warm-up rounds; the first round's time includes compilation for compiled backends."""
+    cfg = engine.config
+    per_round = spec.warmup_requests if spec.warmup_requests is not None else cfg.batch_size * cfg.streams
+    if per_round == 0:
+        return {"warmup_s": 0.0, "first_batch_s": 0.0}
+    rounds = 2 if engine.fixed_shapes else 1
+    reqs = build_requests(spec, vocab_size, first_token_id=first_token_id, count=per_round * rounds, seed_offset=7)
+    t = time.perf_counter()
+    first = 0.0
+    for r in range(rounds):
+        chunk = reqs[r * per_round : (r + 1) * per_round]
+        for f in [engine.submit(q.prompt_ids, q.max_new_tokens) for q in chunk]:
+            f.result()
+        if r == 0:
+            first = time.perf_counter() - t
+    out = {"warmup_s": time.perf_counter() - t, "first_batch_s": first}
+    if engine.fixed_shapes:
+        out["compile_s"] = first
+    return out
+
+
+def _closed_loop(engine: Engine, requests: list[Request], clients: int, deadline: float) -> tuple[list[Any], str]:
+    it = iter(requests)
+    lock = threading.Lock()
+    results: list[GenerationResult] = []
+    stopped = ["requests"]
+
+    def client() -> None:
+        while True:
+            with lock:
+                if time.perf_counter() >= deadline:
+                    stopped[0] = "duration"
+                    return
+                req = next(it, None)
+            if req is None:
+                return
+            res = engine.submit(req.prompt_ids, req.max_new_tokens).result()
+            with lock:
+                results.append(res)
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return results, stopped[0]
+
+
+def _open_loop(engine: Engine, requests: Iterable[Request], start: float, deadline: float) -> tuple[list[Any], str]:
+    futures: list[Future[GenerationResult]] = []
+    stopped = "requests"
+    for req in requests:
+        at = start + req.arrival_s
+        if at >= deadline:
+            stopped = "duration"
+            break
+        delay = at - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        futures.append(engine.submit(req.prompt_ids, req.max_new_tokens))
+    return [f.result() for f in futures], stopped
+
+
+def run_workload(
+    engine: Engine, spec: WorkloadSpec, *, vocab_size: int, first_token_id: int = 4,
+    build_timings: dict[str, float] | None = None,
+) -> Measurement:
+    """Warm up, then replay the spec's requests (until done or ``max_duration_s``) and summarize."""
+    timings = dict(build_timings or {})
+    timings.update(warm_up(engine, spec, vocab_size, first_token_id))
+    requests = build_requests(spec, vocab_size, first_token_id=first_token_id)
+    reset_peak_memory(engine)
+    t0 = time.perf_counter()
+    deadline = t0 + spec.max_duration_s
+    if spec.arrival.type == "closed":
+        clients = concurrency(spec, engine.config.batch_size, engine.config.streams)
+        results, stopped = _closed_loop(engine, requests, clients, deadline)
+    else:  # offline: every arrival_s is 0, so all are submitted at once
+        results, stopped = _open_loop(engine, requests, t0, deadline)
+    t1 = max((r.t_end for r in results), default=time.perf_counter())
+    mem, kind = peak_memory(engine)
+    return summarize(results, t0, t1, peak_memory_mb=mem, memory_kind=kind, timings=timings, stopped_by=stopped)

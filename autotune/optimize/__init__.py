@@ -1,0 +1,22 @@
+"""Knob implementations, one module per family. Each is a plain registry ``name -> Technique``.
+
+Adding a quantizer or a backend is one function and one entry; :mod:`autotune.space` asks
+each entry whether the probed hardware can run it (``unsupported``) and whether it combines
+with the rest of a config (``conflict``), so impossible configs are rejected before any model
+is loaded. Modules here import torch only inside ``apply``: the tuner imports them torch-free.
+"""
+
+from __future__ import annotations
+
+from autotune.optimize.base import Technique, is_torchao_available
+from autotune.optimize.compile import BACKENDS
+from autotune.optimize.precision import PRECISIONS
+from autotune.optimize.quantize import QUANTIZERS
+
+REGISTRIES: dict[str, dict[str, Technique]] = {
+    "precision": PRECISIONS,
+    "quantization": QUANTIZERS,
+    "backend": BACKENDS,
+}
+
+__all__ = ["BACKENDS", "PRECISIONS", "QUANTIZERS", "REGISTRIES", "Technique", "is_torchao_available"]

@@ -1,0 +1,57 @@
+"""Execution backends. Compiled backends need fixed shapes, so they switch the model to a
+static KV cache and the engine pads every batch to ``batch_size`` rows and one prompt length."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from autotune.config import TrialConfig
+from autotune.hardware import Hardware
+from autotune.optimize.base import Technique, needs_cuda
+
+
+def _eager(model: Any, hw: Hardware) -> Any:
+    return model
+
+
+def _inductor(mode: str) -> Any:
+    def apply(model: Any, hw: Hardware) -> Any:
+        import torch
+
+        model.generation_config.cache_implementation = "static"
+        # We compile ourselves, so transformers must not auto-compile a second time.
+        model.generation_config.disable_compile = True
+        model.forward = torch.compile(model.forward, mode=mode, dynamic=False, fullgraph=False)
+        return model
+
+    return apply
+
+
+def _needs_compiler(hw: Hardware) -> str | None:
+    if hw.device_type == "cpu" and not hw.has_c_compiler:
+        return "inductor on CPU needs a C compiler (gcc/clang) on PATH"
+    return None
+
+
+def _quant_compile_conflict(cfg: TrialConfig, hw: Hardware) -> str | None:
+    if hw.device_type == "cpu" and cfg.quantization == "int8-dynamic":
+        return "torch's fbgemm dynamic int8 modules are eager-only: use backend eager"
+    return None
+
+
+BACKENDS: dict[str, Technique] = {
+    "eager": Technique("eager", _eager, description="plain PyTorch eager"),
+    "inductor": Technique(
+        "inductor", _inductor("default"), _needs_compiler, _quant_compile_conflict,
+        description="torch.compile (inductor) with a static KV cache",
+    ),
+    "inductor-cudagraphs": Technique(
+        "inductor-cudagraphs", _inductor("reduce-overhead"), needs_cuda(),
+        description="torch.compile reduce-overhead: inductor plus CUDA graphs",
+    ),
+}
+
+
+def needs_fixed_shapes(backend: str) -> bool:
+    """Compiled backends recompile per shape; the engine pads to one shape instead."""
+    return backend != "eager"

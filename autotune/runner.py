@@ -1,0 +1,216 @@
+"""Run one trial (or the hardware/model preflight) in a fresh child process.
+
+The child is ``python -m autotune.runner``: it reads a JSON job on stdin, writes a JSON
+result file, and sends its stdout/stderr to a log file whose tail becomes the trial's log
+excerpt. A CUDA OOM, a segfault, a hang or a leaked global setting ends with the child; the
+parent only waits on it (blocking, never polling in a loop) and classifies what happened.
+
+Testing hook: ``AUTOTUNE_INJECT_FAULT=KIND[:knob=value,...]`` (KIND one of oom, crash, hang,
+error) makes matching trials fail that way inside the child, to exercise the failure paths.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from autotune.config import TrialConfig
+from autotune.errors import AutotuneError, ModelError, TrialFailure
+from autotune.hardware import Hardware
+from autotune.measure import Measurement
+from autotune.models import ModelInfo
+from autotune.spec import StudySpec
+
+LOG_TAIL_CHARS = 4000
+FAULT_ENV = "AUTOTUNE_INJECT_FAULT"
+
+
+# -- parent side ----------------------------------------------------------------------------------
+def _wait(proc: subprocess.Popen[bytes], timeout: float) -> bool:
+    """Block until the child exits or ``timeout`` passes; True if it exited."""
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):
+        try:
+            proc.wait(timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+    try:
+        ready, _, _ = select.select([fd], [], [], timeout)
+    finally:
+        os.close(fd)
+    if ready:
+        proc.wait()
+        return True
+    return False
+
+
+def _tail(path: Path) -> str:
+    try:
+        data = path.read_bytes()[-LOG_TAIL_CHARS:]
+    except OSError:
+        return ""
+    return data.decode("utf-8", "replace")
+
+
+def run_child(job: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+    """Run a job in a child process; return its result or raise TrialFailure."""
+    with tempfile.TemporaryDirectory(prefix="autotune-trial-") as tmp:
+        result_path, log_path = Path(tmp) / "result.json", Path(tmp) / "log.txt"
+        job = {**job, "result_path": str(result_path)}
+        # Passive OpenMP waiting: with spinning (the default) the idle thread team of one Python
+        # thread steals the cores another thread's team is computing on (measured 10x slower).
+        env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "autotune.runner"], stdin=subprocess.PIPE, stdout=log,
+                stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            )
+            assert proc.stdin is not None
+            proc.stdin.write(json.dumps(job).encode())
+            proc.stdin.close()
+            try:
+                finished = _wait(proc, timeout_s)
+            except BaseException:  # Ctrl-C in the parent: take the child down with us
+                _kill(proc)
+                raise
+            if not finished:
+                _kill(proc)
+                raise TrialFailure("timeout", f"trial exceeded its {timeout_s:g} s limit and was killed",
+                                   _tail(log_path))
+        log_text = _tail(log_path)
+        if result_path.exists():
+            result: dict[str, Any] = json.loads(result_path.read_text())
+            if result.get("status") == "ok":
+                return result
+            raise TrialFailure(result.get("kind", "error"), result.get("reason", "unknown error"), log_text)
+        code = proc.returncode
+        if code is not None and code < 0:
+            sig = signal.Signals(-code).name
+            hint = " (likely the kernel's out-of-memory killer)" if sig == "SIGKILL" else ""
+            raise TrialFailure("crash", f"trial process died with {sig}{hint}", log_text)
+        raise TrialFailure("crash", f"trial process exited with code {code} without a result", log_text)
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        proc.kill()
+    proc.wait()
+
+
+def preflight(spec: StudySpec, timeout_s: float = 300.0) -> tuple[Hardware, ModelInfo]:
+    """Probe the hardware and resolve the model (config only) in a child process."""
+    try:
+        res = run_child({"mode": "preflight", "spec": spec.model_dump(mode="json")}, timeout_s)
+    except TrialFailure as err:
+        if err.kind == "model":
+            raise ModelError(err.reason) from None
+        if err.kind == "device":
+            raise AutotuneError(err.reason) from None
+        raise AutotuneError(f"hardware/model preflight failed: {err.reason}") from None
+    return Hardware.model_validate(res["hardware"]), ModelInfo.from_dict(res["model"])
+
+
+def run_trial(spec: StudySpec, config: TrialConfig, hardware: Hardware, timeout_s: float | None = None) -> Measurement:
+    """Measure ``config`` under the spec's workload in a child process."""
+    job = {
+        "mode": "trial", "spec": spec.model_dump(mode="json"), "config": config.model_dump(mode="json"),
+        "hardware": hardware.model_dump(mode="json"),
+    }
+    res = run_child(job, timeout_s or spec.budget.trial_timeout_s)
+    return Measurement.from_dict(res["measurement"])
+
+
+# -- child side -----------------------------------------------------------------------------------
+def _inject_fault(config: TrialConfig) -> None:
+    raw = os.environ.get(FAULT_ENV, "")
+    if not raw:
+        return
+    kind, _, cond = raw.partition(":")
+    for clause in filter(None, cond.split(",")):
+        knob, _, value = clause.partition("=")
+        if str(getattr(config, knob.strip(), None)) != value.strip():
+            return
+    if kind == "oom":
+        import torch
+
+        raise torch.OutOfMemoryError("injected: CUDA out of memory. Tried to allocate 20.00 GiB")
+    if kind == "crash":
+        os.kill(os.getpid(), signal.SIGSEGV)
+    if kind == "hang":
+        time.sleep(10**6)
+    if kind == "error":
+        raise RuntimeError("injected: compile error in inductor")
+
+
+def _classify(err: BaseException) -> str:
+    text = f"{type(err).__name__}: {err}".lower()
+    if isinstance(err, MemoryError) or "out of memory" in text or "outofmemory" in text:
+        return "oom"
+    return "error"
+
+
+def _child_trial(job: dict[str, Any]) -> dict[str, Any]:
+    from autotune.engine import Engine
+    from autotune.measure import run_workload
+
+    spec = StudySpec.model_validate(job["spec"])
+    config = TrialConfig.model_validate(job["config"])
+    hw = Hardware.model_validate(job["hardware"])
+    _inject_fault(config)
+    pad = spec.workload.prompt_tokens.upper
+    engine = Engine.build(spec.model, config, hw, seed=spec.model_seed, prompt_pad_to=pad)
+    first_id = len(getattr(engine.tokenizer, "all_special_ids", []) or [0])
+    with engine:
+        m = run_workload(engine, spec.workload, vocab_size=engine.info.vocab_size, first_token_id=first_id,
+                         build_timings=engine.timings.as_dict())
+    return {"status": "ok", "measurement": m.to_dict()}
+
+
+def _child_preflight(job: dict[str, Any]) -> dict[str, Any]:
+    from autotune.hardware import probe
+    from autotune.models import resolve_model
+
+    spec = StudySpec.model_validate(job["spec"])
+    try:
+        hw = probe(spec.device)
+    except RuntimeError as err:
+        return {"status": "error", "kind": "device", "reason": str(err)}
+    try:
+        info = resolve_model(spec.model)
+    except ModelError as err:
+        return {"status": "error", "kind": "model", "reason": str(err)}
+    return {"status": "ok", "hardware": hw.model_dump(mode="json"), "model": info.to_dict()}
+
+
+def _child_main() -> int:
+    import logging
+    import traceback
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    job = json.loads(sys.stdin.read())
+    out = Path(job["result_path"])
+    try:
+        result = _child_preflight(job) if job["mode"] == "preflight" else _child_trial(job)
+    except BaseException as err:
+        traceback.print_exc()
+        result = {"status": "error", "kind": _classify(err), "reason": f"{type(err).__name__}: {err}"[:500]}
+    out.write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main())

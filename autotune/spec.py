@@ -1,0 +1,229 @@
+"""Study specs: what to tune (model), under which load (workload), against which promise (SLO).
+
+A spec is YAML in ``studies/``; :func:`load_spec` validates it with pydantic and turns every
+problem into one :class:`~autotune.errors.SpecError` line naming the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from autotune.config import Backend, Precision, Quantization
+from autotune.errors import SpecError
+
+LatencyMetric = Literal["e2e_ms", "ttft_ms", "tpot_ms"]
+Percentile = Literal["p50", "p90", "p95", "p99"]
+PERCENTILES: dict[str, float] = {"p50": 50.0, "p90": 90.0, "p95": 95.0, "p99": 99.0}
+SamplerName = Literal["tpe", "nsga2", "gp", "random", "grid"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LengthDist(_Strict):
+    """A token-length distribution. ``fixed`` needs ``value``; the others are clipped to [min, max]."""
+
+    distribution: Literal["fixed", "uniform", "normal"] = "fixed"
+    value: int | None = Field(None, ge=1)
+    min: int = Field(1, ge=1)
+    max: int = Field(4096, ge=1)
+    mean: float | None = Field(None, gt=0)
+    std: float | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> LengthDist:
+        if self.distribution == "fixed" and self.value is None:
+            raise ValueError("a fixed length needs 'value'")
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) must be <= max ({self.max})")
+        if self.distribution == "normal" and self.mean is None:
+            raise ValueError("a normal length distribution needs 'mean' (and optionally 'std')")
+        return self
+
+    @property
+    def upper(self) -> int:
+        """The longest length this distribution can produce."""
+        return self.value if self.distribution == "fixed" and self.value is not None else self.max
+
+
+def _length(value: Any) -> Any:
+    return {"distribution": "fixed", "value": value} if isinstance(value, int) else value
+
+
+class Arrival(_Strict):
+    """How requests arrive: a closed loop of clients, a Poisson process, or all at once."""
+
+    type: Literal["closed", "poisson", "offline"] = "closed"
+    clients: int | None = Field(None, ge=1, description="closed loop; default batch_size x streams")
+    rate: float | None = Field(None, gt=0, description="poisson: requests per second")
+
+    @model_validator(mode="after")
+    def _check(self) -> Arrival:
+        if self.type == "poisson" and self.rate is None:
+            raise ValueError("poisson arrival needs 'rate' (requests per second)")
+        return self
+
+
+class WorkloadSpec(_Strict):
+    """The request stream every trial replays. Output length is forced, so all configs do equal work."""
+
+    requests: int = Field(256, ge=1, le=1_000_000)
+    prompt_tokens: Annotated[LengthDist, Field(default_factory=lambda: LengthDist(value=64))]
+    output_tokens: Annotated[LengthDist, Field(default_factory=lambda: LengthDist(value=32))]
+    arrival: Arrival = Field(default_factory=Arrival)
+    max_duration_s: float = Field(
+        30.0, gt=0, description="stop issuing requests after this long; in-flight ones still finish"
+    )
+    warmup_requests: int | None = Field(
+        None, ge=0, description="requests run before measuring; default one full round of batches"
+    )
+    seed: int = 0
+
+    _coerce_prompt = field_validator("prompt_tokens", "output_tokens", mode="before")(
+        lambda cls, v: _length(v)
+    )
+
+
+class Constraint(_Strict):
+    """One SLO clause: ``metric`` (at ``percentile`` for latencies) must stay <= ``max``."""
+
+    metric: Literal["e2e_ms", "ttft_ms", "tpot_ms", "peak_memory_mb"]
+    percentile: Percentile | None = None
+    max: float = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> Constraint:
+        if self.metric != "peak_memory_mb" and self.percentile is None:
+            raise ValueError(f"{self.metric} needs a percentile, one of p50, p90, p95, p99")
+        if self.metric == "peak_memory_mb" and self.percentile is not None:
+            raise ValueError("peak_memory_mb takes a plain number, not a percentile")
+        return self
+
+    @property
+    def name(self) -> str:
+        """``e2e_ms.p95`` style key used in measurements and stored attributes."""
+        return f"{self.metric}.{self.percentile}" if self.percentile else self.metric
+
+    def describe(self) -> str:
+        return f"{self.percentile} {self.metric} <= {self.max:g}" if self.percentile else (
+            f"{self.metric} <= {self.max:g}"
+        )
+
+
+def _parse_slo(value: Any) -> Any:
+    """Accept ``{e2e_ms: {p95: 2000}, peak_memory_mb: 4000}`` as well as a list of clauses."""
+    if not isinstance(value, dict):
+        return value
+    clauses: list[dict[str, Any]] = []
+    for metric, bound in value.items():
+        if isinstance(bound, dict):
+            clauses += [{"metric": metric, "percentile": p, "max": m} for p, m in bound.items()]
+        else:
+            clauses.append({"metric": metric, "max": bound})
+    return clauses
+
+
+class SpaceSpec(_Strict):
+    """Candidate values per knob. ``None`` means: whatever the probed hardware supports."""
+
+    batch_size: list[Annotated[int, Field(ge=1, le=4096)]] | None = None
+    precision: list[Precision] | None = None
+    quantization: list[Quantization] | None = None
+    streams: list[Annotated[int, Field(ge=1, le=64)]] | None = None
+    backend: list[Backend] | None = None
+    max_queue_delay_ms: list[Annotated[float, Field(ge=0, le=60_000)]] | None = None
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _non_empty(cls, v: list[Any] | None) -> list[Any] | None:
+        if v is not None and not v:
+            raise ValueError("an empty list leaves nothing to search; omit the key for the default")
+        return sorted(set(v), key=v.index) if v is not None else None
+
+
+class Budget(_Strict):
+    trials: int = Field(20, ge=1, le=100_000)
+    timeout_s: float | None = Field(None, gt=0, description="wall-time budget for the whole study")
+    trial_timeout_s: float = Field(600.0, gt=0, description="a trial running longer is killed")
+
+
+class StudySpec(_Strict):
+    """A whole study: model, workload, SLO, search space, budget."""
+
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.\-]{1,100}$")
+    model: str = Field(min_length=1)
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    workload: WorkloadSpec = Field(default_factory=WorkloadSpec)
+    slo: Annotated[list[Constraint], Field(min_length=1)]
+    space: SpaceSpec = Field(default_factory=SpaceSpec)
+    budget: Budget = Field(default_factory=Budget)
+    sampler: SamplerName = "tpe"
+    seed: int = 0
+    model_seed: int = Field(0, description="seed of preset random weights")
+
+    _coerce_slo = field_validator("slo", mode="before")(lambda cls, v: _parse_slo(v))
+
+    @property
+    def latency_constraints(self) -> list[Constraint]:
+        return [c for c in self.slo if c.percentile is not None]
+
+    @property
+    def second_objective(self) -> str:
+        """The latency the Pareto front trades against throughput: the first latency SLO clause."""
+        lat = self.latency_constraints
+        return lat[0].name if lat else "e2e_ms.p95"
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    """The field names allowed at the parent of ``loc``, for 'unknown field' messages."""
+    model: Any = StudySpec
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            continue
+        model = field.annotation
+        for arg in getattr(model, "__args__", ()):
+            if hasattr(arg, "model_fields"):
+                model = arg
+    return list(getattr(model, "model_fields", {}))
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = f"unknown field (allowed: {', '.join(_fields_at(e['loc']))})"
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+def parse_spec(data: Any, source: str = "spec") -> StudySpec:
+    """Validate a mapping as a :class:`StudySpec`; errors become one SpecError line."""
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: expected a mapping of fields (model, workload, slo, ...), got {type(data).__name__}")
+    try:
+        return StudySpec.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(f"{source}: {_format_validation_error(err)}") from None
+
+
+def load_spec(path: str | os.PathLike[str]) -> StudySpec:
+    """Read and validate a YAML study spec file."""
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"spec file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SpecError(f"{p}: not valid YAML ({first})") from None
+    spec = parse_spec(data, str(p))
+    return spec if spec.name else spec.model_copy(update={"name": p.stem})

@@ -1,0 +1,308 @@
+"""The study loop: Optuna asks, a child process measures, the parent records.
+
+The parent never loads a model. Constraints (one normalized value per SLO clause,
+``<= 0`` feasible) go into the sampler so the search itself avoids SLO-breaking regions.
+Trial counts are a study budget: re-running the same study resumes toward the same total.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+# Optuna flags heartbeats and some sampler options as experimental; that is not the user's concern.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+warnings.filterwarnings("ignore", category=FutureWarning, module="optuna")
+
+from autotune import __version__
+from autotune.config import TrialConfig
+from autotune.errors import SpecError, StorageError, TrialFailure
+from autotune.hardware import Hardware
+from autotune.measure import Measurement
+from autotune.models import ModelInfo
+from autotune.space import SearchSpace
+from autotune.spec import Constraint, StudySpec
+
+DEFAULT_STORAGE = "sqlite:///studies/autotune.db"
+#: Failure kinds that say "this config cannot meet the SLO here" rather than "something broke".
+INFEASIBLE_FAILURES = ("oom", "timeout")
+HEARTBEAT_S = 30
+
+# Trial user-attribute keys (the store's vocabulary, read by best/export/dashboard).
+A_CONFIG, A_MEASUREMENT, A_CONSTRAINTS, A_FEASIBLE = "config", "measurement", "constraints", "feasible"
+A_FAILURE, A_REJECTED, A_DUPLICATE, A_VIOLATIONS = "failure", "rejected", "duplicate_of", "violations"
+
+
+def constraint_values(m: Measurement, slo: list[Constraint]) -> list[float]:
+    """(measured - max) / max per clause: <= 0 is feasible, and the size says how far off."""
+    out = []
+    for c in slo:
+        v = m.value(c.name)
+        out.append((v - c.max) / c.max if math.isfinite(v) else 1.0)
+    return out
+
+
+#: Optuna >= 5 takes constraints per trial (``Trial.set_constraint``); older releases take a
+#: ``constraints_func`` on the sampler. Both receive the same values.
+NATIVE_CONSTRAINTS = hasattr(optuna.trial.Trial, "set_constraint")
+
+
+def make_sampler(name: str, seed: int, n_constraints: int, space: SearchSpace) -> optuna.samplers.BaseSampler:
+    def cons(trial: FrozenTrial) -> list[float]:
+        values = trial.user_attrs.get(A_CONSTRAINTS)
+        return list(values) if values is not None else [1.0] * n_constraints
+
+    kw: dict[str, Any] = {} if NATIVE_CONSTRAINTS else {"constraints_func": cons}
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=6, multivariate=True, **kw)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=8, **kw)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=6, **kw)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "grid":
+        return optuna.samplers.GridSampler(space.optuna_grid(), seed=seed)
+    raise SpecError(f"unknown sampler {name!r}; allowed: tpe, nsga2, gp, random, grid")
+
+
+def open_storage(url: str) -> optuna.storages.RDBStorage:
+    """Open (creating tables if needed) an RDB storage, with a clear error when it cannot be reached."""
+    kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            from pathlib import Path
+
+            parent = Path(path).expanduser().parent
+            if not parent.is_dir():
+                raise StorageError(f"cannot open storage {url}: folder {parent} does not exist")
+        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 30}}
+    elif url.startswith("postgresql"):
+        kwargs["engine_kwargs"] = {"connect_args": {"connect_timeout": 5}, "pool_pre_ping": True}
+    try:
+        return optuna.storages.RDBStorage(
+            url, heartbeat_interval=HEARTBEAT_S, grace_period=HEARTBEAT_S * 4, **kwargs,
+        )
+    except Exception as err:  # sqlalchemy/driver errors vary; all mean "cannot use this storage"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise StorageError(f"cannot open storage {url}: {first}") from None
+
+
+def trial_config(trial: FrozenTrial) -> TrialConfig | None:
+    raw = trial.user_attrs.get(A_CONFIG)
+    return TrialConfig.model_validate(raw) if raw else None
+
+
+def trial_measurement(trial: FrozenTrial) -> Measurement | None:
+    raw = trial.user_attrs.get(A_MEASUREMENT)
+    return Measurement.from_dict(raw) if raw else None
+
+
+def is_feasible(trial: FrozenTrial) -> bool:
+    return trial.state == TrialState.COMPLETE and bool(trial.user_attrs.get(A_FEASIBLE))
+
+
+def best_feasible(study: optuna.Study) -> FrozenTrial | None:
+    """The highest-throughput trial that met every SLO clause."""
+    feasible = [t for t in study.get_trials(deepcopy=False) if is_feasible(t)]
+    return max(feasible, key=lambda t: t.values[0], default=None)
+
+
+def closest_to_feasible(study: optuna.Study, n: int = 3) -> list[FrozenTrial]:
+    """Completed trials ordered by their worst SLO violation (smallest first)."""
+    done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE and A_MEASUREMENT in t.user_attrs
+            and t.user_attrs[A_MEASUREMENT] is not None]
+    return sorted(done, key=lambda t: max(t.user_attrs.get(A_CONSTRAINTS) or [math.inf]))[:n]
+
+
+@dataclass
+class TuneEvents:
+    """Hooks the CLI uses for its progress bar; all optional."""
+
+    on_start: Callable[[int, int], None] = lambda done, total: None
+    on_trial_start: Callable[[int, TrialConfig], None] = lambda number, cfg: None
+    on_trial_end: Callable[[optuna.Study, FrozenTrial, FrozenTrial | None], None] = lambda study, trial, best: None
+
+
+@dataclass
+class Tuner:
+    """Run (or resume) one study of ``spec`` on ``storage``."""
+
+    spec: StudySpec
+    hardware: Hardware
+    model: ModelInfo
+    storage_url: str = DEFAULT_STORAGE
+    study_name: str | None = None
+    trials: int | None = None
+    timeout_s: float | None = None
+    sampler: str | None = None
+    seed: int | None = None
+    events: TuneEvents = field(default_factory=TuneEvents)
+    runner: Callable[[StudySpec, TrialConfig, Hardware], Measurement] | None = None
+
+    def __post_init__(self) -> None:
+        self.name = self.study_name or self.spec.name or "study"
+        self.budget = self.trials or self.spec.budget.trials
+        self.space = SearchSpace.from_spec(self.spec, self.hardware, self.model)
+        self.slo = list(self.spec.slo)
+
+    # -- study set-up ---------------------------------------------------------------------------
+    def open_study(self) -> optuna.Study:
+        storage = open_storage(self.storage_url)
+        sampler_name = self.sampler or self.spec.sampler
+        seed = self.spec.seed if self.seed is None else self.seed
+        sampler = make_sampler(sampler_name, seed, len(self.slo), self.space)
+        optuna.logging.set_verbosity(optuna.logging.ERROR)
+        try:
+            study = optuna.create_study(
+                storage=storage, study_name=self.name, sampler=sampler, load_if_exists=True,
+                directions=["maximize", "minimize"],
+            )
+        except Exception as err:
+            raise StorageError(f"cannot create study {self.name!r} in {self.storage_url}: {err}") from None
+        self._check_or_record(study)
+        return study
+
+    def _check_or_record(self, study: optuna.Study) -> None:
+        attrs = study.user_attrs
+        spec_json = self.spec.model_dump(mode="json")
+        if "spec" in attrs:
+            stored = {k: v for k, v in attrs["spec"].items() if k not in ("budget", "name", "sampler")}
+            mine = {k: v for k, v in spec_json.items() if k not in ("budget", "name", "sampler")}
+            if stored != mine:
+                raise SpecError(
+                    f"study {self.name!r} already exists with a different spec; pass --study NEW_NAME "
+                    "to start a new study (nothing was changed)"
+                )
+            if attrs.get("fingerprint") != self.hardware.fingerprint():
+                raise SpecError(
+                    f"study {self.name!r} was tuned on different hardware "
+                    f"({attrs.get('hardware', {}).get('device_name', '?')}); configs do not transfer, "
+                    "use --study NEW_NAME"
+                )
+            return
+        study.set_user_attr("spec", spec_json)
+        study.set_user_attr("hardware", self.hardware.model_dump(mode="json"))
+        study.set_user_attr("fingerprint", self.hardware.fingerprint())
+        study.set_user_attr("model", self.model.to_dict())
+        study.set_user_attr("space", self.space.values)
+        study.set_user_attr("space_dropped", self.space.dropped)
+        study.set_user_attr("objectives", ["output_tokens_per_s", self.spec.second_objective])
+        study.set_user_attr("slo", [c.model_dump(mode="json") for c in self.slo])
+        study.set_user_attr("autotune_version", __version__)
+        study.set_user_attr("created_at", time.time())
+
+    # -- the loop -------------------------------------------------------------------------------
+    def _measure(self, cfg: TrialConfig) -> Measurement:
+        if self.runner is not None:
+            return self.runner(self.spec, cfg, self.hardware)
+        from autotune.runner import run_trial
+
+        return run_trial(self.spec, cfg, self.hardware)
+
+    def counted(self, study: optuna.Study) -> int:
+        return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)))
+
+    def _duplicate_of(self, study: optuna.Study, cfg: TrialConfig, number: int) -> FrozenTrial | None:
+        """An earlier trial that already ran this exact config (measured, or failed for good)."""
+        key = cfg.key()
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
+            if t.number != number and t.user_attrs.get("config_key") == key and A_DUPLICATE not in t.user_attrs:
+                if t.state == TrialState.COMPLETE or A_FAILURE in t.user_attrs:
+                    return t
+        return None
+
+    def _set_constraints(self, trial: optuna.Trial, values: list[float]) -> None:
+        trial.set_user_attr(A_CONSTRAINTS, values)
+        if NATIVE_CONSTRAINTS:
+            for c, v in zip(self.slo, values):
+                trial.set_constraint(c.name, v)
+
+    def objective(self, trial: optuna.Trial) -> tuple[float, float]:
+        cfg = self.space.suggest(trial)
+        trial.set_user_attr(A_CONFIG, cfg.model_dump(mode="json"))
+        trial.set_user_attr("config_key", cfg.key())
+        reason = self.space.check(cfg)
+        if reason:
+            trial.set_user_attr(A_REJECTED, reason)
+            self._set_constraints(trial, [1.0] * len(self.slo))
+            raise optuna.TrialPruned(reason)
+        dup = self._duplicate_of(trial.study, cfg, trial.number)
+        if dup is not None and dup.state == TrialState.FAIL:
+            f = dup.user_attrs[A_FAILURE]
+            trial.set_user_attr(A_REJECTED, f"same config failed in trial {dup.number} ({f['kind']}): {f['reason']}")
+            self._set_constraints(trial, [1.0] * len(self.slo))
+            raise optuna.TrialPruned(trial.user_attrs.get(A_REJECTED))
+        if dup is not None:
+            for k in (A_MEASUREMENT, A_FEASIBLE, A_VIOLATIONS, A_FAILURE):
+                trial.set_user_attr(k, dup.user_attrs.get(k))
+            self._set_constraints(trial, list(dup.user_attrs[A_CONSTRAINTS]))
+            trial.set_user_attr(A_DUPLICATE, dup.number)
+            return dup.values[0], dup.values[1]
+        self.events.on_trial_start(trial.number, cfg)
+        try:
+            m = self._measure(cfg)
+        except TrialFailure as err:
+            trial.set_user_attr(A_FAILURE, {"kind": err.kind, "reason": err.reason, "log": err.log[-4000:]})
+            if err.kind not in INFEASIBLE_FAILURES:
+                raise
+            # Out of memory or too slow is an answer about this config: record it as infeasible so
+            # the sampler learns to avoid the region, instead of a FAIL it would ignore.
+            self._set_constraints(trial, [1.0] * len(self.slo))
+            trial.set_user_attr(A_FEASIBLE, False)
+            return 0.0, math.inf
+        cons = constraint_values(m, self.slo)
+        trial.set_user_attr(A_MEASUREMENT, m.to_dict())
+        self._set_constraints(trial, cons)
+        trial.set_user_attr(A_FEASIBLE, all(c <= 0 for c in cons))
+        trial.set_user_attr(A_VIOLATIONS, [c.describe() for c, v in zip(self.slo, cons) if v > 0])
+        return m.output_tokens_per_s, m.value(self.spec.second_objective)
+
+    def run(self) -> optuna.Study:
+        study = self.open_study()
+        done = self.counted(study)
+        self.events.on_start(done, self.budget)
+        max_attempts = self.budget * 10 + 50
+        attempts = [0]
+        grid_total = self.space.size()
+
+        def stop_when_spent(study: optuna.Study, trial: FrozenTrial) -> None:
+            attempts[0] += 1
+            self.events.on_trial_end(study, trial, best_feasible(study))
+            distinct = {t.user_attrs.get("config_key") for t in study.get_trials(deepcopy=False)}
+            if self.counted(study) >= self.budget or attempts[0] >= max_attempts or len(distinct) >= grid_total:
+                study.stop()
+
+        if done < self.budget:
+            study.optimize(
+                self.objective, timeout=self.timeout_s or self.spec.budget.timeout_s,
+                catch=(TrialFailure,), callbacks=[stop_when_spent],
+            )
+        study.set_user_attr("updated_at", time.time())
+        return study
+
+
+def describe_trial(trial: FrozenTrial) -> dict[str, Any]:
+    """A JSON-friendly row for tables: number, state, config, key metrics, why it failed."""
+    m = trial_measurement(trial)
+    row: dict[str, Any] = {"number": trial.number, "state": trial.state.name, "config": trial.user_attrs.get(A_CONFIG)}
+    if m:
+        row.update(tokens_per_s=m.output_tokens_per_s, e2e_p95_ms=m.e2e_ms["p95"], feasible=is_feasible(trial))
+    if A_FAILURE in trial.user_attrs:
+        row["failure"] = trial.user_attrs[A_FAILURE]["reason"]
+    if A_REJECTED in trial.user_attrs:
+        row["rejected"] = trial.user_attrs[A_REJECTED]
+    return row
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=False, default=str)
