@@ -184,13 +184,16 @@ def _run_with_progress(tuner: Any) -> Any:
             state["best"] = f"{best.values[0]:,.0f} tok/s"
         progress.update(task, completed=min(tuner.counted(study), tuner.budget))
         m = trial_measurement(trial)
-        if "failure" in trial.user_attrs:
+        if "duplicate_of" in trial.user_attrs:
+            progress.console.print(f"  [dim]trial {trial.number}: same config as trial {trial.user_attrs['duplicate_of']}"
+                                   ", not measured again[/dim]", highlight=False)
+        elif trial.user_attrs.get("failure"):
             f = trial.user_attrs["failure"]
             progress.console.print(f"  trial {trial.number} failed ({f['kind']}): {f['reason']}", highlight=False)
         elif "rejected" in trial.user_attrs:
             progress.console.print(f"  [dim]trial {trial.number} rejected before loading: {trial.user_attrs['rejected']}[/dim]",
                                    highlight=False)
-        elif m is not None and "duplicate_of" not in trial.user_attrs:
+        elif m is not None:
             mark = "ok" if trial.user_attrs.get("feasible") else "misses SLO"
             progress.console.print(
                 f"  trial {trial.number}: {_label(trial)} → "

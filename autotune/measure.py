@@ -11,7 +11,7 @@ import math
 import resource
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -125,26 +125,38 @@ def peak_memory(engine: Engine) -> tuple[float, str]:
 
 
 # -- replay ---------------------------------------------------------------------------------------
-def warm_up(engine: Engine, spec: WorkloadSpec, vocab_size: int, first_token_id: int) -> dict[str, float]:
-    """Run warm-up rounds; the first round's time includes compilation for compiled backends."""
+@dataclass
+class WarmUp:
+    """Warm-up timings, and the last round's results (a first, rough look at the config)."""
+
+    timings: dict[str, float]
+    results: list[Any]
+    t0: float
+    t1: float
+
+
+def warm_up(engine: Engine, spec: WorkloadSpec, vocab_size: int, first_token_id: int) -> WarmUp:
+    """Run warm-up rounds of one full batch per stream; the first round includes any compilation."""
     cfg = engine.config
     per_round = spec.warmup_requests if spec.warmup_requests is not None else cfg.batch_size * cfg.streams
     if per_round == 0:
-        return {"warmup_s": 0.0, "first_batch_s": 0.0}
+        now = time.perf_counter()
+        return WarmUp({"warmup_s": 0.0, "first_batch_s": 0.0}, [], now, now)
     rounds = 2 if engine.fixed_shapes else 1
     reqs = build_requests(spec, vocab_size, first_token_id=first_token_id, count=per_round * rounds, seed_offset=7)
     t = time.perf_counter()
-    first = 0.0
+    first, results, t_round = 0.0, [], t
     for r in range(rounds):
+        t_round = time.perf_counter()
         chunk = reqs[r * per_round : (r + 1) * per_round]
-        for f in [engine.submit(q.prompt_ids, q.max_new_tokens) for q in chunk]:
-            f.result()
+        results = [f.result() for f in [engine.submit(q.prompt_ids, q.max_new_tokens) for q in chunk]]
         if r == 0:
             first = time.perf_counter() - t
-    out = {"warmup_s": time.perf_counter() - t, "first_batch_s": first}
+    t1 = time.perf_counter()
+    timings = {"warmup_s": t1 - t, "first_batch_s": first}
     if engine.fixed_shapes:
-        out["compile_s"] = first
-    return out
+        timings["compile_s"] = first
+    return WarmUp(timings, results, t_round, t1)
 
 
 def _closed_loop(engine: Engine, requests: list[Request], clients: int, deadline: float) -> tuple[list[Any], str]:
@@ -192,10 +204,23 @@ def _open_loop(engine: Engine, requests: Iterable[Request], start: float, deadli
 def run_workload(
     engine: Engine, spec: WorkloadSpec, *, vocab_size: int, first_token_id: int = 4,
     build_timings: dict[str, float] | None = None,
+    abort_if: Callable[[Measurement], str | None] | None = None,
 ) -> Measurement:
-    """Warm up, then replay the spec's requests (until done or ``max_duration_s``) and summarize."""
+    """Warm up, then replay the spec's requests (until done or ``max_duration_s``) and summarize.
+
+    ``abort_if`` sees the warm-up round as a measurement; when it returns a reason (say, the
+    SLO is missed several times over), the trial stops there and reports the warm-up figures.
+    """
     timings = dict(build_timings or {})
-    timings.update(warm_up(engine, spec, vocab_size, first_token_id))
+    warm = warm_up(engine, spec, vocab_size, first_token_id)
+    timings.update(warm.timings)
+    if abort_if is not None and warm.results and not engine.fixed_shapes:
+        mem, kind = peak_memory(engine)
+        rough = summarize(warm.results, warm.t0, warm.t1, peak_memory_mb=mem, memory_kind=kind, timings=timings)
+        reason = abort_if(rough)
+        if reason:
+            rough.stopped_by = f"early-stop: {reason}"
+            return rough
     requests = build_requests(spec, vocab_size, first_token_id=first_token_id)
     reset_peak_memory(engine)
     t0 = time.perf_counter()

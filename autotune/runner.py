@@ -1,8 +1,9 @@
 """Run one trial (or the hardware/model preflight) in a fresh child process.
 
-The child is ``python -m autotune.runner``: it reads a JSON job on stdin, writes a JSON
-result file, and sends its stdout/stderr to a log file whose tail becomes the trial's log
-excerpt. A CUDA OOM, a segfault, a hang or a leaked global setting ends with the child; the
+Each child is forked from a fork server that has already imported torch and transformers
+(and done nothing else), so isolation costs milliseconds, not seconds. The child gets a JSON
+job, writes a JSON result file, and sends its stdout/stderr to a log file whose tail becomes
+the trial's log excerpt. A CUDA OOM, a segfault, a hang or a leaked global setting ends with the child; the
 parent only waits on it (blocking, never polling in a loop) and classifies what happened.
 
 Testing hook: ``AUTOTUNE_INJECT_FAULT=KIND[:knob=value,...]`` (KIND one of oom, crash, hang,
@@ -12,10 +13,10 @@ error) makes matching trials fail that way inside the child, to exercise the fai
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
+import multiprocessing.connection as mp_connection
 import os
-import select
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,28 +31,32 @@ from autotune.models import ModelInfo
 from autotune.spec import StudySpec
 
 LOG_TAIL_CHARS = 4000
+#: A trial whose warm-up already misses a latency SLO by this factor stops there (infeasible).
+EARLY_STOP_FACTOR = 3.0
 FAULT_ENV = "AUTOTUNE_INJECT_FAULT"
 
 
 # -- parent side ----------------------------------------------------------------------------------
-def _wait(proc: subprocess.Popen[bytes], timeout: float) -> bool:
-    """Block until the child exits or ``timeout`` passes; True if it exited."""
-    try:
-        fd = os.pidfd_open(proc.pid)
-    except (AttributeError, OSError):
-        try:
-            proc.wait(timeout)
-            return True
-        except subprocess.TimeoutExpired:
-            return False
-    try:
-        ready, _, _ = select.select([fd], [], [], timeout)
-    finally:
-        os.close(fd)
-    if ready:
-        proc.wait()
-        return True
-    return False
+#: Modules the fork server imports once, so each trial process starts in milliseconds instead of
+#: paying ~7 s of torch + transformers imports. Nothing runs in the server: no threads, no CUDA.
+PRELOAD = ["torch", "transformers", "transformers.models.llama.modeling_llama", "autotune.engine",
+           "autotune.measure"]
+_ctx: Any = None
+
+
+def _context() -> Any:
+    global _ctx
+    if _ctx is None:
+        # Passive OpenMP waiting: with spinning (the default) the idle thread team of one Python
+        # thread steals the cores another thread's team is computing on (measured 10x slower).
+        # Set before the fork server imports torch; the server inherits this environment.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        methods = mp.get_all_start_methods()
+        _ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
+        if "forkserver" in methods:
+            _ctx.set_forkserver_preload(PRELOAD)
+    return _ctx
 
 
 def _tail(path: Path) -> str:
@@ -63,37 +68,28 @@ def _tail(path: Path) -> str:
 
 
 def run_child(job: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-    """Run a job in a child process; return its result or raise TrialFailure."""
+    """Run a job in a fresh child process; return its result or raise TrialFailure."""
     with tempfile.TemporaryDirectory(prefix="autotune-trial-") as tmp:
         result_path, log_path = Path(tmp) / "result.json", Path(tmp) / "log.txt"
-        job = {**job, "result_path": str(result_path)}
-        # Passive OpenMP waiting: with spinning (the default) the idle thread team of one Python
-        # thread steals the cores another thread's team is computing on (measured 10x slower).
-        env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "autotune.runner"], stdin=subprocess.PIPE, stdout=log,
-                stderr=subprocess.STDOUT, env=env, start_new_session=True,
-            )
-            assert proc.stdin is not None
-            proc.stdin.write(json.dumps(job).encode())
-            proc.stdin.close()
-            try:
-                finished = _wait(proc, timeout_s)
-            except BaseException:  # Ctrl-C in the parent: take the child down with us
-                _kill(proc)
-                raise
-            if not finished:
-                _kill(proc)
-                raise TrialFailure("timeout", f"trial exceeded its {timeout_s:g} s limit and was killed",
-                                   _tail(log_path))
+        job = {**job, "result_path": str(result_path), "log_path": str(log_path)}
+        proc = _context().Process(target=_child_entry, args=(json.dumps(job),), daemon=False)
+        proc.start()
+        try:
+            finished = bool(mp_connection.wait([proc.sentinel], timeout_s))  # blocks; no polling
+        except BaseException:  # Ctrl-C in the parent: take the child down with us
+            _kill(proc)
+            raise
+        if not finished:
+            _kill(proc)
+            raise TrialFailure("timeout", f"trial exceeded its {timeout_s:g} s limit and was killed", _tail(log_path))
+        proc.join()
         log_text = _tail(log_path)
         if result_path.exists():
             result: dict[str, Any] = json.loads(result_path.read_text())
             if result.get("status") == "ok":
                 return result
             raise TrialFailure(result.get("kind", "error"), result.get("reason", "unknown error"), log_text)
-        code = proc.returncode
+        code = proc.exitcode
         if code is not None and code < 0:
             sig = signal.Signals(-code).name
             hint = " (likely the kernel's out-of-memory killer)" if sig == "SIGKILL" else ""
@@ -101,12 +97,9 @@ def run_child(job: dict[str, Any], timeout_s: float) -> dict[str, Any]:
         raise TrialFailure("crash", f"trial process exited with code {code} without a result", log_text)
 
 
-def _kill(proc: subprocess.Popen[bytes]) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        proc.kill()
-    proc.wait()
+def _kill(proc: Any) -> None:
+    proc.kill()
+    proc.join()
 
 
 def preflight(spec: StudySpec, timeout_s: float = 300.0) -> tuple[Hardware, ModelInfo]:
@@ -174,8 +167,19 @@ def _child_trial(job: dict[str, Any]) -> dict[str, Any]:
     first_id = len(getattr(engine.tokenizer, "all_special_ids", []) or [0])
     with engine:
         m = run_workload(engine, spec.workload, vocab_size=engine.info.vocab_size, first_token_id=first_id,
-                         build_timings=engine.timings.as_dict())
+                         build_timings=engine.timings.as_dict(), abort_if=_early_stop(spec))
     return {"status": "ok", "measurement": m.to_dict()}
+
+
+def _early_stop(spec: StudySpec) -> Any:
+    def check(m: Measurement) -> str | None:
+        for c in spec.latency_constraints:
+            v = m.value(c.name)
+            if v > EARLY_STOP_FACTOR * c.max:
+                return f"warm-up {c.percentile} {c.metric} {v:,.0f} > {EARLY_STOP_FACTOR:g} x {c.max:g}"
+        return None
+
+    return check
 
 
 def _child_preflight(job: dict[str, Any]) -> dict[str, Any]:
@@ -194,14 +198,20 @@ def _child_preflight(job: dict[str, Any]) -> dict[str, Any]:
     return {"status": "ok", "hardware": hw.model_dump(mode="json"), "model": info.to_dict()}
 
 
-def _child_main() -> int:
+def _child_entry(job_json: str) -> None:
+    """Child process body: output to the log file, result to the result file."""
     import logging
     import traceback
     import warnings
 
+    job = json.loads(job_json)
+    log_fd = os.open(job["log_path"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
     warnings.filterwarnings("ignore")
     logging.getLogger("torchao").setLevel(logging.ERROR)
-    job = json.loads(sys.stdin.read())
     out = Path(job["result_path"])
     try:
         result = _child_preflight(job) if job["mode"] == "preflight" else _child_trial(job)
@@ -209,8 +219,5 @@ def _child_main() -> int:
         traceback.print_exc()
         result = {"status": "error", "kind": _classify(err), "reason": f"{type(err).__name__}: {err}"[:500]}
     out.write_text(json.dumps(result))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_child_main())
+    sys.stdout.flush()
+    sys.stderr.flush()

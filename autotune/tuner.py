@@ -244,7 +244,8 @@ class Tuner:
             raise optuna.TrialPruned(trial.user_attrs.get(A_REJECTED))
         if dup is not None:
             for k in (A_MEASUREMENT, A_FEASIBLE, A_VIOLATIONS, A_FAILURE):
-                trial.set_user_attr(k, dup.user_attrs.get(k))
+                if k in dup.user_attrs:
+                    trial.set_user_attr(k, dup.user_attrs[k])
             self._set_constraints(trial, list(dup.user_attrs[A_CONSTRAINTS]))
             trial.set_user_attr(A_DUPLICATE, dup.number)
             return dup.values[0], dup.values[1]

@@ -1,0 +1,53 @@
+"""Knob implementations applied to a real (tiny) model: each changes what it claims to change."""
+
+from __future__ import annotations
+
+import torch
+
+from autotune.hardware import probe
+from autotune.models import load_model
+from autotune.optimize import BACKENDS, PRECISIONS, QUANTIZERS
+
+TINY = "preset:llama-tiny"
+
+
+def _generate(model: torch.nn.Module) -> list[int]:
+    ids = torch.arange(10, 26).unsqueeze(0)
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4,
+                             do_sample=False, pad_token_id=3)
+    return out[0, 16:].tolist()
+
+
+def test_registries_are_importable_without_torch_side_effects() -> None:
+    assert set(PRECISIONS) == {"fp32", "tf32", "bf16", "fp16"}
+    assert set(QUANTIZERS) == {"none", "int8-dynamic", "int8-weight-only", "int4-weight-only", "fp8"}
+    assert set(BACKENDS) == {"eager", "inductor", "inductor-cudagraphs"}
+
+
+def test_precision_changes_dtype() -> None:
+    hw = probe("cpu")
+    model, _, _ = load_model(TINY)
+    model = PRECISIONS["bf16"].apply(model, hw)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert len(_generate(model)) == 4
+
+
+def test_int8_dynamic_replaces_linear_layers_on_cpu() -> None:
+    hw = probe("cpu")
+    model, _, _ = load_model(TINY)
+    model = QUANTIZERS["int8-dynamic"].apply(model, hw)
+    dynamic = torch.ao.nn.quantized.dynamic.Linear
+    assert isinstance(model.model.layers[0].self_attn.q_proj, dynamic)
+    assert not any(type(m) is torch.nn.Linear for m in model.modules())
+    assert len(_generate(model)) == 4
+
+
+def test_int8_weight_only_quantizes_weights() -> None:
+    hw = probe("cpu")
+    model, _, _ = load_model(TINY)
+    before = model.model.layers[0].mlp.up_proj.weight
+    model = QUANTIZERS["int8-weight-only"].apply(model, hw)
+    after = model.model.layers[0].mlp.up_proj.weight
+    assert type(after) is not type(before)  # a torchao tensor subclass holding int8 data
+    assert len(_generate(model)) == 4

@@ -1,0 +1,96 @@
+"""Search-space rules: what the hardware cannot run is never proposed or is rejected early."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from autotune.config import TrialConfig
+from autotune.errors import SpaceError
+from autotune.models import resolve_model
+from autotune.space import SearchSpace
+from autotune.spec import parse_spec
+
+from .conftest import make_hw
+
+
+def spec(**space: object) -> object:
+    return parse_spec({"model": "preset:llama-small", "slo": {"e2e_ms": {"p95": 2000}}, "space": space})
+
+
+def test_cpu_defaults_drop_gpu_only_values_with_reasons() -> None:
+    s = SearchSpace.from_spec(spec(precision=["fp32", "tf32", "bf16"]), make_hw())
+    assert "tf32" not in s.values["precision"] and "fp8" not in s.values["quantization"]
+    assert "int4-weight-only" not in s.values["quantization"]
+    assert "inductor-cudagraphs" not in s.values["backend"]
+    assert "NVIDIA GPU" in s.dropped["quantization=fp8"]
+    assert "compute capability >= 8.0" in s.dropped["precision=tf32"]
+    assert s.values["streams"] == [1, 2]
+
+
+def test_fp8_needs_compute_capability_89() -> None:
+    a100 = SearchSpace.from_spec(spec(), make_hw("cuda", (8, 0)))
+    h100 = SearchSpace.from_spec(spec(), make_hw("cuda", (9, 0)))
+    assert "fp8" not in a100.values["quantization"] and "this GPU has 8.0" in a100.dropped["quantization=fp8"]
+    assert {"fp8", "int4-weight-only"} <= set(h100.values["quantization"])
+    assert "inductor-cudagraphs" in h100.values["backend"] and "tf32" in h100.values["precision"]
+
+
+def test_torchao_missing_hides_its_quantizers() -> None:
+    s = SearchSpace.from_spec(spec(), make_hw(torchao=None))
+    assert s.values["quantization"] == ["none", "int8-dynamic"]
+    assert "torchao" in s.dropped["quantization=int8-weight-only"]
+
+
+def test_no_compiler_hides_inductor_on_cpu() -> None:
+    s = SearchSpace.from_spec(spec(), make_hw(compiler=False))
+    assert s.values["backend"] == ["eager"]
+
+
+def test_conflicting_combinations_are_rejected_with_reason() -> None:
+    s = SearchSpace.from_spec(spec(), make_hw())
+    assert "use precision fp32" in (s.check(TrialConfig(precision="bf16", quantization="int8-dynamic")) or "")
+    assert "eager-only" in (s.check(TrialConfig(quantization="int8-dynamic", backend="inductor")) or "")
+    assert s.check(TrialConfig(batch_size=8, quantization="int8-dynamic")) is None
+    h = SearchSpace.from_spec(spec(), make_hw("cuda", (9, 0)))
+    assert "use precision bf16" in (h.check(TrialConfig(quantization="int4-weight-only")) or "")
+    assert h.check(TrialConfig(quantization="int4-weight-only", precision="bf16")) is None
+
+
+def test_memory_estimate_rejects_configs_that_cannot_fit() -> None:
+    info = resolve_model("preset:llama-1b")
+    s = SearchSpace.from_spec(spec(), make_hw("cuda", (9, 0), memory_mb=8_000), info)
+    small, huge = TrialConfig(batch_size=1, precision="bf16"), TrialConfig(batch_size=256, streams=4)
+    assert s.check(small) is None
+    reason = s.check(huge)
+    assert reason is not None and "exceeds 90% of the device's 8,000 MB" in reason
+    assert s.estimate_memory_mb(huge) > s.estimate_memory_mb(small) * 3
+
+
+def test_user_values_that_cannot_run_leave_an_empty_space() -> None:
+    with pytest.raises(SpaceError, match="no precision value runs"):
+        SearchSpace.from_spec(spec(precision=["tf32"]), make_hw())
+    with pytest.raises(SpaceError, match="every combination is rejected"):
+        SearchSpace.from_spec(spec(precision=["bf16"], quantization=["int8-dynamic"]), make_hw())
+
+
+def test_context_longer_than_model_is_refused() -> None:
+    sp = parse_spec({"model": "preset:llama-tiny", "slo": {"e2e_ms": {"p95": 1}},
+                     "workload": {"prompt_tokens": 2040, "output_tokens": 32}})
+    with pytest.raises(SpaceError, match="needs 2072 tokens of context"):
+        SearchSpace.from_spec(sp, make_hw(), resolve_model("preset:llama-tiny"))
+
+
+def test_grid_and_suggest_cover_the_space() -> None:
+    s = SearchSpace.from_spec(spec(batch_size=[1, 8], precision=["fp32"], quantization=["none"], streams=[1],
+                                   backend=["eager"], max_queue_delay_ms=[0, 10]), make_hw())
+    assert s.size() == 4 and len(list(s.grid())) == 4
+    study = optuna.create_study(sampler=optuna.samplers.GridSampler(s.optuna_grid()))
+    seen: set[TrialConfig] = set()
+
+    def objective(t: optuna.Trial) -> float:
+        seen.add(s.suggest(t))
+        return 0.0
+
+    study.optimize(objective, n_trials=4)
+    assert seen == set(s.grid())

@@ -1,0 +1,86 @@
+"""Spec validation: every error names the field and what is allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from autotune.errors import SpecError
+from autotune.spec import load_spec, parse_spec
+
+from .conftest import ROOT, TINY_SPEC
+
+BASE = {"model": "preset:llama-tiny", "slo": {"e2e_ms": {"p95": 2000}}}
+
+
+def test_quickstart_and_test_specs_are_valid() -> None:
+    qs = load_spec(ROOT / "studies" / "quickstart.yaml")
+    assert qs.name == "quickstart" and qs.model == "preset:llama-small"
+    assert qs.workload.prompt_tokens.value == 64 and qs.workload.output_tokens.value == 32
+    assert [c.name for c in qs.slo] == ["e2e_ms.p95"] and qs.slo[0].max == 2000
+    assert load_spec(TINY_SPEC).name == "tiny"
+
+
+def test_slo_mapping_form_expands_to_clauses() -> None:
+    spec = parse_spec({**BASE, "slo": {"e2e_ms": {"p95": 2000, "p50": 800}, "ttft_ms": {"p99": 300},
+                                       "peak_memory_mb": 4000}})
+    assert [(c.name, c.max) for c in spec.slo] == [
+        ("e2e_ms.p95", 2000), ("e2e_ms.p50", 800), ("ttft_ms.p99", 300), ("peak_memory_mb", 4000)]
+    assert spec.second_objective == "e2e_ms.p95"
+
+
+def test_lengths_accept_int_or_distribution() -> None:
+    spec = parse_spec({**BASE, "workload": {"prompt_tokens": {"distribution": "uniform", "min": 8, "max": 32},
+                                            "output_tokens": 16}})
+    assert spec.workload.prompt_tokens.upper == 32
+    assert spec.workload.output_tokens.distribution == "fixed" and spec.workload.output_tokens.upper == 16
+
+
+@pytest.mark.parametrize(
+    ("patch", "expected"),
+    [
+        ({"slo": {"e2e_ms": {"p97": 10}}}, "slo.0.percentile: Input should be 'p50', 'p90', 'p95' or 'p99'"),
+        ({"slo": {"e2e_ms": {"p95": -5}}}, "slo.0.max: Input should be greater than 0"),
+        ({"slo": {"latency": {"p95": 5}}}, "slo.0.metric: Input should be 'e2e_ms', 'ttft_ms', 'tpot_ms' or 'peak_memory_mb'"),
+        ({"slo": {}}, "slo: List should have at least 1 item"),
+        ({"space": {"batch_size": [0, 4]}}, "space.batch_size.0: Input should be greater than or equal to 1"),
+        ({"space": {"precision": ["fp64"]}}, "space.precision.0: Input should be 'fp32', 'tf32', 'bf16' or 'fp16'"),
+        ({"space": {"streams": []}}, "space.streams: an empty list leaves nothing to search"),
+        ({"workload": {"arrival": {"type": "poisson"}}}, "workload.arrival: poisson arrival needs 'rate'"),
+        ({"workload": {"arival": {}}}, "workload.arival: unknown field (allowed: requests, prompt_tokens"),
+        ({"sampler": "cmaes"}, "sampler: Input should be 'tpe', 'nsga2', 'gp', 'random' or 'grid'"),
+        ({"budget": {"trials": 0}}, "budget.trials: Input should be greater than or equal to 1"),
+        ({"device": "tpu"}, "device: String should match pattern"),
+        ({"model": ""}, "model: String should have at least 1 character"),
+    ],
+)
+def test_bad_fields_name_the_field_and_allowed_values(patch: dict, expected: str) -> None:
+    with pytest.raises(SpecError) as exc:
+        parse_spec({**BASE, **patch})
+    assert expected in str(exc.value)
+    assert "\n" not in str(exc.value)
+
+
+def test_missing_model_and_slo_are_reported_together() -> None:
+    with pytest.raises(SpecError, match="model: Field required; slo: Field required"):
+        parse_spec({})
+
+
+def test_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="spec file not found"):
+        load_spec(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- a\n- b\n")
+    with pytest.raises(SpecError, match="expected a mapping"):
+        load_spec(listy)
+
+
+def test_name_defaults_to_file_stem(tmp_path: Path) -> None:
+    p = tmp_path / "my-study.yaml"
+    p.write_text("model: preset:llama-tiny\nslo: {e2e_ms: {p95: 100}}\n")
+    assert load_spec(p).name == "my-study"
