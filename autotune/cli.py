@@ -117,8 +117,10 @@ def _run(fn: Any) -> None:
 
 
 def _preflight(spec: StudySpec) -> tuple[Any, Any]:
+    from autotune.models import classify_model_ref
     from autotune.runner import preflight
 
+    classify_model_ref(spec.model)  # unknown preset or missing path: fail before starting a child
     with err.status("probing hardware and model (child process)…"):
         return preflight(spec)
 
@@ -202,8 +204,9 @@ def _run_with_progress(tuner: Any) -> Any:
             )
 
     tuner.events = TuneEvents(on_start, on_trial_start, on_trial_end)
+    study = tuner.open_study()  # spec/hardware mismatches are reported before any progress output
     with progress:
-        return tuner.run()
+        return tuner.run(study)
 
 
 def _label(trial: Any) -> str:

@@ -39,8 +39,7 @@ FAULT_ENV = "AUTOTUNE_INJECT_FAULT"
 # -- parent side ----------------------------------------------------------------------------------
 #: Modules the fork server imports once, so each trial process starts in milliseconds instead of
 #: paying ~7 s of torch + transformers imports. Nothing runs in the server: no threads, no CUDA.
-PRELOAD = ["torch", "transformers", "transformers.models.llama.modeling_llama", "autotune.engine",
-           "autotune.measure"]
+PRELOAD = ["autotune._preload"]
 _ctx: Any = None
 
 
@@ -71,7 +70,9 @@ def run_child(job: dict[str, Any], timeout_s: float) -> dict[str, Any]:
     """Run a job in a fresh child process; return its result or raise TrialFailure."""
     with tempfile.TemporaryDirectory(prefix="autotune-trial-") as tmp:
         result_path, log_path = Path(tmp) / "result.json", Path(tmp) / "log.txt"
-        job = {**job, "result_path": str(result_path), "log_path": str(log_path)}
+        # The fault hook travels in the job: the fork server's environment is frozen at its start.
+        job = {**job, "result_path": str(result_path), "log_path": str(log_path),
+               "fault": os.environ.get(FAULT_ENV, "")}
         proc = _context().Process(target=_child_entry, args=(json.dumps(job),), daemon=False)
         proc.start()
         try:
@@ -126,8 +127,7 @@ def run_trial(spec: StudySpec, config: TrialConfig, hardware: Hardware, timeout_
 
 
 # -- child side -----------------------------------------------------------------------------------
-def _inject_fault(config: TrialConfig) -> None:
-    raw = os.environ.get(FAULT_ENV, "")
+def _inject_fault(config: TrialConfig, raw: str) -> None:
     if not raw:
         return
     kind, _, cond = raw.partition(":")
@@ -161,7 +161,7 @@ def _child_trial(job: dict[str, Any]) -> dict[str, Any]:
     spec = StudySpec.model_validate(job["spec"])
     config = TrialConfig.model_validate(job["config"])
     hw = Hardware.model_validate(job["hardware"])
-    _inject_fault(config)
+    _inject_fault(config, job.get("fault", ""))
     pad = spec.workload.prompt_tokens.upper
     engine = Engine.build(spec.model, config, hw, seed=spec.model_seed, prompt_pad_to=pad)
     first_id = len(getattr(engine.tokenizer, "all_special_ids", []) or [0])

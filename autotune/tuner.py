@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import resource
 import time
 import warnings
 from collections.abc import Callable
@@ -268,8 +269,9 @@ class Tuner:
         trial.set_user_attr(A_VIOLATIONS, [c.describe() for c, v in zip(self.slo, cons) if v > 0])
         return m.output_tokens_per_s, m.value(self.spec.second_objective)
 
-    def run(self) -> optuna.Study:
-        study = self.open_study()
+    def run(self, study: optuna.Study | None = None) -> optuna.Study:
+        """Run trials until the budget is spent; ``study`` may come from :meth:`open_study`."""
+        study = study or self.open_study()
         done = self.counted(study)
         self.events.on_start(done, self.budget)
         max_attempts = self.budget * 10 + 50
@@ -289,6 +291,8 @@ class Tuner:
                 catch=(TrialFailure,), callbacks=[stop_when_spent],
             )
         study.set_user_attr("updated_at", time.time())
+        # The parent's own peak memory: it never loads a model, so this stays flat however many trials run.
+        study.set_user_attr("tuner_peak_rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         return study
 
 

@@ -1,0 +1,195 @@
+"""The real ``autotune`` command end to end on the tiny preset: tune, resume, best, export, failures,
+and every bad input giving one line, exit code 2 and an untouched database."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import ROOT, TINY_SPEC, run_cli
+
+
+def trial_states(db: Path, study: str = "tiny") -> list[str]:
+    with sqlite3.connect(db) as con:
+        rows = con.execute(
+            "SELECT t.state FROM trials t JOIN studies s ON s.study_id = t.study_id WHERE s.study_name = ? "
+            "ORDER BY t.number", (study,)).fetchall()
+    return [r[0] for r in rows]
+
+
+def digest(db: Path) -> str:
+    with sqlite3.connect(db) as con:
+        dump = "\n".join(con.iterdump())
+    return hashlib.sha256(dump.encode()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A workdir holding studies/autotune.db after a real 4-trial tune of the tiny preset."""
+    work = tmp_path_factory.mktemp("tuned")
+    res = run_cli("tune", str(TINY_SPEC), "--export", "best.json", cwd=work)
+    assert res.returncode == 0, res.stderr
+    return work
+
+
+def test_tune_measures_stores_and_exports(tuned: Path) -> None:
+    doc = json.loads((tuned / "best.json").read_text())
+    assert doc["schema_version"] == 1 and doc["study"] == "tiny" and doc["model"] == "preset:llama-tiny"
+    assert set(doc["config"]) == {"batch_size", "precision", "quantization", "streams", "backend", "max_queue_delay_ms"}
+    for k in ("e2e_ms", "ttft_ms", "tpot_ms"):
+        assert set(doc["metrics"][k]) == {"p50", "p90", "p95", "p99"}
+    assert doc["metrics"]["output_tokens_per_s"] > 0 and doc["metrics"]["peak_memory_mb"] > 0
+    assert doc["metrics"]["e2e_ms"]["p95"] <= 2000
+    assert doc["hardware"]["device_type"] == "cpu" and len(doc["hardware"]["fingerprint"]) == 16
+    assert doc["slo"] == [{"metric": "e2e_ms", "percentile": "p95", "max": 2000.0}]
+    states = trial_states(tuned / "studies" / "autotune.db")
+    assert states.count("COMPLETE") + states.count("FAIL") == 4
+
+
+def test_constraints_reach_the_sampler(tuned: Path) -> None:
+    import optuna
+
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tuned}/studies/autotune.db")
+    done = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert done
+    for t in done:
+        cons = t.system_attrs.get("constraints") or [v for k, v in t.system_attrs.items() if k.startswith("constraints:")]
+        assert cons and all(v <= 0 for v in cons) == bool(t.user_attrs["feasible"])
+    assert study.user_attrs["hardware"]["device_type"] == "cpu"
+    assert study.user_attrs["tuner_peak_rss_mb"] < 500  # the parent never loads a model
+
+
+def test_best_prints_table_and_json(tuned: Path) -> None:
+    res = run_cli("best", "tiny", cwd=tuned)
+    assert res.returncode == 0 and "best feasible config" in res.stdout and "batch_size" in res.stdout
+    res = run_cli("best", "tiny", "--json", cwd=tuned)
+    assert json.loads(res.stdout)["study"] == "tiny"
+    res = run_cli("export", "tiny", "--output", "again.json", cwd=tuned)
+    assert res.returncode == 0 and json.loads((tuned / "again.json").read_text())["config"]
+
+
+def test_resume_continues_to_the_new_budget(tuned: Path, tmp_path: Path) -> None:
+    shutil.copytree(tuned / "studies", tmp_path / "studies")
+    res = run_cli("tune", str(TINY_SPEC), "--trials", "6", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    states = trial_states(tmp_path / "studies" / "autotune.db")
+    assert states.count("COMPLETE") + states.count("FAIL") == 6
+    before = digest(tmp_path / "studies" / "autotune.db")
+    res = run_cli("tune", str(TINY_SPEC), "--trials", "6", cwd=tmp_path)  # budget spent: nothing new runs
+    assert res.returncode == 0 and "best feasible config" in res.stdout
+    assert len(trial_states(tmp_path / "studies" / "autotune.db")) == len(states)
+    assert before != "" and res.stderr.count("trial ") <= 1
+
+
+def test_failures_do_not_stop_the_study(tmp_path: Path) -> None:
+    res = run_cli("tune", str(TINY_SPEC), "--trials", "5", "--sampler", "grid",
+                  cwd=tmp_path, env={"AUTOTUNE_INJECT_FAULT": "crash:quantization=int8-dynamic"})
+    assert res.returncode == 0, res.stderr
+    assert "failed (crash): trial process died with SIGSEGV" in res.stderr
+    states = trial_states(tmp_path / "studies" / "autotune.db")
+    assert "FAIL" in states and "COMPLETE" in states
+
+
+def test_oom_is_recorded_as_infeasible(tmp_path: Path) -> None:
+    import optuna
+
+    res = run_cli("tune", str(TINY_SPEC), "--trials", "2", "--sampler", "grid", cwd=tmp_path,
+                  env={"AUTOTUNE_INJECT_FAULT": "oom:precision=fp32"})
+    assert res.returncode == 3, res.stderr  # every config ran out of memory: nothing feasible
+    assert "failed (oom)" in res.stderr
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path}/studies/autotune.db")
+    ooms = [t for t in study.trials if (t.user_attrs.get("failure") or {}).get("kind") == "oom"]
+    assert ooms and all(t.state.name == "COMPLETE" and t.user_attrs["feasible"] is False for t in ooms)
+
+
+def test_no_feasible_config_exits_3_with_the_closest(tmp_path: Path) -> None:
+    spec = tmp_path / "strict.yaml"
+    spec.write_text(TINY_SPEC.read_text().replace("e2e_ms: {p95: 2000}", "e2e_ms: {p95: 1}").replace("trials: 4", "trials: 2"))
+    res = run_cli("tune", str(spec), cwd=tmp_path)
+    assert res.returncode == 3
+    assert "no configuration met the SLO" in res.stderr and "closest configs" in res.stderr
+    assert "p95 e2e_ms <= 1 missed by" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_interrupt_then_resume(tmp_path: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "autotune.cli", "tune", str(TINY_SPEC)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    db = tmp_path / "studies" / "autotune.db"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (db.exists() and "COMPLETE" in trial_states(db)):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "run the same command again to resume" in err
+    assert "Traceback" not in err
+    res = run_cli("tune", str(TINY_SPEC), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    states = trial_states(db)
+    assert states.count("COMPLETE") + states.count("FAIL") >= 4 and "RUNNING" not in states
+
+
+BAD_INPUTS = [
+    (["tune", "missing.yaml"], "spec file not found: missing.yaml"),
+    (["tune", "{bad}"], "not valid YAML"),
+    (["tune", "{unknown_preset}"], "unknown model preset 'llama-huge'"),
+    (["tune", "{missing_path}"], "model path does not exist"),
+    (["tune", "{empty_space}"], "search space is empty"),
+    (["tune", "{batch0}"], "space.batch_size.0: Input should be greater than or equal to 1"),
+    (["tune", "{negative_slo}"], "slo.0.max: Input should be greater than 0"),
+    (["tune", str(TINY_SPEC), "--storage", "postgresql+psycopg://nobody@127.0.0.1:1/nowhere"], "cannot open storage"),
+    (["tune", str(TINY_SPEC), "--storage", "sqlite:////nonexistent/dir/x.db"], "folder /nonexistent/dir does not exist"),
+    (["tune", str(TINY_SPEC), "--sampler", "annealing"], "unknown sampler 'annealing'"),
+    (["tune", "{other_spec}"], "already exists with a different spec"),
+    (["best", "nosuchstudy"], "no study named 'nosuchstudy'"),
+    (["measure", str(TINY_SPEC), "--config", "{bad_config}"], "batch_size: Input should be greater than or equal to 1"),
+    (["measure", str(TINY_SPEC)], "give exactly one of --config FILE or --baseline"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_INPUTS)
+def test_bad_input_is_one_line_exit_2_and_leaves_the_db_alone(tuned: Path, tmp_path: Path, args: list[str],
+                                                            message: str) -> None:
+    shutil.copytree(tuned / "studies", tmp_path / "studies")
+    text = TINY_SPEC.read_text()
+    files = {
+        "bad": "model: [unclosed\n",
+        "unknown_preset": text.replace("preset:llama-tiny", "preset:llama-huge"),
+        "missing_path": text.replace("preset:llama-tiny", "./no/such/model"),
+        "empty_space": text.replace("precision: [fp32]", "precision: [tf32]"),
+        "batch0": text.replace("batch_size: [1, 4, 8]", "batch_size: [0, 4]"),
+        "negative_slo": text.replace("{p95: 2000}", "{p95: -1}"),
+        "other_spec": text.replace("output_tokens: 8", "output_tokens: 9"),
+    }
+    for name, body in files.items():
+        (tmp_path / f"{name}.yaml").write_text(body)
+    (tmp_path / "bad_config.json").write_text(json.dumps({"batch_size": 0}))
+    args = [a.format(**{k: f"{k}.yaml" for k in files}, bad_config="bad_config.json") for a in args]
+    db = tmp_path / "studies" / "autotune.db"
+    before = digest(db)
+    res = run_cli(*args, cwd=tmp_path)
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    assert message in res.stderr
+    assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert digest(db) == before
+
+
+def test_measure_baseline_prints_metrics(tmp_path: Path) -> None:
+    res = run_cli("measure", str(TINY_SPEC), "--baseline", "--json", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["config"]["batch_size"] == 1 and doc["measurement"]["output_tokens_per_s"] > 0
+
+
+def test_default_spec_is_the_quickstart() -> None:
+    from autotune.cli import _default_spec_path
+
+    assert _default_spec_path().resolve() == (ROOT / "studies" / "quickstart.yaml").resolve()
