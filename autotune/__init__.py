@@ -7,8 +7,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from autotune.config import BASELINE, TrialConfig  # noqa: E402
-from autotune.errors import (  # noqa: E402
+from autotune.config import BASELINE, TrialConfig
+from autotune.errors import (
     AutotuneError,
     ModelError,
     NoFeasibleConfig,
@@ -17,7 +17,7 @@ from autotune.errors import (  # noqa: E402
     StorageError,
     TrialFailure,
 )
-from autotune.spec import StudySpec, load_spec, parse_spec  # noqa: E402
+from autotune.spec import StudySpec, load_spec, parse_spec
 
 __all__ = [
     "BASELINE",

@@ -38,10 +38,8 @@ with _quiet_fds(), warnings.catch_warnings():
     import transformers  # noqa: F401
     from transformers.models.llama import modeling_llama  # noqa: F401
 
-    import autotune.engine  # noqa: F401
+    import autotune.engine
     import autotune.measure  # noqa: F401
 
-    try:
+    with contextlib.suppress(ImportError):
         import torchao  # noqa: F401
-    except ImportError:
-        pass

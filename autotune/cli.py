@@ -21,13 +21,19 @@ from autotune.config import BASELINE, TrialConfig
 from autotune.errors import AutotuneError, NoFeasibleConfig, SpecError, StorageError, TrialFailure
 from autotune.spec import StudySpec, load_spec
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Find the fastest LLM inference config that meets your latency SLO, by measuring it.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Find the fastest LLM inference config that meets your latency SLO, by measuring it.",
+)
 out = Console()
 err = Console(stderr=True)
 
 DEFAULT_SPEC = Path("studies/quickstart.yaml")
-StorageOpt = Annotated[str | None, typer.Option("--storage", help="SQLAlchemy URL [default: sqlite:///studies/autotune.db]")]
+StorageOpt = Annotated[
+    str | None, typer.Option("--storage", help="SQLAlchemy URL [default: sqlite:///studies/autotune.db]")
+]
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -65,9 +71,7 @@ def _load_study(name: str, storage: str | None) -> Any:
         return optuna.load_study(study_name=name, storage=st, sampler=optuna.samplers.RandomSampler())
     except KeyError:
         names = [s.study_name for s in optuna.get_all_study_summaries(st, include_best_trial=False)]
-        raise StorageError(
-            f"no study named {name!r} in {url}; studies there: {', '.join(names) or '(none)'}"
-        ) from None
+        raise StorageError(f"no study named {name!r} in {url}; studies there: {', '.join(names) or '(none)'}") from None
 
 
 def _fmt(v: float, unit: str = "") -> str:
@@ -128,7 +132,9 @@ def _preflight(spec: StudySpec) -> tuple[Any, Any]:
 # -- commands -----------------------------------------------------------------------------------
 @app.command()
 def tune(
-    spec_path: Annotated[Path | None, typer.Argument(metavar="[SPEC]", help="study spec YAML [default: studies/quickstart.yaml]")] = None,
+    spec_path: Annotated[
+        Path | None, typer.Argument(metavar="[SPEC]", help="study spec YAML [default: studies/quickstart.yaml]")
+    ] = None,
     trials: Annotated[int | None, typer.Option(min=1, help="trial budget of the study (total, resumes count)")] = None,
     timeout: Annotated[float | None, typer.Option(min=1, help="wall-time budget in seconds")] = None,
     storage: StorageOpt = None,
@@ -150,12 +156,24 @@ def tune(
         open_storage(url)  # fail fast on an unreachable storage, before the slow preflight
         hw, info = _preflight(spec)
         out.print(f"[bold]{spec.name}[/bold]: {info.ref} ({info.num_parameters / 1e6:,.1f}M params) on {hw.summary()}")
-        tuner = Tuner(spec, hw, info, storage_url=url, study_name=study, trials=trials, timeout_s=timeout,
-                      sampler=sampler, seed=seed)
+        tuner = Tuner(
+            spec,
+            hw,
+            info,
+            storage_url=url,
+            study_name=study,
+            trials=trials,
+            timeout_s=timeout,
+            sampler=sampler,
+            seed=seed,
+        )
         for knob, reason in tuner.space.dropped.items():
             out.print(f"[dim]not searched: {knob}: {reason}[/dim]")
-        out.print(f"space: {tuner.space.size()} configs · budget {tuner.budget} trials · SLO: "
-                  + ", ".join(c.describe() for c in spec.slo) + f" · storage {url}")
+        out.print(
+            f"space: {tuner.space.size()} configs · budget {tuner.budget} trials · SLO: "
+            + ", ".join(c.describe() for c in spec.slo)
+            + f" · storage {url}"
+        )
         study_obj = _run_with_progress(tuner)
         _report(study_obj, spec)
         if export is not None:
@@ -170,8 +188,14 @@ def _run_with_progress(tuner: Any) -> Any:
 
     from autotune.tuner import TuneEvents, trial_measurement
 
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        console=err, transient=False)
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=False,
+    )
     task = progress.add_task("trials", total=tuner.budget)
     state = {"best": "none yet"}
 
@@ -187,14 +211,19 @@ def _run_with_progress(tuner: Any) -> Any:
         progress.update(task, completed=min(tuner.counted(study), tuner.budget))
         m = trial_measurement(trial)
         if "duplicate_of" in trial.user_attrs:
-            progress.console.print(f"  [dim]trial {trial.number}: same config as trial {trial.user_attrs['duplicate_of']}"
-                                   ", not measured again[/dim]", highlight=False)
+            progress.console.print(
+                f"  [dim]trial {trial.number}: same config as trial {trial.user_attrs['duplicate_of']}"
+                ", not measured again[/dim]",
+                highlight=False,
+            )
         elif trial.user_attrs.get("failure"):
             f = trial.user_attrs["failure"]
             progress.console.print(f"  trial {trial.number} failed ({f['kind']}): {f['reason']}", highlight=False)
         elif "rejected" in trial.user_attrs:
-            progress.console.print(f"  [dim]trial {trial.number} rejected before loading: {trial.user_attrs['rejected']}[/dim]",
-                                   highlight=False)
+            progress.console.print(
+                f"  [dim]trial {trial.number} rejected before loading: {trial.user_attrs['rejected']}[/dim]",
+                highlight=False,
+            )
         elif m is not None:
             mark = "ok" if trial.user_attrs.get("feasible") else "misses SLO"
             progress.console.print(
@@ -222,7 +251,7 @@ def _report(study_obj: Any, spec: StudySpec) -> None:
         for t in closest_to_feasible(study_obj):
             m = trial_measurement(t)
             misses = []
-            for c, v in zip(spec.slo, t.user_attrs.get("constraints", [])):
+            for c, v in zip(spec.slo, t.user_attrs.get("constraints", []), strict=False):
                 if v > 0:
                     misses.append(f"{c.describe()} missed by {v:.0%} ({m.value(c.name) if m else float('nan'):,.0f})")
             lines.append(f"  trial {t.number} {_label(t)}: " + "; ".join(misses))

@@ -112,8 +112,15 @@ class Engine:
     """Serve ``generate`` requests for one model under one :class:`TrialConfig`."""
 
     def __init__(
-        self, model: Any, tokenizer: Any, config: TrialConfig, hardware: Hardware, info: ModelInfo,
-        *, timings: BuildTimings | None = None, prompt_pad_to: int | None = None,
+        self,
+        model: Any,
+        tokenizer: Any,
+        config: TrialConfig,
+        hardware: Hardware,
+        info: ModelInfo,
+        *,
+        timings: BuildTimings | None = None,
+        prompt_pad_to: int | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -133,7 +140,12 @@ class Engine:
     # -- construction -------------------------------------------------------------------------
     @classmethod
     def build(
-        cls, model_ref: str, config: TrialConfig, hardware: Hardware, *, seed: int = 0,
+        cls,
+        model_ref: str,
+        config: TrialConfig,
+        hardware: Hardware,
+        *,
+        seed: int = 0,
         prompt_pad_to: int | None = None,
     ) -> Engine:
         """Load the model and apply precision, then quantization, then the backend."""
@@ -154,8 +166,10 @@ class Engine:
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> Engine:
+        """Start the stream workers (again, after a stop)."""
         if self._threads:
             return self
+        self._closed = False
         for i in range(self.config.streams):
             th = threading.Thread(target=self._worker, args=(i,), name=f"autotune-stream-{i}", daemon=True)
             th.start()
@@ -253,7 +267,7 @@ class Engine:
                 for p in batch:
                     p.future.set_exception(err)
                 continue
-            for p, r in zip(batch, results):
+            for p, r in zip(batch, results, strict=True):
                 p.future.set_result(r)
 
     def run_batch(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
@@ -274,8 +288,8 @@ class Engine:
         mask = torch.zeros_like(ids)
         for i, p in enumerate(batch):
             n = len(p.prompt_ids)
-            ids[i, width - n:] = torch.tensor(p.prompt_ids, dtype=torch.long)
-            mask[i, width - n:] = 1
+            ids[i, width - n :] = torch.tensor(p.prompt_ids, dtype=torch.long)
+            mask[i, width - n :] = 1
         mask[rows:, -1] = 1  # padding rows attend to one token so softmax stays finite
         device = self.hardware.device
         sync = torch.cuda.current_stream().synchronize if self.hardware.device_type == "cuda" else None
@@ -283,17 +297,28 @@ class Engine:
         t_start = time.perf_counter()
         with torch.inference_mode():
             out = self.model.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens, do_sample=False, pad_token_id=self.pad_id, streamer=clock,
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=self.pad_id,
+                streamer=clock,
             )
             generated = out[:, width:].tolist()  # .tolist() synchronizes with the device
         t_end = time.perf_counter()
         t_first = clock.t_first if clock.t_first is not None else t_end
         return [
             GenerationResult(
-                request_id=p.request_id, prompt_tokens=len(p.prompt_ids),
-                output_ids=generated[i][: p.max_new_tokens], t_submit=p.t_submit, t_start=t_start,
-                t_first_token=t_first, t_end=t_end, batch_rows=rows, stream=stream,
+                request_id=p.request_id,
+                prompt_tokens=len(p.prompt_ids),
+                output_ids=generated[i][: p.max_new_tokens],
+                t_submit=p.t_submit,
+                t_start=t_start,
+                t_first_token=t_first,
+                t_end=t_end,
+                batch_rows=rows,
+                stream=stream,
             )
             for i, p in enumerate(batch)
         ]

@@ -41,8 +41,18 @@ class Hardware(BaseModel):
 
     def fingerprint(self) -> str:
         """Hash of the fields that make timings comparable (not the memory in use or the host name)."""
-        keys = ("device_type", "device_name", "device_memory_mb", "compute_capability", "cpu_model",
-                "cpu_cores", "torch_version", "transformers_version", "torchao_version", "cuda_version")
+        keys = (
+            "device_type",
+            "device_name",
+            "device_memory_mb",
+            "compute_capability",
+            "cpu_model",
+            "cpu_cores",
+            "torch_version",
+            "transformers_version",
+            "torchao_version",
+            "cuda_version",
+        )
         blob = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -90,11 +100,15 @@ def probe(device: str = "auto") -> Hardware:
     host_mb = psutil.virtual_memory().total // 2**20
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     common = dict(
-        cpu_model=cpu_model, cpu_cores=cores, host_memory_mb=host_mb,
+        cpu_model=cpu_model,
+        cpu_cores=cores,
+        host_memory_mb=host_mb,
         cpu_bf16=bool({"avx512_bf16", "amx_bf16"} & flags),
         has_c_compiler=any(shutil.which(c) for c in ("cc", "gcc", "clang")),
-        python_version=platform.python_version(), torch_version=torch.__version__,
-        transformers_version=_version("transformers") or "missing", torchao_version=_version("torchao"),
+        python_version=platform.python_version(),
+        torch_version=torch.__version__,
+        transformers_version=_version("transformers") or "missing",
+        torchao_version=_version("torchao"),
     )
     if device.startswith("cuda"):
         if not cuda_ok:
@@ -104,8 +118,12 @@ def probe(device: str = "auto") -> Hardware:
             raise RuntimeError(f"device {device} requested but only {torch.cuda.device_count()} GPU(s) exist")
         props = torch.cuda.get_device_properties(idx)
         return Hardware(
-            device=device, device_type="cuda", device_name=props.name,
+            device=device,
+            device_type="cuda",
+            device_name=props.name,
             device_memory_mb=props.total_memory // 2**20,
-            compute_capability=(props.major, props.minor), cuda_version=torch.version.cuda, **common,
+            compute_capability=(props.major, props.minor),
+            cuda_version=torch.version.cuda,
+            **common,
         )
     return Hardware(device="cpu", device_type="cpu", device_name=cpu_model, device_memory_mb=host_mb, **common)

@@ -79,8 +79,14 @@ class Measurement:
 
 
 def summarize(
-    results: Sequence[GenerationResult], t0: float, t1: float, *, peak_memory_mb: float = math.nan,
-    memory_kind: str = "none", timings: dict[str, float] | None = None, stopped_by: str = "requests",
+    results: Sequence[GenerationResult],
+    t0: float,
+    t1: float,
+    *,
+    peak_memory_mb: float = math.nan,
+    memory_kind: str = "none",
+    timings: dict[str, float] | None = None,
+    stopped_by: str = "requests",
 ) -> Measurement:
     """Turn finished requests and the window [t0, t1] (perf_counter seconds) into a Measurement."""
     if not results:
@@ -202,7 +208,11 @@ def _open_loop(engine: Engine, requests: Iterable[Request], start: float, deadli
 
 
 def run_workload(
-    engine: Engine, spec: WorkloadSpec, *, vocab_size: int, first_token_id: int = 4,
+    engine: Engine,
+    spec: WorkloadSpec,
+    *,
+    vocab_size: int,
+    first_token_id: int = 4,
     build_timings: dict[str, float] | None = None,
     abort_if: Callable[[Measurement], str | None] | None = None,
 ) -> Measurement:

@@ -107,16 +107,13 @@ def classify_model_ref(ref: str) -> ModelKind:
     if is_dir:
         return "local"
     if exists:
-        raise ModelError(
-            f"model path is not a directory: {ref} (pass the checkpoint directory with config.json)"
-        )
+        raise ModelError(f"model path is not a directory: {ref} (pass the checkpoint directory with config.json)")
     if ref.startswith(_PATH_PREFIXES):
         raise ModelError(f"model path does not exist: {ref}")
     if _is_hub_id(ref):
         return "hub"
     raise ModelError(
-        f"not a model reference: {ref!r}; pass a local directory, a hub id (org/name) "
-        f"or one of {_known_presets()}"
+        f"not a model reference: {ref!r}; pass a local directory, a hub id (org/name) or one of {_known_presets()}"
     )
 
 
@@ -154,14 +151,10 @@ def _config_info(ref: str, kind: ModelKind, config: PretrainedConfig) -> ModelIn
     heads = _first_attr(text, "num_attention_heads", "n_head", "num_heads")
     vocab = _first_attr(text, "vocab_size")
     missing = [
-        n
-        for n, v in (("hidden_size", hidden), ("num_layers", layers), ("heads", heads), ("vocab", vocab))
-        if not v
+        n for n, v in (("hidden_size", hidden), ("num_layers", layers), ("heads", heads), ("vocab", vocab)) if not v
     ]
     if missing:
-        raise ModelError(
-            f"model config of {ref!r} does not give {', '.join(missing)}; is it a decoder-only LM?"
-        )
+        raise ModelError(f"model config of {ref!r} does not give {', '.join(missing)}; is it a decoder-only LM?")
     kv_heads = _first_attr(text, "num_key_value_heads") or heads
     head_dim = _first_attr(text, "head_dim") or hidden // heads
     intermediate = _first_attr(text, "intermediate_size", "n_inner", "ffn_dim") or 4 * hidden
@@ -343,9 +336,7 @@ def build_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     ``<extra_N>`` fillers so whatever a random-weight model generates still decodes.
     """
     if vocab_size < _MIN_VOCAB:
-        raise ValueError(
-            f"vocab_size must be >= {_MIN_VOCAB} (4 special + 256 byte tokens), got {vocab_size}"
-        )
+        raise ValueError(f"vocab_size must be >= {_MIN_VOCAB} (4 special + 256 byte tokens), got {vocab_size}")
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -426,9 +417,7 @@ def load_model(
 
         info = resolve_model(ref)
         source = _source(ref, kind)
-        tokenizer = _load(
-            ref, kind, "the tokenizer", lambda **kw: AutoTokenizer.from_pretrained(source, **kw)
-        )
+        tokenizer = _load(ref, kind, "the tokenizer", lambda **kw: AutoTokenizer.from_pretrained(source, **kw))
         model = _load(
             ref,
             kind,

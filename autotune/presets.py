@@ -74,9 +74,7 @@ class Preset:
         object.__setattr__(self, "approx_parameters", _approx_from_config(self.config))
 
 
-def _llama(
-    vocab: int, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int
-) -> dict[str, Any]:
+def _llama(vocab: int, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int) -> dict[str, Any]:
     """LlamaConfig kwargs: untied embeddings, 2048 positions, default RoPE, our tokenizer's special ids."""
     return {
         "vocab_size": vocab,

@@ -71,8 +71,12 @@ def run_child(job: dict[str, Any], timeout_s: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="autotune-trial-") as tmp:
         result_path, log_path = Path(tmp) / "result.json", Path(tmp) / "log.txt"
         # The fault hook travels in the job: the fork server's environment is frozen at its start.
-        job = {**job, "result_path": str(result_path), "log_path": str(log_path),
-               "fault": os.environ.get(FAULT_ENV, "")}
+        job = {
+            **job,
+            "result_path": str(result_path),
+            "log_path": str(log_path),
+            "fault": os.environ.get(FAULT_ENV, ""),
+        }
         proc = _context().Process(target=_child_entry, args=(json.dumps(job),), daemon=False)
         proc.start()
         try:
@@ -119,7 +123,9 @@ def preflight(spec: StudySpec, timeout_s: float = 300.0) -> tuple[Hardware, Mode
 def run_trial(spec: StudySpec, config: TrialConfig, hardware: Hardware, timeout_s: float | None = None) -> Measurement:
     """Measure ``config`` under the spec's workload in a child process."""
     job = {
-        "mode": "trial", "spec": spec.model_dump(mode="json"), "config": config.model_dump(mode="json"),
+        "mode": "trial",
+        "spec": spec.model_dump(mode="json"),
+        "config": config.model_dump(mode="json"),
         "hardware": hardware.model_dump(mode="json"),
     }
     res = run_child(job, timeout_s or spec.budget.trial_timeout_s)
@@ -166,8 +172,14 @@ def _child_trial(job: dict[str, Any]) -> dict[str, Any]:
     engine = Engine.build(spec.model, config, hw, seed=spec.model_seed, prompt_pad_to=pad)
     first_id = len(getattr(engine.tokenizer, "all_special_ids", []) or [0])
     with engine:
-        m = run_workload(engine, spec.workload, vocab_size=engine.info.vocab_size, first_token_id=first_id,
-                         build_timings=engine.timings.as_dict(), abort_if=_early_stop(spec))
+        m = run_workload(
+            engine,
+            spec.workload,
+            vocab_size=engine.info.vocab_size,
+            first_token_id=first_id,
+            build_timings=engine.timings.as_dict(),
+            abort_if=_early_stop(spec),
+        )
     return {"status": "ok", "measurement": m.to_dict()}
 
 

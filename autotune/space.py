@@ -28,18 +28,37 @@ _QUANT_BYTES = {"int8-dynamic": 1.0, "int8-weight-only": 1.0, "int4-weight-only"
 MEMORY_HEADROOM = 0.9
 
 
-def default_values(knob: str, hw: Hardware) -> list[Any]:
-    """What to search when the spec leaves a knob out."""
+#: Values that run on a CPU but are left out of its *default* space because they are slow there;
+#: listing them in the spec searches them anyway.
+CPU_DEFAULT_EXCLUSIONS: dict[str, str] = {
+    "precision=fp16": "fp16 on CPU is emulated (slow); list it in space.precision to search it",
+    "quantization=int8-weight-only": (
+        "torchao's int8 weight-only has no fast CPU kernel in eager mode (slower than fp32 here); "
+        "list it in space.quantization to search it"
+    ),
+}
+
+
+def default_values(knob: str, hw: Hardware) -> tuple[list[Any], dict[str, str]]:
+    """What to search when the spec leaves a knob out, and what was left out of that default and why."""
     gpu = hw.device_type == "cuda"
     if knob == "batch_size":
-        return [1, 2, 4, 8, 16, 32, 64, 128, 256] if gpu else [1, 2, 4, 8, 16, 32, 64]
+        return ([1, 2, 4, 8, 16, 32, 64, 128, 256] if gpu else [1, 2, 4, 8, 16, 32, 64]), {}
     if knob == "streams":
-        return [1, 2, 4] if gpu else sorted({1, min(2, hw.cpu_cores)})
+        return ([1, 2, 4] if gpu else sorted({1, min(2, hw.cpu_cores)})), {}
     if knob == "max_queue_delay_ms":
-        return [0.0, 5.0, 20.0, 50.0]
-    if knob == "precision" and not gpu:
-        return ["fp32", "bf16"]  # fp16 runs on CPU but only as slow emulation; ask for it explicitly
-    return list(REGISTRIES[knob])
+        return [0.0, 5.0, 20.0, 50.0], {}
+    values, left_out = list(REGISTRIES[knob]), {}
+    if not gpu:
+        exclusions = dict(CPU_DEFAULT_EXCLUSIONS)
+        if not hw.cpu_bf16:
+            exclusions["precision=bf16"] = (
+                "this CPU has no native bf16 (AVX512-BF16/AMX), so bf16 is emulated (slow); "
+                "list it in space.precision to search it"
+            )
+        left_out = {k: r for k, r in exclusions.items() if k.split("=")[1] in values and k.startswith(knob + "=")}
+        values = [v for v in values if f"{knob}={v}" not in left_out]
+    return values, left_out
 
 
 @dataclass
@@ -59,7 +78,10 @@ class SearchSpace:
         dropped: dict[str, str] = {}
         given: SpaceSpec = spec.space
         for knob in KNOBS:
-            candidates = getattr(given, knob) or default_values(knob, hw)
+            candidates = getattr(given, knob)
+            if candidates is None:
+                candidates, left_out = default_values(knob, hw)
+                dropped.update(left_out)
             if knob in REGISTRIES:
                 kept = []
                 for v in candidates:
@@ -75,9 +97,7 @@ class SearchSpace:
             values[knob] = candidates
         ctx = spec.workload.prompt_tokens.upper + spec.workload.output_tokens.upper
         if model is not None and ctx > model.max_context:
-            raise SpaceError(
-                f"workload needs {ctx} tokens of context but {model.ref} supports {model.max_context}"
-            )
+            raise SpaceError(f"workload needs {ctx} tokens of context but {model.ref} supports {model.max_context}")
         space = cls(values, hw, model, ctx, spec.workload.arrival.clients, dropped)
         if not any(space.check(c) is None for c in itertools.islice(space.grid(), 100_000)):
             first = next(space.grid())
@@ -95,7 +115,7 @@ class SearchSpace:
         """Every combination, in knob order (a generator of TrialConfig)."""
         keys = list(self.values)
         for combo in itertools.product(*(self.values[k] for k in keys)):
-            yield TrialConfig(**dict(zip(keys, combo)))
+            yield TrialConfig(**dict(zip(keys, combo, strict=True)))
 
     def suggest(self, trial: optuna.Trial) -> TrialConfig:
         return TrialConfig(**{k: trial.suggest_categorical(k, v) for k, v in self.values.items()})
@@ -128,5 +148,6 @@ class SearchSpace:
                 return f"{knob}={tech.name}: {reason}"
         est = self.estimate_memory_mb(cfg)
         if est is not None and est > hw.device_memory_mb * MEMORY_HEADROOM:
-            return f"estimated memory {est:,.0f} MB exceeds {MEMORY_HEADROOM:.0%} of the device's {hw.device_memory_mb:,} MB"
+            limit = f"{MEMORY_HEADROOM:.0%} of the device's {hw.device_memory_mb:,} MB"
+            return f"estimated memory {est:,.0f} MB exceeds {limit}"
         return None

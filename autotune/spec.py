@@ -85,9 +85,7 @@ class WorkloadSpec(_Strict):
     )
     seed: int = 0
 
-    _coerce_prompt = field_validator("prompt_tokens", "output_tokens", mode="before")(
-        lambda cls, v: _length(v)
-    )
+    _coerce_prompt = field_validator("prompt_tokens", "output_tokens", mode="before")(lambda cls, v: _length(v))
 
 
 class Constraint(_Strict):
@@ -111,8 +109,10 @@ class Constraint(_Strict):
         return f"{self.metric}.{self.percentile}" if self.percentile else self.metric
 
     def describe(self) -> str:
-        return f"{self.percentile} {self.metric} <= {self.max:g}" if self.percentile else (
-            f"{self.metric} <= {self.max:g}"
+        return (
+            f"{self.percentile} {self.metric} <= {self.max:g}"
+            if self.percentile
+            else (f"{self.metric} <= {self.max:g}")
         )
 
 
@@ -208,7 +208,9 @@ def _format_validation_error(err: ValidationError) -> str:
 def parse_spec(data: Any, source: str = "spec") -> StudySpec:
     """Validate a mapping as a :class:`StudySpec`; errors become one SpecError line."""
     if not isinstance(data, dict):
-        raise SpecError(f"{source}: expected a mapping of fields (model, workload, slo, ...), got {type(data).__name__}")
+        raise SpecError(
+            f"{source}: expected a mapping of fields (model, workload, slo, ...), got {type(data).__name__}"
+        )
     try:
         return StudySpec.model_validate(data)
     except ValidationError as err:

@@ -19,10 +19,6 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-# Optuna flags heartbeats and some sampler options as experimental; that is not the user's concern.
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-warnings.filterwarnings("ignore", category=FutureWarning, module="optuna")
-
 from autotune import __version__
 from autotune.config import TrialConfig
 from autotune.errors import SpecError, StorageError, TrialFailure
@@ -31,6 +27,10 @@ from autotune.measure import Measurement
 from autotune.models import ModelInfo
 from autotune.space import SearchSpace
 from autotune.spec import Constraint, StudySpec
+
+# Optuna flags heartbeats and some sampler options as experimental; that is not the user's concern.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+warnings.filterwarnings("ignore", category=FutureWarning, module="optuna")
 
 DEFAULT_STORAGE = "sqlite:///studies/autotune.db"
 #: Failure kinds that say "this config cannot meet the SLO here" rather than "something broke".
@@ -63,7 +63,7 @@ def make_sampler(name: str, seed: int, n_constraints: int, space: SearchSpace) -
 
     kw: dict[str, Any] = {} if NATIVE_CONSTRAINTS else {"constraints_func": cons}
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=6, multivariate=True, **kw)
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=5, multivariate=True, **kw)
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=8, **kw)
     if name == "gp":
@@ -91,7 +91,10 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
         kwargs["engine_kwargs"] = {"connect_args": {"connect_timeout": 5}, "pool_pre_ping": True}
     try:
         return optuna.storages.RDBStorage(
-            url, heartbeat_interval=HEARTBEAT_S, grace_period=HEARTBEAT_S * 4, **kwargs,
+            url,
+            heartbeat_interval=HEARTBEAT_S,
+            grace_period=HEARTBEAT_S * 4,
+            **kwargs,
         )
     except Exception as err:  # sqlalchemy/driver errors vary; all mean "cannot use this storage"
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -120,8 +123,11 @@ def best_feasible(study: optuna.Study) -> FrozenTrial | None:
 
 def closest_to_feasible(study: optuna.Study, n: int = 3) -> list[FrozenTrial]:
     """Completed trials ordered by their worst SLO violation (smallest first)."""
-    done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE and A_MEASUREMENT in t.user_attrs
-            and t.user_attrs[A_MEASUREMENT] is not None]
+    done = [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if t.state == TrialState.COMPLETE and A_MEASUREMENT in t.user_attrs and t.user_attrs[A_MEASUREMENT] is not None
+    ]
     return sorted(done, key=lambda t: max(t.user_attrs.get(A_CONSTRAINTS) or [math.inf]))[:n]
 
 
@@ -165,7 +171,10 @@ class Tuner:
         optuna.logging.set_verbosity(optuna.logging.ERROR)
         try:
             study = optuna.create_study(
-                storage=storage, study_name=self.name, sampler=sampler, load_if_exists=True,
+                storage=storage,
+                study_name=self.name,
+                sampler=sampler,
+                load_if_exists=True,
                 directions=["maximize", "minimize"],
             )
         except Exception as err:
@@ -217,15 +226,15 @@ class Tuner:
         """An earlier trial that already ran this exact config (measured, or failed for good)."""
         key = cfg.key()
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
-            if t.number != number and t.user_attrs.get("config_key") == key and A_DUPLICATE not in t.user_attrs:
-                if t.state == TrialState.COMPLETE or A_FAILURE in t.user_attrs:
-                    return t
+            same = t.number != number and t.user_attrs.get("config_key") == key and A_DUPLICATE not in t.user_attrs
+            if same and (t.state == TrialState.COMPLETE or A_FAILURE in t.user_attrs):
+                return t
         return None
 
     def _set_constraints(self, trial: optuna.Trial, values: list[float]) -> None:
         trial.set_user_attr(A_CONSTRAINTS, values)
         if NATIVE_CONSTRAINTS:
-            for c, v in zip(self.slo, values):
+            for c, v in zip(self.slo, values, strict=True):
                 trial.set_constraint(c.name, v)
 
     def objective(self, trial: optuna.Trial) -> tuple[float, float]:
@@ -266,7 +275,7 @@ class Tuner:
         trial.set_user_attr(A_MEASUREMENT, m.to_dict())
         self._set_constraints(trial, cons)
         trial.set_user_attr(A_FEASIBLE, all(c <= 0 for c in cons))
-        trial.set_user_attr(A_VIOLATIONS, [c.describe() for c, v in zip(self.slo, cons) if v > 0])
+        trial.set_user_attr(A_VIOLATIONS, [c.describe() for c, v in zip(self.slo, cons, strict=True) if v > 0])
         return m.output_tokens_per_s, m.value(self.spec.second_objective)
 
     def run(self, study: optuna.Study | None = None) -> optuna.Study:
@@ -287,8 +296,10 @@ class Tuner:
 
         if done < self.budget:
             study.optimize(
-                self.objective, timeout=self.timeout_s or self.spec.budget.timeout_s,
-                catch=(TrialFailure,), callbacks=[stop_when_spent],
+                self.objective,
+                timeout=self.timeout_s or self.spec.budget.timeout_s,
+                catch=(TrialFailure,),
+                callbacks=[stop_when_spent],
             )
         study.set_user_attr("updated_at", time.time())
         # The parent's own peak memory: it never loads a model, so this stays flat however many trials run.

@@ -18,15 +18,29 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_SPEC = ROOT / "tests" / "data" / "tiny.yaml"
 
 
-def make_hw(device_type: str = "cpu", cc: tuple[int, int] | None = None, memory_mb: int = 24_000,
-            torchao: str | None = "0.18.0", compiler: bool = True) -> Hardware:
+def make_hw(
+    device_type: str = "cpu",
+    cc: tuple[int, int] | None = None,
+    memory_mb: int = 24_000,
+    torchao: str | None = "0.18.0",
+    compiler: bool = True,
+) -> Hardware:
     """A synthetic hardware description for rule tests (no probing)."""
     return Hardware(
-        device="cuda:0" if device_type == "cuda" else "cpu", device_type=device_type,  # type: ignore[arg-type]
+        device="cuda:0" if device_type == "cuda" else "cpu",
+        device_type=device_type,  # type: ignore[arg-type]
         device_name="NVIDIA H100 80GB HBM3" if device_type == "cuda" else "Test CPU",
-        device_memory_mb=memory_mb, compute_capability=cc, cpu_model="Test CPU", cpu_cores=2,
-        host_memory_mb=24_000, has_c_compiler=compiler, python_version="3.11", torch_version="2.13.0",
-        transformers_version="5.0", torchao_version=torchao, cuda_version="12.8" if device_type == "cuda" else None,
+        device_memory_mb=memory_mb,
+        compute_capability=cc,
+        cpu_model="Test CPU",
+        cpu_cores=2,
+        host_memory_mb=24_000,
+        has_c_compiler=compiler,
+        python_version="3.11",
+        torch_version="2.13.0",
+        transformers_version="5.0",
+        torchao_version=torchao,
+        cuda_version="12.8" if device_type == "cuda" else None,
     )
 
 
@@ -35,9 +49,15 @@ def cpu_hw() -> Hardware:
     return make_hw()
 
 
-def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 240
+) -> subprocess.CompletedProcess[str]:
     """Run the real ``autotune`` command line as a user would."""
     return subprocess.run(
-        [sys.executable, "-m", "autotune.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+        [sys.executable, "-m", "autotune.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         env={**os.environ, "COLUMNS": "200", **(env or {})},
     )

@@ -22,7 +22,9 @@ def trial_states(db: Path, study: str = "tiny") -> list[str]:
     with sqlite3.connect(db) as con:
         rows = con.execute(
             "SELECT t.state FROM trials t JOIN studies s ON s.study_id = t.study_id WHERE s.study_name = ? "
-            "ORDER BY t.number", (study,)).fetchall()
+            "ORDER BY t.number",
+            (study,),
+        ).fetchall()
     return [r[0] for r in rows]
 
 
@@ -62,7 +64,9 @@ def test_constraints_reach_the_sampler(tuned: Path) -> None:
     done = [t for t in study.trials if t.state.name == "COMPLETE"]
     assert done
     for t in done:
-        cons = t.system_attrs.get("constraints") or [v for k, v in t.system_attrs.items() if k.startswith("constraints:")]
+        cons = t.system_attrs.get("constraints") or [
+            v for k, v in t.system_attrs.items() if k.startswith("constraints:")
+        ]
         assert cons and all(v <= 0 for v in cons) == bool(t.user_attrs["feasible"])
     assert study.user_attrs["hardware"]["device_type"] == "cpu"
     assert study.user_attrs["tuner_peak_rss_mb"] < 500  # the parent never loads a model
@@ -91,8 +95,16 @@ def test_resume_continues_to_the_new_budget(tuned: Path, tmp_path: Path) -> None
 
 
 def test_failures_do_not_stop_the_study(tmp_path: Path) -> None:
-    res = run_cli("tune", str(TINY_SPEC), "--trials", "5", "--sampler", "grid",
-                  cwd=tmp_path, env={"AUTOTUNE_INJECT_FAULT": "crash:quantization=int8-dynamic"})
+    res = run_cli(
+        "tune",
+        str(TINY_SPEC),
+        "--trials",
+        "5",
+        "--sampler",
+        "grid",
+        cwd=tmp_path,
+        env={"AUTOTUNE_INJECT_FAULT": "crash:quantization=int8-dynamic"},
+    )
     assert res.returncode == 0, res.stderr
     assert "failed (crash): trial process died with SIGSEGV" in res.stderr
     states = trial_states(tmp_path / "studies" / "autotune.db")
@@ -102,8 +114,16 @@ def test_failures_do_not_stop_the_study(tmp_path: Path) -> None:
 def test_oom_is_recorded_as_infeasible(tmp_path: Path) -> None:
     import optuna
 
-    res = run_cli("tune", str(TINY_SPEC), "--trials", "2", "--sampler", "grid", cwd=tmp_path,
-                  env={"AUTOTUNE_INJECT_FAULT": "oom:precision=fp32"})
+    res = run_cli(
+        "tune",
+        str(TINY_SPEC),
+        "--trials",
+        "2",
+        "--sampler",
+        "grid",
+        cwd=tmp_path,
+        env={"AUTOTUNE_INJECT_FAULT": "oom:precision=fp32"},
+    )
     assert res.returncode == 3, res.stderr  # every config ran out of memory: nothing feasible
     assert "failed (oom)" in res.stderr
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path}/studies/autotune.db")
@@ -113,7 +133,9 @@ def test_oom_is_recorded_as_infeasible(tmp_path: Path) -> None:
 
 def test_no_feasible_config_exits_3_with_the_closest(tmp_path: Path) -> None:
     spec = tmp_path / "strict.yaml"
-    spec.write_text(TINY_SPEC.read_text().replace("e2e_ms: {p95: 2000}", "e2e_ms: {p95: 1}").replace("trials: 4", "trials: 2"))
+    spec.write_text(
+        TINY_SPEC.read_text().replace("e2e_ms: {p95: 2000}", "e2e_ms: {p95: 1}").replace("trials: 4", "trials: 2")
+    )
     res = run_cli("tune", str(spec), cwd=tmp_path)
     assert res.returncode == 3
     assert "no configuration met the SLO" in res.stderr and "closest configs" in res.stderr
@@ -121,8 +143,13 @@ def test_no_feasible_config_exits_3_with_the_closest(tmp_path: Path) -> None:
 
 
 def test_interrupt_then_resume(tmp_path: Path) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "autotune.cli", "tune", str(TINY_SPEC)], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "autotune.cli", "tune", str(TINY_SPEC)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     db = tmp_path / "studies" / "autotune.db"
     deadline = time.time() + 120
     while time.time() < deadline and not (db.exists() and "COMPLETE" in trial_states(db)):
@@ -146,7 +173,10 @@ BAD_INPUTS = [
     (["tune", "{batch0}"], "space.batch_size.0: Input should be greater than or equal to 1"),
     (["tune", "{negative_slo}"], "slo.0.max: Input should be greater than 0"),
     (["tune", str(TINY_SPEC), "--storage", "postgresql+psycopg://nobody@127.0.0.1:1/nowhere"], "cannot open storage"),
-    (["tune", str(TINY_SPEC), "--storage", "sqlite:////nonexistent/dir/x.db"], "folder /nonexistent/dir does not exist"),
+    (
+        ["tune", str(TINY_SPEC), "--storage", "sqlite:////nonexistent/dir/x.db"],
+        "folder /nonexistent/dir does not exist",
+    ),
     (["tune", str(TINY_SPEC), "--sampler", "annealing"], "unknown sampler 'annealing'"),
     (["tune", "{other_spec}"], "already exists with a different spec"),
     (["best", "nosuchstudy"], "no study named 'nosuchstudy'"),
@@ -156,8 +186,9 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize(("args", "message"), BAD_INPUTS)
-def test_bad_input_is_one_line_exit_2_and_leaves_the_db_alone(tuned: Path, tmp_path: Path, args: list[str],
-                                                            message: str) -> None:
+def test_bad_input_is_one_line_exit_2_and_leaves_the_db_alone(
+    tuned: Path, tmp_path: Path, args: list[str], message: str
+) -> None:
     shutil.copytree(tuned / "studies", tmp_path / "studies")
     text = TINY_SPEC.read_text()
     files = {

@@ -14,7 +14,7 @@ TINY = "preset:llama-tiny"
 
 
 @pytest.fixture(scope="module")
-def hw():  # noqa: ANN201
+def hw():
     return probe("cpu")
 
 
@@ -22,7 +22,7 @@ def prompts(n: int, length: int = 12) -> list[list[int]]:
     return [[10 + (i * 7 + j) % 400 for j in range(length)] for i in range(n)]
 
 
-def test_generate_forces_the_output_length_and_keeps_order(hw) -> None:  # noqa: ANN001
+def test_generate_forces_the_output_length_and_keeps_order(hw) -> None:
     with Engine.build(TINY, TrialConfig(batch_size=4), hw) as engine:
         results = engine.generate(prompts(6), max_new_tokens=5)
     assert [len(r.output_ids) for r in results] == [5] * 6
@@ -32,7 +32,7 @@ def test_generate_forces_the_output_length_and_keeps_order(hw) -> None:  # noqa:
         assert r.e2e_s >= r.ttft_s > 0 and r.tpot_s > 0
 
 
-def test_queue_delay_lets_the_batcher_fill_batches(hw) -> None:  # noqa: ANN001
+def test_queue_delay_lets_the_batcher_fill_batches(hw) -> None:
     with Engine.build(TINY, TrialConfig(batch_size=8, max_queue_delay_ms=200), hw) as engine:
         futures = []
         for p in prompts(8):
@@ -42,13 +42,13 @@ def test_queue_delay_lets_the_batcher_fill_batches(hw) -> None:  # noqa: ANN001
     assert rows == {8}
 
 
-def test_batch_size_caps_rows(hw) -> None:  # noqa: ANN001
+def test_batch_size_caps_rows(hw) -> None:
     with Engine.build(TINY, TrialConfig(batch_size=3, max_queue_delay_ms=50), hw) as engine:
         results = engine.generate(prompts(7), max_new_tokens=2)
     assert max(r.batch_rows for r in results) <= 3
 
 
-def test_batched_greedy_outputs_match_single_requests(hw) -> None:  # noqa: ANN001
+def test_batched_greedy_outputs_match_single_requests(hw) -> None:
     ps = prompts(4)
     with Engine.build(TINY, TrialConfig(batch_size=1), hw) as single:
         alone = [r.output_ids for r in single.generate(ps, 6)]
@@ -57,19 +57,19 @@ def test_batched_greedy_outputs_match_single_requests(hw) -> None:  # noqa: ANN0
     assert together == alone
 
 
-def test_two_streams_run_concurrently(hw) -> None:  # noqa: ANN001
+def test_two_streams_run_concurrently(hw) -> None:
     with Engine.build(TINY, TrialConfig(batch_size=2, streams=2, max_queue_delay_ms=20), hw) as engine:
         results = engine.generate(prompts(12), 4)
     assert {r.stream for r in results} == {0, 1}
 
 
-def test_text_prompts_are_tokenized_and_decoded(hw) -> None:  # noqa: ANN001
+def test_text_prompts_are_tokenized_and_decoded(hw) -> None:
     with Engine.build(TINY, TrialConfig(), hw) as engine:
         [r] = engine.generate(["hello world"], 3)
         assert r.prompt_tokens == len(engine.encode("hello world")) and isinstance(engine.decode(r), str)
 
 
-def test_errors_reach_the_caller_and_the_engine_keeps_serving(hw) -> None:  # noqa: ANN001
+def test_errors_reach_the_caller_and_the_engine_keeps_serving(hw) -> None:
     with Engine.build(TINY, TrialConfig(), hw) as engine:
         bad = engine.submit([10_000_000], 2)  # token id outside the vocabulary
         with pytest.raises(Exception, match="index"):
@@ -79,7 +79,7 @@ def test_errors_reach_the_caller_and_the_engine_keeps_serving(hw) -> None:  # no
         engine.submit([10], 1)
 
 
-def test_build_records_timings(hw) -> None:  # noqa: ANN001
+def test_build_records_timings(hw) -> None:
     engine = Engine.build(TINY, TrialConfig(quantization="int8-dynamic"), hw)
     t = engine.timings.as_dict()
     assert t["load_s"] > 0 and t["quantize_s"] > 0

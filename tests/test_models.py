@@ -200,9 +200,7 @@ def test_local_directory_without_config(tmp_path: Path) -> None:
 def test_hub_id_offline_fails_with_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     for call in (resolve_model, load_model):
-        with pytest.raises(
-            ModelError, match=r"cannot load .* 'autotune-test/no-such-model' from the hub"
-        ) as err:
+        with pytest.raises(ModelError, match=r"cannot load .* 'autotune-test/no-such-model' from the hub") as err:
             call("autotune-test/no-such-model")
         message = str(err.value)
         assert "\n" not in message and "offline" in message and PRESET_PREFIX in message

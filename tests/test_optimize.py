@@ -14,8 +14,14 @@ TINY = "preset:llama-tiny"
 def _generate(model: torch.nn.Module) -> list[int]:
     ids = torch.arange(10, 26).unsqueeze(0)
     with torch.inference_mode():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4,
-                             do_sample=False, pad_token_id=3)
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=4,
+            min_new_tokens=4,
+            do_sample=False,
+            pad_token_id=3,
+        )
     return out[0, 16:].tolist()
 
 

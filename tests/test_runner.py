@@ -13,18 +13,18 @@ from .conftest import TINY_SPEC
 
 
 @pytest.fixture(scope="module")
-def spec():  # noqa: ANN201
+def spec():
     return load_spec(TINY_SPEC)
 
 
 @pytest.fixture(scope="module")
-def hw(spec):  # noqa: ANN001, ANN201
+def hw(spec):
     hardware, info = preflight(spec)
     assert info.vocab_size == 512 and info.num_layers == 2
     return hardware
 
 
-def test_trial_returns_a_real_measurement(spec, hw) -> None:  # noqa: ANN001
+def test_trial_returns_a_real_measurement(spec, hw) -> None:
     m = run_trial(spec, TrialConfig(batch_size=4, max_queue_delay_ms=5), hw)
     assert m.requests >= 4 and m.output_tokens == m.requests * 8
     assert m.output_tokens_per_s > 0 and 0 < m.e2e_ms["p50"] <= m.e2e_ms["p99"]
@@ -40,7 +40,7 @@ def test_trial_returns_a_real_measurement(spec, hw) -> None:  # noqa: ANN001
         ("error", "error", "injected: compile error"),
     ],
 )
-def test_injected_failures_are_classified(spec, hw, monkeypatch, fault, kind, reason) -> None:  # noqa: ANN001
+def test_injected_failures_are_classified(spec, hw, monkeypatch, fault, kind, reason) -> None:
     monkeypatch.setenv(FAULT_ENV, f"{fault}:batch_size=2")
     with pytest.raises(TrialFailure) as exc:
         run_trial(spec, TrialConfig(batch_size=2), hw)
@@ -49,25 +49,31 @@ def test_injected_failures_are_classified(spec, hw, monkeypatch, fault, kind, re
         assert "Traceback" in exc.value.log  # the child's own log excerpt comes back
 
 
-def test_hang_is_killed_at_the_timeout(spec, hw, monkeypatch) -> None:  # noqa: ANN001
+def test_hang_is_killed_at_the_timeout(spec, hw, monkeypatch) -> None:
     monkeypatch.setenv(FAULT_ENV, "hang")
     with pytest.raises(TrialFailure) as exc:
         run_trial(spec, TrialConfig(), hw, timeout_s=3)
     assert exc.value.kind == "timeout" and "3 s limit" in exc.value.reason
 
 
-def test_fault_only_hits_matching_configs(spec, hw, monkeypatch) -> None:  # noqa: ANN001
+def test_fault_only_hits_matching_configs(spec, hw, monkeypatch) -> None:
     monkeypatch.setenv(FAULT_ENV, "crash:batch_size=64")
     assert run_trial(spec, TrialConfig(), hw).requests > 0
 
 
-def test_early_stop_when_warmup_misses_the_slo_by_far(hw) -> None:  # noqa: ANN001
-    s = parse_spec({"model": "preset:llama-tiny", "device": "cpu", "slo": {"e2e_ms": {"p95": 0.01}},
-                    "workload": {"prompt_tokens": 16, "output_tokens": 8, "max_duration_s": 30}})
+def test_early_stop_when_warmup_misses_the_slo_by_far(hw) -> None:
+    s = parse_spec(
+        {
+            "model": "preset:llama-tiny",
+            "device": "cpu",
+            "slo": {"e2e_ms": {"p95": 0.01}},
+            "workload": {"prompt_tokens": 16, "output_tokens": 8, "max_duration_s": 30},
+        }
+    )
     m = run_trial(s, TrialConfig(batch_size=2), hw)
     assert m.stopped_by.startswith("early-stop: warm-up p95 e2e_ms") and m.duration_s < 5
 
 
 def test_preflight_reports_unknown_models() -> None:
-    with pytest.raises(ModelError, match="unknown model preset .nope.; known presets: preset:llama-tiny"):
+    with pytest.raises(ModelError, match=r"unknown model preset .nope.; known presets: preset:llama-tiny"):
         preflight(parse_spec({"model": "preset:nope", "slo": {"e2e_ms": {"p95": 1}}}))

@@ -75,15 +75,29 @@ def test_user_values_that_cannot_run_leave_an_empty_space() -> None:
 
 
 def test_context_longer_than_model_is_refused() -> None:
-    sp = parse_spec({"model": "preset:llama-tiny", "slo": {"e2e_ms": {"p95": 1}},
-                     "workload": {"prompt_tokens": 2040, "output_tokens": 32}})
+    sp = parse_spec(
+        {
+            "model": "preset:llama-tiny",
+            "slo": {"e2e_ms": {"p95": 1}},
+            "workload": {"prompt_tokens": 2040, "output_tokens": 32},
+        }
+    )
     with pytest.raises(SpaceError, match="needs 2072 tokens of context"):
         SearchSpace.from_spec(sp, make_hw(), resolve_model("preset:llama-tiny"))
 
 
 def test_grid_and_suggest_cover_the_space() -> None:
-    s = SearchSpace.from_spec(spec(batch_size=[1, 8], precision=["fp32"], quantization=["none"], streams=[1],
-                                   backend=["eager"], max_queue_delay_ms=[0, 10]), make_hw())
+    s = SearchSpace.from_spec(
+        spec(
+            batch_size=[1, 8],
+            precision=["fp32"],
+            quantization=["none"],
+            streams=[1],
+            backend=["eager"],
+            max_queue_delay_ms=[0, 10],
+        ),
+        make_hw(),
+    )
     assert s.size() == 4 and len(list(s.grid())) == 4
     study = optuna.create_study(sampler=optuna.samplers.GridSampler(s.optuna_grid()))
     seen: set[TrialConfig] = set()

@@ -23,16 +23,22 @@ def test_quickstart_and_test_specs_are_valid() -> None:
 
 
 def test_slo_mapping_form_expands_to_clauses() -> None:
-    spec = parse_spec({**BASE, "slo": {"e2e_ms": {"p95": 2000, "p50": 800}, "ttft_ms": {"p99": 300},
-                                       "peak_memory_mb": 4000}})
+    spec = parse_spec(
+        {**BASE, "slo": {"e2e_ms": {"p95": 2000, "p50": 800}, "ttft_ms": {"p99": 300}, "peak_memory_mb": 4000}}
+    )
     assert [(c.name, c.max) for c in spec.slo] == [
-        ("e2e_ms.p95", 2000), ("e2e_ms.p50", 800), ("ttft_ms.p99", 300), ("peak_memory_mb", 4000)]
+        ("e2e_ms.p95", 2000),
+        ("e2e_ms.p50", 800),
+        ("ttft_ms.p99", 300),
+        ("peak_memory_mb", 4000),
+    ]
     assert spec.second_objective == "e2e_ms.p95"
 
 
 def test_lengths_accept_int_or_distribution() -> None:
-    spec = parse_spec({**BASE, "workload": {"prompt_tokens": {"distribution": "uniform", "min": 8, "max": 32},
-                                            "output_tokens": 16}})
+    spec = parse_spec(
+        {**BASE, "workload": {"prompt_tokens": {"distribution": "uniform", "min": 8, "max": 32}, "output_tokens": 16}}
+    )
     assert spec.workload.prompt_tokens.upper == 32
     assert spec.workload.output_tokens.distribution == "fixed" and spec.workload.output_tokens.upper == 16
 
@@ -42,7 +48,10 @@ def test_lengths_accept_int_or_distribution() -> None:
     [
         ({"slo": {"e2e_ms": {"p97": 10}}}, "slo.0.percentile: Input should be 'p50', 'p90', 'p95' or 'p99'"),
         ({"slo": {"e2e_ms": {"p95": -5}}}, "slo.0.max: Input should be greater than 0"),
-        ({"slo": {"latency": {"p95": 5}}}, "slo.0.metric: Input should be 'e2e_ms', 'ttft_ms', 'tpot_ms' or 'peak_memory_mb'"),
+        (
+            {"slo": {"latency": {"p95": 5}}},
+            "slo.0.metric: Input should be 'e2e_ms', 'ttft_ms', 'tpot_ms' or 'peak_memory_mb'",
+        ),
         ({"slo": {}}, "slo: List should have at least 1 item"),
         ({"space": {"batch_size": [0, 4]}}, "space.batch_size.0: Input should be greater than or equal to 1"),
         ({"space": {"precision": ["fp64"]}}, "space.precision.0: Input should be 'fp32', 'tf32', 'bf16' or 'fp16'"),

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import statistics
 
 from autotune.spec import parse_spec
 from autotune.workload import build_requests, concurrency
 
 
-def wl(**kw: object):  # noqa: ANN201
+def wl(**kw: object):
     return parse_spec({"model": "preset:llama-tiny", "slo": {"e2e_ms": {"p95": 1}}, "workload": kw}).workload
 
 
@@ -26,8 +27,14 @@ def test_prompts_avoid_special_tokens_and_are_not_constant() -> None:
 
 
 def test_length_distributions_stay_in_bounds() -> None:
-    reqs = build_requests(wl(requests=300, prompt_tokens={"distribution": "uniform", "min": 8, "max": 24},
-                             output_tokens={"distribution": "normal", "mean": 16, "std": 8, "min": 4, "max": 20}), 512)
+    reqs = build_requests(
+        wl(
+            requests=300,
+            prompt_tokens={"distribution": "uniform", "min": 8, "max": 24},
+            output_tokens={"distribution": "normal", "mean": 16, "std": 8, "min": 4, "max": 20},
+        ),
+        512,
+    )
     plens = [len(r.prompt_ids) for r in reqs]
     olens = [r.max_new_tokens for r in reqs]
     assert min(plens) == 8 and max(plens) == 24
@@ -36,7 +43,7 @@ def test_length_distributions_stay_in_bounds() -> None:
 
 def test_poisson_arrivals_have_the_requested_rate() -> None:
     reqs = build_requests(wl(requests=2000, arrival={"type": "poisson", "rate": 50.0}), 512)
-    gaps = [b.arrival_s - a.arrival_s for a, b in zip(reqs, reqs[1:])]
+    gaps = [b.arrival_s - a.arrival_s for a, b in itertools.pairwise(reqs)]
     assert all(g >= 0 for g in gaps)
     assert 0.018 < statistics.mean(gaps) < 0.022
 

@@ -42,11 +42,16 @@ def _quant_compile_conflict(cfg: TrialConfig, hw: Hardware) -> str | None:
 BACKENDS: dict[str, Technique] = {
     "eager": Technique("eager", _eager, description="plain PyTorch eager"),
     "inductor": Technique(
-        "inductor", _inductor("default"), _needs_compiler, _quant_compile_conflict,
+        "inductor",
+        _inductor("default"),
+        _needs_compiler,
+        _quant_compile_conflict,
         description="torch.compile (inductor) with a static KV cache",
     ),
     "inductor-cudagraphs": Technique(
-        "inductor-cudagraphs", _inductor("reduce-overhead"), needs_cuda(),
+        "inductor-cudagraphs",
+        _inductor("reduce-overhead"),
+        needs_cuda(),
         description="torch.compile reduce-overhead: inductor plus CUDA graphs",
     ),
 }

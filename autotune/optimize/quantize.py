@@ -54,21 +54,30 @@ def _needs_half(cfg: TrialConfig, hw: Hardware) -> str | None:
 QUANTIZERS: dict[str, Technique] = {
     "none": Technique("none", _none, description="no quantization"),
     "int8-dynamic": Technique(
-        "int8-dynamic", _int8_dynamic, _int8_dynamic_unsupported, _int8_dynamic_conflict,
+        "int8-dynamic",
+        _int8_dynamic,
+        _int8_dynamic_unsupported,
+        _int8_dynamic_conflict,
         description="int8 weights and dynamically quantized int8 activations",
     ),
     "int8-weight-only": Technique(
-        "int8-weight-only", _torchao("Int8WeightOnlyConfig"), needs_torchao,
+        "int8-weight-only",
+        _torchao("Int8WeightOnlyConfig"),
+        needs_torchao,
         description="int8 weights, activations in the model precision (torchao)",
     ),
     "int4-weight-only": Technique(
-        "int4-weight-only", _torchao("Int4WeightOnlyConfig", group_size=128),
-        lambda hw: first_reason(needs_cuda((8, 0))(hw), needs_torchao(hw)), _needs_half,
+        "int4-weight-only",
+        _torchao("Int4WeightOnlyConfig", group_size=128),
+        lambda hw: first_reason(needs_cuda((8, 0))(hw), needs_torchao(hw)),
+        _needs_half,
         description="int4 grouped weights (torchao, CUDA tinygemm kernels)",
     ),
     "fp8": Technique(
-        "fp8", _torchao("Float8DynamicActivationFloat8WeightConfig"),
-        lambda hw: first_reason(needs_cuda((8, 9))(hw), needs_torchao(hw)), _needs_half,
+        "fp8",
+        _torchao("Float8DynamicActivationFloat8WeightConfig"),
+        lambda hw: first_reason(needs_cuda((8, 9))(hw), needs_torchao(hw)),
+        _needs_half,
         description="fp8 weights and dynamic fp8 activations (torchao, Ada/Hopper and newer)",
     ),
 }

@@ -1,0 +1,58 @@
+"""Shared bits of the benchmarks: the machine header and result files."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict[str, Any]:
+    """CPU/GPU, cores and library versions, probed (imports torch: call from the bench process only)."""
+    from autotune.hardware import probe
+
+    hw = probe()
+    return {
+        "host": platform.node(),
+        "device": hw.device,
+        "device_name": hw.device_name,
+        "cpu_model": hw.cpu_model,
+        "cpu_cores": hw.cpu_cores,
+        "memory_mb": hw.host_memory_mb,
+        "torch": hw.torch_version,
+        "transformers": hw.transformers_version,
+        "torchao": hw.torchao_version,
+        "python": hw.python_version,
+    }
+
+
+def header(title: str, info: dict[str, Any]) -> None:
+    print(f"== {title}")
+    print(
+        f"machine: {info['device_name']} ({info['device']}), {info['cpu_cores']} cores, {info['memory_mb']} MB; "
+        f"torch {info['torch']}, transformers {info['transformers']}, torchao {info['torchao']}"
+    )
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Median and relative spread ((max - min) / median) of repeated figures."""
+    med = statistics.median(values)
+    return {
+        "median": med,
+        "min": min(values),
+        "max": max(values),
+        "spread_pct": 100 * (max(values) - min(values)) / med if med else float("nan"),
+    }
+
+
+def save(name: str, doc: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    doc = {"recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **doc}
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    return path
