@@ -232,7 +232,20 @@ def _run_with_progress(tuner: Any) -> Any:
                 highlight=False,
             )
 
-    tuner.events = TuneEvents(on_start, on_trial_start, on_trial_end)
+    def on_confirm(trial: Any, record: dict[str, Any]) -> None:
+        runs = []
+        for r in record["runs"]:
+            if "failure" in r:
+                runs.append(r["failure"])
+            else:
+                obj = tuner.spec.second_objective
+                runs.append(f"{r['output_tokens_per_s']:,.0f} tok/s, {obj} {r[obj]:,.0f} ms")
+        verdict = "confirmed" if record["ok"] else "missed the SLO on re-measurement, passed over"
+        progress.console.print(
+            f"  re-measured trial {trial.number} ({_label(trial)}): {'; '.join(runs)} → {verdict}", highlight=False
+        )
+
+    tuner.events = TuneEvents(on_start, on_trial_start, on_trial_end, on_confirm)
     study = tuner.open_study()  # spec/hardware mismatches are reported before any progress output
     with progress:
         return tuner.run(study)

@@ -12,7 +12,7 @@ from optuna.trial import FrozenTrial
 
 from autotune import __version__
 from autotune.errors import NoFeasibleConfig
-from autotune.tuner import A_CONFIG, best_feasible, trial_measurement
+from autotune.tuner import A_CONFIG, best_feasible, confirmation, trial_measurement
 
 SCHEMA_VERSION = 1
 _LATENCY_KEYS = ("p50", "p90", "p95", "p99")
@@ -46,6 +46,7 @@ def export_dict(study: optuna.Study, trial: FrozenTrial | None = None) -> dict[s
             "memory_kind": m.memory_kind,
             "requests_measured": m.requests,
         },
+        "confirmation": confirmation(study, trial),
     }
 
 

@@ -151,6 +151,12 @@ class Budget(_Strict):
     trials: int = Field(20, ge=1, le=100_000)
     timeout_s: float | None = Field(None, gt=0, description="wall-time budget for the whole study")
     trial_timeout_s: float = Field(600.0, gt=0, description="a trial running longer is killed")
+    confirm_runs: int = Field(
+        1,
+        ge=0,
+        le=10,
+        description="re-measurements of the winner after the search; one that misses the SLO is passed over",
+    )
 
 
 class StudySpec(_Strict):

@@ -213,6 +213,12 @@ def test_bad_input_is_one_line_exit_2_and_leaves_the_db_alone(
     assert digest(db) == before
 
 
+def test_measure_an_exported_config(tuned: Path) -> None:
+    res = run_cli("measure", str(TINY_SPEC), "--config", "best.json", cwd=tuned)
+    assert res.returncode == 0, res.stderr
+    assert "e2e_ms" in res.stdout and "tok/s" in res.stdout and "SLO: p95 e2e_ms <= 2000" in res.stdout
+
+
 def test_measure_baseline_prints_metrics(tmp_path: Path) -> None:
     res = run_cli("measure", str(TINY_SPEC), "--baseline", "--json", cwd=tmp_path)
     assert res.returncode == 0, res.stderr

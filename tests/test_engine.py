@@ -8,13 +8,13 @@ import pytest
 
 from autotune.config import TrialConfig
 from autotune.engine import Engine, EngineClosed
-from autotune.hardware import probe
+from autotune.hardware import Hardware, probe
 
 TINY = "preset:llama-tiny"
 
 
 @pytest.fixture(scope="module")
-def hw():
+def hw() -> Hardware:
     return probe("cpu")
 
 
@@ -22,7 +22,7 @@ def prompts(n: int, length: int = 12) -> list[list[int]]:
     return [[10 + (i * 7 + j) % 400 for j in range(length)] for i in range(n)]
 
 
-def test_generate_forces_the_output_length_and_keeps_order(hw) -> None:
+def test_generate_forces_the_output_length_and_keeps_order(hw: Hardware) -> None:
     with Engine.build(TINY, TrialConfig(batch_size=4), hw) as engine:
         results = engine.generate(prompts(6), max_new_tokens=5)
     assert [len(r.output_ids) for r in results] == [5] * 6
@@ -32,7 +32,7 @@ def test_generate_forces_the_output_length_and_keeps_order(hw) -> None:
         assert r.e2e_s >= r.ttft_s > 0 and r.tpot_s > 0
 
 
-def test_queue_delay_lets_the_batcher_fill_batches(hw) -> None:
+def test_queue_delay_lets_the_batcher_fill_batches(hw: Hardware) -> None:
     with Engine.build(TINY, TrialConfig(batch_size=8, max_queue_delay_ms=200), hw) as engine:
         futures = []
         for p in prompts(8):
@@ -42,13 +42,13 @@ def test_queue_delay_lets_the_batcher_fill_batches(hw) -> None:
     assert rows == {8}
 
 
-def test_batch_size_caps_rows(hw) -> None:
+def test_batch_size_caps_rows(hw: Hardware) -> None:
     with Engine.build(TINY, TrialConfig(batch_size=3, max_queue_delay_ms=50), hw) as engine:
         results = engine.generate(prompts(7), max_new_tokens=2)
     assert max(r.batch_rows for r in results) <= 3
 
 
-def test_batched_greedy_outputs_match_single_requests(hw) -> None:
+def test_batched_greedy_outputs_match_single_requests(hw: Hardware) -> None:
     ps = prompts(4)
     with Engine.build(TINY, TrialConfig(batch_size=1), hw) as single:
         alone = [r.output_ids for r in single.generate(ps, 6)]
@@ -57,19 +57,19 @@ def test_batched_greedy_outputs_match_single_requests(hw) -> None:
     assert together == alone
 
 
-def test_two_streams_run_concurrently(hw) -> None:
+def test_two_streams_run_concurrently(hw: Hardware) -> None:
     with Engine.build(TINY, TrialConfig(batch_size=2, streams=2, max_queue_delay_ms=20), hw) as engine:
         results = engine.generate(prompts(12), 4)
     assert {r.stream for r in results} == {0, 1}
 
 
-def test_text_prompts_are_tokenized_and_decoded(hw) -> None:
+def test_text_prompts_are_tokenized_and_decoded(hw: Hardware) -> None:
     with Engine.build(TINY, TrialConfig(), hw) as engine:
         [r] = engine.generate(["hello world"], 3)
         assert r.prompt_tokens == len(engine.encode("hello world")) and isinstance(engine.decode(r), str)
 
 
-def test_errors_reach_the_caller_and_the_engine_keeps_serving(hw) -> None:
+def test_errors_reach_the_caller_and_the_engine_keeps_serving(hw: Hardware) -> None:
     with Engine.build(TINY, TrialConfig(), hw) as engine:
         bad = engine.submit([10_000_000], 2)  # token id outside the vocabulary
         with pytest.raises(Exception, match="index"):
@@ -79,7 +79,46 @@ def test_errors_reach_the_caller_and_the_engine_keeps_serving(hw) -> None:
         engine.submit([10], 1)
 
 
-def test_build_records_timings(hw) -> None:
+def test_build_records_timings(hw: Hardware) -> None:
     engine = Engine.build(TINY, TrialConfig(quantization="int8-dynamic"), hw)
     t = engine.timings.as_dict()
     assert t["load_s"] > 0 and t["quantize_s"] > 0
+
+
+def test_open_loop_workloads_replay_through_the_engine(hw: Hardware) -> None:
+    from autotune.measure import run_workload
+    from autotune.spec import WorkloadSpec
+
+    for arrival in ({"type": "poisson", "rate": 40.0}, {"type": "offline"}):
+        spec = WorkloadSpec.model_validate(
+            {"requests": 12, "prompt_tokens": 8, "output_tokens": 4, "arrival": arrival, "max_duration_s": 30}
+        )
+        with Engine.build(TINY, TrialConfig(batch_size=4, max_queue_delay_ms=10), hw) as engine:
+            m = run_workload(engine, spec, vocab_size=engine.info.vocab_size)
+        assert m.requests == 12 and m.output_tokens == 48 and m.stopped_by == "requests"
+        if arrival["type"] == "offline":
+            assert m.mean_batch_rows > 3  # everything queued at once: full batches
+            assert m.queue_ms["max"] > m.queue_ms["p50"] >= 0
+
+
+def test_inductor_backend_compiles_once_and_matches_eager(hw: Hardware) -> None:
+    """torch.compile with a static KV cache: padded to one shape, so warm-up pays the compile once."""
+    from autotune.measure import run_workload
+    from autotune.spec import WorkloadSpec
+
+    spec = WorkloadSpec.model_validate(
+        {
+            "requests": 8,
+            "prompt_tokens": {"distribution": "uniform", "min": 6, "max": 12},
+            "output_tokens": 4,
+            "max_duration_s": 30,
+        }
+    )
+    with Engine.build(TINY, TrialConfig(batch_size=2, backend="inductor"), hw, prompt_pad_to=12) as compiled:
+        m = run_workload(compiled, spec, vocab_size=compiled.info.vocab_size)
+        got = compiled.generate([[10, 11, 12, 13, 14, 15]], 4)[0].output_ids
+    assert m.timings["compile_s"] > m.e2e_ms["max"] / 1000  # compile is paid in warm-up, not in the window
+    assert m.requests == 8
+    with Engine.build(TINY, TrialConfig(batch_size=2), hw) as eager:
+        want = eager.generate([[10, 11, 12, 13, 14, 15]], 4)[0].output_ids
+    assert got == want

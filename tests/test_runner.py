@@ -6,25 +6,26 @@ import pytest
 
 from autotune.config import TrialConfig
 from autotune.errors import ModelError, TrialFailure
+from autotune.hardware import Hardware
 from autotune.runner import FAULT_ENV, preflight, run_trial
-from autotune.spec import load_spec, parse_spec
+from autotune.spec import StudySpec, load_spec, parse_spec
 
 from .conftest import TINY_SPEC
 
 
 @pytest.fixture(scope="module")
-def spec():
+def spec() -> StudySpec:
     return load_spec(TINY_SPEC)
 
 
 @pytest.fixture(scope="module")
-def hw(spec):
+def hw(spec: StudySpec) -> Hardware:
     hardware, info = preflight(spec)
     assert info.vocab_size == 512 and info.num_layers == 2
     return hardware
 
 
-def test_trial_returns_a_real_measurement(spec, hw) -> None:
+def test_trial_returns_a_real_measurement(spec: StudySpec, hw: Hardware) -> None:
     m = run_trial(spec, TrialConfig(batch_size=4, max_queue_delay_ms=5), hw)
     assert m.requests >= 4 and m.output_tokens == m.requests * 8
     assert m.output_tokens_per_s > 0 and 0 < m.e2e_ms["p50"] <= m.e2e_ms["p99"]
@@ -40,7 +41,9 @@ def test_trial_returns_a_real_measurement(spec, hw) -> None:
         ("error", "error", "injected: compile error"),
     ],
 )
-def test_injected_failures_are_classified(spec, hw, monkeypatch, fault, kind, reason) -> None:
+def test_injected_failures_are_classified(
+    spec: StudySpec, hw: Hardware, monkeypatch: pytest.MonkeyPatch, fault: str, kind: str, reason: str
+) -> None:
     monkeypatch.setenv(FAULT_ENV, f"{fault}:batch_size=2")
     with pytest.raises(TrialFailure) as exc:
         run_trial(spec, TrialConfig(batch_size=2), hw)
@@ -49,19 +52,19 @@ def test_injected_failures_are_classified(spec, hw, monkeypatch, fault, kind, re
         assert "Traceback" in exc.value.log  # the child's own log excerpt comes back
 
 
-def test_hang_is_killed_at_the_timeout(spec, hw, monkeypatch) -> None:
+def test_hang_is_killed_at_the_timeout(spec: StudySpec, hw: Hardware, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(FAULT_ENV, "hang")
     with pytest.raises(TrialFailure) as exc:
         run_trial(spec, TrialConfig(), hw, timeout_s=3)
     assert exc.value.kind == "timeout" and "3 s limit" in exc.value.reason
 
 
-def test_fault_only_hits_matching_configs(spec, hw, monkeypatch) -> None:
+def test_fault_only_hits_matching_configs(spec: StudySpec, hw: Hardware, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(FAULT_ENV, "crash:batch_size=64")
     assert run_trial(spec, TrialConfig(), hw).requests > 0
 
 
-def test_early_stop_when_warmup_misses_the_slo_by_far(hw) -> None:
+def test_early_stop_when_warmup_misses_the_slo_by_far(hw: Hardware) -> None:
     s = parse_spec(
         {
             "model": "preset:llama-tiny",
