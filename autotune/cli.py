@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from autotune.config import BASELINE, TrialConfig
@@ -28,7 +30,7 @@ app = typer.Typer(
     help="Find the fastest LLM inference config that meets your latency SLO, by measuring it.",
 )
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # log lines stay whole (grep-able), however narrow the terminal
 
 DEFAULT_SPEC = Path("studies/quickstart.yaml")
 StorageOpt = Annotated[
@@ -50,28 +52,28 @@ def _storage_url(storage: str | None, *, for_write: bool) -> str:
         return storage
     if for_write:
         Path("studies").mkdir(exist_ok=True)
-    elif not Path("studies/autotune.db").exists():
-        raise StorageError("no study database at studies/autotune.db; run `autotune tune` first or pass --storage")
     return DEFAULT_STORAGE
 
 
 def _load_study(name: str, storage: str | None) -> Any:
     import optuna
 
-    from autotune.tuner import open_storage
+    from autotune.tuner import open_storage, safe_url
 
     url = _storage_url(storage, for_write=False)
     if url.startswith("sqlite:///") and not url.endswith(":memory:"):
         path = Path(url.removeprefix("sqlite:///"))
-        if not path.exists():
-            raise StorageError(f"no database file at {path}")
+        if not path.exists():  # reading must not create an empty database as a side effect
+            raise StorageError(f"no database file at {path}; run `autotune tune` first or pass --storage")
     st = open_storage(url)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         return optuna.load_study(study_name=name, storage=st, sampler=optuna.samplers.RandomSampler())
     except KeyError:
         names = [s.study_name for s in optuna.get_all_study_summaries(st, include_best_trial=False)]
-        raise StorageError(f"no study named {name!r} in {url}; studies there: {', '.join(names) or '(none)'}") from None
+        raise StorageError(
+            f"no study named {name!r} in {safe_url(url)}; studies there: {', '.join(names) or '(none)'}"
+        ) from None
 
 
 def _fmt(v: float, unit: str = "") -> str:
@@ -108,12 +110,12 @@ def _config_table(cfg: dict[str, Any], title: str) -> Table:
     return t
 
 
-def _run(fn: Any) -> None:
+def _run(fn: Callable[[], None]) -> None:
     """Run a command body, mapping our errors to one line and an exit code."""
     try:
         fn()
     except AutotuneError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
         err.print("interrupted; run the same command again to resume the study")
@@ -147,7 +149,7 @@ def tune(
 
     def body() -> None:
         from autotune.export import export_dict, write_export
-        from autotune.tuner import Tuner, open_storage
+        from autotune.tuner import Tuner, open_storage, safe_url
 
         spec = load_spec(spec_path or _default_spec_path())
         if sampler is not None and sampler not in ("tpe", "nsga2", "gp", "random", "grid"):
@@ -172,7 +174,7 @@ def tune(
         out.print(
             f"space: {tuner.space.size()} configs · budget {tuner.budget} trials · SLO: "
             + ", ".join(c.describe() for c in spec.slo)
-            + f" · storage {url}"
+            + f" · storage {safe_url(url)}"
         )
         study_obj = _run_with_progress(tuner)
         _report(study_obj, spec)
@@ -218,10 +220,12 @@ def _run_with_progress(tuner: Any) -> Any:
             )
         elif trial.user_attrs.get("failure"):
             f = trial.user_attrs["failure"]
-            progress.console.print(f"  trial {trial.number} failed ({f['kind']}): {f['reason']}", highlight=False)
+            progress.console.print(
+                f"  trial {trial.number} failed ({f['kind']}): {escape(f['reason'])}", highlight=False
+            )
         elif "rejected" in trial.user_attrs:
             progress.console.print(
-                f"  [dim]trial {trial.number} rejected before loading: {trial.user_attrs['rejected']}[/dim]",
+                f"  [dim]trial {trial.number} rejected before loading: {escape(trial.user_attrs['rejected'])}[/dim]",
                 highlight=False,
             )
         elif m is not None:
@@ -242,7 +246,8 @@ def _run_with_progress(tuner: Any) -> Any:
                 runs.append(f"{r['output_tokens_per_s']:,.0f} tok/s, {obj} {r[obj]:,.0f} ms")
         verdict = "confirmed" if record["ok"] else "missed the SLO on re-measurement, passed over"
         progress.console.print(
-            f"  re-measured trial {trial.number} ({_label(trial)}): {'; '.join(runs)} → {verdict}", highlight=False
+            f"  re-measured trial {trial.number} ({_label(trial)}): {escape('; '.join(runs))} → {verdict}",
+            highlight=False,
         )
 
     tuner.events = TuneEvents(on_start, on_trial_start, on_trial_end, on_confirm)

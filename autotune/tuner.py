@@ -82,6 +82,16 @@ def make_sampler(name: str, seed: int, n_constraints: int, space: SearchSpace) -
     raise SpecError(f"unknown sampler {name!r}; allowed: tpe, nsga2, gp, random, grid")
 
 
+def safe_url(url: str) -> str:
+    """The storage URL without its password, for messages."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL sqlalchemy understands: keep it as given
+        return url
+
+
 def open_storage(url: str) -> optuna.storages.RDBStorage:
     """Open (creating tables if needed) an RDB storage, with a clear error when it cannot be reached."""
     kwargs: dict[str, Any] = {}
@@ -92,7 +102,7 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
 
             parent = Path(path).expanduser().parent
             if not parent.is_dir():
-                raise StorageError(f"cannot open storage {url}: folder {parent} does not exist")
+                raise StorageError(f"cannot open storage {safe_url(url)}: folder {parent} does not exist")
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 30}}
     elif url.startswith("postgresql"):
         kwargs["engine_kwargs"] = {"connect_args": {"connect_timeout": 5}, "pool_pre_ping": True}
@@ -105,7 +115,7 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
         )
     except Exception as err:  # sqlalchemy/driver errors vary; all mean "cannot use this storage"
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise StorageError(f"cannot open storage {url}: {first}") from None
+        raise StorageError(f"cannot open storage {safe_url(url)}: {first}") from None
 
 
 def trial_config(trial: FrozenTrial) -> TrialConfig | None:
@@ -194,7 +204,7 @@ class Tuner:
                 directions=["maximize", "minimize"],
             )
         except Exception as err:
-            raise StorageError(f"cannot create study {self.name!r} in {self.storage_url}: {err}") from None
+            raise StorageError(f"cannot create study {self.name!r} in {safe_url(self.storage_url)}: {err}") from None
         self._check_or_record(study)
         return study
 
@@ -236,7 +246,9 @@ class Tuner:
         return run_trial(self.spec, cfg, self.hardware)
 
     def counted(self, study: optuna.Study) -> int:
-        return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)))
+        """Trials that spent the budget: measured (or failed) ones; repeats of a known config are free."""
+        done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
+        return sum(A_DUPLICATE not in t.user_attrs for t in done)
 
     def _duplicate_of(self, study: optuna.Study, cfg: TrialConfig, number: int) -> FrozenTrial | None:
         """An earlier trial that already ran this exact config (measured, or failed for good)."""

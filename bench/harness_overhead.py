@@ -95,7 +95,7 @@ def main() -> None:
     path = save("harness_overhead", {"machine": info, "args": vars(args), "rounds": rows, "ratio": summary})
     print(
         f"\nmedian e2e ratio harness/bare: {summary['median']:.3f} "
-        f"(min {summary['min']:.3f}, max {summary['max']:.3f}); target <= 1.05 -> "
+        f"(min {summary['min']:.3f}, max {summary['max']:.3f}); target within 5% of bare -> "
         f"{'MET' if summary['median'] <= 1.05 else 'NOT MET'}; written to {path}"
     )
 

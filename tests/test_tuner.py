@@ -93,11 +93,14 @@ def test_budget_counts_measured_trials_and_resumes(tmp_path: Path) -> None:
         return landscape(spec, cfg, hw)
 
     study = tuner(tmp_path, trials=4, runner=counting).run()
-    done = [t for t in study.trials if t.state.name in ("COMPLETE", "FAIL")]
+    done = [t for t in study.trials if t.state.name in ("COMPLETE", "FAIL") and "duplicate_of" not in t.user_attrs]
     assert len(done) == 4
     assert len(calls) == len({t.user_attrs["config_key"] for t in done if "duplicate_of" not in t.user_attrs})
     study = tuner(tmp_path, trials=7, runner=counting).run()  # same study name: resumes to 7
-    assert len([t for t in study.trials if t.state.name in ("COMPLETE", "FAIL")]) == 7
+    assert (
+        len([t for t in study.trials if t.state.name in ("COMPLETE", "FAIL") and "duplicate_of" not in t.user_attrs])
+        == 7
+    )
 
 
 def test_duplicates_are_not_measured_again(tmp_path: Path) -> None:
