@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 _WEIGHT_BYTES = {"fp32": 4.0, "tf32": 4.0, "bf16": 2.0, "fp16": 2.0}
 _QUANT_BYTES = {"int8-dynamic": 1.0, "int8-weight-only": 1.0, "int4-weight-only": 0.5, "fp8": 1.0}
 MEMORY_HEADROOM = 0.9
+#: Numeric knobs whose order means something to the sampler (throughput and latency move with them).
+ORDINAL_KNOBS = ("batch_size", "streams", "max_queue_delay_ms")
 
 
 #: Values that run on a CPU but are left out of its *default* space because they are slow there;
@@ -94,7 +96,7 @@ class SearchSpace:
             if not candidates:
                 why = "; ".join(f"{k}: {r}" for k, r in dropped.items() if k.startswith(knob + "="))
                 raise SpaceError(f"search space is empty: no {knob} value runs on {hw.summary()} ({why})")
-            values[knob] = candidates
+            values[knob] = sorted(candidates) if knob in ORDINAL_KNOBS else candidates
         ctx = spec.workload.prompt_tokens.upper + spec.workload.output_tokens.upper
         if model is not None and ctx > model.max_context:
             raise SpaceError(f"workload needs {ctx} tokens of context but {model.ref} supports {model.max_context}")
@@ -117,11 +119,27 @@ class SearchSpace:
         for combo in itertools.product(*(self.values[k] for k in keys)):
             yield TrialConfig(**dict(zip(keys, combo, strict=True)))
 
+    def param_name(self, knob: str) -> str:
+        """Ordinal knobs with 3+ values are searched by rank (``batch_size_rank``), others by value."""
+        return f"{knob}_rank" if knob in ORDINAL_KNOBS and len(self.values[knob]) > 2 else knob
+
     def suggest(self, trial: optuna.Trial) -> TrialConfig:
-        return TrialConfig(**{k: trial.suggest_categorical(k, v) for k, v in self.values.items()})
+        """Ask the sampler for one config. Ranks let TPE/GP/NSGA-II see that batch 8 lies between 4 and 16."""
+        chosen: dict[str, Any] = {}
+        for knob, values in self.values.items():
+            name = self.param_name(knob)
+            if name == knob:
+                chosen[knob] = trial.suggest_categorical(knob, values)
+            else:
+                chosen[knob] = values[trial.suggest_int(name, 0, len(values) - 1)]
+        return TrialConfig(**chosen)
 
     def optuna_grid(self) -> dict[str, list[Any]]:
-        return {k: list(v) for k, v in self.values.items()}
+        """The GridSampler search space, in the same parameter names as :meth:`suggest`."""
+        return {
+            self.param_name(k): (list(range(len(v))) if self.param_name(k) != k else list(v))
+            for k, v in self.values.items()
+        }
 
     # -- rules ------------------------------------------------------------------------------
     def estimate_memory_mb(self, cfg: TrialConfig) -> float | None:

@@ -52,7 +52,8 @@ def spread(values: list[float]) -> dict[str, float]:
 
 def save(name: str, doc: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
-    doc = {"recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **doc}
+    now = time.gmtime()
+    path = RESULTS / f"{name}-{time.strftime('%Y%m%dT%H%M%SZ', now)}.json"  # keep every run, not the last
+    doc = {"recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", now), **doc}
     path.write_text(json.dumps(doc, indent=2) + "\n")
     return path

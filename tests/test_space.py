@@ -108,3 +108,22 @@ def test_grid_and_suggest_cover_the_space() -> None:
 
     study.optimize(objective, n_trials=4)
     assert seen == set(s.grid())
+
+
+def test_ordinal_knobs_are_searched_by_rank() -> None:
+    s = SearchSpace.from_spec(spec(batch_size=[16, 1, 4], streams=[1, 2]), make_hw())
+    assert s.values["batch_size"] == [1, 4, 16]  # sorted, so rank order is size order
+    assert s.param_name("batch_size") == "batch_size_rank" and s.param_name("streams") == "streams"
+    trial = optuna.trial.FixedTrial(
+        {
+            "batch_size_rank": 2,
+            "streams": 2,
+            "max_queue_delay_ms_rank": 0,
+            "precision": "fp32",
+            "quantization": "none",
+            "backend": "eager",
+        }
+    )
+    cfg = s.suggest(trial)
+    assert cfg.batch_size == 16 and cfg.streams == 2 and cfg.max_queue_delay_ms == 0.0
+    assert s.optuna_grid()["batch_size_rank"] == [0, 1, 2]
