@@ -230,9 +230,10 @@ def _run_with_progress(tuner: Any) -> Any:
             )
         elif m is not None:
             mark = "ok" if trial.user_attrs.get("feasible") else "misses SLO"
+            obj = tuner.spec.second_objective
             progress.console.print(
                 f"  trial {trial.number}: {_label(trial)} → "
-                f"{m.output_tokens_per_s:,.0f} tok/s, {tuner.spec.second_objective} {trial.values[1]:,.0f} ms ({mark})",
+                f"{m.output_tokens_per_s:,.0f} tok/s, {obj} {m.value(obj):,.0f} ms ({mark})",
                 highlight=False,
             )
 

@@ -169,6 +169,14 @@ class StudySpec(_Strict):
     slo: Annotated[list[Constraint], Field(min_length=1)]
     space: SpaceSpec = Field(default_factory=SpaceSpec)
     budget: Budget = Field(default_factory=Budget)
+    objective: Literal["throughput", "pareto"] = Field(
+        "throughput",
+        description=(
+            "throughput: maximize output tokens/s under the SLO constraints; pareto: also minimize the SLO "
+            "latency, so the sampler explores the whole tokens/s-latency front. Both record every trial's "
+            "SLO latency, so the Pareto front is always there to plot."
+        ),
+    )
     sampler: SamplerName = "tpe"
     seed: int = 0
     model_seed: int = Field(0, description="seed of preset random weights")

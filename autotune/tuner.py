@@ -201,7 +201,7 @@ class Tuner:
                 study_name=self.name,
                 sampler=sampler,
                 load_if_exists=True,
-                directions=["maximize", "minimize"],
+                directions=["maximize", "minimize"] if self.spec.objective == "pareto" else ["maximize"],
             )
         except Exception as err:
             raise StorageError(f"cannot create study {self.name!r} in {safe_url(self.storage_url)}: {err}") from None
@@ -265,7 +265,7 @@ class Tuner:
             for c, v in zip(self.slo, values, strict=True):
                 trial.set_constraint(c.name, v)
 
-    def objective(self, trial: optuna.Trial) -> tuple[float, float]:
+    def objective(self, trial: optuna.Trial) -> tuple[float, ...]:
         cfg = self.space.suggest(trial)
         trial.set_user_attr(A_CONFIG, cfg.model_dump(mode="json"))
         trial.set_user_attr("config_key", cfg.key())
@@ -286,7 +286,7 @@ class Tuner:
                     trial.set_user_attr(k, dup.user_attrs[k])
             self._set_constraints(trial, list(dup.user_attrs[A_CONSTRAINTS]))
             trial.set_user_attr(A_DUPLICATE, dup.number)
-            return dup.values[0], dup.values[1]
+            return tuple(dup.values)
         self.events.on_trial_start(trial.number, cfg)
         try:
             m = self._measure(cfg)
@@ -298,13 +298,17 @@ class Tuner:
             # the sampler learns to avoid the region, instead of a FAIL it would ignore.
             self._set_constraints(trial, [1.0] * len(self.slo))
             trial.set_user_attr(A_FEASIBLE, False)
-            return 0.0, math.inf
+            return self._values(0.0, math.inf)
         cons = constraint_values(m, self.slo)
         trial.set_user_attr(A_MEASUREMENT, m.to_dict())
         self._set_constraints(trial, cons)
         trial.set_user_attr(A_FEASIBLE, all(c <= 0 for c in cons))
         trial.set_user_attr(A_VIOLATIONS, [c.describe() for c, v in zip(self.slo, cons, strict=True) if v > 0])
-        return m.output_tokens_per_s, m.value(self.spec.second_objective)
+        return self._values(m.output_tokens_per_s, m.value(self.spec.second_objective))
+
+    def _values(self, tokens_per_s: float, latency_ms: float) -> tuple[float, ...]:
+        """The study's objective values: throughput alone, or throughput and the SLO latency (pareto)."""
+        return (tokens_per_s, latency_ms) if self.spec.objective == "pareto" else (tokens_per_s,)
 
     def run(self, study: optuna.Study | None = None) -> optuna.Study:
         """Run trials until the budget is spent; ``study`` may come from :meth:`open_study`."""

@@ -179,3 +179,14 @@ def test_winner_that_misses_the_slo_on_remeasurement_is_passed_over(tmp_path: Pa
     best = best_feasible(study)
     assert best is not None and best.user_attrs["config"]["batch_size"] != 16  # the runner-up won
     assert best.values[0] == 160.0  # batch 8 int8 (or batch 16 fp32): the next best feasible
+
+
+def test_objective_modes_set_the_study_directions(tmp_path: Path) -> None:
+    single = tuner(tmp_path, trials=3).run()
+    assert len(single.directions) == 1 and all(len(t.values) == 1 for t in single.trials if t.values)
+    pareto = tuner(tmp_path, trials=3, study_name="pareto", spec={"objective": "pareto"}).run()
+    assert [d.name for d in pareto.directions] == ["MAXIMIZE", "MINIMIZE"]
+    for t in pareto.trials:
+        if t.values:
+            m = t.user_attrs["measurement"]
+            assert t.values == [m["output_tokens_per_s"], m["e2e_ms"]["p95"]]
