@@ -50,10 +50,29 @@ def spread(values: list[float]) -> dict[str, float]:
     }
 
 
+def _commit() -> str:
+    """The code that produced a result (with ``+dirty`` when the work tree had changes)."""
+    import subprocess
+
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=RESULTS.parent, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "autotune", "studies"],
+            capture_output=True,
+            text=True,
+            cwd=RESULTS.parent,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
 def save(name: str, doc: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     now = time.gmtime()
     path = RESULTS / f"{name}-{time.strftime('%Y%m%dT%H%M%SZ', now)}.json"  # keep every run, not the last
-    doc = {"recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", now), **doc}
+    doc = {"recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", now), "commit": _commit(), **doc}
     path.write_text(json.dumps(doc, indent=2) + "\n")
     return path
