@@ -26,8 +26,10 @@ def main() -> None:
             f"{c['max_queue_delay_ms']:g}ms"
         )
         r = s["ratio"]
+        commit = d.get("commit", "-")  # "~abc1234": the uncommitted work tree just before that commit
+        commit = commit[:7] if len(commit) >= 40 else commit
         print(
-            f"| {d['recorded_at']} | {d.get('commit', '-')[:7]} | "
+            f"| {d['recorded_at']} | {commit} | "
             f"{m['cpu_model']}, {m['cpu_cores']} cores, torch {m['torch']} | "
             f"{s['study_wall_s']:.0f} s | {label} | {s['baseline_tokens_per_s']['median']:.1f} | "
             f"{s['best_tokens_per_s']['median']:.1f} | {s[lat]['median']:.0f} ms | "
