@@ -29,7 +29,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Find the fastest LLM inference config that meets your latency SLO, by measuring it.",
 )
-out = Console()
+out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)  # log lines stay whole (grep-able), however narrow the terminal
 
 DEFAULT_SPEC = Path("studies/quickstart.yaml")
@@ -80,25 +80,33 @@ def _fmt(v: float, unit: str = "") -> str:
     return "-" if v != v else f"{v:,.1f}{unit}"
 
 
-def _metrics_table(title: str, m: Any, spec: StudySpec | None = None) -> Table:
+def _print_measurement(title: str, m: Any, spec: StudySpec | None = None) -> None:
+    """Latency percentiles as a table, then throughput, memory, build times and the SLO verdict as lines."""
     t = Table(title=title, show_header=True, header_style="bold")
     t.add_column("metric")
     for p in ("p50", "p90", "p95", "p99"):
         t.add_column(p, justify="right")
     for name in ("e2e_ms", "ttft_ms", "tpot_ms", "queue_ms"):
         t.add_row(name, *(_fmt(getattr(m, name)[p]) for p in ("p50", "p90", "p95", "p99")))
-    t.caption = (
+    out.print(t)
+    out.print(
         f"output {m.output_tokens_per_s:,.1f} tok/s · {m.requests_per_s:,.2f} req/s · {m.requests} requests in "
         f"{m.duration_s:.1f} s · mean batch {m.mean_batch_rows:.1f} · peak memory {m.peak_memory_mb:,.0f} MB "
-        f"({m.memory_kind})"
+        f"({m.memory_kind})",
+        highlight=False,
     )
+    steps = ("load_s", "quantize_s", "compile_s", "warmup_s")
+    build = " · ".join(f"{k.removesuffix('_s')} {m.timings[k]:.2f} s" for k in steps if k in m.timings)
+    if build:
+        out.print(f"before measuring (not counted): {build}", highlight=False)
+    if m.stopped_by.startswith("early-stop"):
+        out.print(f"stopped early: {m.stopped_by.removeprefix('early-stop: ')}", highlight=False)
     if spec is not None:
         verdicts = []
         for c in spec.slo:
             v = m.value(c.name)
             verdicts.append(f"{c.describe()}: {_fmt(v)} {'OK' if v <= c.max else 'MISSED'}")
-        t.caption += "\nSLO: " + " · ".join(verdicts)
-    return t
+        out.print("SLO: " + " · ".join(verdicts), highlight=False)
 
 
 def _config_table(cfg: dict[str, Any], title: str) -> Table:
@@ -278,7 +286,7 @@ def _report(study_obj: Any, spec: StudySpec) -> None:
         raise NoFeasibleConfig(f"no configuration met the SLO in study {study_obj.study_name!r}{detail}")
     m = trial_measurement(best)
     out.print(_config_table(best.user_attrs["config"], f"best feasible config (trial {best.number})"))
-    out.print(_metrics_table("its measurement", m, spec))
+    _print_measurement("its measurement", m, spec)
 
 
 @app.command()
@@ -311,7 +319,7 @@ def measure(
         if as_json:
             print(json.dumps({"config": cfg.model_dump(mode="json"), "measurement": m.to_dict()}, indent=2))
         else:
-            out.print(_metrics_table(f"{cfg.label()} on {hw.summary()}", m, spec))
+            _print_measurement(f"{cfg.label()} on {hw.summary()}", m, spec)
 
     _run(body)
 
@@ -360,7 +368,7 @@ def best(
             _report(s, spec)
             return
         out.print(_config_table(b.user_attrs["config"], f"{study}: best feasible config (trial {b.number})"))
-        out.print(_metrics_table("its measurement", trial_measurement(b), spec))
+        _print_measurement("its measurement", trial_measurement(b), spec)
 
     _run(body)
 

@@ -79,7 +79,6 @@ class BuildTimings:
     load_s: float = 0.0
     precision_s: float = 0.0
     quantize_s: float = 0.0
-    compile_s: float = 0.0
 
     def as_dict(self) -> dict[str, float]:
         return dict(self.__dict__)
@@ -161,7 +160,7 @@ class Engine:
         t = time.perf_counter()
         model = QUANTIZERS[config.quantization].apply(model, hardware)
         timings.quantize_s = time.perf_counter() - t
-        model = BACKENDS[config.backend].apply(model, hardware)  # compile itself happens at warm-up
+        model = BACKENDS[config.backend].apply(model, hardware)  # compiling happens in warm-up (compile_s)
         return cls(model, tokenizer, config, hardware, info, timings=timings, prompt_pad_to=prompt_pad_to)
 
     # -- lifecycle ----------------------------------------------------------------------------
