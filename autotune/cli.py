@@ -109,6 +109,26 @@ def _print_measurement(title: str, m: Any, spec: StudySpec | None = None) -> Non
         out.print("SLO: " + " · ".join(verdicts), highlight=False)
 
 
+def _pareto_table(study: Any, spec: StudySpec) -> Table:
+    from autotune.tuner import pareto_front, trial_measurement
+
+    lat = spec.second_objective
+    t = Table(title=f"Pareto front: output tokens/s vs {lat}", header_style="bold")
+    for col in ("trial", "config", "tok/s", lat, "meets SLO"):
+        t.add_column(col, justify="right" if col in ("tok/s", lat) else "left")
+    for tr in pareto_front(study, lat):
+        m = trial_measurement(tr)
+        assert m is not None
+        t.add_row(
+            str(tr.number),
+            _label(tr),
+            f"{m.output_tokens_per_s:,.1f}",
+            f"{m.value(lat):,.0f}",
+            "yes" if tr.user_attrs.get("feasible") else "no",
+        )
+    return t
+
+
 def _config_table(cfg: dict[str, Any], title: str) -> Table:
     t = Table(title=title, show_header=False)
     t.add_column("knob", style="bold")
@@ -348,8 +368,11 @@ def best(
     study: Annotated[str, typer.Argument(help="study name")],
     storage: StorageOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the export document instead of a table")] = False,
+    pareto: Annotated[
+        bool, typer.Option("--pareto", help="also list the tokens/s vs SLO-latency Pareto front")
+    ] = False,
 ) -> None:
-    """Show the best feasible config of a study."""
+    """Show the best feasible config of a study (and its Pareto front with --pareto)."""
 
     def body() -> None:
         from autotune.export import export_dict
@@ -361,6 +384,8 @@ def best(
             print(json.dumps(export_dict(s), indent=2))
             return
         spec = parse_spec(s.user_attrs["spec"]) if "spec" in s.user_attrs else None
+        if pareto and spec is not None:
+            out.print(_pareto_table(s, spec))
         b = best_feasible(s)
         if b is None:
             if spec is None:

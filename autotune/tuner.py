@@ -146,14 +146,34 @@ def confirmation(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any] | No
     return study.user_attrs.get(A_CONFIRMATIONS, {}).get(trial.user_attrs.get("config_key"))
 
 
-def closest_to_feasible(study: optuna.Study, n: int = 3) -> list[FrozenTrial]:
-    """Completed trials ordered by their worst SLO violation (smallest first)."""
-    done = [
+def measured_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """Completed trials that carry a measurement of their own (no repeats, no OOM/timeout placeholders)."""
+    return [
         t
         for t in study.get_trials(deepcopy=False)
-        if t.state == TrialState.COMPLETE and A_MEASUREMENT in t.user_attrs and t.user_attrs[A_MEASUREMENT] is not None
+        if t.state == TrialState.COMPLETE and t.user_attrs.get(A_MEASUREMENT) and A_DUPLICATE not in t.user_attrs
     ]
-    return sorted(done, key=lambda t: max(t.user_attrs.get(A_CONSTRAINTS) or [math.inf]))[:n]
+
+
+def closest_to_feasible(study: optuna.Study, n: int = 3) -> list[FrozenTrial]:
+    """Completed trials ordered by their worst SLO violation (smallest first)."""
+    return sorted(measured_trials(study), key=lambda t: max(t.user_attrs.get(A_CONSTRAINTS) or [math.inf]))[:n]
+
+
+def pareto_front(study: optuna.Study, latency: str) -> list[FrozenTrial]:
+    """Measured trials no other trial beats on both output tokens/s (higher) and ``latency`` (lower).
+
+    Computed from the stored measurements, so every study has its front whatever its objective mode;
+    sorted by latency, feasible or not (the SLO is a line across this front).
+    """
+    points = [(t, trial_measurement(t)) for t in measured_trials(study)]
+    pts = [(t, m.output_tokens_per_s, m.value(latency)) for t, m in points if m is not None]
+    front = [
+        (t, tps, lat)
+        for t, tps, lat in pts
+        if not any(o_tps >= tps and o_lat <= lat and (o_tps, o_lat) != (tps, lat) for _, o_tps, o_lat in pts)
+    ]
+    return [t for t, _, _ in sorted(front, key=lambda x: x[2])]
 
 
 @dataclass

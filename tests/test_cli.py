@@ -82,6 +82,8 @@ def test_constraints_reach_the_sampler(tuned: Path) -> None:
 def test_best_prints_table_and_json(tuned: Path) -> None:
     res = run_cli("best", "tiny", cwd=tuned)
     assert res.returncode == 0 and "best feasible config" in res.stdout and "batch_size" in res.stdout
+    res = run_cli("best", "tiny", "--pareto", cwd=tuned)
+    assert res.returncode == 0 and "Pareto front: output tokens/s vs e2e_ms.p95" in res.stdout
     res = run_cli("best", "tiny", "--json", cwd=tuned)
     assert json.loads(res.stdout)["study"] == "tiny"
     res = run_cli("export", "tiny", "--output", "again.json", cwd=tuned)
@@ -115,6 +117,30 @@ def test_failures_do_not_stop_the_study(tmp_path: Path) -> None:
     assert "failed (crash): trial process died with SIGSEGV" in res.stderr
     states = trial_states(tmp_path / "studies" / "autotune.db")
     assert "FAIL" in states and "COMPLETE" in states
+
+
+def test_a_hanging_trial_is_killed_and_the_study_goes_on(tmp_path: Path) -> None:
+    spec = tmp_path / "hang.yaml"
+    spec.write_text(
+        TINY_SPEC.read_text().replace("trial_timeout_s: 60", "trial_timeout_s: 4").replace("trials: 4", "trials: 3")
+    )
+    res = run_cli(
+        "tune",
+        str(spec),
+        "--sampler",
+        "grid",
+        cwd=tmp_path,
+        env={"AUTOTUNE_INJECT_FAULT": "hang:quantization=int8-dynamic"},
+    )
+    assert "failed (timeout)" in res.stderr or "(ok)" in res.stderr, res.stderr
+    assert measured(tmp_path / "studies" / "autotune.db") == 3
+    import optuna
+
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path}/studies/autotune.db")
+    hung = [t for t in study.trials if (t.user_attrs.get("failure") or {}).get("kind") == "timeout"]
+    done = [t for t in study.trials if t.user_attrs.get("measurement")]
+    assert hung and done  # the hang was killed at 4 s, recorded as infeasible, and other trials still ran
+    assert all(t.user_attrs["feasible"] is False and "4 s limit" in t.user_attrs["failure"]["reason"] for t in hung)
 
 
 def test_oom_is_recorded_as_infeasible(tmp_path: Path) -> None:

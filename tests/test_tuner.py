@@ -190,3 +190,25 @@ def test_objective_modes_set_the_study_directions(tmp_path: Path) -> None:
         if t.values:
             m = t.user_attrs["measurement"]
             assert t.values == [m["output_tokens_per_s"], m["e2e_ms"]["p95"]]
+
+
+def test_pareto_front_is_computed_from_measurements(tmp_path: Path) -> None:
+    from autotune.tuner import measured_trials, pareto_front
+
+    study = tuner(tmp_path, sampler="grid").run()
+    front = pareto_front(study, "e2e_ms.p95")
+
+    def point(t: optuna.trial.FrozenTrial) -> tuple[float, float]:
+        m = t.user_attrs["measurement"]
+        return m["output_tokens_per_s"], m["e2e_ms"]["p95"]
+
+    def dominates(a: tuple[float, float], b: tuple[float, float]) -> bool:
+        return a[0] >= b[0] and a[1] <= b[1] and a != b
+
+    others = [t for t in measured_trials(study) if t not in front]
+    assert front and others
+    assert all(not dominates(point(o), point(f)) for f in front for o in measured_trials(study))
+    assert all(any(dominates(point(f), point(o)) for f in front) for o in others)
+    # int8 halves latency and doubles throughput here, so the front is all int8, in latency order
+    assert {t.user_attrs["config"]["quantization"] for t in front} == {"int8-dynamic"}
+    assert [point(t)[1] for t in front] == sorted(point(t)[1] for t in front)
