@@ -66,6 +66,9 @@ def _load_study(name: str, storage: str | None) -> Any:
         if not path.exists():  # reading must not create an empty database as a side effect
             raise StorageError(f"no database file at {path}; run `autotune tune` first or pass --storage")
     st = open_storage(url)
+    from autotune.store import check_schema
+
+    check_schema(url)  # a database migrated by an older or newer autotune: say which command to run
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         return optuna.load_study(study_name=name, storage=st, sampler=optuna.samplers.RandomSampler())
@@ -207,8 +210,10 @@ def tune(
         study_obj = _run_with_progress(tuner)
         _report(study_obj, spec)
         if export is not None:
-            path = write_export(export_dict(study_obj), export)
-            out.print(f"exported best config to {path}")
+            doc = export_dict(study_obj)
+            path = write_export(doc, export)
+            version = tuner.repository.record_export(study_obj.study_name, doc["trial"], doc)
+            out.print(f"exported best config to {path} (export version {version} of study {study_obj.study_name})")
 
     _run(body)
 
@@ -412,11 +417,66 @@ def export_cmd(
 
         if fmt != "json":
             raise SpecError(f"--format: unknown format {fmt!r}; allowed: json")
-        doc = export_dict(_load_study(study, storage))
+        s = _load_study(study, storage)
+        doc = export_dict(s)
         if output is None:
             print(json.dumps(doc, indent=2))
         else:
-            out.print(f"wrote {write_export(doc, output)}")
+            from autotune.store import Repository
+
+            with Repository.open(_storage_url(storage, for_write=False)) as repo:
+                version = repo.record_export(study, doc["trial"], doc)
+            out.print(f"wrote {write_export(doc, output)} (export version {version})")
+
+    _run(body)
+
+
+db_app = typer.Typer(no_args_is_help=True, help="autotune's own tables: migrate and inspect (Alembic).")
+app.add_typer(db_app, name="db")
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    storage: StorageOpt = None,
+    revision: Annotated[str, typer.Option(help="target revision")] = "head",
+) -> None:
+    """Create or upgrade autotune's tables (Optuna's tables are never touched)."""
+
+    def body() -> None:
+        from autotune.store import current_revision, upgrade
+        from autotune.tuner import safe_url
+
+        url = _storage_url(storage, for_write=True)
+        before = current_revision(url)
+        upgrade(url, revision)
+        after = current_revision(url)
+        what = "already at" if before == after else f"upgraded from {before or 'base'} to"
+        out.print(f"{safe_url(url)}: {what} revision {after}", highlight=False)
+
+    _run(body)
+
+
+@db_app.command("current")
+def db_current(storage: StorageOpt = None) -> None:
+    """Show the database's schema revision and the one this autotune needs."""
+
+    def body() -> None:
+        from autotune.store import current_revision, head_revision
+        from autotune.tuner import safe_url
+
+        url = _storage_url(storage, for_write=False)
+        current, head = current_revision(url), head_revision()
+        state = "up to date" if current == head else "behind: run `autotune db upgrade`"
+        if current is not None and current != head:
+            from autotune.store import check_schema
+
+            try:
+                check_schema(url)
+            except AutotuneError as e:
+                state = str(e)
+        out.print(
+            f"{safe_url(url)}: revision {current or 'base (no autotune tables)'}; head {head}; {state}", highlight=False
+        )
 
     _run(body)
 

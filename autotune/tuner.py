@@ -14,6 +14,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import optuna
@@ -27,6 +28,7 @@ from autotune.measure import Measurement
 from autotune.models import ModelInfo
 from autotune.space import SearchSpace
 from autotune.spec import Constraint, StudySpec
+from autotune.store.migrate import safe_url
 
 # Optuna flags heartbeats and some sampler options as experimental; that is not the user's concern.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -82,16 +84,6 @@ def make_sampler(name: str, seed: int, n_constraints: int, space: SearchSpace) -
     raise SpecError(f"unknown sampler {name!r}; allowed: tpe, nsga2, gp, random, grid")
 
 
-def safe_url(url: str) -> str:
-    """The storage URL without its password, for messages."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a URL sqlalchemy understands: keep it as given
-        return url
-
-
 def open_storage(url: str) -> optuna.storages.RDBStorage:
     """Open (creating tables if needed) an RDB storage, with a clear error when it cannot be reached."""
     kwargs: dict[str, Any] = {}
@@ -116,6 +108,35 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     except Exception as err:  # sqlalchemy/driver errors vary; all mean "cannot use this storage"
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise StorageError(f"cannot open storage {safe_url(url)}: {first}") from None
+
+
+def ensure_schema(url: str) -> None:
+    """Create autotune's tables in a database that has none; refuse one whose schema is behind or ahead.
+
+    Creating is safe to do implicitly (``autotune tune`` on a fresh machine just works); migrating
+    existing tables is the user's decision (``autotune db upgrade``).
+    """
+    from autotune.store import check_schema, current_revision, upgrade
+
+    if current_revision(url) is None:
+        upgrade(url)
+    check_schema(url)
+
+
+def _aware(when: datetime | None) -> datetime | None:
+    """Optuna stamps naive local times; the store wants aware ones."""
+    return when.astimezone() if when is not None else None
+
+
+def store_state(trial: FrozenTrial) -> str:
+    """The row state of a finished Optuna trial in autotune's own table."""
+    if A_REJECTED in trial.user_attrs:
+        return "rejected"
+    if A_DUPLICATE in trial.user_attrs:
+        return "duplicate"
+    if trial.state == TrialState.FAIL:
+        return "failed"
+    return "measured" if trial.user_attrs.get(A_MEASUREMENT) else "infeasible"
 
 
 def trial_config(trial: FrozenTrial) -> TrialConfig | None:
@@ -201,6 +222,7 @@ class Tuner:
     seed: int | None = None
     events: TuneEvents = field(default_factory=TuneEvents)
     runner: Callable[[StudySpec, TrialConfig, Hardware], Measurement] | None = None
+    repository: Any = None  # autotune.store.Repository, opened by open_study()
 
     def __post_init__(self) -> None:
         self.name = self.study_name or self.spec.name or "study"
@@ -226,7 +248,39 @@ class Tuner:
         except Exception as err:
             raise StorageError(f"cannot create study {self.name!r} in {safe_url(self.storage_url)}: {err}") from None
         self._check_or_record(study)
+        from autotune.store import Repository
+
+        ensure_schema(self.storage_url)
+        self.repository = Repository.open(self.storage_url)
+        self.repository.upsert_study(
+            self.name,
+            spec=self.spec.model_dump(mode="json"),
+            hardware=self.hardware.model_dump(mode="json"),
+            fingerprint=self.hardware.fingerprint(),
+            model_ref=self.spec.model,
+            optuna_study_id=study._study_id,
+        )
         return study
+
+    def record(self, trial: FrozenTrial) -> None:
+        """Write a finished trial to autotune's own table (the parent is the only writer of results)."""
+        if self.repository is None or A_CONFIG not in trial.user_attrs:
+            return
+        self.repository.record_trial(
+            self.name,
+            trial.number,
+            config=trial.user_attrs[A_CONFIG],
+            config_key=trial.user_attrs["config_key"],
+            state=store_state(trial),
+            feasible=trial.user_attrs.get(A_FEASIBLE),
+            measurement=trial.user_attrs.get(A_MEASUREMENT),
+            constraints=trial.user_attrs.get(A_CONSTRAINTS),
+            duplicate_of=trial.user_attrs.get(A_DUPLICATE),
+            failure=trial.user_attrs.get(A_FAILURE),
+            device=self.hardware.device,
+            started_at=_aware(trial.datetime_start),
+            finished_at=_aware(trial.datetime_complete),
+        )
 
     def _check_or_record(self, study: optuna.Study) -> None:
         attrs = study.user_attrs
@@ -341,6 +395,7 @@ class Tuner:
 
         def stop_when_spent(study: optuna.Study, trial: FrozenTrial) -> None:
             attempts[0] += 1
+            self.record(trial)
             self.events.on_trial_end(study, trial, best_feasible(study))
             distinct = {t.user_attrs.get("config_key") for t in study.get_trials(deepcopy=False)}
             if self.counted(study) >= self.budget or attempts[0] >= max_attempts or len(distinct) >= grid_total:
@@ -355,6 +410,9 @@ class Tuner:
             )
         self.confirm(study)
         study.set_user_attr("updated_at", time.time())
+        if self.repository is not None:
+            spent = self.counted(study) >= self.budget
+            self.repository.set_study_status(self.name, "finished" if spent else "running")
         # The parent's own peak memory: it never loads a model, so this stays flat however many trials run.
         study.set_user_attr("tuner_peak_rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         return study

@@ -88,6 +88,7 @@ def test_best_prints_table_and_json(tuned: Path) -> None:
     assert json.loads(res.stdout)["study"] == "tiny"
     res = run_cli("export", "tiny", "--output", "again.json", cwd=tuned)
     assert res.returncode == 0 and json.loads((tuned / "again.json").read_text())["config"]
+    assert "export version" in res.stdout  # every export is kept, versioned, in autotune_exports
 
 
 def test_resume_continues_to_the_new_budget(tuned: Path, tmp_path: Path) -> None:
@@ -247,6 +248,33 @@ def test_bad_input_is_one_line_exit_2_and_leaves_the_db_alone(
     assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
     assert "hunter2" not in res.stderr  # storage passwords are never printed
     assert digest(db) == before
+
+
+def test_trials_and_exports_land_in_autotune_tables(tuned: Path) -> None:
+    from autotune.store import Repository
+
+    with Repository.open(f"sqlite:///{tuned}/studies/autotune.db") as repo:
+        rows = repo.list_trials("tiny")
+        export = repo.get_export("tiny", 1)
+    measured_rows = [r for r in rows if r.state == "measured"]
+    assert len(measured_rows) >= 3 and all(r.e2e_p95_ms and r.log_excerpt is None for r in measured_rows)
+    assert export is not None and export.document["study"] == "tiny"
+
+
+def test_db_upgrade_and_current(tmp_path: Path) -> None:
+    import optuna
+
+    optuna.create_study(study_name="legacy", storage=f"sqlite:///{tmp_path}/old.db")  # Optuna tables only
+    url = f"sqlite:///{tmp_path}/old.db"
+    res = run_cli("best", "legacy", "--storage", url, cwd=tmp_path)
+    assert res.returncode == 2 and "run `autotune db upgrade --storage" in res.stderr
+    res = run_cli("db", "current", "--storage", url, cwd=tmp_path)
+    assert res.returncode == 0 and "base (no autotune tables)" in res.stdout
+    res = run_cli("db", "upgrade", "--storage", url, cwd=tmp_path)
+    assert res.returncode == 0 and "upgraded from base" in res.stdout
+    res = run_cli("db", "current", "--storage", url, cwd=tmp_path)
+    assert "up to date" in res.stdout
+    assert optuna.load_study(study_name="legacy", storage=url).study_name == "legacy"
 
 
 def test_measure_an_exported_config(tuned: Path) -> None:

@@ -212,3 +212,23 @@ def test_pareto_front_is_computed_from_measurements(tmp_path: Path) -> None:
     # int8 halves latency and doubles throughput here, so the front is all int8, in latency order
     assert {t.user_attrs["config"]["quantization"] for t in front} == {"int8-dynamic"}
     assert [point(t)[1] for t in front] == sorted(point(t)[1] for t in front)
+
+
+def test_every_finished_trial_lands_in_autotune_tables(tmp_path: Path) -> None:
+    from autotune.store import Repository
+
+    study = tuner(tmp_path, sampler="grid").run()
+    with Repository.open(f"sqlite:///{tmp_path}/t.db") as repo:
+        row = repo.get_study("synthetic")
+        assert row is not None and row.status == "finished" and row.fingerprint == make_hw().fingerprint()
+        rows = {r.trial_number: r for r in repo.list_trials("synthetic")}
+    finished = [t for t in study.trials if t.state.name != "RUNNING"]
+    assert set(rows) == {t.number for t in finished}
+    for t in finished:
+        r = rows[t.number]
+        if "rejected" in t.user_attrs:
+            assert r.state == "rejected"
+        else:
+            m = t.user_attrs["measurement"]
+            assert r.state == "measured" and r.e2e_p95_ms == m["e2e_ms"]["p95"]
+            assert r.output_tokens_per_s == m["output_tokens_per_s"] and r.feasible == t.user_attrs["feasible"]
