@@ -431,6 +431,49 @@ def export_cmd(
     _run(body)
 
 
+@app.command()
+def worker(
+    study: Annotated[str, typer.Argument(help="name of an existing study (made by `autotune tune`)")],
+    storage: Annotated[str, typer.Option("--storage", help="the study's database, e.g. postgresql+psycopg://...")],
+    device: Annotated[str | None, typer.Option(help="pin this worker to a device, e.g. cuda:1")] = None,
+    trials: Annotated[int | None, typer.Option(min=1, help="study budget (total trials) [default: the spec's]")] = None,
+    allow_heterogeneous: Annotated[
+        bool, typer.Option(help="join even if this machine's hardware fingerprint differs from the study's")
+    ] = False,
+) -> None:
+    """Join an existing study and run its trials until the study's budget is spent (one worker per GPU)."""
+
+    def body() -> None:
+        from autotune.spec import parse_spec
+        from autotune.tuner import Tuner
+
+        if storage.startswith("sqlite"):
+            raise SpecError(
+                "workers share a study through a database server: SQLite lets one process write at a time; "
+                "use --storage postgresql+psycopg://USER@HOST/DB (or run `autotune tune` alone on SQLite)"
+            )
+        s = _load_study(study, storage)
+        if "spec" not in s.user_attrs:
+            raise SpecError(f"study {study!r} was not created by `autotune tune`: nothing to join")
+        spec = parse_spec(s.user_attrs["spec"], f"study {study}")
+        if device is not None:
+            spec = spec.model_copy(update={"device": device})
+        hw, info = _preflight(spec)
+        out.print(f"worker for [bold]{study}[/bold] on {hw.summary()} ({hw.device})")
+        tuner = Tuner(
+            spec,
+            hw,
+            info,
+            storage_url=storage,
+            study_name=study,
+            trials=trials,
+            allow_heterogeneous=allow_heterogeneous,
+        )
+        _report(_run_with_progress(tuner), spec)
+
+    _run(body)
+
+
 db_app = typer.Typer(no_args_is_help=True, help="autotune's own tables: migrate and inspect (Alembic).")
 app.add_typer(db_app, name="db")
 

@@ -7,9 +7,12 @@ Trial counts are a study budget: re-running the same study resumes toward the sa
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
+import os
 import resource
+import socket
 import time
 import warnings
 from collections.abc import Callable
@@ -35,6 +38,7 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 warnings.filterwarnings("ignore", category=FutureWarning, module="optuna")
 
 DEFAULT_STORAGE = "sqlite:///studies/autotune.db"
+WAIT_FOR_OTHERS_S = 1.0
 #: Failure kinds that say "this config cannot meet the SLO here" rather than "something broke".
 INFEASIBLE_FAILURES = ("oom", "timeout")
 HEARTBEAT_S = 30
@@ -99,12 +103,13 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     elif url.startswith("postgresql"):
         kwargs["engine_kwargs"] = {"connect_args": {"connect_timeout": 5}, "pool_pre_ping": True}
     try:
-        return optuna.storages.RDBStorage(
-            url,
-            heartbeat_interval=HEARTBEAT_S,
-            grace_period=HEARTBEAT_S * 4,
-            **kwargs,
-        )
+        beat = int(os.environ.get("AUTOTUNE_HEARTBEAT_S", HEARTBEAT_S))
+        # A trial whose worker died (no heartbeat for 4 beats) is failed and queued again.
+        if "heartbeat_stale_trial_callback" in inspect.signature(optuna.storages.RDBStorage).parameters:
+            kwargs["heartbeat_stale_trial_callback"] = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)
+        else:  # Optuna < 4.9
+            kwargs["failed_trial_callback"] = optuna.storages.RetryFailedTrialCallback(max_retry=2)
+        return optuna.storages.RDBStorage(url, heartbeat_interval=beat, grace_period=beat * 4, **kwargs)
     except Exception as err:  # sqlalchemy/driver errors vary; all mean "cannot use this storage"
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise StorageError(f"cannot open storage {safe_url(url)}: {first}") from None
@@ -223,6 +228,7 @@ class Tuner:
     events: TuneEvents = field(default_factory=TuneEvents)
     runner: Callable[[StudySpec, TrialConfig, Hardware], Measurement] | None = None
     repository: Any = None  # autotune.store.Repository, opened by open_study()
+    allow_heterogeneous: bool = False
 
     def __post_init__(self) -> None:
         self.name = self.study_name or self.spec.name or "study"
@@ -277,7 +283,8 @@ class Tuner:
             constraints=trial.user_attrs.get(A_CONSTRAINTS),
             duplicate_of=trial.user_attrs.get(A_DUPLICATE),
             failure=trial.user_attrs.get(A_FAILURE),
-            device=self.hardware.device,
+            worker=trial.user_attrs.get("worker"),
+            device=str(trial.user_attrs.get("device", self.hardware.device))[:64],
             started_at=_aware(trial.datetime_start),
             finished_at=_aware(trial.datetime_complete),
         )
@@ -286,18 +293,33 @@ class Tuner:
         attrs = study.user_attrs
         spec_json = self.spec.model_dump(mode="json")
         if "spec" in attrs:
-            stored = {k: v for k, v in attrs["spec"].items() if k not in ("budget", "name", "sampler")}
-            mine = {k: v for k, v in spec_json.items() if k not in ("budget", "name", "sampler")}
+            free = ("budget", "name", "sampler", "device")  # may differ per run or per worker
+            stored = {k: v for k, v in attrs["spec"].items() if k not in free}
+            mine = {k: v for k, v in spec_json.items() if k not in free}
             if stored != mine:
                 raise SpecError(
                     f"study {self.name!r} already exists with a different spec; pass --study NEW_NAME "
                     "to start a new study (nothing was changed)"
                 )
-            if attrs.get("fingerprint") != self.hardware.fingerprint():
+            if attrs.get("fingerprint") != self.hardware.fingerprint() and not self.allow_heterogeneous:
+                theirs = Hardware.model_validate(attrs["hardware"]) if "hardware" in attrs else None
+                differ = [
+                    f"{k} {getattr(theirs, k)!r} here {getattr(self.hardware, k)!r}"
+                    for k in (
+                        "device_name",
+                        "device_memory_mb",
+                        "compute_capability",
+                        "torch_version",
+                        "transformers_version",
+                        "torchao_version",
+                        "cpu_cores",
+                    )
+                    if theirs is not None and getattr(theirs, k) != getattr(self.hardware, k)
+                ]
                 raise SpecError(
-                    f"study {self.name!r} was tuned on different hardware "
-                    f"({attrs.get('hardware', {}).get('device_name', '?')}); configs do not transfer, "
-                    "use --study NEW_NAME"
+                    f"study {self.name!r} was tuned on different hardware ({'; '.join(differ) or 'fingerprint'}): "
+                    "configs tuned on one device do not transfer; use --study NEW_NAME "
+                    "(or --allow-heterogeneous for a worker)"
                 )
             return
         study.set_user_attr("spec", spec_json)
@@ -320,9 +342,16 @@ class Tuner:
         return run_trial(self.spec, cfg, self.hardware)
 
     def counted(self, study: optuna.Study) -> int:
-        """Trials that spent the budget: measured (or failed) ones; repeats of a known config are free."""
+        """Trials that spent the budget: measured or failed ones.
+
+        Free: repeats of a known config, and trials whose process died or was interrupted without a
+        verdict (a killed worker, Ctrl-C): those are failed by Optuna and run again.
+        """
         done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
-        return sum(A_DUPLICATE not in t.user_attrs for t in done)
+        return sum(
+            A_DUPLICATE not in t.user_attrs and (t.state == TrialState.COMPLETE or A_FAILURE in t.user_attrs)
+            for t in done
+        )
 
     def _duplicate_of(self, study: optuna.Study, cfg: TrialConfig, number: int) -> FrozenTrial | None:
         """An earlier trial that already ran this exact config (measured, or failed for good)."""
@@ -361,6 +390,8 @@ class Tuner:
             self._set_constraints(trial, list(dup.user_attrs[A_CONSTRAINTS]))
             trial.set_user_attr(A_DUPLICATE, dup.number)
             return tuple(dup.values)
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        trial.set_user_attr("device", f"{self.hardware.device} ({self.hardware.device_name})")
         self.events.on_trial_start(trial.number, cfg)
         try:
             m = self._measure(cfg)
@@ -397,16 +428,28 @@ class Tuner:
             attempts[0] += 1
             self.record(trial)
             self.events.on_trial_end(study, trial, best_feasible(study))
-            distinct = {t.user_attrs.get("config_key") for t in study.get_trials(deepcopy=False)}
-            if self.counted(study) >= self.budget or attempts[0] >= max_attempts or len(distinct) >= grid_total:
-                study.stop()
 
-        if done < self.budget:
+        timeout = self.timeout_s or self.spec.budget.timeout_s
+        deadline = time.monotonic() + timeout if timeout else math.inf
+        while self.counted(study) < self.budget and attempts[0] < max_attempts and time.monotonic() < deadline:
+            distinct = {t.user_attrs.get("config_key") for t in study.get_trials(deepcopy=False)}
+            if len(distinct - {None}) >= grid_total:
+                break
+            running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+            if self.counted(study) + running >= self.budget:
+                # Other workers hold the last slots of the budget: wait for them rather than overshoot.
+                optuna.storages.fail_stale_trials(study)
+                time.sleep(WAIT_FOR_OTHERS_S)
+                continue
+            # One trial per optimize() call: heartbeats and stale-trial recovery run as usual, and the
+            # budget check above runs between trials, so several workers stop at exactly the budget.
+            remaining = deadline - time.monotonic()
             study.optimize(
                 self.objective,
-                timeout=self.timeout_s or self.spec.budget.timeout_s,
+                n_trials=1,
                 catch=(TrialFailure,),
                 callbacks=[stop_when_spent],
+                timeout=None if remaining == math.inf else max(remaining, 0.0),
             )
         self.confirm(study)
         study.set_user_attr("updated_at", time.time())

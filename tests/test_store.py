@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 import threading
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -24,7 +23,6 @@ import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 from autotune.errors import StorageError
@@ -47,38 +45,12 @@ from autotune.store import (
 from autotune.store import migrate as migrate_mod
 
 ROOT = Path(__file__).resolve().parents[1]
-PG_ADMIN_URL = os.environ.get("AUTOTUNE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 OUR_TABLES = {"autotune_studies", "autotune_trials", "autotune_exports"}
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 
 
 # -- databases ------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def pg_database() -> Iterator[str]:
-    """A fresh PostgreSQL database for this module, dropped at the end."""
-    try:
-        admin = sa.create_engine(
-            PG_ADMIN_URL, isolation_level="AUTOCOMMIT", poolclass=NullPool, connect_args={"connect_timeout": 3}
-        )
-        with admin.connect() as conn:
-            conn.exec_driver_sql("SELECT 1")
-    except ModuleNotFoundError as err:
-        pytest.skip(f"PostgreSQL driver missing ({err.name}): pip install 'psycopg[binary]'")
-    except sa.exc.OperationalError as err:
-        first = str(err.orig).strip().splitlines()[0] if err.orig else str(err)
-        pytest.skip(f"PostgreSQL not reachable at {make_url(PG_ADMIN_URL).render_as_string()}: {first}")
-    name = f"autotune_test_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    try:
-        yield make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
 
 
 def _reset_pg(url: str) -> None:

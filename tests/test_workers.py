@@ -1,0 +1,102 @@
+"""Several worker processes share one study through PostgreSQL; killed workers lose nothing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+
+from autotune.store import Repository
+
+from .conftest import ROOT, run_cli
+
+SPEC = ROOT / "tests" / "data" / "workers.yaml"
+ENV = {"AUTOTUNE_HEARTBEAT_S": "1", "COLUMNS": "200"}
+
+
+def start(*args: str, cwd: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "autotune.cli", *args],
+        cwd=cwd,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, **ENV},
+    )
+
+
+def wait_for(pred, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if pred():
+                return
+        except KeyError:  # the study does not exist yet
+            pass
+        time.sleep(0.3)
+    raise AssertionError("timed out waiting")
+
+
+def counted(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return [
+        t
+        for t in study.trials
+        if t.state.name in ("COMPLETE", "FAIL")
+        and "duplicate_of" not in t.user_attrs
+        and (t.state.name == "COMPLETE" or "failure" in t.user_attrs)
+    ]
+
+
+def test_sqlite_workers_are_refused(tmp_path: Path) -> None:
+    res = run_cli("worker", "x", "--storage", f"sqlite:///{tmp_path}/a.db", cwd=tmp_path)
+    assert res.returncode == 2 and "use --storage postgresql" in res.stderr
+
+
+def test_three_workers_finish_the_budget_exactly(pg_database: str, tmp_path: Path) -> None:
+    url = pg_database
+    procs = [start("tune", str(SPEC), "--storage", url, "--study", "three", cwd=tmp_path)]
+    wait_for(lambda: optuna.load_study(study_name="three", storage=url).trials)
+    procs += [start("worker", "three", "--storage", url, cwd=tmp_path) for _ in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=400)
+        assert p.returncode == 0, err
+    study = optuna.load_study(study_name="three", storage=url)
+    assert len(counted(study)) == 24
+    numbers = [t.number for t in study.trials]
+    assert len(numbers) == len(set(numbers))
+    assert len({t.user_attrs["worker"] for t in counted(study)}) >= 2  # the work was shared
+    with Repository.open(url) as repo:
+        rows = {r.trial_number: r for r in repo.list_trials("three")}
+    measured = [t for t in counted(study) if t.user_attrs.get("measurement")]
+    assert all(rows[t.number].state == "measured" and rows[t.number].e2e_p95_ms for t in measured)
+
+
+def test_a_killed_worker_loses_nothing(pg_database: str, tmp_path: Path) -> None:
+    url = pg_database
+    spec = tmp_path / "kill.yaml"
+    spec.write_text(
+        SPEC.read_text().replace("trials: 24", "trials: 6").replace("max_duration_s: 1.5", "max_duration_s: 3")
+    )
+    victim = start("tune", str(spec), "--storage", url, "--study", "kill", cwd=tmp_path)
+    wait_for(
+        lambda: any(
+            t.state.name == "RUNNING" and "worker" in t.user_attrs
+            for t in optuna.load_study(study_name="kill", storage=url).trials
+        )
+    )
+    victim.send_signal(signal.SIGKILL)
+    victim.communicate(timeout=30)
+    running = [t for t in optuna.load_study(study_name="kill", storage=url).trials if t.state.name == "RUNNING"]
+    assert len(running) == 1
+    res = run_cli("tune", str(spec), "--storage", url, "--study", "kill", cwd=tmp_path, env=ENV)
+    assert res.returncode == 0, res.stderr
+    study = optuna.load_study(study_name="kill", storage=url)
+    assert len(counted(study)) == 6
+    killed = next(t for t in study.trials if t.number == running[0].number)
+    assert killed.state.name == "FAIL"  # failed by the heartbeat check, then queued again:
+    assert any(t.system_attrs.get("failed_trial") == killed.number and t.state.name == "COMPLETE" for t in study.trials)
