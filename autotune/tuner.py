@@ -393,9 +393,11 @@ class Tuner:
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         trial.set_user_attr("device", f"{self.hardware.device} ({self.hardware.device_name})")
         self.events.on_trial_start(trial.number, cfg)
+        t0 = time.perf_counter()
         try:
             m = self._measure(cfg)
         except TrialFailure as err:
+            trial.set_user_attr("trial_process_s", time.perf_counter() - t0)
             trial.set_user_attr(A_FAILURE, {"kind": err.kind, "reason": err.reason, "log": err.log[-4000:]})
             if err.kind not in INFEASIBLE_FAILURES:
                 raise
@@ -404,6 +406,8 @@ class Tuner:
             self._set_constraints(trial, [1.0] * len(self.slo))
             trial.set_user_attr(A_FEASIBLE, False)
             return self._values(0.0, math.inf)
+        # Time inside the trial process; the rest of a trial's wall time is the parent's (sampling, storage).
+        trial.set_user_attr("trial_process_s", time.perf_counter() - t0)
         cons = constraint_values(m, self.slo)
         trial.set_user_attr(A_MEASUREMENT, m.to_dict())
         self._set_constraints(trial, cons)

@@ -1,0 +1,110 @@
+"""Distributed tuning on one machine: trials/hour for 1, 2 and 4 workers sharing a PostgreSQL study,
+and the parent-side overhead per trial (sampling + storage: trial wall time not spent in the trial process).
+
+Each configuration gets a fresh PostgreSQL database and the same tiny-preset study
+(``tests/data/workers.yaml``: 24 trials). Target: overhead under 2% of trial time.
+
+    python bench/workers.py [--pg postgresql+psycopg://postgres@127.0.0.1:5432/postgres] [--workers 1 2 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import header, machine, save
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = ROOT / "tests" / "data" / "workers.yaml"
+
+
+def run(admin_url: str, n: int) -> dict[str, float]:
+    import optuna
+    import sqlalchemy as sa
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.pool import NullPool
+
+    name = f"autotune_bench_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    env = {**os.environ, "COLUMNS": "200"}
+    try:
+        t0 = time.perf_counter()
+        first = subprocess.Popen(
+            [sys.executable, "-m", "autotune.cli", "tune", str(SPEC), "--storage", url],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        while True:  # the others join once the study exists
+            try:
+                optuna.load_study(study_name="workers", storage=url)
+                break
+            except KeyError:
+                time.sleep(0.2)
+        others = [
+            subprocess.Popen(
+                [sys.executable, "-m", "autotune.cli", "worker", "workers", "--storage", url],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for _ in range(n - 1)
+        ]
+        for p in [first, *others]:
+            p.wait()
+        wall = time.perf_counter() - t0
+        study = optuna.load_study(study_name="workers", storage=url)
+        timed = [t for t in study.trials if "trial_process_s" in t.user_attrs and t.datetime_complete]
+        overhead = [
+            1 - t.user_attrs["trial_process_s"] / (t.datetime_complete - t.datetime_start).total_seconds()
+            for t in timed
+        ]
+        return {
+            "workers": n,
+            "wall_s": wall,
+            "trials": len(timed),
+            "trials_per_hour": len(timed) / wall * 3600,
+            "overhead_median_pct": 100 * statistics.median(overhead),
+            "overhead_max_pct": 100 * max(overhead),
+        }
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pg", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
+    args = ap.parse_args()
+    info = machine()
+    header("workers: trials/hour and parent-side overhead, tiny preset, one PostgreSQL study", info)
+    rows = []
+    for n in args.workers:
+        r = run(args.pg, n)
+        rows.append(r)
+        print(
+            f"{n} worker(s): {r['trials']} trials in {r['wall_s']:.0f} s = {r['trials_per_hour']:.0f} trials/hour; "
+            f"parent-side overhead per trial median {r['overhead_median_pct']:.2f}% (max {r['overhead_max_pct']:.2f}%)",
+            flush=True,
+        )
+    path = save("workers", {"machine": info, "rows": rows})
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()
