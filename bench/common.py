@@ -62,7 +62,7 @@ def _commit() -> str:
             ["git", "status", "--porcelain", "--", "autotune", "studies"],
             capture_output=True,
             text=True,
-            cwd=RESULTS.parent,
+            cwd=RESULTS.parents[1],  # the repository root: the pathspecs are relative to it
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

@@ -27,7 +27,8 @@ def main() -> None:
         )
         r = s["ratio"]
         commit = d.get("commit", "-")  # "~abc1234": the uncommitted work tree just before that commit
-        commit = commit[:7] if len(commit) >= 40 else commit
+        if len(commit) >= 40:  # a full sha, maybe with +dirty: the work tree had uncommitted changes
+            commit = commit[:7] + commit[40:]
         print(
             f"| {d['recorded_at']} | {commit} | "
             f"{m['cpu_model']}, {m['cpu_cores']} cores, torch {m['torch']} | "
