@@ -369,6 +369,13 @@ class Tuner:
                 trial.set_constraint(c.name, v)
 
     def objective(self, trial: optuna.Trial) -> tuple[float, ...]:
+        # Several workers may pass the budget check at the same moment; the running trials with the
+        # highest numbers yield, so the study ends at exactly its budget.
+        running = sorted(t.number for t in trial.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+        if trial.number in running and self.counted(trial.study) + running.index(trial.number) >= self.budget:
+            trial.set_user_attr(A_REJECTED, "budget already taken by other workers' trials")
+            self._set_constraints(trial, [1.0] * len(self.slo))
+            raise optuna.TrialPruned("budget spent")
         cfg = self.space.suggest(trial)
         trial.set_user_attr(A_CONFIG, cfg.model_dump(mode="json"))
         trial.set_user_attr("config_key", cfg.key())
