@@ -19,7 +19,12 @@ from .conftest import ROOT, TINY_SPEC, run_cli
 
 
 def trial_states(db: Path, study: str = "tiny") -> list[str]:
+    """Trial states straight from Optuna's tables ([] while the database is still being created)."""
+    if not db.exists():
+        return []
     with sqlite3.connect(db) as con:
+        if not con.execute("SELECT 1 FROM sqlite_master WHERE name = 'trials'").fetchone():
+            return []
         rows = con.execute(
             "SELECT t.state FROM trials t JOIN studies s ON s.study_id = t.study_id WHERE s.study_name = ? "
             "ORDER BY t.number",
