@@ -162,6 +162,17 @@ def _preflight(spec: StudySpec) -> tuple[Any, Any]:
         return preflight(spec)
 
 
+def _with_device(spec: StudySpec, device: str | None) -> StudySpec:
+    """The spec pinned to ``--device`` (validated like the spec's own ``device`` field)."""
+    if device is None:
+        return spec
+    data = spec.model_dump(mode="json")
+    data["device"] = device
+    from autotune.spec import parse_spec
+
+    return parse_spec(data, source="--device")
+
+
 # -- commands -----------------------------------------------------------------------------------
 @app.command()
 def tune(
@@ -175,6 +186,7 @@ def tune(
     export: Annotated[Path | None, typer.Option(help="write the best config's export JSON here")] = None,
     sampler: Annotated[str | None, typer.Option(help="tpe, nsga2, gp, random or grid")] = None,
     seed: Annotated[int | None, typer.Option(help="sampler seed")] = None,
+    device: Annotated[str | None, typer.Option(help="run on this device, e.g. cpu, cuda or cuda:1")] = None,
 ) -> None:
     """Search the spec's space, measuring every trial for real, and report the best feasible config."""
 
@@ -182,7 +194,7 @@ def tune(
         from autotune.export import export_dict, write_export
         from autotune.tuner import Tuner, open_storage, safe_url
 
-        spec = load_spec(spec_path or _default_spec_path())
+        spec = _with_device(load_spec(spec_path or _default_spec_path()), device)
         if sampler is not None and sampler not in ("tpe", "nsga2", "gp", "random", "grid"):
             raise SpecError(f"--sampler: unknown sampler {sampler!r}; allowed: tpe, nsga2, gp, random, grid")
         url = _storage_url(storage, for_write=True)
@@ -455,9 +467,7 @@ def worker(
         s = _load_study(study, storage)
         if "spec" not in s.user_attrs:
             raise SpecError(f"study {study!r} was not created by `autotune tune`: nothing to join")
-        spec = parse_spec(s.user_attrs["spec"], f"study {study}")
-        if device is not None:
-            spec = spec.model_copy(update={"device": device})
+        spec = _with_device(parse_spec(s.user_attrs["spec"], f"study {study}"), device)
         hw, info = _preflight(spec)
         out.print(f"worker for [bold]{study}[/bold] on {hw.summary()} ({hw.device})")
         tuner = Tuner(

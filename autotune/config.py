@@ -15,15 +15,17 @@ from pydantic import BaseModel, ConfigDict, Field
 Precision = Literal["fp32", "tf32", "bf16", "fp16"]
 Quantization = Literal["none", "int8-dynamic", "int8-weight-only", "int4-weight-only", "fp8"]
 Backend = Literal["eager", "inductor", "inductor-cudagraphs"]
+Scheduler = Literal["static", "continuous"]
 
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 QUANTIZATIONS: tuple[str, ...] = get_args(Quantization)
 BACKENDS: tuple[str, ...] = get_args(Backend)
+SCHEDULERS: tuple[str, ...] = get_args(Scheduler)
 
 #: Knobs that change the loaded model (a change means a rebuild), in application order.
 MODEL_KNOBS = ("precision", "quantization", "backend")
 #: Knobs that only change how requests are scheduled onto an already built model.
-RUNTIME_KNOBS = ("batch_size", "streams", "max_queue_delay_ms")
+RUNTIME_KNOBS = ("batch_size", "streams", "max_queue_delay_ms", "scheduler")
 KNOBS = RUNTIME_KNOBS + MODEL_KNOBS
 
 
@@ -40,17 +42,24 @@ class TrialConfig(BaseModel):
     max_queue_delay_ms: float = Field(
         0.0, ge=0.0, le=60_000.0, description="How long the batcher waits to fill a batch."
     )
+    scheduler: Scheduler = Field(
+        "static",
+        description="static: batches run to completion; continuous: transformers' paged-attention continuous batching.",
+    )
 
     def key(self) -> str:
         """A short stable hash of the knob values, for dedupe and caches."""
-        blob = json.dumps(self.model_dump(), sort_keys=True).encode()
+        data = self.model_dump()
+        if data["scheduler"] == "static":  # keys from before the scheduler knob existed stay valid
+            del data["scheduler"]
+        blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
     def label(self) -> str:
         """A compact human-readable one-liner, e.g. ``b32 fp32 int8-dynamic x1 eager 10ms``."""
         return (
             f"b{self.batch_size} {self.precision} {self.quantization} x{self.streams} "
-            f"{self.backend} {self.max_queue_delay_ms:g}ms"
+            f"{self.backend} {self.max_queue_delay_ms:g}ms" + (" continuous" if self.scheduler == "continuous" else "")
         )
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from autotune.config import TrialConfig
+from autotune.continuous import ContinuousScheduler
 from autotune.hardware import Hardware
 from autotune.models import ModelInfo
 from autotune.optimize import BACKENDS, PRECISIONS, QUANTIZERS
@@ -120,6 +121,7 @@ class Engine:
         *,
         timings: BuildTimings | None = None,
         prompt_pad_to: int | None = None,
+        max_context: int | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -129,6 +131,8 @@ class Engine:
         self.timings = timings or BuildTimings()
         self.fixed_shapes = needs_fixed_shapes(config.backend)
         self.prompt_pad_to = prompt_pad_to
+        self.max_context = max_context or info.max_context or 2048
+        self._continuous: ContinuousScheduler | None = None
         self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
         self._queue: queue.Queue[_Pending | None] = queue.Queue()
         self._threads: list[threading.Thread] = []
@@ -146,6 +150,7 @@ class Engine:
         *,
         seed: int = 0,
         prompt_pad_to: int | None = None,
+        max_context: int | None = None,
     ) -> Engine:
         """Load the model and apply precision, then quantization, then the backend."""
         from autotune.models import load_model
@@ -161,14 +166,30 @@ class Engine:
         model = QUANTIZERS[config.quantization].apply(model, hardware)
         timings.quantize_s = time.perf_counter() - t
         model = BACKENDS[config.backend].apply(model, hardware)  # compiling happens in warm-up (compile_s)
-        return cls(model, tokenizer, config, hardware, info, timings=timings, prompt_pad_to=prompt_pad_to)
+        return cls(
+            model,
+            tokenizer,
+            config,
+            hardware,
+            info,
+            timings=timings,
+            prompt_pad_to=prompt_pad_to,
+            max_context=max_context,
+        )
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> Engine:
         """Start the stream workers (again, after a stop)."""
-        if self._threads:
+        if self._threads or self._continuous is not None:
             return self
         self._closed = False
+        if self.config.scheduler == "continuous":
+            prompt = self.prompt_pad_to or min(self.max_context // 2, 512)
+            self._continuous = ContinuousScheduler(
+                self.model, self.config.batch_size, self.max_context, prompt, self.pad_id
+            )
+            self._continuous.start()
+            return self
         for i in range(self.config.streams):
             th = threading.Thread(target=self._worker, args=(i,), name=f"autotune-stream-{i}", daemon=True)
             th.start()
@@ -178,6 +199,9 @@ class Engine:
     def stop(self) -> None:
         """Finish queued and in-flight requests, then stop the workers."""
         self._closed = True
+        if self._continuous is not None:
+            self._continuous.stop()
+            self._continuous = None
         for _ in self._threads:
             self._queue.put(None)
         for th in self._threads:
@@ -200,13 +224,16 @@ class Engine:
         """Queue one request; the future resolves when its batch finishes."""
         if self._closed:
             raise EngineClosed("engine is stopped")
-        if not self._threads:
+        if not self._threads and self._continuous is None:
             self.start()
         ids = self.encode(prompt)
         with self._id_lock:
             rid, self._next_id = self._next_id, self._next_id + 1
         pending = _Pending(rid, ids, int(max_new_tokens), time.perf_counter())
-        self._queue.put(pending)
+        if self._continuous is not None:
+            self._continuous.submit(pending)
+        else:
+            self._queue.put(pending)
         return pending.future
 
     async def asubmit(self, prompt: str | Sequence[int], max_new_tokens: int) -> GenerationResult:
@@ -271,6 +298,8 @@ class Engine:
 
     def run_batch(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
         """One generate call on token ids, outside the batcher (used for warm-up and bare timing)."""
+        if self._continuous is not None:
+            return [r.output_ids for r in self.generate(list(prompts), max_new_tokens)]
         now = time.perf_counter()
         pend = [_Pending(-1, list(p), max_new_tokens, now) for p in prompts]
         return [r.output_ids for r in self._run_batch(pend, 0)]

@@ -13,9 +13,12 @@ import os
 import platform
 import shutil
 from importlib import metadata
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from autotune.roofline import Ceilings
 
 
 class Hardware(BaseModel):
@@ -38,6 +41,10 @@ class Hardware(BaseModel):
     transformers_version: str
     torchao_version: str | None = None
     cuda_version: str | None = None
+    #: Measured ceilings (:func:`autotune.roofline.measure_ceilings`); not part of the fingerprint.
+    memory_gb_s: float | None = None
+    matmul_tflops: float | None = None
+    matmul_dtype: str | None = None
 
     def fingerprint(self) -> str:
         """Hash of the fields that make timings comparable (not the memory in use or the host name)."""
@@ -55,6 +62,14 @@ class Hardware(BaseModel):
         )
         blob = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def ceilings(self) -> Ceilings | None:
+        """The measured ceilings, when the probe measured them."""
+        from autotune.roofline import Ceilings
+
+        if self.memory_gb_s is None or self.matmul_tflops is None:
+            return None
+        return Ceilings(self.memory_gb_s, self.matmul_tflops, self.matmul_dtype or "", 0, 0)
 
     def summary(self) -> str:
         if self.device_type == "cuda":

@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 from autotune.spec import PERCENTILES, WorkloadSpec
@@ -62,6 +62,13 @@ class Measurement:
     timings: dict[str, float] = field(default_factory=dict)
     e2e_samples_ms: list[float] = field(default_factory=list)
     stopped_by: str = "requests"
+    #: Start of a request's batch to its first token: the prefill itself, without queueing.
+    prefill_ms: dict[str, float] = field(default_factory=dict)
+    mean_prompt_tokens: float = 0.0
+    #: Every memory figure the device offers (MB): CUDA allocated/reserved peaks, NVML device use, RSS.
+    memory: dict[str, float] = field(default_factory=dict)
+    #: Fractions of the device's measured ceilings (see :mod:`autotune.roofline`); empty without ceilings.
+    roofline: dict[str, float] = field(default_factory=dict)
 
     def value(self, name: str) -> float:
         """Look up ``e2e_ms.p95``-style or plain (``peak_memory_mb``) metric names."""
@@ -75,7 +82,9 @@ class Measurement:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Measurement:
-        return cls(**data)
+        """Inverse of ``to_dict``; keys from newer versions are ignored so old and new records both load."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 def summarize(
@@ -87,6 +96,7 @@ def summarize(
     memory_kind: str = "none",
     timings: dict[str, float] | None = None,
     stopped_by: str = "requests",
+    memory: dict[str, float] | None = None,
 ) -> Measurement:
     """Turn finished requests and the window [t0, t1] (perf_counter seconds) into a Measurement."""
     if not results:
@@ -110,6 +120,9 @@ def summarize(
         timings=dict(timings or {}),
         e2e_samples_ms=e2e[:HISTOGRAM_SAMPLES],
         stopped_by=stopped_by,
+        prefill_ms=distribution([(r.t_first_token - r.t_start) * 1000 for r in results]),
+        mean_prompt_tokens=sum(r.prompt_tokens for r in results) / len(results),
+        memory=dict(memory or {}),
     )
 
 
@@ -127,7 +140,51 @@ def peak_memory(engine: Engine) -> tuple[float, str]:
         import torch
 
         return torch.cuda.max_memory_allocated(engine.hardware.device) / 2**20, "cuda_max_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_peak_rss"
+    return _rss_peak_mb(), "process_peak_rss"
+
+
+def _rss_peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def memory_figures(engine: Engine) -> dict[str, float]:
+    """All memory figures at hand: CUDA allocator peaks, NVML's whole-device use when present, peak RSS."""
+    out = {"process_peak_rss_mb": _rss_peak_mb()}
+    if engine.hardware.device_type != "cuda":
+        return out
+    import torch
+
+    dev = engine.hardware.device
+    out["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+    out["cuda_max_reserved_mb"] = torch.cuda.max_memory_reserved(dev) / 2**20
+    used = nvml_used_mb(str(getattr(torch.cuda.get_device_properties(dev), "uuid", "")), dev)
+    if used is not None:
+        out["nvml_device_used_mb"] = used
+    return out
+
+
+def nvml_used_mb(uuid: str, device: str) -> float | None:
+    """Memory in use on the whole GPU (all processes) from NVML; None without pynvml or a driver."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+        try:
+            handle = None
+            if uuid:  # by UUID, so CUDA_VISIBLE_DEVICES renumbering cannot pick the wrong GPU
+                try:
+                    handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+                except pynvml.NVMLError:
+                    handle = None
+            if handle is None:
+                handle = pynvml.nvmlDeviceGetHandleByIndex(int(device.split(":")[1]) if ":" in device else 0)
+            return float(pynvml.nvmlDeviceGetMemoryInfo(handle).used) / 2**20
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # NVML missing or refusing (containers, MIG): the figure is optional
+        return None
 
 
 # -- replay ---------------------------------------------------------------------------------------
@@ -242,4 +299,13 @@ def run_workload(
         results, stopped = _open_loop(engine, requests, t0, deadline)
     t1 = max((r.t_end for r in results), default=time.perf_counter())
     mem, kind = peak_memory(engine)
-    return summarize(results, t0, t1, peak_memory_mb=mem, memory_kind=kind, timings=timings, stopped_by=stopped)
+    return summarize(
+        results,
+        t0,
+        t1,
+        peak_memory_mb=mem,
+        memory_kind=kind,
+        timings=timings,
+        stopped_by=stopped,
+        memory=memory_figures(engine),
+    )

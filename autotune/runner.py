@@ -169,7 +169,8 @@ def _child_trial(job: dict[str, Any]) -> dict[str, Any]:
     hw = Hardware.model_validate(job["hardware"])
     _inject_fault(config, job.get("fault", ""))
     pad = spec.workload.prompt_tokens.upper
-    engine = Engine.build(spec.model, config, hw, seed=spec.model_seed, prompt_pad_to=pad)
+    ctx = pad + spec.workload.output_tokens.upper
+    engine = Engine.build(spec.model, config, hw, seed=spec.model_seed, prompt_pad_to=pad, max_context=ctx)
     first_id = len(getattr(engine.tokenizer, "all_special_ids", []) or [0])
     with engine:
         m = run_workload(
@@ -179,6 +180,20 @@ def _child_trial(job: dict[str, Any]) -> dict[str, Any]:
             first_token_id=first_id,
             build_timings=engine.timings.as_dict(),
             abort_if=_early_stop(spec),
+        )
+    ceilings = hw.ceilings()
+    if ceilings is not None and m.requests:
+        from autotune.optimize.precision import torch_dtype
+        from autotune.roofline import roofline, weight_bytes
+
+        m.roofline = roofline(
+            m,
+            ceilings,
+            weights=weight_bytes(engine.model),
+            info=engine.info,
+            kv_element_size=torch_dtype(config.precision).itemsize,
+            prompt_tokens=m.mean_prompt_tokens,
+            output_tokens=m.output_tokens / m.requests,
         )
     return {"status": "ok", "measurement": m.to_dict()}
 
@@ -203,6 +218,13 @@ def _child_preflight(job: dict[str, Any]) -> dict[str, Any]:
         hw = probe(spec.device)
     except RuntimeError as err:
         return {"status": "error", "kind": "device", "reason": str(err)}
+    if job.get("ceilings", True):
+        from autotune.roofline import measure_ceilings
+
+        c = measure_ceilings(hw.device)
+        hw = hw.model_copy(
+            update={"memory_gb_s": c.memory_gb_s, "matmul_tflops": c.matmul_tflops, "matmul_dtype": c.matmul_dtype}
+        )
     try:
         info = resolve_model(spec.model)
     except ModelError as err:

@@ -34,6 +34,10 @@ ORDINAL_KNOBS = ("batch_size", "streams", "max_queue_delay_ms")
 #: listing them in the spec searches them anyway.
 CPU_DEFAULT_EXCLUSIONS: dict[str, str] = {
     "precision=fp16": "fp16 on CPU is emulated (slow); list it in space.precision to search it",
+    "scheduler=continuous": (
+        "transformers' continuous batching targets GPUs (a paged KV pool, CUDA graphs); "
+        "list it in space.scheduler to search it on CPU"
+    ),
     "quantization=int8-weight-only": (
         "torchao's int8 weight-only has no fast CPU kernel in eager mode (slower than fp32 here); "
         "list it in space.quantization to search it"
@@ -128,7 +132,9 @@ class SearchSpace:
         chosen: dict[str, Any] = {}
         for knob, values in self.values.items():
             name = self.param_name(knob)
-            if name == knob:
+            if len(values) == 1:  # nothing to choose: not a study parameter
+                chosen[knob] = values[0]
+            elif name == knob:
                 chosen[knob] = trial.suggest_categorical(knob, values)
             else:
                 chosen[knob] = values[trial.suggest_int(name, 0, len(values) - 1)]
@@ -139,6 +145,7 @@ class SearchSpace:
         return {
             self.param_name(k): (list(range(len(v))) if self.param_name(k) != k else list(v))
             for k, v in self.values.items()
+            if len(v) > 1
         }
 
     # -- rules ------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from autotune.config import Backend, Precision, Quantization
+from autotune.config import Backend, Precision, Quantization, Scheduler
 from autotune.errors import SpecError
 
 LatencyMetric = Literal["e2e_ms", "ttft_ms", "tpot_ms"]
@@ -138,6 +138,7 @@ class SpaceSpec(_Strict):
     streams: list[Annotated[int, Field(ge=1, le=64)]] | None = None
     backend: list[Backend] | None = None
     max_queue_delay_ms: list[Annotated[float, Field(ge=0, le=60_000)]] | None = None
+    scheduler: list[Scheduler] | None = None
 
     @field_validator("*", mode="after")
     @classmethod

@@ -59,7 +59,15 @@ def tuned(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_tune_measures_stores_and_exports(tuned: Path) -> None:
     doc = json.loads((tuned / "best.json").read_text())
     assert doc["schema_version"] == 1 and doc["study"] == "tiny" and doc["model"] == "preset:llama-tiny"
-    assert set(doc["config"]) == {"batch_size", "precision", "quantization", "streams", "backend", "max_queue_delay_ms"}
+    assert set(doc["config"]) == {
+        "batch_size",
+        "precision",
+        "quantization",
+        "streams",
+        "backend",
+        "max_queue_delay_ms",
+        "scheduler",
+    }
     for k in ("e2e_ms", "ttft_ms", "tpot_ms"):
         assert set(doc["metrics"][k]) == {"p50", "p90", "p95", "p99"}
     assert doc["metrics"]["output_tokens_per_s"] > 0 and doc["metrics"]["peak_memory_mb"] > 0

@@ -12,11 +12,13 @@ from autotune.optimize.base import Technique, is_torchao_available
 from autotune.optimize.compile import BACKENDS
 from autotune.optimize.precision import PRECISIONS
 from autotune.optimize.quantize import QUANTIZERS
+from autotune.optimize.schedule import SCHEDULERS
 
 REGISTRIES: dict[str, dict[str, Technique]] = {
     "precision": PRECISIONS,
     "quantization": QUANTIZERS,
     "backend": BACKENDS,
+    "scheduler": SCHEDULERS,
 }
 
-__all__ = ["BACKENDS", "PRECISIONS", "QUANTIZERS", "REGISTRIES", "Technique", "is_torchao_available"]
+__all__ = ["BACKENDS", "PRECISIONS", "QUANTIZERS", "REGISTRIES", "SCHEDULERS", "Technique", "is_torchao_available"]

@@ -1,0 +1,52 @@
+"""Schedulers: how queued requests become forward passes.
+
+``static`` is the engine's own dynamic batcher (a batch runs to completion, up to ``batch_size``
+rows, after waiting at most ``max_queue_delay_ms``). ``continuous`` hands requests to
+transformers' continuous batching (paged KV cache; finished rows are replaced every step), so
+short requests do not wait for the longest one in their batch. Neither changes the model, so
+``apply`` is the identity; the engine reads ``config.scheduler``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from autotune.config import TrialConfig
+from autotune.hardware import Hardware
+from autotune.optimize.base import Technique
+
+
+def _identity(model: Any, hw: Hardware) -> Any:
+    return model
+
+
+def _has_continuous_batching(hw: Hardware) -> str | None:
+    from importlib.util import find_spec
+
+    if find_spec("transformers.generation.continuous_batching") is None:
+        return f"transformers {hw.transformers_version} has no continuous batching (needs >= 4.56)"
+    return None
+
+
+def _continuous_conflict(cfg: TrialConfig, hw: Hardware) -> str | None:
+    if cfg.backend != "eager":
+        return "continuous batching runs its own forward loop: use backend eager"
+    if cfg.streams != 1:
+        return "continuous batching is one scheduler loop over the whole batch: use streams 1"
+    if cfg.max_queue_delay_ms:
+        return "continuous batching admits requests every step, a queue delay only adds latency: use 0"
+    if cfg.quantization == "int8-dynamic" and hw.device_type == "cpu":
+        return "fbgemm dynamic int8 modules need the static scheduler"
+    return None
+
+
+SCHEDULERS: dict[str, Technique] = {
+    "static": Technique("static", _identity, description="dynamic batcher; a batch runs to completion"),
+    "continuous": Technique(
+        "continuous",
+        _identity,
+        _has_continuous_batching,
+        _continuous_conflict,
+        description="transformers continuous batching with a paged KV cache",
+    ),
+}

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The GPU check of issue 3 as one command, for a machine with a GPU and no network.
+#
+#   bash bench/gpu_check.sh [--budget-s 450]      # result JSON in $OUT (if set) or bench/results/
+#
+# Packages the machine lacks (optuna, SQLAlchemy, Alembic, pydantic, torchao, ...) are installed
+# from wheel files in .whl/ (see bench/README.md for the download command), never from a network.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+missing=$(python3 -c '
+import importlib.util as u
+mods = ["optuna", "sqlalchemy", "alembic", "pydantic", "torchao", "yaml", "typer", "rich", "psutil"]
+print(" ".join(m for m in mods if u.find_spec(m) is None))')
+if [ -n "$missing" ]; then
+  if ! ls .whl/*.whl >/dev/null 2>&1; then
+    echo "gpu_check: missing Python packages ($missing) and no wheels in .whl/" >&2
+    exit 2
+  fi
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/autotune-site .whl/*.whl || exit 2
+  export PYTHONPATH="/tmp/autotune-site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false
+exec python3 bench/gpu_check.py --out "${OUT:-bench/results}" "$@"
