@@ -32,14 +32,25 @@ def _quiet_fds() -> object:
             os.close(fd)
 
 
-with _quiet_fds(), warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    import torch  # noqa: F401
-    import transformers  # noqa: F401
-    from transformers.models.llama import modeling_llama  # noqa: F401
+# torchao stays out of the fork server: importing it queries the GPU, which initializes CUDA, and
+# a process with CUDA initialized cannot fork children that use CUDA. A ``None`` entry makes
+# ``import torchao`` fail and ``find_spec`` answer "absent" while preloading; trials that
+# quantize import it themselves (about a second).
+_hidden = "torchao" not in sys.modules
+if _hidden:
+    sys.modules["torchao"] = None  # type: ignore[assignment]
+try:
+    with _quiet_fds(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import torch
+        import transformers  # noqa: F401
+        from transformers.models.llama import modeling_llama  # noqa: F401
 
-    import autotune.engine
-    import autotune.measure  # noqa: F401
+        import autotune.engine
+        import autotune.measure  # noqa: F401
+finally:
+    if _hidden:
+        del sys.modules["torchao"]
 
-    with contextlib.suppress(ImportError):
-        import torchao  # noqa: F401
+if torch.cuda.is_initialized():  # a module above touched the GPU: children could not use CUDA
+    raise RuntimeError("CUDA was initialized while preloading the trial fork server")

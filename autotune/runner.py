@@ -66,8 +66,27 @@ def _tail(path: Path) -> str:
     return data.decode("utf-8", "replace")
 
 
+_FORK_CUDA_ERROR = "Cannot re-initialize CUDA in forked subprocess"
+
+
 def run_child(job: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-    """Run a job in a fresh child process; return its result or raise TrialFailure."""
+    """Run a job in a fresh child process; return its result or raise TrialFailure.
+
+    Should the fork server ever come up with CUDA initialized (an import that queries the GPU),
+    forked children cannot use the GPU; the job is then rerun once with, and every later job
+    uses, fresh spawned processes (slower to start, always CUDA-safe).
+    """
+    global _ctx
+    try:
+        return _run_child(job, timeout_s)
+    except TrialFailure as err:
+        if _FORK_CUDA_ERROR not in err.reason or _ctx is None or _ctx.get_start_method() == "spawn":
+            raise
+        _ctx = mp.get_context("spawn")
+        return _run_child(job, timeout_s)
+
+
+def _run_child(job: dict[str, Any], timeout_s: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="autotune-trial-") as tmp:
         result_path, log_path = Path(tmp) / "result.json", Path(tmp) / "log.txt"
         # The fault hook travels in the job: the fork server's environment is frozen at its start.
