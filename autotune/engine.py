@@ -85,23 +85,44 @@ class BuildTimings:
         return dict(self.__dict__)
 
 
-class _TokenClock:
-    """A transformers streamer that timestamps the first generated token (and counts steps)."""
+class _FirstTokenClock:
+    """A logits processor that marks when the first new token's logits exist (prefill done).
 
-    def __init__(self, sync: Any = None) -> None:
+    A transformers streamer would do this too, but generate() copies every step's tokens to
+    the host for it, a device sync per step that stops the CPU from queueing the next step
+    while the GPU works (measured on an H200: see bench/gpu_diag.py). On a GPU this records a
+    CUDA event instead and reads it once the batch is done; on a CPU it reads the clock.
+    """
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
         self.calls = 0
         self.t_first: float | None = None
-        self._sync = sync
+        self.start_event: Any = None
+        self.first_event: Any = None
+        if cuda:
+            import torch
 
-    def put(self, value: Any) -> None:
+            self.start_event = torch.cuda.Event(enable_timing=True)
+            self.start_event.record()
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        if self.calls == 0:
+            if self.cuda:
+                import torch
+
+                self.first_event = torch.cuda.Event(enable_timing=True)
+                self.first_event.record()
+            else:
+                self.t_first = time.perf_counter()
         self.calls += 1
-        if self.calls == 2:  # call 1 is the prompt, call 2 the first new token
-            if self._sync is not None:
-                self._sync()
-            self.t_first = time.perf_counter()
+        return scores
 
-    def end(self) -> None:
-        pass
+    def first_token_time(self, t_start: float) -> float | None:
+        """perf_counter time of the first token (call after the batch has synchronized)."""
+        if self.cuda and self.first_event is not None:
+            return t_start + self.start_event.elapsed_time(self.first_event) / 1000.0
+        return self.t_first
 
 
 class EngineClosed(RuntimeError):
@@ -320,9 +341,10 @@ class Engine:
             mask[i, width - n :] = 1
         mask[rows:, -1] = 1  # padding rows attend to one token so softmax stays finite
         device = self.hardware.device
-        sync = torch.cuda.current_stream().synchronize if self.hardware.device_type == "cuda" else None
-        clock = _TokenClock(sync)
+        from transformers import LogitsProcessorList
+
         t_start = time.perf_counter()
+        clock = _FirstTokenClock(self.hardware.device_type == "cuda")
         with torch.inference_mode():
             out = self.model.generate(
                 input_ids=ids.to(device),
@@ -331,11 +353,11 @@ class Engine:
                 min_new_tokens=new_tokens,
                 do_sample=False,
                 pad_token_id=self.pad_id,
-                streamer=clock,
+                logits_processor=LogitsProcessorList([clock]),
             )
             generated = out[:, width:].tolist()  # .tolist() synchronizes with the device
         t_end = time.perf_counter()
-        t_first = clock.t_first if clock.t_first is not None else t_end
+        t_first = clock.first_token_time(t_start) or t_end
         return [
             GenerationResult(
                 request_id=p.request_id,
