@@ -177,6 +177,8 @@ class Trial(Base):
     #: ``{"edges": [...], "counts": [...]}`` of the e2e latency samples (ms).
     latency_histogram: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     e2e_samples: Mapped[list[Any] | None] = mapped_column(JSON)
+    #: Figures added later (``prefill_ms``, ``mean_prompt_tokens``, ``memory``, ``roofline``); NaN stored as null.
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
     failure_kind: Mapped[str | None] = mapped_column(String(32))
     failure_reason: Mapped[str | None] = mapped_column(Text)

@@ -113,6 +113,7 @@ def measurement_columns(measurement: Mapping[str, Any] | None) -> dict[str, Any]
         timings=None,
         latency_histogram=None,
         e2e_samples=None,
+        metrics=None,
     )
     if measurement is None:
         return cols
@@ -132,8 +133,28 @@ def measurement_columns(measurement: Mapping[str, Any] | None) -> dict[str, Any]
         timings=dict(m.get("timings") or {}),
         latency_histogram=histogram(samples),
         e2e_samples=cap_samples(samples),
+        metrics={k: _nan_to_none(m[k]) for k in EXTRA_METRICS if k in m},
     )
     return cols
+
+
+#: Measurement fields kept in the ``metrics`` JSON column (revision 0002).
+EXTRA_METRICS = ("prefill_ms", "mean_prompt_tokens", "memory", "roofline")
+
+
+def _nan_to_none(value: Any) -> Any:
+    """JSON has no NaN (PostgreSQL rejects it): store null, read back NaN."""
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def _none_to_nan(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _none_to_nan(v) for k, v in value.items()}
+    return math.nan if value is None else value
 
 
 def measurement_dict(trial: Trial) -> dict[str, Any] | None:
@@ -157,6 +178,7 @@ def measurement_dict(trial: Trial) -> dict[str, Any] | None:
         e2e_samples_ms=list(trial.e2e_samples or []),
         stopped_by=trial.stopped_by or "requests",
     )
+    out.update({k: _none_to_nan(v) for k, v in (trial.metrics or {}).items() if k in EXTRA_METRICS})
     return out
 
 
