@@ -89,9 +89,10 @@ class _FirstTokenClock:
     """A logits processor that marks when the first new token's logits exist (prefill done).
 
     A transformers streamer would do this too, but generate() copies every step's tokens to
-    the host for it, a device sync per step that stops the CPU from queueing the next step
-    while the GPU works (measured on an H200: see bench/gpu_diag.py). On a GPU this records a
-    CUDA event instead and reads it once the batch is done; on a CPU it reads the clock.
+    the host for it (``tokens.cpu()``), a device sync per step that keeps the CPU from queueing
+    the next step while the GPU works; bench/gpu_diag.py measures what that costs. On a GPU
+    this records a CUDA event instead and reads it once the batch is done; on a CPU it reads
+    the clock.
     """
 
     def __init__(self, cuda: bool) -> None:

@@ -231,6 +231,8 @@ BAD_INPUTS = [
     (["best", "nosuchstudy"], "no study named 'nosuchstudy'"),
     (["measure", str(TINY_SPEC), "--config", "{bad_config}"], "batch_size: Input should be greater than or equal to 1"),
     (["measure", str(TINY_SPEC)], "give exactly one of --config FILE or --baseline"),
+    (["tune", str(TINY_SPEC), "--device", "gpu0"], "--device: device: String should match pattern"),
+    (["tune", str(TINY_SPEC), "--device", "cuda:1"], "device cuda:1 requested but"),
 ]
 
 

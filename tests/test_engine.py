@@ -122,3 +122,32 @@ def test_inductor_backend_compiles_once_and_matches_eager(hw: Hardware) -> None:
     with Engine.build(TINY, TrialConfig(batch_size=2), hw) as eager:
         want = eager.generate([[10, 11, 12, 13, 14, 15]], 4)[0].output_ids
     assert got == want
+
+
+def test_continuous_scheduler_matches_static_batches(hw: Hardware) -> None:
+    ps = prompts(6)
+    with Engine.build(TINY, TrialConfig(batch_size=4), hw, prompt_pad_to=12, max_context=24) as static:
+        expected = [r.output_ids for r in static.generate(ps, 6)]
+    cfg = TrialConfig(batch_size=4, scheduler="continuous")
+    with Engine.build(TINY, cfg, hw, prompt_pad_to=12, max_context=24) as engine:
+        results = engine.generate(ps, 6)
+        again = engine.run_batch(ps[:2], 6)
+    assert [r.output_ids for r in results] == expected and again == expected[:2]
+    for r in results:
+        assert r.t_submit <= r.t_start <= r.t_first_token <= r.t_end
+        assert 1 <= r.batch_rows <= 4
+
+
+def test_continuous_scheduler_refuses_requests_after_stop(hw: Hardware) -> None:
+    engine = Engine.build(TINY, TrialConfig(batch_size=2, scheduler="continuous"), hw, max_context=32).start()
+    engine.generate(prompts(1), 2)
+    engine.stop()
+    with pytest.raises(EngineClosed):
+        engine.submit(prompts(1)[0], 2)
+
+
+def test_first_token_time_is_the_prefill_not_the_whole_batch(hw: Hardware) -> None:
+    with Engine.build(TINY, TrialConfig(batch_size=2), hw) as engine:
+        (r,) = engine.generate(prompts(1), 24)
+    prefill, total = r.t_first_token - r.t_start, r.t_end - r.t_start
+    assert 0 < prefill < total / 4  # one forward pass of 24, not the whole generate call

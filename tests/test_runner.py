@@ -31,6 +31,29 @@ def test_trial_returns_a_real_measurement(spec: StudySpec, hw: Hardware) -> None
     assert m.output_tokens_per_s > 0 and 0 < m.e2e_ms["p50"] <= m.e2e_ms["p99"]
     assert m.memory_kind == "process_peak_rss" and m.peak_memory_mb > 50
     assert m.timings["load_s"] > 0 and "warmup_s" in m.timings
+    assert m.memory["process_peak_rss_mb"] > 50 and m.mean_prompt_tokens > 0
+    assert 0 < m.prefill_ms["p50"] <= m.ttft_ms["p99"]
+    assert 0 < m.roofline["decode_fraction"] < 1 and 0 < m.roofline["prefill_fraction"] < 1
+    assert m.roofline["decode_step_ms"] == m.tpot_ms["p50"]
+
+
+def test_preflight_measures_the_device_ceilings(hw: Hardware) -> None:
+    c = hw.ceilings()
+    assert c is not None and c.memory_gb_s > 0.1 and c.matmul_tflops > 0
+    assert hw.fingerprint() == hw.model_copy(update={"memory_gb_s": 1.0}).fingerprint()  # noise is not identity
+
+
+def test_fork_server_preload_keeps_torchao_out_but_importable() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, autotune._preload; assert 'torchao' not in sys.modules, 'preloaded';"
+        "import torch; assert not torch.cuda.is_initialized();"
+        "import torchao.quantization; print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip().endswith("ok"), out.stderr[-2000:]
 
 
 @pytest.mark.parametrize(

@@ -127,3 +127,31 @@ def test_ordinal_knobs_are_searched_by_rank() -> None:
     cfg = s.suggest(trial)
     assert cfg.batch_size == 16 and cfg.streams == 2 and cfg.max_queue_delay_ms == 0.0
     assert s.optuna_grid()["batch_size_rank"] == [0, 1, 2]
+
+
+def test_continuous_scheduler_rules() -> None:
+    s = SearchSpace.from_spec(spec(scheduler=["static", "continuous"]), make_hw("cuda", (9, 0), 80_000))
+    assert s.values["scheduler"] == ["static", "continuous"]
+    ok = TrialConfig(batch_size=8, precision="bf16", scheduler="continuous")
+    assert s.check(ok) is None
+    assert "streams 1" in (s.check(ok.model_copy(update={"streams": 2})) or "")
+    assert "backend eager" in (s.check(ok.model_copy(update={"backend": "inductor"})) or "")
+    assert "queue delay" in (s.check(ok.model_copy(update={"max_queue_delay_ms": 5.0})) or "")
+
+
+def test_cpu_default_space_leaves_continuous_batching_out_with_a_reason() -> None:
+    s = SearchSpace.from_spec(spec(), make_hw())
+    assert s.values["scheduler"] == ["static"]
+    assert "list it in space.scheduler" in s.dropped["scheduler=continuous"]
+    gpu = SearchSpace.from_spec(spec(), make_hw("cuda", (9, 0), 80_000))
+    assert gpu.values["scheduler"] == ["static", "continuous"]
+
+
+def test_single_valued_knobs_are_not_study_parameters() -> None:
+    s = SearchSpace.from_spec(spec(backend=["eager"], streams=[1], batch_size=[1, 2, 4]), make_hw())
+    trial = optuna.trial.FixedTrial(
+        {"batch_size_rank": 2, "precision": "fp32", "quantization": "none"} | {s.param_name("max_queue_delay_ms"): 0}
+    )
+    cfg = s.suggest(trial)
+    assert cfg.backend == "eager" and cfg.streams == 1 and cfg.scheduler == "static" and cfg.batch_size == 4
+    assert "backend" not in s.optuna_grid() and "scheduler" not in s.optuna_grid()
