@@ -255,7 +255,7 @@ def _run_with_progress(tuner: Any) -> Any:
     def on_trial_end(study: Any, trial: Any, best: Any) -> None:
         if best is not None:
             state["best"] = f"{best.values[0]:,.0f} tok/s"
-        progress.update(task, completed=min(tuner.counted(study), tuner.budget))
+        progress.update(task, completed=min(tuner.spent, tuner.budget))
         m = trial_measurement(trial)
         if "duplicate_of" in trial.user_attrs:
             progress.console.print(

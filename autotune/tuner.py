@@ -7,12 +7,14 @@ Trial counts are a study budget: re-running the same study resumes toward the sa
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import math
 import os
 import resource
 import socket
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -45,10 +47,101 @@ HEARTBEAT_S = 30
 
 # Trial user-attribute keys (the store's vocabulary, read by best/export/dashboard).
 A_CONFIG, A_MEASUREMENT, A_CONSTRAINTS, A_FEASIBLE = "config", "measurement", "constraints", "feasible"
-A_FAILURE, A_REJECTED, A_DUPLICATE, A_VIOLATIONS = "failure", "rejected", "duplicate_of", "violations"
+A_FAILURE, A_REJECTED, A_DUPLICATE = "failure", "rejected", "duplicate_of"
 #: Study attribute: config_key -> {"ok": bool, "runs": [...]} from re-measuring winners.
 A_CONFIRMATIONS = "confirmations"
 MAX_CONFIRM_CANDIDATES = 3
+#: Study attribute prefix: per-worker ``{storage_s, storage_calls, trial_process_s, trials, wall_s}``.
+A_WORKER_STATS = "worker_stats"
+
+
+def _spent(t: FrozenTrial) -> bool:
+    """Did this trial spend budget: measured, or failed with a verdict (not a repeat, not a lost worker)?"""
+    if t.state not in (TrialState.COMPLETE, TrialState.FAIL) or A_DUPLICATE in t.user_attrs:
+        return False
+    return t.state == TrialState.COMPLETE or A_FAILURE in t.user_attrs
+
+
+def write_trial_attrs(trial: optuna.Trial, user: dict[str, Any], constraints: dict[str, float]) -> None:
+    """Write a running trial's user attributes and named constraints in one transaction.
+
+    Optuna's public API commits once per attribute (a dozen commits per trial, the bulk of a
+    tiny trial's storage time); its RDB storage writes an attribute inside a caller's session
+    through a private helper, used here when present. Any other storage, or an Optuna without
+    that helper, gets the public one-call-per-attribute path: same result, more commits.
+    """
+    storage = trial.storage
+    backend = getattr(storage, "_backend", storage)
+    writer = getattr(backend, "_set_trial_attr_without_commit", None)
+    try:
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+        from optuna.trial._trial import _CONSTRAINTS_KEY
+    except ImportError:
+        writer = None
+    if not isinstance(backend, optuna.storages.RDBStorage) or writer is None:
+        for key, value in user.items():
+            trial.set_user_attr(key, value)
+        for name, value in constraints.items():
+            trial.set_constraint(name, value)
+        return
+    system = {f"{_CONSTRAINTS_KEY}:{name}": float(value) for name, value in constraints.items()}
+    with _create_scoped_session(backend.scoped_session, True) as session:
+        for key, value in user.items():
+            writer(session, models.TrialUserAttributeModel, trial._trial_id, key, value)
+        for key, value in system.items():
+            writer(session, models.TrialSystemAttributeModel, trial._trial_id, key, value)
+    cached = getattr(trial, "_cached_frozen_trial", None)  # what trial.user_attrs reads back
+    if cached is not None:
+        cached.user_attrs.update(user)
+        cached.system_attrs.update(system)
+
+
+class StorageClock:
+    """Seconds this process spends inside storage calls (Optuna's RDB storage and autotune's tables).
+
+    Wraps an object's public methods in place, so every caller (the study, the sampler, the
+    heartbeat thread, the repository) is timed without a proxy Optuna would not accept.
+    """
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.calls = 0
+        self.by_method: dict[str, list[float]] = {}  # name -> [calls, seconds]
+        self._lock = threading.Lock()
+
+    #: Private methods that do storage work for Optuna's trial cache.
+    PRIVATE = ("_get_trials",)
+
+    def wrap(self, obj: Any) -> Any:
+        for name in dir(obj):
+            if name.startswith("_") and name not in self.PRIVATE:
+                continue
+            attr = getattr(obj, name, None)
+            if inspect.ismethod(attr):
+                setattr(obj, name, self._timed(attr))
+        return obj
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Call ``fn`` as a timed storage call."""
+        return self._timed(fn)(*args)
+
+    def _timed(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                dt = time.perf_counter() - t
+                with self._lock:
+                    self.seconds += dt
+                    self.calls += 1
+                    entry = self.by_method.setdefault(fn.__name__, [0, 0.0])
+                    entry[0] += 1
+                    entry[1] += dt
+
+        return call
 
 
 def constraint_values(m: Measurement, slo: list[Constraint]) -> list[float]:
@@ -158,12 +251,11 @@ def is_feasible(trial: FrozenTrial) -> bool:
     return trial.state == TrialState.COMPLETE and bool(trial.user_attrs.get(A_FEASIBLE))
 
 
-def best_feasible(study: optuna.Study) -> FrozenTrial | None:
+def best_feasible(study: optuna.Study, trials: list[FrozenTrial] | None = None) -> FrozenTrial | None:
     """The highest-throughput trial that met every SLO clause, and every re-measurement of it."""
     failed = {k for k, v in study.user_attrs.get(A_CONFIRMATIONS, {}).items() if not v["ok"]}
-    feasible = [
-        t for t in study.get_trials(deepcopy=False) if is_feasible(t) and t.user_attrs["config_key"] not in failed
-    ]
+    trials = study.get_trials(deepcopy=False) if trials is None else trials
+    feasible = [t for t in trials if is_feasible(t) and t.user_attrs["config_key"] not in failed]
     return max(feasible, key=lambda t: t.values[0], default=None)
 
 
@@ -235,10 +327,13 @@ class Tuner:
         self.budget = self.trials or self.spec.budget.trials
         self.space = SearchSpace.from_spec(self.spec, self.hardware, self.model)
         self.slo = list(self.spec.slo)
+        self._unrecorded: dict[int, dict[str, Any]] = {}  # full measurements (with samples) until record()
+        self.clock = StorageClock()
+        self.spent = 0  # budget spent, as of the last finished trial
 
     # -- study set-up ---------------------------------------------------------------------------
     def open_study(self) -> optuna.Study:
-        storage = open_storage(self.storage_url)
+        storage = self.clock.wrap(open_storage(self.storage_url))
         sampler_name = self.sampler or self.spec.sampler
         seed = self.spec.seed if self.seed is None else self.seed
         sampler = make_sampler(sampler_name, seed, len(self.slo), self.space)
@@ -257,7 +352,7 @@ class Tuner:
         from autotune.store import Repository
 
         ensure_schema(self.storage_url)
-        self.repository = Repository.open(self.storage_url)
+        self.repository = self.clock.wrap(Repository.open(self.storage_url))
         self.repository.upsert_study(
             self.name,
             spec=self.spec.model_dump(mode="json"),
@@ -279,7 +374,7 @@ class Tuner:
             config_key=trial.user_attrs["config_key"],
             state=store_state(trial),
             feasible=trial.user_attrs.get(A_FEASIBLE),
-            measurement=trial.user_attrs.get(A_MEASUREMENT),
+            measurement=self._unrecorded.pop(trial.number, None) or trial.user_attrs.get(A_MEASUREMENT),
             constraints=trial.user_attrs.get(A_CONSTRAINTS),
             duplicate_of=trial.user_attrs.get(A_DUPLICATE),
             failure=trial.user_attrs.get(A_FAILURE),
@@ -341,85 +436,86 @@ class Tuner:
 
         return run_trial(self.spec, cfg, self.hardware)
 
-    def counted(self, study: optuna.Study) -> int:
-        """Trials that spent the budget: measured or failed ones.
+    def counted(self, study: optuna.Study, trials: list[FrozenTrial] | None = None) -> int:
+        """Trials that spent the budget: measured or failed ones (``trials``: an already fetched list).
 
         Free: repeats of a known config, and trials whose process died or was interrupted without a
         verdict (a killed worker, Ctrl-C): those are failed by Optuna and run again.
         """
-        done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
-        return sum(
-            A_DUPLICATE not in t.user_attrs and (t.state == TrialState.COMPLETE or A_FAILURE in t.user_attrs)
-            for t in done
-        )
+        return sum(_spent(t) for t in (study.get_trials(deepcopy=False) if trials is None else trials))
 
-    def _duplicate_of(self, study: optuna.Study, cfg: TrialConfig, number: int) -> FrozenTrial | None:
+    def _duplicate_of(self, trials: list[FrozenTrial], cfg: TrialConfig, number: int) -> FrozenTrial | None:
         """An earlier trial that already ran this exact config (measured, or failed for good)."""
         key = cfg.key()
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
-            same = t.number != number and t.user_attrs.get("config_key") == key and A_DUPLICATE not in t.user_attrs
-            if same and (t.state == TrialState.COMPLETE or A_FAILURE in t.user_attrs):
+        for t in trials:
+            if t.number != number and t.user_attrs.get("config_key") == key and _spent(t):
                 return t
         return None
 
-    def _set_constraints(self, trial: optuna.Trial, values: list[float]) -> None:
-        trial.set_user_attr(A_CONSTRAINTS, values)
-        if NATIVE_CONSTRAINTS:
-            for c, v in zip(self.slo, values, strict=True):
-                trial.set_constraint(c.name, v)
+    def _write(self, trial: optuna.Trial, attrs: dict[str, Any], constraints: list[float] | None = None) -> None:
+        """Set user attributes (and the SLO constraints) of a running trial in one storage transaction."""
+        if constraints is not None:
+            attrs = {**attrs, A_CONSTRAINTS: constraints}
+        native = dict(zip((c.name for c in self.slo), constraints, strict=True)) if constraints is not None else {}
+        self.clock.call(write_trial_attrs, trial, attrs, native if NATIVE_CONSTRAINTS else {})
+
+    def _reject(self, trial: optuna.Trial, reason: str, attrs: dict[str, Any] | None = None) -> optuna.TrialPruned:
+        self._write(trial, {**(attrs or {}), A_REJECTED: reason}, [1.0] * len(self.slo))
+        return optuna.TrialPruned(reason)
 
     def objective(self, trial: optuna.Trial) -> tuple[float, ...]:
         # Several workers may pass the budget check at the same moment; the running trials with the
         # highest numbers yield, so the study ends at exactly its budget.
-        running = sorted(t.number for t in trial.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
-        if trial.number in running and self.counted(trial.study) + running.index(trial.number) >= self.budget:
-            trial.set_user_attr(A_REJECTED, "budget already taken by other workers' trials")
-            self._set_constraints(trial, [1.0] * len(self.slo))
-            raise optuna.TrialPruned("budget spent")
+        # One read of the trial list serves the budget check and the duplicate lookup.
+        trials = trial.study.get_trials(deepcopy=False)
+        running = sorted(t.number for t in trials if t.state == TrialState.RUNNING)
+        if trial.number in running and self.counted(trial.study, trials) + running.index(trial.number) >= self.budget:
+            raise self._reject(trial, "budget already taken by other workers' trials")
         cfg = self.space.suggest(trial)
-        trial.set_user_attr(A_CONFIG, cfg.model_dump(mode="json"))
-        trial.set_user_attr("config_key", cfg.key())
+        known = {A_CONFIG: cfg.model_dump(mode="json"), "config_key": cfg.key()}
         reason = self.space.check(cfg)
         if reason:
-            trial.set_user_attr(A_REJECTED, reason)
-            self._set_constraints(trial, [1.0] * len(self.slo))
-            raise optuna.TrialPruned(reason)
-        dup = self._duplicate_of(trial.study, cfg, trial.number)
+            raise self._reject(trial, reason, known)
+        dup = self._duplicate_of(trials, cfg, trial.number)
         if dup is not None and dup.state == TrialState.FAIL:
             f = dup.user_attrs[A_FAILURE]
-            trial.set_user_attr(A_REJECTED, f"same config failed in trial {dup.number} ({f['kind']}): {f['reason']}")
-            self._set_constraints(trial, [1.0] * len(self.slo))
-            raise optuna.TrialPruned(trial.user_attrs.get(A_REJECTED))
+            raise self._reject(trial, f"same config failed in trial {dup.number} ({f['kind']}): {f['reason']}", known)
         if dup is not None:
-            for k in (A_MEASUREMENT, A_FEASIBLE, A_VIOLATIONS, A_FAILURE):
-                if k in dup.user_attrs:
-                    trial.set_user_attr(k, dup.user_attrs[k])
-            self._set_constraints(trial, list(dup.user_attrs[A_CONSTRAINTS]))
-            trial.set_user_attr(A_DUPLICATE, dup.number)
+            copied = {k: dup.user_attrs[k] for k in (A_MEASUREMENT, A_FEASIBLE, A_FAILURE) if k in dup.user_attrs}
+            self._write(trial, {**known, **copied, A_DUPLICATE: dup.number}, list(dup.user_attrs[A_CONSTRAINTS]))
             return tuple(dup.values)
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-        trial.set_user_attr("device", f"{self.hardware.device} ({self.hardware.device_name})")
+        worker = {"worker": f"{socket.gethostname()}:{os.getpid()}"}
+        worker["device"] = f"{self.hardware.device} ({self.hardware.device_name})"
+        self._write(trial, {**known, **worker})  # before measuring: a worker that dies leaves its config behind
         self.events.on_trial_start(trial.number, cfg)
         t0 = time.perf_counter()
         try:
             m = self._measure(cfg)
         except TrialFailure as err:
-            trial.set_user_attr("trial_process_s", time.perf_counter() - t0)
-            trial.set_user_attr(A_FAILURE, {"kind": err.kind, "reason": err.reason, "log": err.log[-4000:]})
+            failed = {
+                "trial_process_s": time.perf_counter() - t0,
+                A_FAILURE: {"kind": err.kind, "reason": err.reason, "log": err.log[-4000:]},
+            }
             if err.kind not in INFEASIBLE_FAILURES:
+                self._write(trial, failed)
                 raise
             # Out of memory or too slow is an answer about this config: record it as infeasible so
             # the sampler learns to avoid the region, instead of a FAIL it would ignore.
-            self._set_constraints(trial, [1.0] * len(self.slo))
-            trial.set_user_attr(A_FEASIBLE, False)
+            self._write(trial, {**failed, A_FEASIBLE: False}, [1.0] * len(self.slo))
             return self._values(0.0, math.inf)
         # Time inside the trial process; the rest of a trial's wall time is the parent's (sampling, storage).
-        trial.set_user_attr("trial_process_s", time.perf_counter() - t0)
+        process_s = time.perf_counter() - t0
         cons = constraint_values(m, self.slo)
-        trial.set_user_attr(A_MEASUREMENT, m.to_dict())
-        self._set_constraints(trial, cons)
-        trial.set_user_attr(A_FEASIBLE, all(c <= 0 for c in cons))
-        trial.set_user_attr(A_VIOLATIONS, [c.describe() for c, v in zip(self.slo, cons, strict=True) if v > 0])
+        full = m.to_dict()
+        # The latency samples go to autotune's own table only: every later read of the trial list
+        # (several per trial, in every worker) would otherwise parse them again.
+        self._unrecorded[trial.number] = full
+        result = {
+            "trial_process_s": process_s,
+            A_MEASUREMENT: {k: v for k, v in full.items() if k != "e2e_samples_ms"},
+            A_FEASIBLE: all(c <= 0 for c in cons),
+        }
+        self._write(trial, result, cons)
         return self._values(m.output_tokens_per_s, m.value(self.spec.second_objective))
 
     def _values(self, tokens_per_s: float, latency_ms: float) -> tuple[float, ...]:
@@ -429,7 +525,7 @@ class Tuner:
     def run(self, study: optuna.Study | None = None) -> optuna.Study:
         """Run trials until the budget is spent; ``study`` may come from :meth:`open_study`."""
         study = study or self.open_study()
-        done = self.counted(study)
+        done = self.spent = self.counted(study)
         self.events.on_start(done, self.budget)
         max_attempts = self.budget * 10 + 50
         attempts = [0]
@@ -438,16 +534,23 @@ class Tuner:
         def stop_when_spent(study: optuna.Study, trial: FrozenTrial) -> None:
             attempts[0] += 1
             self.record(trial)
-            self.events.on_trial_end(study, trial, best_feasible(study))
+            trials = study.get_trials(deepcopy=False)
+            self.spent = self.counted(study, trials)
+            self.events.on_trial_end(study, trial, best_feasible(study, trials))
 
         timeout = self.timeout_s or self.spec.budget.timeout_s
         deadline = time.monotonic() + timeout if timeout else math.inf
-        while self.counted(study) < self.budget and attempts[0] < max_attempts and time.monotonic() < deadline:
-            distinct = {t.user_attrs.get("config_key") for t in study.get_trials(deepcopy=False)}
+        t_run = time.perf_counter()
+        while attempts[0] < max_attempts and time.monotonic() < deadline:
+            trials = study.get_trials(deepcopy=False)
+            spent = self.counted(study, trials)
+            if spent >= self.budget:
+                break
+            distinct = {t.user_attrs.get("config_key") for t in trials}
             if len(distinct - {None}) >= grid_total:
                 break
-            running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
-            if self.counted(study) + running >= self.budget:
+            running = sum(t.state == TrialState.RUNNING for t in trials)
+            if spent + running >= self.budget:
                 # Other workers hold the last slots of the budget: wait for them rather than overshoot.
                 optuna.storages.fail_stale_trials(study)
                 time.sleep(WAIT_FOR_OTHERS_S)
@@ -462,6 +565,7 @@ class Tuner:
                 callbacks=[stop_when_spent],
                 timeout=None if remaining == math.inf else max(remaining, 0.0),
             )
+        self._record_worker_stats(study, time.perf_counter() - t_run)
         self.confirm(study)
         study.set_user_attr("updated_at", time.time())
         if self.repository is not None:
@@ -470,6 +574,20 @@ class Tuner:
         # The parent's own peak memory: it never loads a model, so this stays flat however many trials run.
         study.set_user_attr("tuner_peak_rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         return study
+
+    def _record_worker_stats(self, study: optuna.Study, wall_s: float) -> None:
+        """What this process spent where: in storage calls vs in trial processes (bench/workers.py reads it)."""
+        me = f"{socket.gethostname()}:{os.getpid()}"
+        mine = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("worker") == me]
+        stats = {
+            "storage_s": self.clock.seconds,
+            "storage_calls": self.clock.calls,
+            "trial_process_s": sum(float(t.user_attrs.get("trial_process_s", 0.0)) for t in mine),
+            "trials": len(mine),
+            "wall_s": wall_s,
+            "by_method": {k: [int(v[0]), round(v[1], 4)] for k, v in self.clock.by_method.items()},
+        }
+        study.set_user_attr(f"{A_WORKER_STATS}.{me}", stats)
 
     def confirm(self, study: optuna.Study) -> None:
         """Re-measure the winner ``confirm_runs`` times; if any run misses the SLO, pass it over.
