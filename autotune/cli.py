@@ -143,11 +143,18 @@ def _config_table(cfg: dict[str, Any], title: str) -> Table:
 
 def _run(fn: Callable[[], None]) -> None:
     """Run a command body, mapping our errors to one line and an exit code."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     try:
         fn()
     except AutotuneError as e:
         err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
         raise typer.Exit(e.exit_code) from None
+    except SQLAlchemyError as e:  # the database failed under us, past the tuner's own retries
+        from autotune.tuner import storage_error
+
+        err.print(f"[red]error:[/red] {escape(str(storage_error(e)))}", highlight=False)
+        raise typer.Exit(2) from None
     except KeyboardInterrupt:
         err.print("interrupted; run the same command again to resume the study")
         raise typer.Exit(130) from None
@@ -296,7 +303,10 @@ def _run_with_progress(tuner: Any) -> Any:
             highlight=False,
         )
 
-    tuner.events = TuneEvents(on_start, on_trial_start, on_trial_end, on_confirm)
+    def on_storage_lost(message: str) -> None:
+        progress.console.print(f"  [yellow]waiting for the database:[/yellow] {escape(message)}")
+
+    tuner.events = TuneEvents(on_start, on_trial_start, on_trial_end, on_confirm, on_storage_lost)
     study = tuner.open_study()  # spec/hardware mismatches are reported before any progress output
     with progress:
         return tuner.run(study)

@@ -7,6 +7,7 @@ Trial counts are a study budget: re-running the same study resumes toward the sa
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
@@ -24,6 +25,7 @@ from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy import exc as sa_exc
 
 from autotune import __version__
 from autotune.config import TrialConfig
@@ -44,6 +46,9 @@ WAIT_FOR_OTHERS_S = 1.0
 #: Failure kinds that say "this config cannot meet the SLO here" rather than "something broke".
 INFEASIBLE_FAILURES = ("oom", "timeout")
 HEARTBEAT_S = 30
+#: How long a study waits for a database that went away before giving up (it resumes when re-run).
+STORAGE_RETRY_S = float(os.environ.get("AUTOTUNE_STORAGE_RETRY_S", 120))
+STORAGE_RETRY_PAUSE_S = 2.0
 
 # Trial user-attribute keys (the store's vocabulary, read by best/export/dashboard).
 A_CONFIG, A_MEASUREMENT, A_CONSTRAINTS, A_FEASIBLE = "config", "measurement", "constraints", "feasible"
@@ -53,6 +58,34 @@ A_CONFIRMATIONS = "confirmations"
 MAX_CONFIRM_CANDIDATES = 3
 #: Study attribute prefix: per-worker ``{storage_s, storage_calls, trial_process_s, trials, wall_s}``.
 A_WORKER_STATS = "worker_stats"
+
+
+def _lost_connection(exc: BaseException) -> BaseException | None:
+    """The database connection error behind ``exc``, if any (Optuna may raise another error while
+    handling it, e.g. when it cannot record a trial's state), else None."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, (sa_exc.OperationalError, sa_exc.InterfaceError)):
+            return cur
+        if isinstance(cur, sa_exc.DBAPIError) and cur.connection_invalidated:
+            return cur
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def _first_line(err: BaseException) -> str:
+    orig = getattr(err, "orig", None) or err
+    return (str(orig).strip().splitlines() or [type(orig).__name__])[0]
+
+
+def storage_error(err: BaseException) -> StorageError:
+    """A one-line StorageError for a database failure, saying the study is safe to resume."""
+    return StorageError(
+        f"lost the study database ({_first_line(err)}); finished trials are stored: "
+        "run the same command again to resume"
+    )
 
 
 def _spent(t: FrozenTrial) -> bool:
@@ -95,6 +128,17 @@ def write_trial_attrs(trial: optuna.Trial, user: dict[str, Any], constraints: di
     if cached is not None:
         cached.user_attrs.update(user)
         cached.system_attrs.update(system)
+
+
+def _tolerant(beat: Callable[[int], None]) -> Callable[[int], None]:
+    """A heartbeat that skips a beat while the database is away instead of killing its thread."""
+
+    @functools.wraps(beat)
+    def call(trial_id: int) -> None:
+        with contextlib.suppress(sa_exc.SQLAlchemyError, optuna.exceptions.StorageInternalError):
+            beat(trial_id)
+
+    return call
 
 
 class StorageClock:
@@ -251,9 +295,18 @@ def is_feasible(trial: FrozenTrial) -> bool:
     return trial.state == TrialState.COMPLETE and bool(trial.user_attrs.get(A_FEASIBLE))
 
 
-def best_feasible(study: optuna.Study, trials: list[FrozenTrial] | None = None) -> FrozenTrial | None:
-    """The highest-throughput trial that met every SLO clause, and every re-measurement of it."""
-    failed = {k for k, v in study.user_attrs.get(A_CONFIRMATIONS, {}).items() if not v["ok"]}
+def best_feasible(
+    study: optuna.Study,
+    trials: list[FrozenTrial] | None = None,
+    confirmations: dict[str, Any] | None = None,
+) -> FrozenTrial | None:
+    """The highest-throughput trial that met every SLO clause, and every re-measurement of it.
+
+    ``trials`` and ``confirmations`` (the study attribute) save storage reads when already at hand.
+    """
+    if confirmations is None:
+        confirmations = study.user_attrs.get(A_CONFIRMATIONS, {})
+    failed = {k for k, v in confirmations.items() if not v["ok"]}
     trials = study.get_trials(deepcopy=False) if trials is None else trials
     feasible = [t for t in trials if is_feasible(t) and t.user_attrs["config_key"] not in failed]
     return max(feasible, key=lambda t: t.values[0], default=None)
@@ -302,6 +355,7 @@ class TuneEvents:
     on_trial_start: Callable[[int, TrialConfig], None] = lambda number, cfg: None
     on_trial_end: Callable[[optuna.Study, FrozenTrial, FrozenTrial | None], None] = lambda study, trial, best: None
     on_confirm: Callable[[FrozenTrial, dict[str, Any]], None] = lambda trial, record: None
+    on_storage_lost: Callable[[str], None] = lambda message: None
 
 
 @dataclass
@@ -330,10 +384,12 @@ class Tuner:
         self._unrecorded: dict[int, dict[str, Any]] = {}  # full measurements (with samples) until record()
         self.clock = StorageClock()
         self.spent = 0  # budget spent, as of the last finished trial
+        self._fresh_trials: list[FrozenTrial] | None = None  # read by the last trial's callback
 
     # -- study set-up ---------------------------------------------------------------------------
     def open_study(self) -> optuna.Study:
         storage = self.clock.wrap(open_storage(self.storage_url))
+        storage.record_heartbeat = _tolerant(storage.record_heartbeat)
         sampler_name = self.sampler or self.spec.sampler
         seed = self.spec.seed if self.seed is None else self.seed
         sampler = make_sampler(sampler_name, seed, len(self.slo), self.space)
@@ -531,40 +587,35 @@ class Tuner:
         attempts = [0]
         grid_total = self.space.size()
 
+        confirmations = study.user_attrs.get(A_CONFIRMATIONS, {})  # changes only in confirm(), after the loop
+
         def stop_when_spent(study: optuna.Study, trial: FrozenTrial) -> None:
             attempts[0] += 1
             self.record(trial)
-            trials = study.get_trials(deepcopy=False)
+            trials = self._fresh_trials = study.get_trials(deepcopy=False)  # the next step reuses this read
             self.spent = self.counted(study, trials)
-            self.events.on_trial_end(study, trial, best_feasible(study, trials))
+            self.events.on_trial_end(study, trial, best_feasible(study, trials, confirmations))
 
         timeout = self.timeout_s or self.spec.budget.timeout_s
         deadline = time.monotonic() + timeout if timeout else math.inf
         t_run = time.perf_counter()
+        lost_since: float | None = None
         while attempts[0] < max_attempts and time.monotonic() < deadline:
-            trials = study.get_trials(deepcopy=False)
-            spent = self.counted(study, trials)
-            if spent >= self.budget:
-                break
-            distinct = {t.user_attrs.get("config_key") for t in trials}
-            if len(distinct - {None}) >= grid_total:
-                break
-            running = sum(t.state == TrialState.RUNNING for t in trials)
-            if spent + running >= self.budget:
-                # Other workers hold the last slots of the budget: wait for them rather than overshoot.
-                optuna.storages.fail_stale_trials(study)
-                time.sleep(WAIT_FOR_OTHERS_S)
-                continue
-            # One trial per optimize() call: heartbeats and stale-trial recovery run as usual, and the
-            # budget check above runs between trials, so several workers stop at exactly the budget.
-            remaining = deadline - time.monotonic()
-            study.optimize(
-                self.objective,
-                n_trials=1,
-                catch=(TrialFailure,),
-                callbacks=[stop_when_spent],
-                timeout=None if remaining == math.inf else max(remaining, 0.0),
-            )
+            try:
+                if not self._step(study, deadline, grid_total, stop_when_spent):
+                    break
+                lost_since = None
+            except Exception as exc:
+                # The database went away (restart, network): wait for it. The trial in flight is
+                # left RUNNING; the heartbeat check fails it and queues it again once we are back.
+                err = _lost_connection(exc)
+                if err is None:
+                    raise
+                lost_since = lost_since or time.monotonic()
+                if time.monotonic() - lost_since > STORAGE_RETRY_S:
+                    raise storage_error(err) from None
+                self.events.on_storage_lost(f"{_first_line(err)} (retrying for up to {STORAGE_RETRY_S:g} s)")
+                time.sleep(STORAGE_RETRY_PAUSE_S)
         self._record_worker_stats(study, time.perf_counter() - t_run)
         self.confirm(study)
         study.set_user_attr("updated_at", time.time())
@@ -574,6 +625,33 @@ class Tuner:
         # The parent's own peak memory: it never loads a model, so this stays flat however many trials run.
         study.set_user_attr("tuner_peak_rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         return study
+
+    def _step(self, study: optuna.Study, deadline: float, grid_total: int, callback: Callable[..., None]) -> bool:
+        """Run one trial if the budget allows; False when the study is done."""
+        trials, self._fresh_trials = self._fresh_trials or study.get_trials(deepcopy=False), None
+        spent = self.counted(study, trials)
+        if spent >= self.budget:
+            return False
+        distinct = {t.user_attrs.get("config_key") for t in trials}
+        if len(distinct - {None}) >= grid_total:
+            return False
+        running = sum(t.state == TrialState.RUNNING for t in trials)
+        if spent + running >= self.budget:
+            # Other workers hold the last slots of the budget: wait for them rather than overshoot.
+            optuna.storages.fail_stale_trials(study)
+            time.sleep(WAIT_FOR_OTHERS_S)
+            return True
+        # One trial per optimize() call: heartbeats and stale-trial recovery run as usual, and the
+        # budget check above runs between trials, so several workers stop at exactly the budget.
+        remaining = deadline - time.monotonic()
+        study.optimize(
+            self.objective,
+            n_trials=1,
+            catch=(TrialFailure,),
+            callbacks=[callback],
+            timeout=None if remaining == math.inf else max(remaining, 0.0),
+        )
+        return True
 
     def _record_worker_stats(self, study: optuna.Study, wall_s: float) -> None:
         """What this process spent where: in storage calls vs in trial processes (bench/workers.py reads it)."""

@@ -143,6 +143,49 @@ def test_upgrade_and_downgrade_beside_optuna(url: str) -> None:
     assert _tables(url) >= OUR_TABLES
 
 
+def test_optuna_dashboard_reads_the_database_after_our_migrations(url: str) -> None:
+    import io
+    import json
+    from wsgiref.util import setup_testing_defaults
+
+    optuna_dashboard = pytest.importorskip("optuna_dashboard")
+    _optuna_study(url, "shown", n_trials=3)
+    upgrade(url)
+    with _optuna_storage(url) as storage:
+        app = optuna_dashboard.wsgi(storage)
+
+        def get(path: str) -> tuple[str, Any]:
+            environ: dict[str, Any] = {"PATH_INFO": path, "REQUEST_METHOD": "GET", "wsgi.input": io.BytesIO()}
+            setup_testing_defaults(environ)
+            status: list[str] = []
+            body = b"".join(app(environ, lambda s, h, *a: status.append(s)))
+            return status[0], json.loads(body)
+
+        status, studies = get("/api/studies")
+        assert status.startswith("200") and [s["study_name"] for s in studies["study_summaries"]] == ["shown"]
+        status, detail = get(f"/api/studies/{studies['study_summaries'][0]['study_id']}")
+        assert status.startswith("200") and len(detail["trials"]) == 3
+
+
+def test_step_upgrade_from_the_first_revision_keeps_rows(url: str) -> None:
+    from autotune.store.models import Study
+
+    upgrade(url, "0001_autotune_initial")
+    engine = sa.create_engine(url, poolclass=NullPool)
+    with engine.begin() as conn:  # a row written by the older autotune
+        row = {"name": "old", "spec": {}, "hardware": {}, "fingerprint": "f", "model_ref": "preset:x"}
+        conn.execute(sa.insert(Study.__table__).values(**row))
+    engine.dispose()
+    with pytest.raises(StorageError, match="autotune db upgrade"):
+        Repository.open(url)  # the newer code refuses the older schema, saying what to run
+    upgrade(url)
+    assert current_revision(url) == head_revision()
+    with Repository.open(url) as repo:
+        assert repo.get_study("old") is not None
+    downgrade(url, "0001_autotune_initial")
+    assert current_revision(url) == "0001_autotune_initial"
+
+
 def test_autogenerate_finds_no_diff_and_ignores_optuna(url: str) -> None:
     _optuna_study(url, "neighbour", n_trials=1)
     upgrade(url)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 import optuna
+import pytest
 
 from autotune.store import Repository
 
@@ -100,3 +102,79 @@ def test_a_killed_worker_loses_nothing(pg_database: str, tmp_path: Path) -> None
     killed = next(t for t in study.trials if t.number == running[0].number)
     assert killed.state.name == "FAIL"  # failed by the heartbeat check, then queued again:
     assert any(t.system_attrs.get("failed_trial") == killed.number and t.state.name == "COMPLETE" for t in study.trials)
+
+
+def _long_trials(tmp_path: Path, name: str, trials: int, window_s: float) -> Path:
+    """The worker spec with longer measurement windows, so a trial can be caught while it runs."""
+    spec = tmp_path / f"{name}.yaml"
+    text = SPEC.read_text().replace("trials: 24", f"trials: {trials}").replace("requests: 24", "requests: 100000")
+    spec.write_text(text.replace("max_duration_s: 1.5", f"max_duration_s: {window_s}"))
+    return spec
+
+
+def test_a_worker_killed_while_others_run_loses_nothing(pg_database: str, tmp_path: Path) -> None:
+    url = pg_database
+    spec = _long_trials(tmp_path, "others", trials=8, window_s=1.0)
+    res = run_cli("tune", str(spec), "--storage", url, "--study", "others", "--trials", "1", cwd=tmp_path, env=ENV)
+    assert res.returncode == 0, res.stderr
+    victim = start("worker", "others", "--storage", url, "--trials", "8", cwd=tmp_path)
+    other = start("worker", "others", "--storage", url, "--trials", "8", cwd=tmp_path)
+
+    def victim_running() -> bool:
+        trials = optuna.load_study(study_name="others", storage=url).trials
+        return any(
+            t.state.name == "RUNNING" and t.user_attrs.get("worker", "").endswith(f":{victim.pid}") for t in trials
+        )
+
+    wait_for(victim_running)
+    victim.send_signal(signal.SIGKILL)
+    victim.communicate(timeout=30)
+    _, err = other.communicate(timeout=300)
+    assert other.returncode == 0, err
+    study = optuna.load_study(study_name="others", storage=url)
+    assert len(counted(study)) == 8
+    killed = [
+        t for t in study.trials if t.user_attrs.get("worker", "").endswith(f":{victim.pid}") and t.state.name == "FAIL"
+    ]
+    assert len(killed) == 1 and "failure" not in killed[0].user_attrs  # died without a verdict: not counted
+    retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed[0].number]
+    assert retried and retried[0].state.name == "COMPLETE"
+    with Repository.open(url) as repo:
+        rows = {r.trial_number: r for r in repo.list_trials("others")}
+    assert all(rows[t.number].state == "measured" for t in counted(study) if t.user_attrs.get("measurement"))
+
+
+def _pg_ctl(action: str) -> None:
+    version = sorted(os.listdir("/etc/postgresql"))[0]
+    subprocess.run(
+        ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action], check=True, capture_output=True
+    )
+
+
+def test_database_restart_mid_study_is_waited_out(pg_database: str, tmp_path: Path) -> None:
+    """Stop PostgreSQL under a running study and start it again: the study waits, then finishes intact."""
+    if os.geteuid() != 0 or shutil.which("pg_ctlcluster") is None or not os.path.isdir("/etc/postgresql"):
+        pytest.skip("needs root and a local pg_ctlcluster-managed PostgreSQL to stop and start")
+    url = pg_database
+    spec = _long_trials(tmp_path, "restart", trials=5, window_s=1.0)
+    proc = start("tune", str(spec), "--storage", url, "--study", "restart", cwd=tmp_path)
+    wait_for(lambda: len(counted(optuna.load_study(study_name="restart", storage=url))) >= 1)
+    try:
+        _pg_ctl("stop")
+        time.sleep(6)  # longer than a trial, so the tuner meets the outage
+    finally:
+        _pg_ctl("start")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "waiting for the database" in out + err and "Traceback" not in err, (out, err)
+    study = optuna.load_study(study_name="restart", storage=url)
+    assert len(counted(study)) == 5
+    numbers = [t.number for t in study.trials]
+    assert len(numbers) == len(set(numbers))
+    with Repository.open(url) as repo:
+        rows = {r.trial_number: r for r in repo.list_trials("restart")}
+    assert all(
+        rows[t.number].state == "measured" and rows[t.number].e2e_p95_ms
+        for t in counted(study)
+        if t.user_attrs.get("measurement")
+    )

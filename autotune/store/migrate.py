@@ -26,8 +26,9 @@ from autotune import __version__
 from autotune.errors import StorageError
 from autotune.store.models import TABLE_PREFIX, metadata
 
-#: The Alembic script folder (``env.py``, ``versions/``); resolved from the source tree.
-ALEMBIC_DIR = Path(__file__).resolve().parents[2] / "alembic"
+#: The Alembic script folder (``env.py``, ``versions/``): the repository's ``alembic/``, which the
+#: package links as ``autotune/data/alembic`` so wheels carry a copy of it.
+ALEMBIC_DIR = (Path(__file__).parents[1] / "data" / "alembic").resolve()
 VERSION_TABLE = "autotune_alembic_version"
 SQLITE_BUSY_TIMEOUT_S = 30
 PG_CONNECT_TIMEOUT_S = 5
@@ -175,8 +176,8 @@ def alembic_config(url: str | URL | None = None) -> Any:
 
     if not (ALEMBIC_DIR / "env.py").is_file():
         raise StorageError(
-            f"autotune's migrations folder {ALEMBIC_DIR} is missing: install autotune from its source "
-            "tree (pip install -e .) so the alembic/ folder sits beside the package"
+            f"autotune's migrations folder {ALEMBIC_DIR} is missing: reinstall autotune "
+            "(pip install autotune, or pip install -e . from its source tree)"
         )
     cfg = Config()
     cfg.set_main_option("script_location", str(ALEMBIC_DIR))
