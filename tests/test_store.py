@@ -455,3 +455,15 @@ def test_store_stays_torch_free() -> None:
     code = "import sys, autotune.store; assert 'torch' not in sys.modules, 'store imported torch'"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_migrations_ship_inside_the_package() -> None:
+    """Wheels carry ``autotune/data/alembic`` (a link to ``alembic/`` in the source tree)."""
+    import tomllib
+
+    import autotune
+
+    packaged = Path(autotune.__file__).parent / "data" / "alembic"
+    assert (packaged / "env.py").is_file() and list((packaged / "versions").glob("0002_*.py"))
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["autotune"]
+    assert {"data/alembic/*", "data/alembic/versions/*"} <= set(data)
