@@ -545,6 +545,28 @@ def db_current(storage: StorageOpt = None) -> None:
 
 
 @app.command()
+def dashboard(
+    storage: StorageOpt = None,
+    host: Annotated[str, typer.Option(help="address to bind (loopback unless you mean to share it)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="port to listen on")] = 8000,
+) -> None:
+    """Serve the read-only web dashboard (studies, best config, Pareto fronts, trials, JSON API)."""
+
+    def body() -> None:
+        import uvicorn
+
+        from autotune.dashboard import create_app
+        from autotune.store.migrate import safe_url
+
+        url = _storage_url(storage, for_write=False)
+        web_app = create_app(url)  # refuses a missing SQLite file or an old schema before binding
+        err.print(f"autotune dashboard on http://{host}:{port}/ reading {safe_url(url)} (read-only)", highlight=False)
+        uvicorn.run(web_app, host=host, port=port, log_level="warning")
+
+    _run(body)
+
+
+@app.command()
 def presets() -> None:
     """List the built-in model presets (real architectures, seeded random weights)."""
     from autotune.presets import PRESETS

@@ -1,0 +1,257 @@
+"""The JSON API under ``/api``: typed response models, so the OpenAPI schema says what comes back."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Path, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from autotune.dashboard import figures
+from autotune.dashboard.data import Store, latency_column, latency_names, slo_latency
+
+#: Page size cap: a client asking for a million rows gets at most this many.
+MAX_PAGE = 500
+StudyName = Annotated[str, Path(min_length=1, max_length=512, description="study name")]
+TrialNumber = Annotated[int, Path(ge=0, le=10_000_000, description="trial number")]
+Latency = Literal[
+    "e2e_ms.p50", "e2e_ms.p90", "e2e_ms.p95", "e2e_ms.p99",
+    "ttft_ms.p50", "ttft_ms.p90", "ttft_ms.p95", "ttft_ms.p99",
+    "tpot_ms.p50", "tpot_ms.p90", "tpot_ms.p95", "tpot_ms.p99",
+    "queue_ms.p50", "queue_ms.p90", "queue_ms.p95", "queue_ms.p99",
+]  # fmt: skip
+assert set(Latency.__args__) == set(latency_names())  # type: ignore[attr-defined]
+SortKey = Literal["number", "output_tokens_per_s", "e2e_p95_ms", "ttft_p95_ms", "tpot_p95_ms", "peak_memory_mb"]
+State = Literal["measured", "infeasible", "failed", "rejected", "duplicate"]
+
+
+class Error(BaseModel):
+    """Every error the API gives: one line, never a traceback."""
+
+    error: str
+
+
+class StudySummary(BaseModel):
+    name: str
+    model: str
+    hardware: str
+    device: str | None
+    slo: list[str]
+    objective: str | None
+    budget_trials: int | None
+    trials_done: int
+    trials_failed: int
+    trials_by_state: dict[str, int]
+    best_trial: int | None
+    best_output_tokens_per_s: float | None
+    status: str
+    created_at: str | None
+    updated_at: str | None
+
+
+class StudyDetail(StudySummary):
+    spec: dict[str, Any]
+    hardware_info: dict[str, Any]
+    pareto_latency: str
+    slo_limit_ms: float | None
+
+
+class StudyStatus(BaseModel):
+    name: str
+    status: str
+    trials_done: int
+    updated_at: str | None
+
+
+class TrialRow(BaseModel):
+    number: int
+    state: str
+    feasible: bool | None
+    config: dict[str, Any]
+    label: str
+    config_key: str
+    output_tokens_per_s: float | None
+    requests_per_s: float | None
+    peak_memory_mb: float | None
+    failure_kind: str | None
+    failure_reason: str | None
+    duplicate_of: int | None
+    worker: str | None
+    device: str | None
+    finished_at: str | None
+    confirmed_failed: bool
+    e2e_p50_ms: float | None
+    e2e_p90_ms: float | None
+    e2e_p95_ms: float | None
+    e2e_p99_ms: float | None
+    ttft_p50_ms: float | None
+    ttft_p90_ms: float | None
+    ttft_p95_ms: float | None
+    ttft_p99_ms: float | None
+    tpot_p50_ms: float | None
+    tpot_p90_ms: float | None
+    tpot_p95_ms: float | None
+    tpot_p99_ms: float | None
+    queue_p50_ms: float | None
+    queue_p90_ms: float | None
+    queue_p95_ms: float | None
+    queue_p99_ms: float | None
+
+
+class TrialPage(BaseModel):
+    total: int
+    offset: int
+    limit: int
+    items: list[TrialRow]
+
+
+class TrialDetail(TrialRow):
+    latency: dict[str, dict[str, float | None]]
+    requests: int | None
+    output_tokens: int | None
+    duration_s: float | None
+    mean_batch_rows: float | None
+    stopped_by: str | None
+    memory_kind: str | None
+    constraints: list[float | None]
+    timings: dict[str, Any]
+    metrics: dict[str, Any]
+    latency_histogram: dict[str, Any]
+    e2e_samples_ms: list[float | None]
+    log_excerpt: str | None
+    started_at: str | None
+
+
+class ParetoPoint(BaseModel):
+    number: int
+    feasible: bool | None
+    label: str
+    config: dict[str, Any]
+    output_tokens_per_s: float
+    latency_ms: float
+
+
+class ParetoFront(BaseModel):
+    study: str
+    latency: str
+    slo_limit_ms: float | None
+    points: list[ParetoPoint]
+
+
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": Error}, 422: {"model": Error}}
+
+
+def store(request: Request) -> Store:
+    st: Store = request.app.state.store
+    return st
+
+
+def study_detail(st: Store, name: str) -> dict[str, Any]:
+    view = st.study(name)
+    latency, limit = slo_latency(view.spec)
+    return {
+        **view.summary,
+        "spec": view.spec,
+        "hardware_info": view.hardware,
+        "pareto_latency": latency,
+        "slo_limit_ms": limit,
+    }
+
+
+router = APIRouter(prefix="/api", tags=["api"])
+
+
+@router.get("/studies", response_model=list[StudySummary])
+def list_studies(request: Request) -> list[dict[str, Any]]:
+    """Every study in the storage, newest first."""
+    return store(request).study_summaries()
+
+
+@router.get("/studies/{name}", response_model=StudyDetail, responses=NOT_FOUND)
+def get_study(request: Request, name: StudyName) -> dict[str, Any]:
+    """One study: its summary, spec and hardware."""
+    return study_detail(store(request), name)
+
+
+@router.get("/studies/{name}/status", response_model=StudyStatus, responses=NOT_FOUND)
+def get_status(request: Request, name: StudyName) -> dict[str, Any]:
+    """Cheap to poll: pages re-render when ``trials_done`` or ``status`` changes."""
+    return store(request).status(name)
+
+
+@router.get("/studies/{name}/trials", response_model=TrialPage, responses=NOT_FOUND)
+def list_trials(
+    request: Request,
+    name: StudyName,
+    state: Annotated[State | None, Query(description="only trials in this state")] = None,
+    feasible: Annotated[bool | None, Query(description="only (in)feasible trials")] = None,
+    sort: Annotated[SortKey, Query()] = "number",
+    order: Annotated[Literal["asc", "desc"], Query()] = "asc",
+    offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description=f"page size, at most {MAX_PAGE}")] = 100,
+) -> dict[str, Any]:
+    """A page of the study's trials, filtered and sorted (missing values last)."""
+    rows = store(request).study(name).trials
+    if state is not None:
+        rows = [r for r in rows if r["state"] == state]
+    if feasible is not None:
+        rows = [r for r in rows if bool(r["feasible"]) == feasible]
+    present = [r for r in rows if r[sort] is not None]
+    missing = [r for r in rows if r[sort] is None]
+    present.sort(key=lambda r: r[sort], reverse=order == "desc")
+    rows = present + missing
+    return {"total": len(rows), "offset": offset, "limit": limit, "items": rows[offset : offset + limit]}
+
+
+@router.get("/studies/{name}/trials/{number}", response_model=TrialDetail, responses=NOT_FOUND)
+def get_trial(request: Request, name: StudyName, number: TrialNumber) -> dict[str, Any]:
+    """Everything stored about one trial (metrics, histogram, samples, timings, log excerpt)."""
+    return store(request).trial(name, number)
+
+
+@router.get("/studies/{name}/pareto", response_model=ParetoFront, responses=NOT_FOUND)
+def get_pareto(
+    request: Request,
+    name: StudyName,
+    latency: Annotated[Latency | None, Query(description="default: the study's SLO latency")] = None,
+) -> dict[str, Any]:
+    """Measured trials no other beats on both output tokens/s and the latency, by latency."""
+    view = store(request).study(name)
+    slo_name, limit = slo_latency(view.spec)
+    lat = latency or slo_name
+    col = latency_column(lat)
+    pts = figures.front(figures.plotted(view.trials, lat), lat)
+    return {
+        "study": name,
+        "latency": lat,
+        "slo_limit_ms": limit if lat == slo_name else None,
+        "points": [
+            {
+                "number": r["number"],
+                "feasible": r["feasible"],
+                "label": r["label"],
+                "config": r["config"],
+                "output_tokens_per_s": r["output_tokens_per_s"],
+                "latency_ms": r[col],
+            }
+            for r in pts
+        ],
+    }
+
+
+@router.get("/studies/{name}/best", responses={**NOT_FOUND, 200: {"content": {"application/json": {}}}})
+def get_best(
+    request: Request,
+    name: StudyName,
+    format: Annotated[Literal["json"], Query(description="export format")] = "json",
+    download: Annotated[bool, Query(description="as a file attachment")] = False,
+) -> JSONResponse:
+    """The best feasible config's export document: what ``autotune best NAME --json`` prints."""
+    doc = store(request).export(name)
+    headers = {"Content-Disposition": f'attachment; filename="best-{_safe_filename(name)}.json"'} if download else {}
+    return JSONResponse(doc, headers=headers)
+
+
+def _safe_filename(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:100] or "study"

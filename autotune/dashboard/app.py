@@ -1,0 +1,72 @@
+"""The dashboard's FastAPI app: pages, the JSON API, static files; read-only, never imports torch."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from autotune import __version__
+from autotune.dashboard import api, pages
+from autotune.dashboard.data import NotFound, Store
+
+log = logging.getLogger("autotune.dashboard")
+
+
+def plotly_js() -> Path:
+    """plotly.js from the installed plotly package: these machines are offline, no CDN."""
+    import plotly
+
+    return Path(plotly.__file__).resolve().parent / "package_data" / "plotly.min.js"
+
+
+def _wants_html(request: Request) -> bool:
+    return not request.url.path.startswith("/api") and "text/html" in request.headers.get("accept", "")
+
+
+def create_app(storage_url: str) -> FastAPI:
+    """An app reading ``storage_url``; raises StorageError now (not per request) if it cannot be read."""
+    app = FastAPI(
+        title="autotune dashboard",
+        version=__version__,
+        description="Read-only view of autotune studies: best configs, Pareto fronts, trials.",
+    )
+    app.state.store = Store(storage_url)
+    app.state.templates = pages.make_templates()
+
+    @app.exception_handler(NotFound)
+    async def not_found(request: Request, exc: NotFound) -> Response:
+        return JSONResponse({"error": str(exc)}, status_code=404)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 404 and _wants_html(request):
+            return pages.not_found_page(request, "no such page")
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_input(request: Request, exc: RequestValidationError) -> Response:
+        parts = []
+        for e in exc.errors():
+            where = ".".join(str(p) for p in e.get("loc", ()))
+            parts.append(f"{where}: {e.get('msg', 'invalid')}")
+        return JSONResponse({"error": "; ".join(parts) or "invalid request"}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception) -> Response:
+        log.exception("dashboard error on %s", request.url.path)  # the server log has it; the client never does
+        return JSONResponse({"error": f"internal error ({type(exc).__name__})"}, status_code=500)
+
+    @app.get("/static/plotly.min.js", include_in_schema=False)
+    def plotly_bundle() -> FileResponse:
+        return FileResponse(plotly_js(), media_type="text/javascript")
+
+    app.include_router(api.router)
+    app.include_router(pages.router)
+    app.mount("/static", StaticFiles(directory=str(pages.WEB / "static")), name="static")
+    return app

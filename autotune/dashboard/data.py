@@ -1,0 +1,378 @@
+"""Read-only access to a study store for the dashboard: plain dicts out, nothing written, no torch.
+
+Trials come from autotune's own tables (one query per study, explicit percentile columns), which is
+what keeps a 1,000-trial page fast; only the confirmations (which winners held up when re-measured)
+and the export document come from Optuna's tables, so "best" here is the trial ``autotune best`` names.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, event, func, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
+
+from autotune.errors import StorageError
+from autotune.store import Repository, check_schema, make_engine
+from autotune.store.migrate import safe_url
+from autotune.store.models import LATENCY_METRICS, LATENCY_STATS, Study, Trial
+
+KNOBS = ("batch_size", "precision", "quantization", "streams", "backend", "max_queue_delay_ms", "scheduler")
+#: Latency used for the Pareto front when a study has no latency SLO clause.
+DEFAULT_LATENCY = "e2e_ms.p95"
+
+
+class NotFound(LookupError):
+    """A study or trial that is not in the store (the API answers 404)."""
+
+
+def _num(value: Any) -> float | None:
+    """JSON has no NaN/inf: the dashboard shows 'not measured' as null."""
+    if value is None:
+        return None
+    f = float(value)
+    return f if math.isfinite(f) else None
+
+
+def _clean(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, float):
+        return _num(obj)
+    return obj
+
+
+def _iso(when: datetime | None) -> str | None:
+    return when.isoformat() if when is not None else None
+
+
+def latency_column(name: str) -> str:
+    """``e2e_ms.p95`` -> the store's column ``e2e_p95_ms`` (``peak_memory_mb`` stays itself)."""
+    if "." not in name:
+        return name
+    metric, stat = name.split(".", 1)
+    base = metric.removesuffix("_ms")
+    if base not in LATENCY_METRICS or stat not in LATENCY_STATS:
+        raise ValueError(f"unknown latency {name!r}")
+    return f"{base}_{stat}_ms"
+
+
+def latency_names() -> list[str]:
+    """Every latency a Pareto front can be drawn against (``e2e_ms.p95`` ...)."""
+    return [f"{m}_ms.{s}" for m in LATENCY_METRICS for s in ("p50", "p90", "p95", "p99")]
+
+
+def slo_clauses(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """The spec's SLO clauses with their ``name`` (``e2e_ms.p95``) and a readable description."""
+    out = []
+    for c in spec.get("slo") or []:
+        name = f"{c['metric']}.{c['percentile']}" if c.get("percentile") else c["metric"]
+        text = (
+            f"{c['percentile']} {c['metric']} <= {c['max']:g}"
+            if c.get("percentile")
+            else f"{c['metric']} <= {c['max']:g}"
+        )
+        out.append(
+            {"name": name, "metric": c["metric"], "percentile": c.get("percentile"), "max": c["max"], "text": text}
+        )
+    return out
+
+
+def slo_latency(spec: dict[str, Any]) -> tuple[str, float | None]:
+    """The latency the Pareto front is drawn against: the first latency SLO clause and its limit."""
+    for c in slo_clauses(spec):
+        if c["percentile"]:
+            return c["name"], float(c["max"])
+    return DEFAULT_LATENCY, None
+
+
+def config_label(cfg: dict[str, Any] | None) -> str:
+    """``b8 fp32 none x1 eager 5ms`` (TrialConfig.label without importing the engine's config model)."""
+    if not cfg:
+        return "-"
+    text = (
+        f"b{cfg.get('batch_size')} {cfg.get('precision')} {cfg.get('quantization')} x{cfg.get('streams')} "
+        f"{cfg.get('backend')} {float(cfg.get('max_queue_delay_ms') or 0):g}ms"
+    )
+    return text + (" continuous" if cfg.get("scheduler") == "continuous" else "")
+
+
+def trial_row(t: Trial, failed_keys: set[str] | frozenset[str] = frozenset()) -> dict[str, Any]:
+    """A trial as the table and the plots need it (no samples, no log)."""
+    row: dict[str, Any] = {
+        "number": t.trial_number,
+        "state": t.state,
+        "feasible": t.feasible,
+        "config": dict(t.config or {}),
+        "label": config_label(t.config),
+        "config_key": t.config_key,
+        "output_tokens_per_s": _num(t.output_tokens_per_s),
+        "requests_per_s": _num(t.requests_per_s),
+        "peak_memory_mb": _num(t.peak_memory_mb),
+        "failure_kind": t.failure_kind,
+        "failure_reason": t.failure_reason,
+        "duplicate_of": t.duplicate_of,
+        "worker": t.worker,
+        "device": t.device,
+        "finished_at": _iso(t.finished_at),
+        "confirmed_failed": t.config_key in failed_keys,
+    }
+    for m in LATENCY_METRICS:
+        for s in ("p50", "p90", "p95", "p99"):
+            row[f"{m}_{s}_ms"] = _num(getattr(t, f"{m}_{s}_ms"))
+    return row
+
+
+def trial_detail(t: Trial) -> dict[str, Any]:
+    """Everything stored about one trial: every metric, the latency histogram and samples, the log."""
+    row = trial_row(t)
+    row["latency"] = {m: {s: _num(getattr(t, f"{m}_{s}_ms")) for s in LATENCY_STATS} for m in LATENCY_METRICS}
+    row.update(
+        requests=t.requests,
+        output_tokens=t.output_tokens,
+        duration_s=_num(t.duration_s),
+        mean_batch_rows=_num(t.mean_batch_rows),
+        stopped_by=t.stopped_by,
+        memory_kind=t.memory_kind,
+        constraints=_clean(list(t.constraints or [])),
+        timings=_clean(dict(t.timings or {})),
+        metrics=_clean(dict(t.metrics or {})),
+        latency_histogram=_clean(dict(t.latency_histogram or {})),
+        e2e_samples_ms=_clean(list(t.e2e_samples or [])),
+        log_excerpt=t.log_excerpt,
+        started_at=_iso(t.started_at),
+    )
+    return row
+
+
+@dataclass
+class StudyView:
+    """One study's header and its trial rows, read in one go."""
+
+    summary: dict[str, Any]
+    spec: dict[str, Any]
+    hardware: dict[str, Any]
+    trials: list[dict[str, Any]]
+    best: dict[str, Any] | None
+
+
+def best_row(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The highest-throughput trial that met every SLO clause and was not refuted when re-measured.
+
+    Same rule as :func:`autotune.tuner.best_feasible` (first of equals by trial number).
+    """
+    ok = [
+        r
+        for r in rows
+        if r["feasible"] and r["state"] in ("measured", "duplicate") and r["output_tokens_per_s"] is not None
+    ]
+    ok = [r for r in ok if not r["confirmed_failed"]]
+    return max(ok, key=lambda r: r["output_tokens_per_s"], default=None)
+
+
+def hardware_summary(hw: dict[str, Any]) -> str:
+    """``Hardware.summary()`` from the stored dict (the dashboard does not import the probe)."""
+    if not hw:
+        return "-"
+    if hw.get("device_type") == "cuda":
+        cc = ".".join(map(str, hw.get("compute_capability") or ()))
+        return f"{hw.get('device_name')} (cc {cc}, {hw.get('device_memory_mb')} MB), torch {hw.get('torch_version')}"
+    cores, mem = hw.get("cpu_cores"), hw.get("host_memory_mb")
+    return f"{hw.get('cpu_model')}, {cores} cores, {mem} MB, torch {hw.get('torch_version')}"
+
+
+class Store:
+    """The dashboard's read-only window on one database (SQLite or PostgreSQL).
+
+    Every connection is put in read-only mode by the database itself (SQLite ``query_only``,
+    PostgreSQL ``default_transaction_read_only``), so no code path here can write, whatever it calls.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        u = make_url(url)
+        if u.get_backend_name() == "sqlite":
+            db = u.database or ""
+            if not db or db == ":memory:":
+                raise StorageError("the dashboard reads a database file: pass a sqlite:///PATH or PostgreSQL URL")
+            if not db.startswith("file:") and not Path(db).expanduser().exists():
+                raise StorageError(f"no database file at {db}; run `autotune tune` first or pass --storage")
+        check_schema(url)
+        kwargs: dict[str, Any] = {}
+        if u.get_backend_name() == "postgresql":
+            kwargs["connect_args"] = {"options": "-c default_transaction_read_only=on"}
+        self.engine: Engine = make_engine(url, **kwargs)
+        if u.get_backend_name() == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_read_only)
+        self.repo = Repository(self.engine)
+        self._optuna: Any = None
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self.engine.dispose()
+        if self._optuna is not None:
+            self._optuna.engine.dispose()
+
+    # -- Optuna side (confirmations, export) ----------------------------------------------------
+    def optuna_storage(self) -> Any:
+        """Optuna's RDB storage on the same database, never creating tables, read-only connections."""
+        with self._lock:
+            if self._optuna is None:
+                import optuna
+
+                optuna.logging.set_verbosity(optuna.logging.WARNING)
+                u = make_url(self.url)
+                kwargs: dict[str, Any] = {}
+                if u.get_backend_name() == "postgresql":
+                    kwargs["connect_args"] = {"options": "-c default_transaction_read_only=on", "connect_timeout": 5}
+                elif u.get_backend_name() == "sqlite":
+                    kwargs["connect_args"] = {"timeout": 30}
+                st = optuna.storages.RDBStorage(self.url, skip_table_creation=True, engine_kwargs=kwargs)
+                if u.get_backend_name() == "sqlite":
+                    event.listen(st.engine, "connect", _sqlite_read_only)
+                    st.engine.dispose()  # drop the connection made before the listener
+                self._optuna = st
+            return self._optuna
+
+    def study_attrs(self, name: str) -> dict[str, Any]:
+        """Optuna's user attributes of the study ({} when Optuna does not know it)."""
+        st = self.optuna_storage()
+        try:
+            return st.get_study_user_attrs(st.get_study_id_from_name(name))
+        except KeyError:
+            return {}
+
+    def failed_confirmations(self, name: str) -> set[str]:
+        """Config keys whose re-measurement broke the SLO: never 'best', as in ``autotune best``."""
+        conf = self.study_attrs(name).get("confirmations") or {}
+        return {k for k, v in conf.items() if isinstance(v, dict) and not v.get("ok", True)}
+
+    def export(self, name: str) -> dict[str, Any]:
+        """The export document, built by the same function as ``autotune best --json``."""
+        import optuna
+
+        from autotune.errors import NoFeasibleConfig
+        from autotune.export import export_dict
+
+        self._study_row(name)
+        try:
+            study = optuna.load_study(
+                study_name=name, storage=self.optuna_storage(), sampler=optuna.samplers.RandomSampler()
+            )
+        except KeyError:
+            raise NotFound(f"study {name!r} has no Optuna record in {safe_url(self.url)}") from None
+        try:
+            return export_dict(study)
+        except NoFeasibleConfig as err:
+            raise NotFound(str(err)) from None
+
+    # -- autotune's tables --------------------------------------------------------------------------
+    def _study_row(self, name: str) -> Study:
+        study = self.repo.get_study(name)
+        if study is None:
+            raise NotFound(f"no study named {name!r}")
+        return study
+
+    def study_summaries(self) -> list[dict[str, Any]]:
+        """One row per study for the list page: counts and best throughput from one grouped query each."""
+        with Session(self.engine) as session:
+            studies = list(session.scalars(select(Study).order_by(Study.created_at.desc(), Study.id)))
+            counts: dict[int, dict[str, int]] = {}
+            for sid, state, n in session.execute(
+                select(Trial.study_id, Trial.state, func.count()).group_by(Trial.study_id, Trial.state)
+            ):
+                counts.setdefault(sid, {})[state] = n
+        out = []
+        for s in studies:
+            failed = self.failed_confirmations(s.name)
+            if failed:  # rare: a winner refuted when re-measured; rank the rows as `autotune best` does
+                best = best_row([trial_row(t, failed) for t in self.repo.list_trials(s.name)])
+            else:
+                best = self._best_quick(s.id)
+            out.append(self._summary(s, counts.get(s.id, {}), best))
+        return out
+
+    def _best_quick(self, study_id: int) -> dict[str, Any] | None:
+        with Session(self.engine) as session:
+            t = session.scalar(
+                select(Trial)
+                .where(
+                    Trial.study_id == study_id,
+                    Trial.feasible.is_(True),
+                    Trial.state.in_(("measured", "duplicate")),
+                    Trial.output_tokens_per_s.is_not(None),
+                )
+                .order_by(Trial.output_tokens_per_s.desc(), Trial.trial_number)
+                .limit(1)
+            )
+            return trial_row(t) if t is not None else None
+
+    @staticmethod
+    def _summary(s: Study, counts: dict[str, int], best: dict[str, Any] | None) -> dict[str, Any]:
+        spec = dict(s.spec or {})
+        return {
+            "name": s.name,
+            "model": s.model_ref,
+            "hardware": hardware_summary(dict(s.hardware or {})),
+            "device": (s.hardware or {}).get("device"),
+            "slo": [c["text"] for c in slo_clauses(spec)],
+            "objective": spec.get("objective"),
+            "budget_trials": (spec.get("budget") or {}).get("trials"),
+            "trials_done": sum(counts.values()),
+            "trials_failed": counts.get("failed", 0),
+            "trials_by_state": dict(counts),
+            "best_trial": best["number"] if best else None,
+            "best_output_tokens_per_s": best["output_tokens_per_s"] if best else None,
+            "status": s.status,
+            "created_at": _iso(s.created_at),
+            "updated_at": _iso(s.updated_at),
+        }
+
+    def study(self, name: str) -> StudyView:
+        """A study's header, its trial rows and its best feasible trial."""
+        s = self._study_row(name)
+        failed = self.failed_confirmations(name)
+        rows = [trial_row(t, failed) for t in self.repo.list_trials(name)]
+        counts: dict[str, int] = {}
+        for r in rows:
+            counts[r["state"]] = counts.get(r["state"], 0) + 1
+        best = best_row(rows)
+        return StudyView(self._summary(s, counts, best), dict(s.spec or {}), dict(s.hardware or {}), rows, best)
+
+    def status(self, name: str) -> dict[str, Any]:
+        """What a page polls: cheap, and it changes whenever a trial lands or the study ends."""
+        s = self._study_row(name)
+        with Session(self.engine) as session:
+            n = session.scalar(select(func.count()).select_from(Trial).where(Trial.study_id == s.id)) or 0
+        return {"name": s.name, "status": s.status, "trials_done": n, "updated_at": _iso(s.updated_at)}
+
+    def trial(self, name: str, number: int) -> dict[str, Any]:
+        s = self._study_row(name)
+        with Session(self.engine) as session:
+            t = session.scalar(select(Trial).where(Trial.study_id == s.id, Trial.trial_number == number))
+        if t is None:
+            raise NotFound(f"study {name!r} has no trial {number}")
+        return trial_detail(t)
+
+
+def _sqlite_read_only(dbapi_connection: Any, _record: Any) -> None:
+    """SQLite refuses every write on this connection (the dashboard never writes)."""
+    cur = dbapi_connection.cursor()
+    try:
+        cur.execute("PRAGMA query_only = ON")
+    finally:
+        cur.close()
+
+
+def dumps(obj: Any) -> str:
+    """Strict JSON (no NaN) for pages and downloads."""
+    return json.dumps(_clean(obj), allow_nan=False)

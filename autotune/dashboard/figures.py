@@ -1,0 +1,321 @@
+"""Plotly figures as plain ``{"data", "layout"}`` dicts, drawn by the locally served plotly.js.
+
+Plain dicts instead of ``plotly.graph_objects``: a 1,000-trial study page must render in well under
+300 ms, and the graph objects' validation would cost more than the whole page.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from autotune.dashboard.data import KNOBS, latency_column
+
+FEASIBLE, INFEASIBLE, FRONT = "#1b9e77", "#d95f02", "#444"
+PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2")
+
+
+def _layout(title: str, x: str, y: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "title": {"text": title},
+        "xaxis": {"title": {"text": x}, "zeroline": False},
+        "yaxis": {"title": {"text": y}, "zeroline": False},
+        "margin": {"l": 60, "r": 20, "t": 40, "b": 50},
+        "hovermode": "closest",
+        "legend": {"orientation": "h", "y": -0.2},
+        **extra,
+    }
+
+
+def plotted(rows: list[dict[str, Any]], latency: str) -> list[dict[str, Any]]:
+    """Trials with a measurement of their own (repeats and OOM/timeout placeholders have none)."""
+    col = latency_column(latency)
+    return [
+        r for r in rows if r["state"] == "measured" and r["output_tokens_per_s"] is not None and r.get(col) is not None
+    ]
+
+
+def front(points: list[dict[str, Any]], latency: str) -> list[dict[str, Any]]:
+    """Points no other point beats on both tokens/s (higher) and latency (lower), by latency."""
+    col = latency_column(latency)
+    out: list[dict[str, Any]] = []
+    best = -1.0
+    for r in sorted(points, key=lambda r: (r[col], -r["output_tokens_per_s"])):
+        if r["output_tokens_per_s"] > best:
+            out.append(r)
+            best = r["output_tokens_per_s"]
+    return out
+
+
+def _hover(r: dict[str, Any], latency: str) -> str:
+    cfg = "<br>".join(f"{k}: {r['config'].get(k)}" for k in KNOBS if k in r["config"])
+    lat = r.get(latency_column(latency))
+    return (
+        f"trial {r['number']} ({'feasible' if r['feasible'] else 'infeasible'})<br>"
+        f"{r['output_tokens_per_s']:.1f} tok/s, {latency} {lat:.1f}<br>{cfg}"
+    )
+
+
+def _points(rows: list[dict[str, Any]], latency: str, name: str, color: str) -> dict[str, Any]:
+    col = latency_column(latency)
+    return {
+        "type": "scatter",
+        "mode": "markers",
+        "name": name,
+        "x": [r[col] for r in rows],
+        "y": [r["output_tokens_per_s"] for r in rows],
+        "customdata": [r["number"] for r in rows],
+        "text": [_hover(r, latency) for r in rows],
+        "hovertemplate": "%{text}<extra></extra>",
+        "marker": {"color": color, "size": 9, "line": {"width": 1, "color": "#fff"}},
+    }
+
+
+def pareto(rows: list[dict[str, Any]], latency: str, limit: float | None) -> dict[str, Any]:
+    """Output tokens/s against the SLO latency: feasible vs infeasible, the front, the SLO line."""
+    pts = plotted(rows, latency)
+    col = latency_column(latency)
+    fr = front(pts, latency)
+    data = [
+        _points([r for r in pts if r["feasible"]], latency, "feasible", FEASIBLE),
+        _points([r for r in pts if not r["feasible"]], latency, "infeasible", INFEASIBLE),
+        {
+            "type": "scatter",
+            "mode": "lines",
+            "name": "Pareto front",
+            "x": [r[col] for r in fr],
+            "y": [r["output_tokens_per_s"] for r in fr],
+            "line": {"color": FRONT, "dash": "dot", "shape": "hv"},
+            "hoverinfo": "skip",
+        },
+    ]
+    layout = _layout("Output tokens/s vs " + latency, f"{latency} (ms)", "output tokens/s")
+    if limit is not None:
+        layout["shapes"] = [
+            {
+                "type": "line",
+                "xref": "x",
+                "yref": "paper",
+                "x0": limit,
+                "x1": limit,
+                "y0": 0,
+                "y1": 1,
+                "line": {"color": "#c00", "width": 2, "dash": "dash"},
+            }
+        ]
+        layout["annotations"] = [
+            {
+                "x": limit,
+                "y": 1,
+                "xref": "x",
+                "yref": "paper",
+                "text": f"SLO {limit:g} ms",
+                "showarrow": False,
+                "xanchor": "left",
+                "yanchor": "top",
+                "font": {"color": "#c00"},
+            }
+        ]
+    return {"data": data, "layout": layout}
+
+
+def history(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Every measured trial's tokens/s by trial number, and the best feasible so far as a step line."""
+    pts = [r for r in rows if r["output_tokens_per_s"] is not None and r["state"] == "measured"]
+    best_x: list[int] = []
+    best_y: list[float] = []
+    best = None
+    for r in sorted(rows, key=lambda r: r["number"]):
+        if r["feasible"] and r["output_tokens_per_s"] is not None and not r.get("confirmed_failed"):
+            best = max(best or 0.0, r["output_tokens_per_s"])
+        if best is not None:
+            best_x.append(r["number"])
+            best_y.append(best)
+    data = [
+        {
+            "type": "scatter",
+            "mode": "markers",
+            "name": name,
+            "x": [r["number"] for r in pts if bool(r["feasible"]) == ok],
+            "y": [r["output_tokens_per_s"] for r in pts if bool(r["feasible"]) == ok],
+            "customdata": [r["number"] for r in pts if bool(r["feasible"]) == ok],
+            "marker": {"color": color, "size": 7},
+        }
+        for name, ok, color in (("feasible", True, FEASIBLE), ("infeasible", False, INFEASIBLE))
+    ]
+    data.append(
+        {
+            "type": "scatter",
+            "mode": "lines",
+            "name": "best feasible so far",
+            "x": best_x,
+            "y": best_y,
+            "line": {"color": FRONT, "shape": "hv"},
+        }
+    )
+    return {"data": data, "layout": _layout("Optimization history", "trial", "output tokens/s")}
+
+
+def importance(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Share of the throughput variance each knob explains on its own (eta squared), largest first.
+
+    A cheap, explainable stand-in for fANOVA that needs no refit per page view.
+    """
+    pts = [r for r in rows if r["output_tokens_per_s"] is not None and r["state"] == "measured"]
+    scores: dict[str, float] = {}
+    if len(pts) >= 2:
+        ys = [r["output_tokens_per_s"] for r in pts]
+        mean = sum(ys) / len(ys)
+        total = sum((y - mean) ** 2 for y in ys)
+        for knob in KNOBS:
+            groups: dict[str, list[float]] = defaultdict(list)
+            for r in pts:
+                groups[str(r["config"].get(knob))].append(r["output_tokens_per_s"])
+            if len(groups) < 2 or total <= 0:
+                continue
+            between = sum(len(g) * (sum(g) / len(g) - mean) ** 2 for g in groups.values())
+            scores[knob] = between / total
+    ranked = sorted(scores.items(), key=lambda kv: kv[1])
+    data = [
+        {
+            "type": "bar",
+            "orientation": "h",
+            "x": [v for _, v in ranked],
+            "y": [k for k, _ in ranked],
+            "marker": {"color": PALETTE[0]},
+            "hovertemplate": "%{y}: %{x:.2f}<extra></extra>",
+        }
+    ]
+    layout = _layout("Parameter importance (throughput variance explained)", "share of variance (η²)", "")
+    layout["xaxis"]["range"] = [0, 1]
+    layout["margin"]["l"] = 140
+    return {"data": data, "layout": layout}
+
+
+def parallel(rows: list[dict[str, Any]], latency: str) -> dict[str, Any]:
+    """Parallel coordinates: every knob, tokens/s and the SLO latency; colour = feasible."""
+    pts = plotted(rows, latency)
+    dims: list[dict[str, Any]] = []
+    for knob in KNOBS:
+        values = [r["config"].get(knob) for r in pts]
+        if all(v is None for v in values):
+            continue
+        if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+            dims.append({"label": knob, "values": values})
+        else:
+            cats = sorted({str(v) for v in values})
+            idx = {c: i for i, c in enumerate(cats)}
+            dims.append(
+                {
+                    "label": knob,
+                    "values": [idx[str(v)] for v in values],
+                    "tickvals": list(range(len(cats))),
+                    "ticktext": cats,
+                }
+            )
+    col = latency_column(latency)
+    dims.append({"label": "tokens/s", "values": [r["output_tokens_per_s"] for r in pts]})
+    dims.append({"label": latency, "values": [r[col] for r in pts]})
+    data = [
+        {
+            "type": "parcoords",
+            "line": {
+                "color": [1 if r["feasible"] else 0 for r in pts],
+                "colorscale": [[0, INFEASIBLE], [1, FEASIBLE]],
+                "cmin": 0,
+                "cmax": 1,
+            },
+            "dimensions": dims,
+        }
+    ]
+    return {
+        "data": data,
+        "layout": {"title": {"text": "Parallel coordinates"}, "margin": {"l": 60, "r": 60, "t": 70, "b": 30}},
+    }
+
+
+def compare(studies: list[tuple[str, list[dict[str, Any]], str, float | None]]) -> dict[str, Any]:
+    """Several studies' Pareto fronts (and their points, faint) on one plot."""
+    data: list[dict[str, Any]] = []
+    shapes: list[dict[str, Any]] = []
+    for i, (name, rows, latency, limit) in enumerate(studies):
+        color = PALETTE[i % len(PALETTE)]
+        pts = plotted(rows, latency)
+        col = latency_column(latency)
+        fr = front(pts, latency)
+        data.append(
+            {
+                "type": "scatter",
+                "mode": "markers",
+                "name": f"{name} trials",
+                "x": [r[col] for r in pts],
+                "y": [r["output_tokens_per_s"] for r in pts],
+                "text": [_hover(r, latency) for r in pts],
+                "hovertemplate": "%{text}<extra>" + name.replace("<", "&lt;") + "</extra>",
+                "marker": {"color": color, "opacity": 0.35, "size": 7},
+                "legendgroup": name,
+                "showlegend": False,
+            }
+        )
+        data.append(
+            {
+                "type": "scatter",
+                "mode": "lines+markers",
+                "name": f"{name} ({latency})",
+                "x": [r[col] for r in fr],
+                "y": [r["output_tokens_per_s"] for r in fr],
+                "text": [_hover(r, latency) for r in fr],
+                "hovertemplate": "%{text}<extra></extra>",
+                "line": {"color": color, "shape": "hv"},
+                "marker": {"color": color, "size": 9},
+                "legendgroup": name,
+            }
+        )
+        if limit is not None:
+            shapes.append(
+                {
+                    "type": "line",
+                    "xref": "x",
+                    "yref": "paper",
+                    "x0": limit,
+                    "x1": limit,
+                    "y0": 0,
+                    "y1": 1,
+                    "line": {"color": color, "width": 1, "dash": "dash"},
+                }
+            )
+    layout = _layout("Pareto fronts", "SLO latency (ms)", "output tokens/s", shapes=shapes)
+    return {"data": data, "layout": layout}
+
+
+def latency_distribution(detail: dict[str, Any]) -> dict[str, Any]:
+    """A trial's e2e latency histogram (stored bins) with its CDF from the stored samples."""
+    hist = detail.get("latency_histogram") or {}
+    edges, counts = hist.get("edges") or [], hist.get("counts") or []
+    centers = [(edges[i] + edges[i + 1]) / 2 for i in range(len(counts))] if len(edges) == len(counts) + 1 else []
+    widths = [edges[i + 1] - edges[i] for i in range(len(counts))] if centers else []
+    samples = sorted(x for x in detail.get("e2e_samples_ms") or [] if x is not None)
+    n = len(samples)
+    data: list[dict[str, Any]] = [
+        {
+            "type": "bar",
+            "name": "requests",
+            "x": centers,
+            "y": counts,
+            "width": widths,
+            "marker": {"color": PALETTE[0]},
+            "hovertemplate": "%{x:.1f} ms: %{y}<extra></extra>",
+        },
+        {
+            "type": "scatter",
+            "mode": "lines",
+            "name": "CDF",
+            "x": samples,
+            "y": [(i + 1) / n for i in range(n)],
+            "yaxis": "y2",
+            "line": {"color": PALETTE[1], "shape": "hv"},
+        },
+    ]
+    layout = _layout("End-to-end latency distribution", "e2e latency (ms)", "requests")
+    layout["yaxis2"] = {"overlaying": "y", "side": "right", "range": [0, 1], "title": {"text": "CDF"}}
+    return {"data": data, "layout": layout}
