@@ -168,19 +168,13 @@ def list_studies(request: Request) -> list[dict[str, Any]]:
     return store(request).study_summaries()
 
 
-@router.get("/studies/{name}", response_model=StudyDetail, responses=NOT_FOUND)
-def get_study(request: Request, name: StudyName) -> dict[str, Any]:
-    """One study: its summary, spec and hardware."""
-    return study_detail(store(request), name)
-
-
-@router.get("/studies/{name}/status", response_model=StudyStatus, responses=NOT_FOUND)
+@router.get("/studies/{name:path}/status", response_model=StudyStatus, responses=NOT_FOUND)
 def get_status(request: Request, name: StudyName) -> dict[str, Any]:
     """Cheap to poll: pages re-render when ``trials_done`` or ``status`` changes."""
     return store(request).status(name)
 
 
-@router.get("/studies/{name}/trials", response_model=TrialPage, responses=NOT_FOUND)
+@router.get("/studies/{name:path}/trials", response_model=TrialPage, responses=NOT_FOUND)
 def list_trials(
     request: Request,
     name: StudyName,
@@ -204,13 +198,13 @@ def list_trials(
     return {"total": len(rows), "offset": offset, "limit": limit, "items": rows[offset : offset + limit]}
 
 
-@router.get("/studies/{name}/trials/{number}", response_model=TrialDetail, responses=NOT_FOUND)
+@router.get("/studies/{name:path}/trials/{number}", response_model=TrialDetail, responses=NOT_FOUND)
 def get_trial(request: Request, name: StudyName, number: TrialNumber) -> dict[str, Any]:
     """Everything stored about one trial (metrics, histogram, samples, timings, log excerpt)."""
     return store(request).trial(name, number)
 
 
-@router.get("/studies/{name}/pareto", response_model=ParetoFront, responses=NOT_FOUND)
+@router.get("/studies/{name:path}/pareto", response_model=ParetoFront, responses=NOT_FOUND)
 def get_pareto(
     request: Request,
     name: StudyName,
@@ -240,7 +234,7 @@ def get_pareto(
     }
 
 
-@router.get("/studies/{name}/best", responses={**NOT_FOUND, 200: {"content": {"application/json": {}}}})
+@router.get("/studies/{name:path}/best", responses={**NOT_FOUND, 200: {"content": {"application/json": {}}}})
 def get_best(
     request: Request,
     name: StudyName,
@@ -251,6 +245,12 @@ def get_best(
     doc = store(request).export(name)
     headers = {"Content-Disposition": f'attachment; filename="best-{_safe_filename(name)}.json"'} if download else {}
     return JSONResponse(doc, headers=headers)
+
+
+@router.get("/studies/{name:path}", response_model=StudyDetail, responses=NOT_FOUND)
+def get_study(request: Request, name: StudyName) -> dict[str, Any]:
+    """One study: its summary, spec and hardware (registered last: names may contain '/')."""
+    return study_detail(store(request), name)
 
 
 def _safe_filename(name: str) -> str:

@@ -89,7 +89,26 @@ def studies_page(request: Request) -> HTMLResponse:
     return _render(request, "studies.html", studies=store(request).study_summaries())
 
 
-@router.get("/studies/{name}", response_class=HTMLResponse)
+@router.get("/studies/{name:path}/trials/{number}", response_class=HTMLResponse)
+def trial_page(request: Request, name: StudyName, number: TrialNumber) -> HTMLResponse:
+    """Every metric of one trial, its latency distribution, its setup times and its log."""
+    try:
+        detail = store(request).trial(name, number)
+    except NotFound as err:
+        return not_found_page(request, str(err))
+    timings = [(k, detail["timings"].get(k)) for k in TIMINGS if k in detail["timings"]]
+    timings += [(k, v) for k, v in detail["timings"].items() if k not in TIMINGS]
+    return _render(
+        request,
+        "trial.html",
+        study_name=name,
+        t=detail,
+        timings=timings,
+        fig=figures.latency_distribution(detail),
+    )
+
+
+@router.get("/studies/{name:path}", response_class=HTMLResponse)
 def study_page(request: Request, name: StudyName) -> HTMLResponse:
     """Best config card, Pareto front, history, importance, parallel coordinates, trials table."""
     try:
@@ -121,25 +140,6 @@ def study_page(request: Request, name: StudyName) -> HTMLResponse:
         trial_rows=trial_rows(name, view.trials, latency_column(latency), best["number"] if best else None),
         figs=figs,
         n_points=len(figures.plotted(view.trials, latency)),
-    )
-
-
-@router.get("/studies/{name}/trials/{number}", response_class=HTMLResponse)
-def trial_page(request: Request, name: StudyName, number: TrialNumber) -> HTMLResponse:
-    """Every metric of one trial, its latency distribution, its setup times and its log."""
-    try:
-        detail = store(request).trial(name, number)
-    except NotFound as err:
-        return not_found_page(request, str(err))
-    timings = [(k, detail["timings"].get(k)) for k in TIMINGS if k in detail["timings"]]
-    timings += [(k, v) for k, v in detail["timings"].items() if k not in TIMINGS]
-    return _render(
-        request,
-        "trial.html",
-        study_name=name,
-        t=detail,
-        timings=timings,
-        fig=figures.latency_distribution(detail),
     )
 
 
