@@ -1,0 +1,178 @@
+"""The dashboard in a real browser: headless Debian Chromium driven by Playwright (never a downloaded
+browser). Screenshots land in tests/artifacts/ (git-ignored)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import ROOT, run_cli
+from .test_dashboard import XSS, XSS_Q, dash_db, load_bench, url  # noqa: F401  (session fixtures)
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
+ARTIFACTS = ROOT / "tests" / "artifacts"
+
+pytestmark = pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="no /usr/bin/chromium: apt-get install chromium (Debian) to run browser tests"
+)
+os.environ.setdefault("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")
+
+
+@contextlib.contextmanager
+def serve(storage_url: str) -> Iterator[str]:
+    """The dashboard under uvicorn in a thread, on a free loopback port; yields its base URL."""
+    import uvicorn
+
+    from autotune.dashboard import create_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(storage_url), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "dashboard server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def base(url: str) -> Iterator[str]:  # noqa: F811
+    with serve(url) as root:
+        yield root
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    playwright = pytest.importorskip("playwright.sync_api")
+    with playwright.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    ctx = browser.new_context(accept_downloads=True, viewport={"width": 1400, "height": 1000})
+    pg = ctx.new_page()
+    errors: list[str] = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    pg.on("dialog", lambda d: (errors.append(f"dialog: {d.message}"), d.dismiss()))
+    pg.errors = errors
+    try:
+        yield pg
+    finally:
+        ctx.close()
+
+
+def shot(page: Any, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+PARETO_POINTS = """() => {
+  const el = document.getElementById('fig-pareto');
+  return el.querySelectorAll('.scatterlayer .trace .points path.point').length;
+}"""
+
+
+def test_study_flow(page: Any, base: str, dash_db: Path, url: str) -> None:  # noqa: F811
+    page.goto(base + "/")
+    page.get_by_role("link", name="tiny", exact=True).click()
+    page.wait_for_url("**/studies/tiny")
+    page.wait_for_function("() => document.getElementById('fig-pareto').data !== undefined")
+    page.wait_for_selector("#fig-parallel .parcoords")
+    from fastapi.testclient import TestClient
+
+    from autotune.dashboard import create_app
+
+    with TestClient(create_app(url)) as c:
+        measured = c.get("/api/studies/tiny/trials", params={"state": "measured"}).json()["total"]
+    assert measured >= 1
+    assert page.evaluate(PARETO_POINTS) == measured  # one point per completed (measured) trial
+    assert page.locator("#trials tbody tr").count() == 4
+    page.locator("#trials th", has_text="tokens/s").click()  # client-side sort
+    shot(page, "study-tiny")
+
+    with page.expect_download() as dl:
+        page.click("#download-json")
+    doc = json.loads(Path(dl.value.path()).read_text())
+    cli = run_cli("best", "tiny", "--json", "--storage", url, cwd=dash_db)
+    assert cli.returncode == 0, cli.stderr
+    expected = json.loads(cli.stdout)
+    doc.pop("exported_at"), expected.pop("exported_at")
+    assert doc == expected
+
+    page.locator("#best h2 a").click()
+    page.wait_for_url(f"**/studies/tiny/trials/{expected['trial']}")
+    page.wait_for_function("() => document.getElementById('fig-latency').data !== undefined")
+    assert page.locator("h1").inner_text().startswith(f"Trial {expected['trial']}")
+    assert "load_s" in page.content() and "warmup_s" in page.content()
+    shot(page, "trial-tiny")
+    assert page.errors == []
+
+
+def test_studies_list_and_script_names_stay_text(page: Any, base: str) -> None:
+    page.goto(base + "/")
+    assert page.locator("#studies tbody tr").count() >= 2
+    assert page.get_by_role("link", name=XSS).count() == 1  # the name shows as text
+    shot(page, "studies")
+    page.goto(f"{base}/studies/{XSS_Q}")
+    page.wait_for_function("() => document.getElementById('fig-pareto').data !== undefined")
+    assert page.locator("h1").inner_text().startswith(XSS)
+    page.fill("#trial-filter", "crash")  # client-side filter: only failed rows left
+    visible = page.locator("#trials tbody tr:visible")
+    assert visible.count() >= 1 and all("crash" in t for t in visible.all_inner_texts())
+    shot(page, "study-script-name")
+    page.goto(f"{base}/compare?study=tiny&study={XSS_Q}")
+    page.wait_for_function("() => document.getElementById('fig-compare').data !== undefined")
+    shot(page, "compare")
+    assert page.errors == []  # no alert() ran, no JS error
+
+
+def test_running_study_updates_without_reload(page: Any, tmp_path: Path) -> None:
+    from autotune.store import Repository
+
+    db_url = f"sqlite:///{tmp_path}/live.db"
+    load_bench().fill(db_url, "live", 5, seed=2, status="running")
+    with serve(db_url) as root:
+        page.goto(root + "/studies/live")
+        page.wait_for_function("() => document.getElementById('fig-pareto').data !== undefined")
+        page.evaluate("() => { window.__same_document = true; }")
+        with Repository.open(db_url) as repo:  # the study writes while the page is open
+            row = repo.list_trials("live")[-1]
+            m = load_bench().synthetic_measurement(row.config, random.Random(5))
+            repo.record_trial("live", 5, config=row.config, config_key="new", state="measured", feasible=True,
+                              measurement=m, constraints=[-0.5])  # fmt: skip
+        page.wait_for_selector('#live[data-trials="6"]', timeout=15_000)
+        assert page.evaluate("() => window.__same_document") is True  # updated in place, not reloaded
+        assert page.locator("#trials tbody tr").count() == 6
+        page.wait_for_function("() => document.getElementById('fig-pareto').data !== undefined")
+        shot(page, "study-live")
+    assert page.errors == []
