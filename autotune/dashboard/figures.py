@@ -230,7 +230,8 @@ def parallel(rows: list[dict[str, Any]], latency: str) -> dict[str, Any]:
     ]
     return {
         "data": data,
-        "layout": {"title": {"text": "Parallel coordinates"}, "margin": {"l": 60, "r": 60, "t": 70, "b": 30}},
+        # The title sits in the page (a Plotly title collides with the axis labels above the lines).
+        "layout": {"margin": {"l": 70, "r": 70, "t": 60, "b": 30}},
     }
 
 
