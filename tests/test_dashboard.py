@@ -279,11 +279,8 @@ def test_postgres_storage(pg_database: str) -> None:
         assert [s["name"] for s in c.get("/api/studies").json()] == ["pg-study"]
         assert c.get("/api/studies/pg-study/trials").json()["total"] == 12
         assert c.get("/studies/pg-study").status_code == 200
-        assert c.get("/api/studies/pg-study/status").json() == {
-            **c.get("/api/studies/pg-study/status").json(),
-            "status": "running",
-            "trials_done": 12,
-        }
+        status = c.get("/api/studies/pg-study/status").json()
+        assert status["status"] == "running" and status["trials_done"] == 12
         store = c.app.state.store  # type: ignore[attr-defined]
         with pytest.raises(sa.exc.InternalError, match="read-only"), store.engine.begin() as conn:
             conn.exec_driver_sql("DELETE FROM autotune_trials")

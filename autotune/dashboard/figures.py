@@ -15,6 +15,11 @@ FEASIBLE, INFEASIBLE, FRONT = "#1b9e77", "#d95f02", "#444"
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2")
 
 
+def plotly_text(text: str) -> str:
+    """Plotly draws a few HTML-like tags in names and hovers: give it database strings as entities."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def _layout(title: str, x: str, y: str, **extra: Any) -> dict[str, Any]:
     return {
         "title": {"text": title},
@@ -241,6 +246,7 @@ def compare(studies: list[tuple[str, list[dict[str, Any]], str, float | None]]) 
     shapes: list[dict[str, Any]] = []
     for i, (name, rows, latency, limit) in enumerate(studies):
         color = PALETTE[i % len(PALETTE)]
+        label = plotly_text(name)
         pts = plotted(rows, latency)
         col = latency_column(latency)
         fr = front(pts, latency)
@@ -248,11 +254,11 @@ def compare(studies: list[tuple[str, list[dict[str, Any]], str, float | None]]) 
             {
                 "type": "scatter",
                 "mode": "markers",
-                "name": f"{name} trials",
+                "name": f"{label} trials",
                 "x": [r[col] for r in pts],
                 "y": [r["output_tokens_per_s"] for r in pts],
                 "text": [_hover(r, latency) for r in pts],
-                "hovertemplate": "%{text}<extra>" + name.replace("<", "&lt;") + "</extra>",
+                "hovertemplate": "%{text}<extra>" + label + "</extra>",
                 "marker": {"color": color, "opacity": 0.35, "size": 7},
                 "legendgroup": name,
                 "showlegend": False,
@@ -262,7 +268,7 @@ def compare(studies: list[tuple[str, list[dict[str, Any]], str, float | None]]) 
             {
                 "type": "scatter",
                 "mode": "lines+markers",
-                "name": f"{name} ({latency})",
+                "name": f"{label} ({latency})",
                 "x": [r[col] for r in fr],
                 "y": [r["output_tokens_per_s"] for r in fr],
                 "text": [_hover(r, latency) for r in fr],
