@@ -40,10 +40,23 @@ def load_bench() -> ModuleType:
     return mod
 
 
+_BUILT: dict[str, Path] = {}
+
+
 @pytest.fixture(scope="session")
 def dash_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A workdir with studies/autotune.db: a real 4-trial tune of the tiny preset ("tiny"), plus a small
-    synthetic study whose name is a script tag and whose failure reasons carry HTML."""
+    synthetic study whose name is a script tag and whose failure reasons carry HTML.
+
+    Built once per session even though the browser tests' module imports this fixture (which makes
+    pytest register a second, module-local copy of it).
+    """
+    if "work" not in _BUILT:
+        _BUILT["work"] = build_dash_db(tmp_path_factory)
+    return _BUILT["work"]
+
+
+def build_dash_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp_path_factory.mktemp("dash")
     res = run_cli("tune", str(TINY_SPEC), cwd=work)
     assert res.returncode == 0, res.stderr
