@@ -7,6 +7,7 @@ Exit codes: 0 ok, 2 bad input (spec, model, storage, space), 3 no config met the
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -104,6 +105,14 @@ def _print_measurement(title: str, m: Any, spec: StudySpec | None = None) -> Non
         out.print(f"before measuring (not counted): {build}", highlight=False)
     if m.stopped_by.startswith("early-stop"):
         out.print(f"stopped early: {m.stopped_by.removeprefix('early-stop: ')}", highlight=False)
+    r = m.roofline or {}
+    if r.get("decode_fraction", math.nan) == r.get("decode_fraction"):  # present and not NaN
+        out.print(
+            f"roofline: decode {r['decode_step_ms']:.2f} ms/step = {r['decode_fraction']:.1%} of the "
+            f"memory-bandwidth bound ({r['decode_bound_ms']:.2f} ms) · prefill at {r['prefill_fraction']:.1%} "
+            "of the measured matmul rate",
+            highlight=False,
+        )
     if spec is not None:
         verdicts = []
         for c in spec.slo:
@@ -560,6 +569,8 @@ def dashboard(
 
         url = _storage_url(storage, for_write=False)
         web_app = create_app(url)  # refuses a missing SQLite file or an old schema before binding
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            err.print(f"warning: serving on {host}: anyone who can reach it can read these studies", highlight=False)
         err.print(f"autotune dashboard on http://{host}:{port}/ reading {safe_url(url)} (read-only)", highlight=False)
         uvicorn.run(web_app, host=host, port=port, log_level="warning")
 

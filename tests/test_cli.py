@@ -296,6 +296,7 @@ def test_measure_an_exported_config(tuned: Path) -> None:
     res = run_cli("measure", str(TINY_SPEC), "--config", "best.json", cwd=tuned)
     assert res.returncode == 0, res.stderr
     assert "e2e_ms" in res.stdout and "tok/s" in res.stdout and "SLO: p95 e2e_ms <= 2000" in res.stdout
+    assert "of the memory-bandwidth bound" in res.stdout  # the roofline line, from measured ceilings
 
 
 def test_measure_baseline_prints_metrics(tmp_path: Path) -> None:
@@ -303,6 +304,7 @@ def test_measure_baseline_prints_metrics(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout)
     assert doc["config"]["batch_size"] == 1 and doc["measurement"]["output_tokens_per_s"] > 0
+    assert 0 < doc["measurement"]["roofline"]["decode_fraction"] < 1
 
 
 def test_default_spec_is_the_quickstart() -> None:
