@@ -175,6 +175,25 @@ def test_errors_are_one_line_json(client: TestClient, path: str, status: int) ->
     assert set(body) == {"error"} and "Traceback" not in body["error"]
 
 
+def test_unexpected_errors_are_json_without_traceback(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sqlalchemy as sa
+
+    from autotune.dashboard import create_app
+
+    app = create_app(url)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        monkeypatch.setattr(app.state.store, "study", lambda name: 1 / 0)
+        res = c.get("/api/studies/tiny")
+        assert res.status_code == 500 and res.json() == {"error": "internal error (ZeroDivisionError)"}
+
+        def down(name: str) -> None:
+            raise sa.exc.OperationalError("SELECT", {}, Exception("database is locked"))
+
+        monkeypatch.setattr(app.state.store, "study", down)
+        res = c.get("/studies/tiny")
+        assert res.status_code == 503 and res.json() == {"error": "storage unavailable: database is locked"}
+
+
 def test_unknown_pages_are_html_404(client: TestClient) -> None:
     for path in ("/studies/nope", "/studies/tiny/trials/999"):
         res = client.get(path)
@@ -292,6 +311,7 @@ def test_postgres_storage(pg_database: str) -> None:
         assert [s["name"] for s in c.get("/api/studies").json()] == ["pg-study"]
         assert c.get("/api/studies/pg-study/trials").json()["total"] == 12
         assert c.get("/studies/pg-study").status_code == 200
+        assert c.get("/api/studies/pg-study/best").json()["study"] == "pg-study"  # Optuna's side, read-only too
         status = c.get("/api/studies/pg-study/status").json()
         assert status["status"] == "running" and status["trials_done"] == 12
         store = c.app.state.store  # type: ignore[attr-defined]

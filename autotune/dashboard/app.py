@@ -9,11 +9,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from autotune import __version__
 from autotune.dashboard import api, pages
 from autotune.dashboard.data import NotFound, Store
+from autotune.errors import StorageError
 
 log = logging.getLogger("autotune.dashboard")
 
@@ -56,6 +58,14 @@ def create_app(storage_url: str) -> FastAPI:
             where = ".".join(str(p) for p in e.get("loc", ()))
             parts.append(f"{where}: {e.get('msg', 'invalid')}")
         return JSONResponse({"error": "; ".join(parts) or "invalid request"}, status_code=422)
+
+    @app.exception_handler(SQLAlchemyError)
+    @app.exception_handler(StorageError)
+    async def storage_down(request: Request, exc: Exception) -> Response:
+        """The database went away or is busy: say so in one line; the page's next poll tries again."""
+        log.warning("storage error on %s: %s", request.url.path, exc)
+        first = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__])[0]
+        return JSONResponse({"error": f"storage unavailable: {first[:300]}"}, status_code=503)
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception) -> Response:
