@@ -176,3 +176,24 @@ def test_running_study_updates_without_reload(page: Any, tmp_path: Path) -> None
         page.wait_for_function("() => document.getElementById('fig-pareto').data !== undefined")
         shot(page, "study-live")
     assert page.errors == []
+
+
+def test_studies_list_follows_new_trials(page: Any, tmp_path: Path) -> None:
+    from autotune.store import Repository
+
+    db_url = f"sqlite:///{tmp_path}/list.db"
+    load_bench().fill(db_url, "growing", 3, seed=4, status="running")
+    with serve(db_url) as root:
+        page.goto(root + "/")
+        assert page.locator("#studies tbody tr td").nth(4).inner_text().startswith("3")
+        with Repository.open(db_url) as repo:
+            row = repo.list_trials("growing")[0]
+            repo.record_trial("growing", 3, config=row.config, config_key="x", state="failed",
+                              failure={"kind": "crash", "reason": "boom", "log": ""})  # fmt: skip
+            repo.set_study_status("growing", "finished")
+        page.wait_for_function(
+            "() => document.querySelector('#studies tbody tr td:nth-child(5)').textContent.trim().startsWith('4')",
+            timeout=15_000,
+        )
+        assert page.locator("#studies .badge").inner_text() == "finished"
+    assert page.errors == []

@@ -64,6 +64,12 @@ function setupTable(root) {
   return apply;
 }
 
+// The studies list compares a signature of every study; a study page its trial count and status.
+function changed(st, el) {
+  if (Array.isArray(st)) return st.map((s) => s.name + ":" + s.trials_done + ":" + s.status).join("|") !== el.dataset.sig;
+  return String(st.trials_done) !== el.dataset.trials || st.status !== el.dataset.status;
+}
+
 function followStudy() {
   const live = document.getElementById("live");
   if (!live || !live.dataset.statusUrl) return;
@@ -73,7 +79,7 @@ function followStudy() {
       if (res.ok) {
         const st = await res.json();
         const cur = document.getElementById("live");
-        if (String(st.trials_done) !== cur.dataset.trials || st.status !== cur.dataset.status) {
+        if (changed(st, cur)) {
           const page = await fetch(window.location.href, {cache: "no-store"});
           if (page.ok) {
             const doc = new DOMParser().parseFromString(await page.text(), "text/html");
