@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 import socket
 import sqlite3
 import subprocess
@@ -56,11 +57,41 @@ def dash_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _BUILT["work"]
 
 
+def watch(proc: subprocess.Popen[str], url: str) -> list[tuple[str, int, dict[str, object] | None]]:
+    """Poll the study's status and page while ``proc`` (a tune) runs: (path, HTTP status, JSON or None)."""
+    from autotune.dashboard import create_app
+    from autotune.errors import StorageError
+
+    seen: list[tuple[str, int, dict[str, object] | None]] = []
+    client = None
+    while proc.poll() is None:
+        time.sleep(0.3)
+        if client is None:
+            try:  # the tune creates the database and its tables first
+                client = TestClient(create_app(url), raise_server_exceptions=False)
+            except StorageError:
+                continue
+        res = client.get("/api/studies/tiny/status")
+        seen.append(("status", res.status_code, res.json()))
+        page = client.get("/studies/tiny")
+        seen.append(("page", page.status_code, None))
+    return seen
+
+
 def build_dash_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp_path_factory.mktemp("dash")
-    res = run_cli("tune", str(TINY_SPEC), cwd=work)
-    assert res.returncode == 0, res.stderr
     url = f"sqlite:///{work}/studies/autotune.db"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "autotune.cli", "tune", str(TINY_SPEC)],
+        cwd=work,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    _BUILT["seen"] = watch(proc, url)  # the dashboard reads while the tune writes
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err
     bench = load_bench()
     bench.fill(url, XSS, 30, seed=1)
     from autotune.store import Repository
@@ -97,6 +128,16 @@ def digest(db: Path) -> str:
 
 
 # -- API -------------------------------------------------------------------------------------------
+def test_reads_while_a_study_writes(dash_db: Path) -> None:
+    """The dashboard polled the real tune as it ran: never a 5xx, the count only grew, 'running' seen."""
+    seen = _BUILT["seen"]
+    assert seen, "the tune finished before the dashboard could open its database"
+    assert all(code in (200, 404) for _, code, _ in seen), seen  # 404 until the study row exists
+    counts = [int(str(body["trials_done"])) for what, code, body in seen if what == "status" and code == 200 and body]
+    assert counts == sorted(counts)
+    assert any(body and body["status"] == "running" for what, code, body in seen if what == "status" and code == 200)
+
+
 def test_studies_list(client: TestClient) -> None:
     studies = {s["name"]: s for s in client.get("/api/studies").json()}
     tiny = studies["tiny"]
