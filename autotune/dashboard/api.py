@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from autotune.dashboard import figures
-from autotune.dashboard.data import Store, latency_column, latency_names, slo_latency
+from autotune.dashboard.data import Store, clean_json, latency_column, latency_names, slo_latency
 
 #: Page size cap: a client asking for a million rows gets at most this many.
 MAX_PAGE = 500
@@ -244,7 +244,7 @@ def get_best(
     """The best feasible config's export document: what ``autotune best NAME --json`` prints."""
     doc = store(request).export(name)
     headers = {"Content-Disposition": f'attachment; filename="best-{_safe_filename(name)}.json"'} if download else {}
-    return JSONResponse(doc, headers=headers)
+    return JSONResponse(clean_json(doc), headers=headers)  # NaN (not measured) as null: strict JSON
 
 
 @router.get("/studies/{name:path}", response_model=StudyDetail, responses=NOT_FOUND)

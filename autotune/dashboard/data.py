@@ -7,7 +7,6 @@ and the export document come from Optuna's tables, so "best" here is the trial `
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 from collections.abc import Mapping
@@ -42,11 +41,12 @@ def _num(value: Any) -> float | None:
     return f if math.isfinite(f) else None
 
 
-def _clean(obj: Any) -> Any:
+def clean_json(obj: Any) -> Any:
+    """NaN and infinities as null, recursively (JSON has neither)."""
     if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
+        return {str(k): clean_json(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_clean(v) for v in obj]
+        return [clean_json(v) for v in obj]
     if isinstance(obj, float):
         return _num(obj)
     return obj
@@ -166,11 +166,11 @@ def trial_detail(t: Trial) -> dict[str, Any]:
         mean_batch_rows=_num(t.mean_batch_rows),
         stopped_by=t.stopped_by,
         memory_kind=t.memory_kind,
-        constraints=_clean(list(t.constraints or [])),
-        timings=_clean(dict(t.timings or {})),
-        metrics=_clean(dict(t.metrics or {})),
-        latency_histogram=_clean(dict(t.latency_histogram or {})),
-        e2e_samples_ms=_clean(list(t.e2e_samples or [])),
+        constraints=clean_json(list(t.constraints or [])),
+        timings=clean_json(dict(t.timings or {})),
+        metrics=clean_json(dict(t.metrics or {})),
+        latency_histogram=clean_json(dict(t.latency_histogram or {})),
+        e2e_samples_ms=clean_json(list(t.e2e_samples or [])),
         log_excerpt=t.log_excerpt,
         started_at=_iso(t.started_at),
     )
@@ -394,8 +394,3 @@ def _sqlite_read_only(dbapi_connection: Any, _record: Any) -> None:
         cur.execute("PRAGMA query_only = ON")
     finally:
         cur.close()
-
-
-def dumps(obj: Any) -> str:
-    """Strict JSON (no NaN) for pages and downloads."""
-    return json.dumps(_clean(obj), allow_nan=False)
