@@ -143,6 +143,8 @@ def test_studies_list(client: TestClient) -> None:
     tiny = studies["tiny"]
     assert tiny["model"] == "preset:llama-tiny" and tiny["status"] == "finished"
     assert tiny["trials_done"] == 4 and tiny["budget_trials"] == 4
+    by_state = tiny["trials_by_state"]  # the budget counts measured/infeasible/failed, not repeats or rejections
+    assert tiny["trials_spent"] == sum(by_state.get(k, 0) for k in ("measured", "infeasible", "failed")) <= 4
     assert tiny["slo"] == ["p95 e2e_ms <= 2000"]
     assert tiny["best_output_tokens_per_s"] > 0 and "cores" in tiny["hardware"]
     assert studies[XSS]["trials_failed"] >= 1

@@ -41,6 +41,7 @@ class StudySummary(BaseModel):
     objective: str | None
     budget_trials: int | None
     trials_done: int
+    trials_spent: int
     trials_failed: int
     trials_by_state: dict[str, int]
     best_trial: int | None

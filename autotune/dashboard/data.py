@@ -349,6 +349,8 @@ class Store:
             "objective": spec.get("objective"),
             "budget_trials": (spec.get("budget") or {}).get("trials"),
             "trials_done": sum(counts.values()),
+            # What the budget counts: measured, infeasible and failed trials (not repeats or rejected configs).
+            "trials_spent": sum(counts.get(k, 0) for k in ("measured", "infeasible", "failed")),
             "trials_failed": counts.get("failed", 0),
             "trials_by_state": dict(counts),
             "best_trial": best["number"] if best else None,
