@@ -68,30 +68,19 @@ def test_fractions_follow_bytes_over_bandwidth_and_flops_over_rate() -> None:
     assert kv_bytes_per_token(info, 2) == 2 * 2 * 2 * 16 * 2
     weights = {"total": 10_000_000, "decode_read": 9_000_000, "matmul_params": 4_000_000}
     ceilings = Ceilings(memory_gb_s=100.0, matmul_tflops=1.0, matmul_dtype="float32", matmul_n=0, copy_bytes=0)
-    r = roofline(
-        _measurement(tpot_p50=1.0, prefill_p50=10.0, rows=4),
-        ceilings,
-        weights=weights,
-        info=info,
-        kv_element_size=2,
-        prompt_tokens=100,
-        output_tokens=20,
-    )
+
+    def at(tpot_ms: float) -> dict[str, float]:
+        m = _measurement(tpot_p50=tpot_ms, prefill_p50=10.0, rows=4)
+        return roofline(m, ceilings, weights=weights, info=info, kv_element_size=2, prompt_tokens=100, output_tokens=20)
+
+    r = at(1.0)
     step_bytes = 9_000_000 + 256 * 110 * 4
     assert r["decode_bytes_per_step"] == step_bytes
     assert r["decode_bound_ms"] == pytest.approx(step_bytes / 100e9 * 1e3)
     assert r["decode_fraction"] == pytest.approx(r["decode_bound_ms"] / 1.0)
     flops = 2 * 4_000_000 * 100 * 4
     assert r["prefill_fraction"] == pytest.approx(flops / (0.010 * 1e12))
-    slow = roofline(
-        _measurement(tpot_p50=4.0, prefill_p50=10.0, rows=4),
-        ceilings,
-        weights=weights,
-        info=info,
-        kv_element_size=2,
-        prompt_tokens=100,
-        output_tokens=20,
-    )
+    slow = at(4.0)
     assert slow["decode_fraction"] == pytest.approx(r["decode_fraction"] / 4)
 
 
