@@ -80,10 +80,7 @@ def test_three_workers_finish_the_budget_exactly(pg_database: str, tmp_path: Pat
 
 def test_a_killed_worker_loses_nothing(pg_database: str, tmp_path: Path) -> None:
     url = pg_database
-    spec = tmp_path / "kill.yaml"
-    spec.write_text(
-        SPEC.read_text().replace("trials: 24", "trials: 6").replace("max_duration_s: 1.5", "max_duration_s: 3")
-    )
+    spec = _long_trials(tmp_path, "kill", trials=6, window_s=2.0)  # a trial runs 2 s: long enough to catch
     victim = start("tune", str(spec), "--storage", url, "--study", "kill", cwd=tmp_path)
     wait_for(
         lambda: any(
@@ -114,7 +111,7 @@ def _long_trials(tmp_path: Path, name: str, trials: int, window_s: float) -> Pat
 
 def test_a_worker_killed_while_others_run_loses_nothing(pg_database: str, tmp_path: Path) -> None:
     url = pg_database
-    spec = _long_trials(tmp_path, "others", trials=8, window_s=1.0)
+    spec = _long_trials(tmp_path, "others", trials=8, window_s=2.0)
     res = run_cli("tune", str(spec), "--storage", url, "--study", "others", "--trials", "1", cwd=tmp_path, env=ENV)
     assert res.returncode == 0, res.stderr
     victim = start("worker", "others", "--storage", url, "--trials", "8", cwd=tmp_path)
