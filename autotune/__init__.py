@@ -19,9 +19,22 @@ from autotune.errors import (
 )
 from autotune.spec import StudySpec, load_spec, parse_spec
 
+_LAZY = {"load_engine": "autotune.deploy", "load_config": "autotune.deploy", "ExportDocument": "autotune.deploy"}
+
+
+def __getattr__(name: str) -> object:
+    """Deployment entry points, imported on first use (the package root stays light)."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'autotune' has no attribute {name!r}")
+
+
 __all__ = [
     "BASELINE",
     "AutotuneError",
+    "ExportDocument",
     "ModelError",
     "NoFeasibleConfig",
     "SpaceError",
@@ -31,6 +44,8 @@ __all__ = [
     "TrialConfig",
     "TrialFailure",
     "__version__",
+    "load_config",
+    "load_engine",
     "load_spec",
     "parse_spec",
 ]

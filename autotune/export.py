@@ -11,10 +11,10 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from autotune import __version__
+from autotune.deploy import SCHEMA_VERSION
 from autotune.errors import NoFeasibleConfig
 from autotune.tuner import A_CONFIG, best_feasible, confirmation, trial_measurement
 
-SCHEMA_VERSION = 1
 _LATENCY_KEYS = ("p50", "p90", "p95", "p99")
 
 
