@@ -588,6 +588,14 @@ def presets() -> None:
     out.print(t)
 
 
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of the exported config file (what `load_engine` and `serve` accept)."""
+    from autotune.deploy import SCHEMA_FILE
+
+    print(SCHEMA_FILE.read_text(encoding="utf-8"), end="")
+
+
 def main() -> None:
     # Must be set before torch is imported anywhere in this process (see runner.py).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
