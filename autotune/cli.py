@@ -578,6 +578,65 @@ def dashboard(
 
 
 @app.command()
+def serve(
+    config: Annotated[Path, typer.Argument(metavar="CONFIG", help="the exported config (autotune export)")],
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port")] = 8001,
+    device: Annotated[str | None, typer.Option(help="override the exported device (cpu, cuda:1)")] = None,
+    strict: Annotated[bool, typer.Option(help="refuse to serve on hardware other than the tuned one")] = False,
+) -> None:
+    """Serve the exported config: OpenAI-style POST /v1/completions, GET /health, Prometheus GET /metrics."""
+
+    def body() -> None:
+        from autotune.serve import serve as run_server
+        from autotune.verify import build_engine, load_doc
+
+        doc = load_doc(config)
+        with err.status(f"loading {doc['model']} with {TrialConfig.model_validate(doc['config']).label()}…"):
+            engine = build_engine(doc, device=device, strict=strict)
+        err.print(f"serving {doc['model']} on http://{host}:{port} (greedy decoding; Ctrl-C drains and stops)")
+        run_server(engine, host=host, port=port, model_name=doc["model"])
+
+    _run(body)
+
+
+@app.command()
+def verify(
+    config: Annotated[Path, typer.Argument(metavar="CONFIG", help="the exported config (autotune export)")],
+    url: Annotated[
+        str | None, typer.Option(help="a running `autotune serve` (default: an engine in this process)")
+    ] = None,
+    tolerance: Annotated[float, typer.Option(min=0, max=1, help="allowed throughput shortfall")] = 0.10,
+    device: Annotated[str | None, typer.Option(help="in-process only: override the exported device")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the comparison as JSON")] = False,
+) -> None:
+    """Replay the study's workload against the deployment and compare with the tuned figures (exit 3 if short)."""
+
+    def body() -> None:
+        from autotune.verify import VerifyFailed, build_engine, compare, load_doc, render, verify_local, verify_remote
+
+        doc = load_doc(config)
+        label = TrialConfig.model_validate(doc["config"]).label()
+        if url:
+            with err.status(f"replaying the workload against {url}…"):
+                m = verify_remote(doc, url)
+        else:
+            engine = build_engine(doc, device=device)
+            with err.status(f"replaying the workload on {label} in this process…"):
+                m = verify_local(doc, engine)
+        v = compare(doc, m, tolerance=tolerance)
+        if as_json:
+            print(json.dumps({"config": doc["config"], "measurement": m.to_dict(), **v.to_dict()}, indent=2))
+        else:
+            out.print(render(v, f"{label}: tuned vs measured ({url or 'in-process'})"))
+        if not v.ok:
+            raise VerifyFailed("; ".join(v.reasons))
+        err.print(f"verified: within {tolerance:.0%} of the tuned throughput and every SLO clause met")
+
+    _run(body)
+
+
+@app.command()
 def presets() -> None:
     """List the built-in model presets (real architectures, seeded random weights)."""
     from autotune.presets import PRESETS

@@ -286,6 +286,8 @@ def create_app(engine: Engine, *, model_name: str | None = None, manage_engine: 
             "model": name,
             "config": engine.config.model_dump(mode="json"),
             "max_context": engine.max_context,
+            "vocab_size": int(engine.info.vocab_size),
+            "first_token_id": len(getattr(engine.tokenizer, "all_special_ids", []) or [0]),
             "decoding": "greedy",
             "in_flight": state["in_flight"],
             "peak_memory_mb": mem,

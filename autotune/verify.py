@@ -1,0 +1,320 @@
+"""Check that a deployment delivers what the study measured: replay the study's workload, compare.
+
+In-process, the exported config's engine runs :func:`~autotune.measure.run_workload` exactly as a
+trial did. Against a URL (``autotune serve``), the same requests (token ids, so lengths are exact)
+go over HTTP with the same closed-loop concurrency or arrival times. There, ``e2e_ms`` and
+throughput are what the client sees (HTTP included); ``ttft_ms`` and ``queue_ms`` are the server's
+engine timings (the server sends text when the batch finishes), and ``tpot_ms`` spreads the rest of
+the client's wait over the output tokens. The verdict: throughput at least ``1 - tolerance`` of the
+tuned figure, and every SLO clause met.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from autotune.errors import AutotuneError, SpecError
+
+if TYPE_CHECKING:
+    from autotune.engine import Engine, GenerationResult
+    from autotune.measure import Measurement
+    from autotune.spec import WorkloadSpec
+
+DEFAULT_TOLERANCE = 0.10
+_PCTS = ("p50", "p90", "p95", "p99")
+
+
+class VerifyFailed(AutotuneError):
+    """The deployment is slower than tuned (beyond the tolerance) or misses an SLO clause."""
+
+    exit_code = 3
+
+
+# -- the export document ------------------------------------------------------------------------
+def load_doc(path: str | Path) -> dict[str, Any]:
+    """The export file as a plain dict, validated by :func:`autotune.deploy.load_config`."""
+    from autotune.deploy import load_config
+
+    return load_config(path).model_dump(mode="json")
+
+
+def workload_of(doc: dict[str, Any]) -> WorkloadSpec:
+    from pydantic import ValidationError
+
+    from autotune.spec import WorkloadSpec
+
+    if not doc.get("workload"):
+        raise SpecError("the export holds no workload to replay; export it again with this autotune")
+    try:
+        return WorkloadSpec.model_validate(doc["workload"])
+    except ValidationError as e:
+        raise SpecError(f"export's workload is invalid: {e.errors()[0]['msg']}") from None
+
+
+def build_engine(doc: dict[str, Any], *, device: str | None = None, strict: bool = False) -> Engine:
+    """The exported config's engine, built by the deployment loader (what ``autotune serve`` runs)."""
+    from autotune.deploy import load_engine
+
+    return load_engine(doc, device=device, strict=strict, start=False)
+
+
+def first_token_id(engine: Engine) -> int:
+    """Prompts skip the special tokens, as the trial's did (see runner)."""
+    return len(getattr(engine.tokenizer, "all_special_ids", []) or [0])
+
+
+# -- in-process ----------------------------------------------------------------------------------
+def verify_local(doc: dict[str, Any], engine: Engine) -> Measurement:
+    """Run the study's workload on ``engine`` exactly as the trial did."""
+    from autotune.measure import run_workload
+
+    with engine:
+        return run_workload(
+            engine,
+            workload_of(doc),
+            vocab_size=engine.info.vocab_size,
+            first_token_id=first_token_id(engine),
+            build_timings=engine.timings.as_dict(),
+        )
+
+
+# -- over HTTP -----------------------------------------------------------------------------------
+@dataclass
+class RemoteRun:
+    """What a replay against a server gave, with the server's own description of itself."""
+
+    results: list[GenerationResult]
+    t0: float
+    t1: float
+    stopped_by: str
+    health: dict[str, Any] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+
+
+async def _health(client: Any, url: str) -> dict[str, Any]:
+    import httpx
+
+    try:
+        r = await client.get(f"{url}/health")
+    except httpx.HTTPError as e:
+        raise AutotuneError(f"cannot reach autotune serve at {url}: {type(e).__name__}: {e}") from None
+    try:
+        doc = r.json()
+    except ValueError:
+        doc = None
+    if r.status_code != 200 or not isinstance(doc, dict) or "config" not in doc:
+        raise AutotuneError(f"{url}/health answered {r.status_code}; is this an `autotune serve` server?")
+    return doc
+
+
+async def _one(client: Any, url: str, prompt: list[int], max_tokens: int) -> GenerationResult:
+    from autotune.engine import GenerationResult
+
+    t_submit = time.perf_counter()
+    r = await client.post(f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": max_tokens})
+    t_end = time.perf_counter()
+    if r.status_code != 200:
+        raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
+    doc = r.json()
+    timing = doc.get("autotune", {})
+    n = int(doc["usage"]["completion_tokens"])
+    return GenerationResult(
+        request_id=-1,
+        prompt_tokens=int(doc["usage"]["prompt_tokens"]),
+        output_ids=[0] * n,  # only the count matters here
+        t_submit=t_submit,
+        t_start=t_submit + float(timing.get("queue_ms", 0.0)) / 1000,
+        t_first_token=t_submit + float(timing.get("ttft_ms", (t_end - t_submit) * 1000)) / 1000,
+        t_end=t_end,
+        batch_rows=int(timing.get("batch_rows", 1)),
+        stream=0,
+    )
+
+
+async def replay_http(
+    doc: dict[str, Any], url: str, *, vocab_size: int | None = None, request_timeout_s: float = 300.0
+) -> RemoteRun:
+    """Warm up, then replay the workload against ``url`` the way :func:`run_workload` does in-process."""
+    import httpx
+
+    from autotune.config import TrialConfig
+    from autotune.optimize.compile import needs_fixed_shapes
+    from autotune.workload import build_requests, concurrency
+
+    url = url.rstrip("/")
+    spec = workload_of(doc)
+    cfg = TrialConfig.model_validate(doc["config"])
+    timeout = httpx.Timeout(request_timeout_s, connect=10.0)
+    async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=None)) as client:
+        health = await _health(client, url)
+        served = TrialConfig.model_validate(health["config"])
+        if served != cfg:
+            raise AutotuneError(f"{url} serves {served.label()}, not the exported {cfg.label()}")
+        vocab = vocab_size or int(health.get("vocab_size") or 0)
+        if not vocab:
+            raise AutotuneError(f"{url}/health does not say the model's vocabulary size; upgrade that server")
+        first = int(health.get("first_token_id", 4))
+        failures: list[str] = []
+
+        async def send(prompt: tuple[int, ...], n: int, out: list[GenerationResult]) -> None:
+            try:
+                out.append(await _one(client, url, list(prompt), n))
+            except Exception as e:  # a lost request is a finding, not a crash of the replay
+                failures.append(f"{type(e).__name__}: {e}")
+
+        per_round = spec.warmup_requests if spec.warmup_requests is not None else cfg.batch_size * cfg.streams
+        rounds = 2 if needs_fixed_shapes(cfg.backend) else 1  # as warm_up() does: compile, then settle
+        warm = build_requests(spec, vocab, first_token_id=first, count=per_round * rounds, seed_offset=7)
+        for r in range(rounds):
+            sink: list[GenerationResult] = []
+            chunk = warm[r * per_round : (r + 1) * per_round]
+            await asyncio.gather(*(send(q.prompt_ids, q.max_new_tokens, sink) for q in chunk))
+        failures.clear()  # warm-up failures show up again in the measured run if they persist
+
+        requests = build_requests(spec, vocab, first_token_id=first)
+        results: list[GenerationResult] = []
+        t0 = time.perf_counter()
+        deadline = t0 + spec.max_duration_s
+        stopped = "requests"
+        if spec.arrival.type == "closed":
+            it = iter(requests)
+            stop = [False]
+
+            async def client_loop() -> None:
+                while True:
+                    if time.perf_counter() >= deadline:
+                        stop[0] = True
+                        return
+                    req = next(it, None)
+                    if req is None:
+                        return
+                    await send(req.prompt_ids, req.max_new_tokens, results)
+
+            await asyncio.gather(*(client_loop() for _ in range(concurrency(spec, cfg.batch_size, cfg.streams))))
+            stopped = "duration" if stop[0] else "requests"
+        else:
+            tasks = []
+            for req in requests:
+                at = t0 + req.arrival_s
+                if at >= deadline:
+                    stopped = "duration"
+                    break
+                delay = at - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                tasks.append(asyncio.create_task(send(req.prompt_ids, req.max_new_tokens, results)))
+            await asyncio.gather(*tasks)
+        t1 = max((r.t_end for r in results), default=time.perf_counter())
+        health = await _health(client, url)  # peak memory after the run
+    return RemoteRun(results, t0, t1, stopped, health, failures)
+
+
+def verify_remote(doc: dict[str, Any], url: str, *, vocab_size: int | None = None) -> Measurement:
+    """Replay over HTTP and summarize like a trial; lost requests make it fail loudly."""
+    from autotune.measure import summarize
+
+    run = asyncio.run(replay_http(doc, url, vocab_size=vocab_size))
+    if run.failures:
+        raise VerifyFailed(f"{len(run.failures)} request(s) failed against {url}; first: {run.failures[0]}")
+    if not run.results:
+        raise VerifyFailed(f"no request finished against {url}")
+    return summarize(
+        run.results,
+        run.t0,
+        run.t1,
+        peak_memory_mb=float(run.health.get("peak_memory_mb", math.nan)),
+        memory_kind=str(run.health.get("memory_kind", "server")),
+        stopped_by=run.stopped_by,
+    )
+
+
+# -- the comparison ------------------------------------------------------------------------------
+@dataclass
+class Row:
+    metric: str
+    tuned: float
+    measured: float
+    limit: str = ""
+    ok: bool | None = None
+
+
+@dataclass
+class Verdict:
+    rows: list[Row]
+    ok: bool
+    reasons: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "reasons": self.reasons, "rows": [r.__dict__ for r in self.rows]}
+
+
+def compare(doc: dict[str, Any], m: Measurement, *, tolerance: float = DEFAULT_TOLERANCE) -> Verdict:
+    """Tuned vs measured, throughput verdict (>= (1 - tolerance) x tuned) and one verdict per SLO clause."""
+    tuned = doc.get("metrics") or {}
+    rows: list[Row] = []
+    reasons: list[str] = []
+    t_tput = float(tuned.get("output_tokens_per_s", math.nan))
+    floor = t_tput * (1 - tolerance)
+    tput_ok = m.output_tokens_per_s >= floor if t_tput == t_tput else True
+    rows.append(Row("output_tokens_per_s", t_tput, m.output_tokens_per_s, f">= {floor:,.1f}", tput_ok))
+    if not tput_ok:
+        reasons.append(
+            f"throughput {m.output_tokens_per_s:,.1f} tok/s is {1 - m.output_tokens_per_s / t_tput:.0%} below "
+            f"the tuned {t_tput:,.1f} (tolerance {tolerance:.0%})"
+        )
+    rows.append(Row("requests_per_s", float(tuned.get("requests_per_s", math.nan)), m.requests_per_s))
+    slo = {(c["metric"], c.get("percentile")): float(c["max"]) for c in doc.get("slo") or []}
+    for metric in ("e2e_ms", "ttft_ms", "tpot_ms"):
+        for p in _PCTS:
+            t = float((tuned.get(metric) or {}).get(p, math.nan))
+            v = float(getattr(m, metric)[p])
+            limit = slo.pop((metric, p), None)
+            ok = None if limit is None else v <= limit
+            rows.append(Row(f"{metric}.{p}", t, v, "" if limit is None else f"<= {limit:,.1f} (SLO)", ok))
+            if ok is False:
+                reasons.append(f"SLO {metric} {p} <= {limit:,.1f}: measured {v:,.1f}")
+    mem_limit = slo.pop(("peak_memory_mb", None), None)
+    mem_ok = None if mem_limit is None else not m.peak_memory_mb > mem_limit  # NaN (unknown) is not a miss
+    rows.append(
+        Row(
+            "peak_memory_mb",
+            float(tuned.get("peak_memory_mb", math.nan)),
+            m.peak_memory_mb,
+            "" if mem_limit is None else f"<= {mem_limit:,.1f} (SLO)",
+            mem_ok,
+        )
+    )
+    if mem_ok is False:
+        reasons.append(f"SLO peak_memory_mb <= {mem_limit:,.1f}: measured {m.peak_memory_mb:,.1f}")
+    return Verdict(rows, not reasons, reasons)
+
+
+def render(verdict: Verdict, title: str) -> Any:
+    """The side-by-side table (rich)."""
+    from rich.table import Table
+
+    t = Table(title=title, header_style="bold")
+    for col, just in (("metric", "left"), ("tuned", "right"), ("measured", "right"), ("ratio", "right")):
+        t.add_column(col, justify=just)  # type: ignore[arg-type]
+    t.add_column("target")
+    t.add_column("verdict")
+    for r in verdict.rows:
+        ratio = r.measured / r.tuned if r.tuned and r.tuned == r.tuned and r.measured == r.measured else math.nan
+        t.add_row(
+            r.metric,
+            _f(r.tuned),
+            _f(r.measured),
+            "-" if ratio != ratio else f"{ratio:.2f}x",
+            r.limit,
+            "" if r.ok is None else ("[green]OK[/green]" if r.ok else "[red]MISSED[/red]"),
+        )
+    return t
+
+
+def _f(v: float) -> str:
+    return "-" if v != v else f"{v:,.1f}"
