@@ -439,17 +439,25 @@ def export_cmd(
     study: Annotated[str, typer.Argument(help="study name")],
     storage: StorageOpt = None,
     output: Annotated[Path | None, typer.Option(help="file to write [default: stdout]")] = None,
-    fmt: Annotated[str, typer.Option("--format", help="json")] = "json",
+    fmt: Annotated[str, typer.Option("--format", help="json | vllm | tgi | triton")] = "json",
 ) -> None:
-    """Export the best feasible config as a versioned JSON file."""
+    """Export the best feasible config: versioned JSON, or a vLLM command, TGI env file or Triton config.pbtxt."""
 
     def body() -> None:
         from autotune.export import export_dict, write_export
+        from autotune.translate import FORMATS, write_text_atomic
 
-        if fmt != "json":
-            raise SpecError(f"--format: unknown format {fmt!r}; allowed: json")
+        if fmt not in FORMATS:
+            raise SpecError(f"--format: unknown format {fmt!r}; allowed: {', '.join(FORMATS)}")
         s = _load_study(study, storage)
         doc = export_dict(s)
+        if fmt != "json":  # a translation: self-describing text, not recorded as an export version
+            text = FORMATS[fmt](doc)
+            if output is None:
+                sys.stdout.write(text)
+            else:
+                out.print(f"wrote {write_text_atomic(text, output)} ({fmt})")
+            return
         if output is None:
             print(json.dumps(doc, indent=2))
         else:
