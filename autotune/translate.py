@@ -32,7 +32,6 @@ import math
 import os
 import re
 import shlex
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -514,15 +513,13 @@ FILENAMES["triton"] = "config.pbtxt"  # Triton only reads this name
 
 
 def write_text_atomic(text: str, path: str | Path) -> Path:
-    """Temp file in the same directory, then rename: a crash never leaves half a config behind."""
+    """Temp file next to the target, then rename: a crash never leaves half a config behind."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(p)
+    finally:
+        tmp.unlink(missing_ok=True)
     return p

@@ -161,6 +161,11 @@ def test_best_download_equals_cli(client: TestClient, dash_db: Path, url: str) -
     detail = client.get("/api/studies/tiny").json()
     assert detail["best_trial"] == ours["trial"] and detail["pareto_latency"] == "e2e_ms.p95"
     assert client.get("/api/studies/tiny/best", params={"format": "yaml"}).status_code == 422
+    for fmt, filename in (("vllm", "best-tiny-vllm.sh"), ("tgi", "best-tiny-tgi.env"), ("triton", "config.pbtxt")):
+        res = client.get("/api/studies/tiny/best", params={"format": fmt, "download": "true"})
+        assert res.status_code == 200 and res.headers["content-type"].startswith("text/plain")
+        assert f'filename="{filename}"' in res.headers["content-disposition"]
+        assert f"study: tiny  trial: {ours['trial']}" in res.text and "PLACEHOLDER" in res.text
 
 
 def test_trials_pages_sort_and_filter(client: TestClient) -> None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel
 
 from autotune.dashboard import figures
 from autotune.dashboard.data import Store, clean_json, latency_column, latency_names, slo_latency
+from autotune.translate import FILENAMES, FORMATS
 
 #: Page size cap: a client asking for a million rows gets at most this many.
 MAX_PAGE = 500
@@ -235,17 +236,27 @@ def get_pareto(
     }
 
 
-@router.get("/studies/{name:path}/best", responses={**NOT_FOUND, 200: {"content": {"application/json": {}}}})
+_BEST_CONTENT = {"application/json": {}, "text/plain": {}}
+
+
+@router.get("/studies/{name:path}/best", responses={**NOT_FOUND, 200: {"content": _BEST_CONTENT}})
 def get_best(
     request: Request,
     name: StudyName,
-    format: Annotated[Literal["json"], Query(description="export format")] = "json",
+    format: Annotated[
+        Literal["json", "vllm", "tgi", "triton"],
+        Query(description="json: the export document; vllm / tgi / triton: a deployment config as text"),
+    ] = "json",
     download: Annotated[bool, Query(description="as a file attachment")] = False,
-) -> JSONResponse:
-    """The best feasible config's export document: what ``autotune best NAME --json`` prints."""
+) -> Response:
+    """The best feasible config: the export document (what ``autotune best NAME --json`` prints), or its
+    translation (what ``autotune export NAME --format vllm|tgi|triton`` writes)."""
     doc = store(request).export(name)
-    headers = {"Content-Disposition": f'attachment; filename="best-{_safe_filename(name)}.json"'} if download else {}
-    return JSONResponse(clean_json(doc), headers=headers)  # NaN (not measured) as null: strict JSON
+    filename = FILENAMES[format].format(name=_safe_filename(name))
+    headers = {"Content-Disposition": f'attachment; filename="{filename}"'} if download else {}
+    if format == "json":
+        return JSONResponse(clean_json(doc), headers=headers)  # NaN (not measured) as null: strict JSON
+    return PlainTextResponse(FORMATS[format](doc), headers=headers)
 
 
 @router.get("/studies/{name:path}", response_model=StudyDetail, responses=NOT_FOUND)
