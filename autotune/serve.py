@@ -137,7 +137,7 @@ def create_app(engine: Engine, *, model_name: str | None = None, manage_engine: 
         finally:
             state["draining"] = True  # uvicorn already stopped accepting; refuse what still slips in
             if state["in_flight"]:
-                await asyncio.wait_for(idle.wait(), timeout=None)
+                await idle.wait()  # every accepted request resolves: the engine finishes what it queued
             if manage_engine:
                 await asyncio.to_thread(engine.stop)  # finishes whatever the queue still holds
 
@@ -216,25 +216,35 @@ def create_app(engine: Engine, *, model_name: str | None = None, manage_engine: 
         metrics.in_flight.inc()
         rid = f"cmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[GenerationResult] = loop.create_future()
 
-        def done() -> None:
+        def finished(f: Any) -> None:
+            """Runs on the loop once the engine is done with the request, even if the client has gone:
+            so shutdown never waits on a request nobody will collect."""
+            err = f.exception() if not f.cancelled() else asyncio.CancelledError()
+            if err is None:
+                metrics.observe(f.result())
+                metrics.requests.labels(code="200").inc()
+                metrics.http.observe(time.perf_counter() - t_http)
+            else:
+                metrics.requests.labels(code="500").inc()
+            if not answer.done():  # the handler may have been cancelled (client hung up)
+                if err is None:
+                    answer.set_result(f.result())
+                else:
+                    answer.set_exception(err)
             state["in_flight"] -= 1
             metrics.in_flight.dec()
             if not state["in_flight"]:
                 idle.set()
 
+        # Not asyncio.wrap_future: cancelling that (a client hanging up) cancels the engine's future,
+        # and the engine's worker would then fail setting its result.
+        future.add_done_callback(lambda f: loop.call_soon_threadsafe(finished, f))
+
         async def result() -> GenerationResult:
-            try:
-                res = await asyncio.wrap_future(future)
-            except BaseException:
-                metrics.requests.labels(code="500").inc()
-                done()
-                raise
-            metrics.observe(res)
-            metrics.requests.labels(code="200").inc()
-            metrics.http.observe(time.perf_counter() - t_http)
-            done()
-            return res
+            return await answer
 
         def body(res: GenerationResult, text: str | None, finish: str | None) -> dict[str, Any]:
             choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}

@@ -322,3 +322,21 @@ def test_cli_serve_drains_on_sigterm(tmp_path: Path) -> None:
             proc.kill()
             proc.wait(timeout=10)
     assert "Traceback" not in proc.stderr.read()  # type: ignore[union-attr]
+
+
+def test_shutdown_does_not_wait_on_a_client_that_left() -> None:
+    srv = LiveServer(tiny_engine(batch_size=1, delay_ms=0)).start()
+
+    async def leave() -> None:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=30) as client:
+            body = {"prompt": [7] * 8, "max_tokens": 16, "stream": True}
+            task = asyncio.create_task(client.post("/v1/completions", json=body))
+            deadline = time.monotonic() + 30
+            while srv.metric("autotune_in_flight_requests") < 1:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.005)
+            task.cancel()  # the client hangs up before its stream starts
+
+    asyncio.run(leave())
+    srv.stop(timeout=30)  # returns once the engine has finished the orphaned request
+    assert srv.metric("autotune_in_flight_requests") == 0
