@@ -596,10 +596,12 @@ def serve(
     """Serve the exported config: OpenAI-style POST /v1/completions, GET /health, Prometheus GET /metrics."""
 
     def body() -> None:
+        from autotune.serve import check_port
         from autotune.serve import serve as run_server
         from autotune.verify import build_engine, load_doc
 
         doc = load_doc(config)
+        check_port(host, port)
         with err.status(f"loading {doc['model']} with {TrialConfig.model_validate(doc['config']).label()}…"):
             engine = build_engine(doc, device=device, strict=strict)
         err.print(f"serving {doc['model']} on http://{host}:{port} (greedy decoding; Ctrl-C drains and stops)")

@@ -312,6 +312,19 @@ def create_app(engine: Engine, *, model_name: str | None = None, manage_engine: 
     return app
 
 
+def check_port(host: str, port: int) -> None:
+    """Fail in one line before the model loads, not with uvicorn's log after it."""
+    import socket
+
+    from autotune.errors import AutotuneError
+
+    try:
+        with socket.create_server((host, port), reuse_port=False):
+            pass
+    except OSError as e:
+        raise AutotuneError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
 def serve(
     engine: Engine,
     *,
