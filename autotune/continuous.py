@@ -78,12 +78,14 @@ class ContinuousScheduler:
                 self._timestamps = False
                 self._mgr.add_request(pending.prompt_ids, request_id=rid, max_new_tokens=pending.max_new_tokens)
         except BaseException as err:
+            from autotune.engine import _deliver
+
             with self._lock:
                 self._pending.pop(rid, None)
-            pending.future.set_exception(err)
+            _deliver(pending.future, error=err)
 
     def _read(self) -> None:
-        from autotune.engine import GenerationResult
+        from autotune.engine import GenerationResult, _deliver
 
         while True:
             out = self._mgr.get_result(timeout=0.5)  # a blocking queue get, not a spin
@@ -103,7 +105,7 @@ class ContinuousScheduler:
             if pending is None:
                 continue
             if out.error:
-                pending.future.set_exception(RuntimeError(f"continuous batching: {out.error}"))
+                _deliver(pending.future, error=RuntimeError(f"continuous batching: {out.error}"))
                 continue
             t_start = out.lifespan[0] if out.lifespan[0] > 0 else pending.t_submit
             stamps = getattr(out, "timestamps", None) or []
@@ -118,14 +120,15 @@ class ContinuousScheduler:
                 batch_rows=min(in_flight, self.sizes["max_requests_per_batch"]),
                 stream=0,
             )
-            pending.future.set_result(result)
+            _deliver(pending.future, result=result)
 
     def _fail_rest(self, err: BaseException) -> None:
         with self._lock:
             rest, self._pending = list(self._pending.values()), {}
+        from autotune.engine import _deliver
+
         for p in rest:
-            if not p.future.done():
-                p.future.set_exception(err)
+            _deliver(p.future, error=err)
 
     def stop(self) -> None:
         """Let in-flight requests finish, then stop the manager's thread."""

@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,6 +124,20 @@ class _FirstTokenClock:
         if self.cuda and self.first_event is not None:
             return t_start + self.start_event.elapsed_time(self.first_event) / 1000.0
         return self.t_first
+
+
+def _deliver(future: Future[Any], result: Any = None, error: BaseException | None = None) -> None:
+    """Resolve a request's future unless its caller cancelled it (an awaiting task that was
+    cancelled cancels the future through ``asyncio.wrap_future``); a worker must never die of that."""
+    if future.done():
+        return
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except InvalidStateError:  # cancelled between the check and the call
+        pass
 
 
 class EngineClosed(RuntimeError):
@@ -313,10 +327,10 @@ class Engine:
                     results = self._run_batch(batch, index)
             except BaseException as err:  # deliver the error to every waiter, keep serving
                 for p in batch:
-                    p.future.set_exception(err)
+                    _deliver(p.future, error=err)
                 continue
             for p, r in zip(batch, results, strict=True):
-                p.future.set_result(r)
+                _deliver(p.future, result=r)
 
     def run_batch(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
         """One generate call on token ids, outside the batcher (used for warm-up and bare timing)."""

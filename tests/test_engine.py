@@ -151,3 +151,14 @@ def test_first_token_time_is_the_prefill_not_the_whole_batch(hw: Hardware) -> No
         (r,) = engine.generate(prompts(1), 24)
     prefill, total = r.t_first_token - r.t_start, r.t_end - r.t_start
     assert 0 < prefill < total / 4  # one forward pass of 24, not the whole generate call
+
+
+@pytest.mark.parametrize("scheduler", ["static", "continuous"])
+def test_a_cancelled_request_never_kills_a_worker(hw: Hardware, scheduler: str) -> None:
+    cfg = TrialConfig(batch_size=4, max_queue_delay_ms=200 if scheduler == "static" else 0, scheduler=scheduler)
+    with Engine.build(TINY, cfg, hw, prompt_pad_to=12, max_context=24) as engine:
+        doomed = engine.submit(prompts(1)[0], 4)
+        kept = engine.submit(prompts(2)[1], 4)
+        doomed.cancel()  # as asyncio.wrap_future does when the awaiting task is cancelled
+        assert len(kept.result(timeout=60).output_ids) == 4
+        assert len(engine.submit(prompts(1)[0], 3).result(timeout=60).output_ids) == 3  # still serving
