@@ -109,8 +109,7 @@ def _print_measurement(title: str, m: Any, spec: StudySpec | None = None) -> Non
     if r.get("decode_fraction", math.nan) == r.get("decode_fraction"):  # present and not NaN
         out.print(
             f"roofline: decode {r['decode_step_ms']:.2f} ms/step = {r['decode_fraction']:.1%} of the "
-            f"memory-bandwidth bound ({r['decode_bound_ms']:.2f} ms) · prefill at {r['prefill_fraction']:.1%} "
-            "of the measured matmul rate",
+            f"memory-bandwidth bound ({r['decode_bound_ms']:.2f} ms) · prefill {_prefill_rate(r)}",
             highlight=False,
         )
     if spec is not None:
@@ -119,6 +118,14 @@ def _print_measurement(title: str, m: Any, spec: StudySpec | None = None) -> Non
             v = m.value(c.name)
             verdicts.append(f"{c.describe()}: {_fmt(v)} {'OK' if v <= c.max else 'MISSED'}")
         out.print("SLO: " + " · ".join(verdicts), highlight=False)
+
+
+def _prefill_rate(r: dict[str, float]) -> str:
+    rate = f"{r.get('prefill_tflops', math.nan) * 1e3:,.1f} GFLOP/s"
+    frac = r.get("prefill_fraction", math.nan)
+    if frac == frac:  # not NaN: the ceiling was measured in this trial's matmul dtype
+        return f"{rate} = {frac:.1%} of the measured matmul rate"
+    return f"{rate} (no ceiling measured for this dtype)"
 
 
 def _pareto_table(study: Any, spec: StudySpec) -> Table:

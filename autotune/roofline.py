@@ -132,13 +132,17 @@ def roofline(
     kv_element_size: int,
     prompt_tokens: float,
     output_tokens: float,
+    matmul_dtype: str | None = None,
 ) -> dict[str, float]:
     """Decode and prefill fractions of the measured ceilings, for one trial's measurement.
 
     Decode: the bytes one step must read (weights + the KV cache of the mean batch at the
     mean context) at the measured copy bandwidth, over the median time per output token.
     Prefill: 2 x matmul parameters x prompt tokens x rows FLOPs (attention scores left out,
-    small at these prompt lengths) at the measured matmul rate, over the median prefill time.
+    small at these prompt lengths) over the median prefill time, as a rate (``prefill_tflops``)
+    and, when the trial multiplies in the dtype the ceiling was measured in (``matmul_dtype``,
+    see :func:`compute_dtype`), as a fraction of it: an int8 or fp32 trial measured against a
+    bf16 ceiling would read as a meaningless fraction (even above 100%), so it gets NaN.
     """
     rows = max(m.mean_batch_rows, 1.0)
     context = prompt_tokens + output_tokens / 2
@@ -147,6 +151,8 @@ def roofline(
     step_ms = m.tpot_ms.get("p50", math.nan)
     prefill_ms = (m.prefill_ms or {}).get("p50", math.nan)
     flops = 2.0 * weights["matmul_params"] * prompt_tokens * rows
+    tflops = flops / (prefill_ms / 1e3) / 1e12 if prefill_ms > 0 else math.nan
+    comparable = matmul_dtype is None or _same_rate(matmul_dtype, ceilings.matmul_dtype)
     return {
         "decode_bytes_per_step": float(step_bytes),
         "decode_bound_ms": bound_ms,
@@ -154,5 +160,22 @@ def roofline(
         "decode_fraction": bound_ms / step_ms if step_ms > 0 else math.nan,
         "prefill_flops": flops,
         "prefill_ms": prefill_ms,
-        "prefill_fraction": flops / (prefill_ms / 1e3 * ceilings.matmul_tflops * 1e12) if prefill_ms > 0 else math.nan,
+        "prefill_tflops": tflops,
+        "prefill_fraction": tflops / ceilings.matmul_tflops if comparable else math.nan,
     }
+
+
+def compute_dtype(precision: str, quantization: str) -> str:
+    """The dtype a trial's matmuls run in: the quantized one, else the precision's (tf32 apart from fp32)."""
+    quantized = {"int8-dynamic": "int8", "int8-weight-only": "int8-weight-only", "int4-weight-only": "int4"}
+    if quantization == "fp8":
+        return "float8"
+    if quantization in quantized:
+        return quantized[quantization]
+    return {"fp32": "float32", "tf32": "tf32", "bf16": "bfloat16", "fp16": "float16"}[precision]
+
+
+def _same_rate(trial_dtype: str, ceiling_dtype: str) -> bool:
+    """bf16 and fp16 share the tensor cores' rate; everything else must match exactly."""
+    half = {"bfloat16", "float16"}
+    return trial_dtype == ceiling_dtype or (trial_dtype in half and ceiling_dtype in half)

@@ -203,7 +203,7 @@ def _child_trial(job: dict[str, Any]) -> dict[str, Any]:
     ceilings = hw.ceilings()
     if ceilings is not None and m.requests:
         from autotune.optimize.precision import torch_dtype
-        from autotune.roofline import roofline, weight_bytes
+        from autotune.roofline import compute_dtype, roofline, weight_bytes
 
         m.roofline = roofline(
             m,
@@ -213,6 +213,7 @@ def _child_trial(job: dict[str, Any]) -> dict[str, Any]:
             kv_element_size=torch_dtype(config.precision).itemsize,
             prompt_tokens=m.mean_prompt_tokens,
             output_tokens=m.output_tokens / m.requests,
+            matmul_dtype=compute_dtype(config.precision, config.quantization),
         )
     return {"status": "ok", "measurement": m.to_dict()}
 

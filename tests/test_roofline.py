@@ -8,7 +8,7 @@ import pytest
 
 from autotune.measure import Measurement
 from autotune.models import ModelInfo, load_model
-from autotune.roofline import Ceilings, kv_bytes_per_token, measure_ceilings, roofline, weight_bytes
+from autotune.roofline import Ceilings, compute_dtype, kv_bytes_per_token, measure_ceilings, roofline, weight_bytes
 
 
 def _measurement(tpot_p50: float, prefill_p50: float, rows: float) -> Measurement:
@@ -97,3 +97,22 @@ def test_fractions_are_nan_without_timings() -> None:
         output_tokens=1,
     )
     assert math.isnan(r["decode_fraction"]) and math.isnan(r["prefill_fraction"])
+
+
+def test_prefill_fraction_only_against_a_ceiling_of_the_same_dtype() -> None:
+    info = ModelInfo("preset:x", "preset", "llama", 0, 100, 256, 64, 2, 2, 16)
+    weights = {"total": 10_000_000, "decode_read": 9_000_000, "matmul_params": 4_000_000}
+    m = _measurement(tpot_p50=1.0, prefill_p50=10.0, rows=4)
+
+    def run(trial_dtype: str, ceiling_dtype: str) -> dict[str, float]:
+        ceilings = Ceilings(100.0, 1.0, ceiling_dtype, 0, 0)
+        kw = {"weights": weights, "info": info, "kv_element_size": 2, "prompt_tokens": 100, "output_tokens": 20}
+        return roofline(m, ceilings, matmul_dtype=trial_dtype, **kw)
+
+    same = run("float32", "float32")
+    assert same["prefill_tflops"] == pytest.approx(2 * 4_000_000 * 100 * 4 / 0.010 / 1e12)
+    assert same["prefill_fraction"] == pytest.approx(same["prefill_tflops"] / 1.0)
+    assert run("float16", "bfloat16")["prefill_fraction"] == same["prefill_fraction"]  # same tensor-core rate
+    int8 = run(compute_dtype("fp32", "int8-dynamic"), "float32")  # fbgemm int8 outruns the fp32 ceiling
+    assert math.isnan(int8["prefill_fraction"]) and int8["prefill_tflops"] == same["prefill_tflops"]
+    assert compute_dtype("bf16", "fp8") == "float8" and compute_dtype("tf32", "none") == "tf32"
