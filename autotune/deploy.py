@@ -30,19 +30,6 @@ if TYPE_CHECKING:
 #: The export schema version this autotune writes and the newest it reads.
 SCHEMA_VERSION = 1
 SCHEMA_FILE = Path(__file__).parent / "data" / "export.schema.json"
-#: Hardware fields compared on load: the ones that decide whether tuned timings transfer.
-COMPARED = (
-    "device_type",
-    "device_name",
-    "device_memory_mb",
-    "compute_capability",
-    "cpu_model",
-    "cpu_cores",
-    "torch_version",
-    "transformers_version",
-    "torchao_version",
-    "cuda_version",
-)
 
 
 class ConfigFileError(AutotuneError):
@@ -124,16 +111,7 @@ def load_config(path: str | os.PathLike[str]) -> ExportDocument:
 
 def hardware_differences(doc: ExportDocument, hw: Hardware) -> list[str]:
     """What differs between the hardware the config was tuned on and ``hw`` (empty when the fingerprint matches)."""
-    if doc.hardware.get("fingerprint") == hw.fingerprint():
-        return []
-    diffs = []
-    for key in COMPARED:
-        tuned, here = doc.hardware.get(key), getattr(hw, key)
-        if isinstance(here, tuple):
-            here = list(here)
-        if tuned != here:
-            diffs.append(f"{key}: tuned on {tuned!r}, here {here!r}")
-    return diffs or ["hardware fingerprint differs"]
+    return hw.differences(doc.hardware)
 
 
 def load_engine(

@@ -13,7 +13,7 @@ import os
 import platform
 import shutil
 from importlib import metadata
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -46,22 +46,40 @@ class Hardware(BaseModel):
     matmul_tflops: float | None = None
     matmul_dtype: str | None = None
 
+    #: The fields that make timings comparable (not the memory in use or the host name).
+    FINGERPRINT_FIELDS: ClassVar[tuple[str, ...]] = (
+        "device_type",
+        "device_name",
+        "device_memory_mb",
+        "compute_capability",
+        "cpu_model",
+        "cpu_cores",
+        "torch_version",
+        "transformers_version",
+        "torchao_version",
+        "cuda_version",
+    )
+
     def fingerprint(self) -> str:
-        """Hash of the fields that make timings comparable (not the memory in use or the host name)."""
-        keys = (
-            "device_type",
-            "device_name",
-            "device_memory_mb",
-            "compute_capability",
-            "cpu_model",
-            "cpu_cores",
-            "torch_version",
-            "transformers_version",
-            "torchao_version",
-            "cuda_version",
-        )
+        """Hash of :attr:`FINGERPRINT_FIELDS`: equal fingerprints, transferable tuned configs."""
+        keys = self.FINGERPRINT_FIELDS
         blob = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def differences(self, tuned: dict[str, Any]) -> list[str]:
+        """What differs between ``tuned`` (a stored ``model_dump``, with its fingerprint) and this hardware."""
+        if tuned.get("fingerprint") == self.fingerprint():
+            return []
+        diffs = []
+        for key in self.FINGERPRINT_FIELDS:
+            theirs, here = tuned.get(key), getattr(self, key)
+            if isinstance(here, tuple):  # JSON stores the compute capability as a list
+                here = list(here)
+            if isinstance(theirs, tuple):
+                theirs = list(theirs)
+            if theirs != here:
+                diffs.append(f"{key}: tuned on {theirs!r}, here {here!r}")
+        return diffs or ["hardware fingerprint differs"]
 
     def ceilings(self) -> Ceilings | None:
         """The measured ceilings, when the probe measured them."""

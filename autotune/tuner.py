@@ -453,22 +453,10 @@ class Tuner:
                     "to start a new study (nothing was changed)"
                 )
             if attrs.get("fingerprint") != self.hardware.fingerprint() and not self.allow_heterogeneous:
-                theirs = Hardware.model_validate(attrs["hardware"]) if "hardware" in attrs else None
-                differ = [
-                    f"{k} {getattr(theirs, k)!r} here {getattr(self.hardware, k)!r}"
-                    for k in (
-                        "device_name",
-                        "device_memory_mb",
-                        "compute_capability",
-                        "torch_version",
-                        "transformers_version",
-                        "torchao_version",
-                        "cpu_cores",
-                    )
-                    if theirs is not None and getattr(theirs, k) != getattr(self.hardware, k)
-                ]
+                stored = {**attrs.get("hardware", {}), "fingerprint": attrs.get("fingerprint")}
+                differ = self.hardware.differences(stored)
                 raise SpecError(
-                    f"study {self.name!r} was tuned on different hardware ({'; '.join(differ) or 'fingerprint'}): "
+                    f"study {self.name!r} was tuned on different hardware ({'; '.join(differ)}): "
                     "configs tuned on one device do not transfer; use --study NEW_NAME "
                     "(or --allow-heterogeneous for a worker)"
                 )
