@@ -16,14 +16,16 @@ Precision = Literal["fp32", "tf32", "bf16", "fp16"]
 Quantization = Literal["none", "int8-dynamic", "int8-weight-only", "int4-weight-only", "fp8"]
 Backend = Literal["eager", "inductor", "inductor-cudagraphs"]
 Scheduler = Literal["static", "continuous"]
+Attention = Literal["sdpa", "sdpa-no-cudnn", "eager"]
 
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 QUANTIZATIONS: tuple[str, ...] = get_args(Quantization)
 BACKENDS: tuple[str, ...] = get_args(Backend)
 SCHEDULERS: tuple[str, ...] = get_args(Scheduler)
+ATTENTIONS: tuple[str, ...] = get_args(Attention)
 
 #: Knobs that change the loaded model (a change means a rebuild), in application order.
-MODEL_KNOBS = ("precision", "quantization", "backend")
+MODEL_KNOBS = ("precision", "quantization", "attention", "backend")
 #: Knobs that only change how requests are scheduled onto an already built model.
 RUNTIME_KNOBS = ("batch_size", "streams", "max_queue_delay_ms", "scheduler")
 KNOBS = RUNTIME_KNOBS + MODEL_KNOBS
@@ -47,11 +49,18 @@ class TrialConfig(BaseModel):
         description="static: batches run to completion; continuous: transformers' paged-attention continuous batching.",
     )
 
+    attention: Attention = Field(
+        "sdpa",
+        description="Attention kernel: sdpa (PyTorch picks), sdpa-no-cudnn (SDPA without cuDNN), eager (matmuls).",
+    )
+
     def key(self) -> str:
         """A short stable hash of the knob values, for dedupe and caches."""
         data = self.model_dump()
-        if data["scheduler"] == "static":  # keys from before the scheduler knob existed stay valid
-            del data["scheduler"]
+        # Knobs added later drop out at their default, so keys from before they existed stay valid.
+        for knob, default in _LATER_KNOB_DEFAULTS.items():
+            if data[knob] == default:
+                del data[knob]
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
@@ -59,8 +68,14 @@ class TrialConfig(BaseModel):
         """A compact human-readable one-liner, e.g. ``b32 fp32 int8-dynamic x1 eager 10ms``."""
         return (
             f"b{self.batch_size} {self.precision} {self.quantization} x{self.streams} "
-            f"{self.backend} {self.max_queue_delay_ms:g}ms" + (" continuous" if self.scheduler == "continuous" else "")
+            f"{self.backend} {self.max_queue_delay_ms:g}ms"
+            + (" continuous" if self.scheduler == "continuous" else "")
+            + (f" attn={self.attention}" if self.attention != "sdpa" else "")
         )
+
+
+#: Knobs added after the first stored studies, with the default that older configs implicitly ran.
+_LATER_KNOB_DEFAULTS: dict[str, str] = {"scheduler": "static", "attention": "sdpa"}
 
 
 BASELINE = TrialConfig()

@@ -24,7 +24,7 @@ from autotune.config import TrialConfig
 from autotune.continuous import ContinuousScheduler
 from autotune.hardware import Hardware
 from autotune.models import ModelInfo
-from autotune.optimize import BACKENDS, PRECISIONS, QUANTIZERS
+from autotune.optimize import ATTENTIONS, BACKENDS, PRECISIONS, QUANTIZERS
 from autotune.optimize.compile import needs_fixed_shapes
 
 
@@ -188,7 +188,7 @@ class Engine:
         prompt_pad_to: int | None = None,
         max_context: int | None = None,
     ) -> Engine:
-        """Load the model and apply precision, then quantization, then the backend."""
+        """Load the model and apply precision, quantization, the attention kernel, then the backend."""
         from autotune.models import load_model
 
         timings = BuildTimings()
@@ -201,6 +201,7 @@ class Engine:
         t = time.perf_counter()
         model = QUANTIZERS[config.quantization].apply(model, hardware)
         timings.quantize_s = time.perf_counter() - t
+        model = ATTENTIONS[config.attention].apply(model, hardware)
         model = BACKENDS[config.backend].apply(model, hardware)  # compiling happens in warm-up (compile_s)
         return cls(
             model,

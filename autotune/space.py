@@ -38,6 +38,10 @@ CPU_DEFAULT_EXCLUSIONS: dict[str, str] = {
         "transformers' continuous batching targets GPUs (a paged KV pool, CUDA graphs); "
         "list it in space.scheduler to search it on CPU"
     ),
+    "attention=eager": (
+        "transformers' eager attention is left out of the CPU default to keep the space small; "
+        "list it in space.attention to search it"
+    ),
     "quantization=int8-weight-only": (
         "torchao's int8 weight-only has no fast CPU kernel in eager mode (slower than fp32 here); "
         "list it in space.quantization to search it"

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from autotune.config import Backend, Precision, Quantization, Scheduler
+from autotune.config import Attention, Backend, Precision, Quantization, Scheduler
 from autotune.errors import SpecError
 
 LatencyMetric = Literal["e2e_ms", "ttft_ms", "tpot_ms"]
@@ -139,6 +139,7 @@ class SpaceSpec(_Strict):
     backend: list[Backend] | None = None
     max_queue_delay_ms: list[Annotated[float, Field(ge=0, le=60_000)]] | None = None
     scheduler: list[Scheduler] | None = None
+    attention: list[Attention] | None = None
 
     @field_validator("*", mode="after")
     @classmethod

@@ -130,8 +130,18 @@ def _config(doc: dict[str, Any]) -> dict[str, Any]:
         "backend": "eager",
         "max_queue_delay_ms": 0.0,
         "scheduler": "static",
+        "attention": "sdpa",
     }
     return {**defaults, **(doc.get("config") or {})}
+
+
+def _attention_knob(attention: str, server: str, kernels: str) -> Knob:
+    """Servers with their own attention kernels: the tuned HF kernel choice does not carry over."""
+    if attention == "sdpa":
+        return Knob("attention", attention, "approximate", f"{server} runs {kernels}; its default choice kept")
+    return Knob(
+        "attention", attention, "no equivalent", f"{server} runs {kernels}, not transformers' {attention} attention"
+    )
 
 
 # -- vLLM ------------------------------------------------------------------------------------------------
@@ -244,6 +254,8 @@ def vllm_knobs(doc: dict[str, Any]) -> tuple[list[Knob], list[str]]:
                 "vLLM always batches continuously (no run-to-completion batches); --scheduling-policy fcfs",
             )
         )
+
+    knobs.append(_attention_knob(c["attention"], "vLLM", "its paged attention kernels (FlashAttention, FlashInfer)"))
 
     _, total = token_limits(doc)
     if total is not None:
@@ -385,6 +397,7 @@ def tgi_knobs(doc: dict[str, Any]) -> tuple[list[Knob], dict[str, str]]:
         knobs.append(
             Knob("scheduler", "static", "approximate", "TGI always batches continuously (no run-to-completion mode)")
         )
+    knobs.append(_attention_knob(c["attention"], "TGI", "its own paged attention kernels"))
     return knobs, env
 
 
@@ -442,6 +455,7 @@ def triton_knobs(doc: dict[str, Any]) -> tuple[list[Knob], dict[str, Any]]:
                 "backends' job (passed to model.py as a parameter)",
             )
         )
+    knobs.append(Knob("attention", c["attention"], "approximate", param))
     return knobs, fields
 
 
@@ -469,6 +483,7 @@ def to_triton(doc: dict[str, Any]) -> str:
         "quantization": c["quantization"],
         "torch_backend": c["backend"],
         "scheduler": c["scheduler"],
+        "attention": c["attention"],
     }
     body = [
         f"name: {_pbtxt_str(name)}",

@@ -165,7 +165,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny CPU run of the same flow (tests the script)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    p.add_argument("--budget-s", type=float, default=450.0, help="wall-time budget of the whole check")
+    p.add_argument("--budget-s", type=float, default=400.0, help="wall-time budget of the whole check")
     p.add_argument("--commit", default=os.environ.get("AUTOTUNE_COMMIT", "unknown"))
     args = p.parse_args()
 
@@ -196,7 +196,7 @@ def main() -> int:
 
     db = Path("/tmp") / f"autotune-gpu-check-{os.getpid()}.db"
     url = f"sqlite:///{db}"
-    study_budget = max(30.0, min(240.0, check.left() - 170.0)) if not args.smoke else 60.0
+    study_budget = max(30.0, min(240.0, check.left() - 200.0)) if not args.smoke else 60.0
 
     def tune() -> dict[str, Any]:
         spec_file = Path("/tmp") / f"autotune-gpu-check-{os.getpid()}.yaml"
@@ -250,9 +250,9 @@ def main() -> int:
 
     rep = check.phase("repeats", repeats) if best_cfg is not None else None
 
-    if best_cfg is not None and hw.device_type == "cuda" and check.left() > 150:
-        graphs = best_cfg.model_copy(update={"backend": "inductor-cudagraphs", "scheduler": "static"})
-        limit = min(180.0, check.left() - 30)
+    if best_cfg is not None and hw.device_type == "cuda" and check.left() > 100:
+        graphs = best_cfg.model_copy(update={"backend": "inductor-cudagraphs", "scheduler": "static", "streams": 1})
+        limit = min(180.0, check.left() - 10)
         check.phase("cuda_graphs", lambda: {"config": graphs.label(), **_summary(run_trial(spec, graphs, hw, limit))})
 
     verdict: dict[str, Any] = {}

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from autotune.config import TrialConfig
 from autotune.hardware import probe
 from autotune.models import load_model
-from autotune.optimize import BACKENDS, PRECISIONS, QUANTIZERS
+from autotune.optimize import ATTENTIONS, BACKENDS, PRECISIONS, QUANTIZERS
 
 TINY = "preset:llama-tiny"
 
@@ -29,6 +30,27 @@ def test_registries_are_importable_without_torch_side_effects() -> None:
     assert set(PRECISIONS) == {"fp32", "tf32", "bf16", "fp16"}
     assert set(QUANTIZERS) == {"none", "int8-dynamic", "int8-weight-only", "int4-weight-only", "fp8"}
     assert set(BACKENDS) == {"eager", "inductor", "inductor-cudagraphs"}
+    assert set(ATTENTIONS) == {"sdpa", "sdpa-no-cudnn", "eager"}
+
+
+def test_eager_attention_switches_every_layer_and_keeps_greedy_tokens() -> None:
+    hw = probe("cpu")
+    model, _, _ = load_model(TINY)
+    reference = _generate(model)
+    model = ATTENTIONS["eager"].apply(model, hw)
+    assert model.config._attn_implementation == "eager"
+    assert all(layer.self_attn.config._attn_implementation == "eager" for layer in model.model.layers)
+    assert _generate(model) == reference  # same math, another kernel: same greedy tokens
+    model = ATTENTIONS["sdpa"].apply(model, hw)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_attention_rules_on_cpu() -> None:
+    hw = probe("cpu")
+    assert ATTENTIONS["sdpa-no-cudnn"].unsupported(hw) == "needs an NVIDIA GPU"
+    continuous_eager = TrialConfig(scheduler="continuous", attention="eager")
+    assert "paged SDPA" in (ATTENTIONS["eager"].conflict(continuous_eager, hw) or "")
+    assert ATTENTIONS["eager"].conflict(TrialConfig(attention="eager"), hw) is None
 
 
 def test_precision_changes_dtype() -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from autotune.config import BACKENDS, PRECISIONS, QUANTIZATIONS, SCHEDULERS
+from autotune.config import ATTENTIONS, BACKENDS, PRECISIONS, QUANTIZATIONS, SCHEDULERS
 from autotune.translate import FORMATS, token_limits
 
 from .conftest import TINY_SPEC, run_cli
@@ -154,6 +154,7 @@ BASE_DOC: dict[str, Any] = {
         "backend": "inductor-cudagraphs",
         "max_queue_delay_ms": 2.5,
         "scheduler": "continuous",
+        "attention": "sdpa",
     },
     "metrics": {"output_tokens_per_s": float("nan"), "e2e_ms": {"p95": 120.0}},
 }
@@ -170,6 +171,7 @@ KNOB_CASES = [
     *(("quantization", v) for v in QUANTIZATIONS),
     *(("backend", v) for v in BACKENDS),
     *(("scheduler", v) for v in SCHEDULERS),
+    *(("attention", v) for v in ATTENTIONS),
     ("streams", 1),
     ("streams", 3),
     ("max_queue_delay_ms", 0.0),

@@ -142,7 +142,7 @@ def test_closest_to_feasible_when_nothing_meets_the_slo(tmp_path: Path) -> None:
 
 def test_other_hardware_or_spec_cannot_join_the_study(tmp_path: Path) -> None:
     tuner(tmp_path, trials=2).run()
-    with pytest.raises(SpecError, match="tuned on different hardware.*device_type: tuned on 'cpu', here 'cuda'"):
+    with pytest.raises(SpecError, match=r"tuned on different hardware.*device_type: tuned on 'cpu', here 'cuda'"):
         tuner(tmp_path, hw=make_hw("cuda", (9, 0))).open_study()
     with pytest.raises(SpecError, match="already exists with a different spec"):
         tuner(tmp_path, spec={"slo": {"e2e_ms": {"p95": 5}}}).open_study()

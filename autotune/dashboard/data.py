@@ -24,7 +24,16 @@ from autotune.store import Repository, check_schema, make_engine
 from autotune.store.migrate import safe_url
 from autotune.store.models import LATENCY_METRICS, LATENCY_STATS, Study, Trial
 
-KNOBS = ("batch_size", "precision", "quantization", "streams", "backend", "max_queue_delay_ms", "scheduler")
+KNOBS = (
+    "batch_size",
+    "precision",
+    "quantization",
+    "streams",
+    "backend",
+    "max_queue_delay_ms",
+    "scheduler",
+    "attention",
+)
 #: Latency used for the Pareto front when a study has no latency SLO clause.
 DEFAULT_LATENCY = "e2e_ms.p95"
 
@@ -104,7 +113,8 @@ def config_label(cfg: dict[str, Any] | None) -> str:
         f"b{cfg.get('batch_size')} {cfg.get('precision')} {cfg.get('quantization')} x{cfg.get('streams')} "
         f"{cfg.get('backend')} {float(cfg.get('max_queue_delay_ms') or 0):g}ms"
     )
-    return text + (" continuous" if cfg.get("scheduler") == "continuous" else "")
+    text += " continuous" if cfg.get("scheduler") == "continuous" else ""
+    return text + (f" attn={cfg['attention']}" if cfg.get("attention", "sdpa") != "sdpa" else "")
 
 
 #: What a table row needs: everything but the samples, histogram, timings and log (the bulk of a row).

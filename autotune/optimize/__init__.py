@@ -8,6 +8,7 @@ is loaded. Modules here import torch only inside ``apply``: the tuner imports th
 
 from __future__ import annotations
 
+from autotune.optimize.attention import ATTENTIONS
 from autotune.optimize.base import Technique, is_torchao_available
 from autotune.optimize.compile import BACKENDS
 from autotune.optimize.precision import PRECISIONS
@@ -17,8 +18,18 @@ from autotune.optimize.schedule import SCHEDULERS
 REGISTRIES: dict[str, dict[str, Technique]] = {
     "precision": PRECISIONS,
     "quantization": QUANTIZERS,
+    "attention": ATTENTIONS,
     "backend": BACKENDS,
     "scheduler": SCHEDULERS,
 }
 
-__all__ = ["BACKENDS", "PRECISIONS", "QUANTIZERS", "REGISTRIES", "SCHEDULERS", "Technique", "is_torchao_available"]
+__all__ = [
+    "ATTENTIONS",
+    "BACKENDS",
+    "PRECISIONS",
+    "QUANTIZERS",
+    "REGISTRIES",
+    "SCHEDULERS",
+    "Technique",
+    "is_torchao_available",
+]
