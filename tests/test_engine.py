@@ -119,6 +119,7 @@ def test_inductor_backend_compiles_once_and_matches_eager(hw: Hardware) -> None:
         got = compiled.generate([[10, 11, 12, 13, 14, 15]], 4)[0].output_ids
     assert m.timings["compile_s"] > m.e2e_ms["max"] / 1000  # compile is paid in warm-up, not in the window
     assert m.requests == 8
+    assert hasattr(compiled.model, "_compiled_call")  # generate() ran its compiled decode step
     with Engine.build(TINY, TrialConfig(batch_size=2), hw) as eager:
         want = eager.generate([[10, 11, 12, 13, 14, 15]], 4)[0].output_ids
     assert got == want

@@ -1,5 +1,6 @@
 """Execution backends. Compiled backends need fixed shapes, so they switch the model to a
-static KV cache and the engine pads every batch to ``batch_size`` rows and one prompt length."""
+static KV cache and the engine pads every batch to ``batch_size`` rows and one prompt length;
+generate() then compiles its decode step (transformers' ``CompileConfig``) on first use."""
 
 from __future__ import annotations
 
@@ -16,12 +17,18 @@ def _eager(model: Any, hw: Hardware) -> Any:
 
 def _inductor(mode: str) -> Any:
     def apply(model: Any, hw: Hardware) -> Any:
-        import torch
+        from transformers import CompileConfig
 
-        model.generation_config.cache_implementation = "static"
-        # We compile ourselves, so transformers must not auto-compile a second time.
-        model.generation_config.disable_compile = True
-        model.forward = torch.compile(model.forward, mode=mode, dynamic=False, fullgraph=False)
+        # transformers' own path: generate() compiles the decode step only (prefill stays eager,
+        # so one prompt shape never costs a second graph) and reads each step's outputs before
+        # the next CUDA-graph replay overwrites them. Compiling model.forward ourselves failed
+        # on the H200 with "accessing tensor output of CUDAGraphs that has been overwritten".
+        gen = model.generation_config
+        gen.cache_implementation = "static"
+        gen.compile_config = CompileConfig(fullgraph=False, dynamic=False, backend="inductor", mode=mode)
+        if hw.device_type != "cuda":  # transformers auto-compiles on accelerators only unless told
+            gen.compile_config._compile_all_devices = True
+        gen.disable_compile = False
         return model
 
     return apply
