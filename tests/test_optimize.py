@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from autotune.config import TrialConfig
@@ -79,3 +80,14 @@ def test_int8_weight_only_quantizes_weights() -> None:
     after = model.model.layers[0].mlp.up_proj.weight
     assert type(after) is not type(before)  # a torchao tensor subclass holding int8 data
     assert len(_generate(model)) == 4
+
+
+def test_int4_uses_tinygemm_packing_that_needs_no_extra_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchao's default int4 layout needs the mslk package; the tile-packed one runs on tinygemm."""
+    import torchao.quantization as tq
+
+    seen = []
+    monkeypatch.setattr(tq, "quantize_", lambda model, config: seen.append(config))
+    QUANTIZERS["int4-weight-only"].apply(object(), probe("cpu"))
+    assert isinstance(seen[0], tq.Int4WeightOnlyConfig) and seen[0].group_size == 128
+    assert seen[0].int4_packing_format == "tile_packed_to_4d"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import optuna
 import pytest
 
@@ -11,7 +13,7 @@ from autotune.models import resolve_model
 from autotune.space import SearchSpace
 from autotune.spec import parse_spec
 
-from .conftest import make_hw
+from .conftest import ROOT, make_hw
 
 
 def spec(**space: object) -> object:
@@ -155,3 +157,23 @@ def test_single_valued_knobs_are_not_study_parameters() -> None:
     cfg = s.suggest(trial)
     assert cfg.backend == "eager" and cfg.streams == 1 and cfg.scheduler == "static" and cfg.batch_size == 4
     assert "backend" not in s.optuna_grid() and "scheduler" not in s.optuna_grid()
+
+
+def test_attention_defaults_per_device() -> None:
+    cpu = SearchSpace.from_spec(spec(), make_hw())
+    h100 = SearchSpace.from_spec(spec(), make_hw("cuda", (9, 0)))
+    assert cpu.values["attention"] == ["sdpa"]  # sdpa-no-cudnn is GPU-only, eager is opt-in on CPU
+    assert "NVIDIA GPU" in cpu.dropped["attention=sdpa-no-cudnn"] and "attention=eager" in cpu.dropped
+    assert h100.values["attention"] == ["sdpa", "sdpa-no-cudnn", "eager"]
+    assert "paged SDPA" in (h100.check(TrialConfig(scheduler="continuous", attention="eager")) or "")
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "studies").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_studies_parse_and_keep_every_listed_value_on_an_h100(path: Path) -> None:
+    """The GPU check's study must not lose a knob value to a rule before it reaches a GPU."""
+    from autotune.spec import load_spec
+
+    study = load_spec(path)
+    space = SearchSpace.from_spec(study, make_hw("cuda", (9, 0), memory_mb=143_000))
+    for knob, listed in study.space.model_dump(exclude_none=True).items():
+        assert space.values[knob] == (sorted(listed) if isinstance(listed[0], int | float) else listed), knob

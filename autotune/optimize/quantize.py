@@ -68,7 +68,9 @@ QUANTIZERS: dict[str, Technique] = {
     ),
     "int4-weight-only": Technique(
         "int4-weight-only",
-        _torchao("Int4WeightOnlyConfig", group_size=128),
+        # tinygemm's tile-packed layout: torchao's default (plain) needs the separate mslk kernels,
+        # which the H200 check lacked ("Requires mslk >= 1.0.0").
+        _torchao("Int4WeightOnlyConfig", group_size=128, int4_packing_format="tile_packed_to_4d"),
         lambda hw: first_reason(needs_cuda((8, 0))(hw), needs_torchao(hw)),
         _needs_half,
         description="int4 grouped weights (torchao, CUDA tinygemm kernels)",
