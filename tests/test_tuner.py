@@ -232,3 +232,24 @@ def test_every_finished_trial_lands_in_autotune_tables(tmp_path: Path) -> None:
             m = t.user_attrs["measurement"]
             assert r.state == "measured" and r.e2e_p95_ms == m["e2e_ms"]["p95"]
             assert r.output_tokens_per_s == m["output_tokens_per_s"] and r.feasible == t.user_attrs["feasible"]
+
+
+def test_storage_clock_keeps_background_threads_apart() -> None:
+    """Heartbeats run on Optuna's thread while a trial measures: timed, but summed apart."""
+    import threading
+    import time as _time
+
+    from autotune.tuner import StorageClock
+
+    class Store:
+        def read(self) -> None:
+            _time.sleep(0.01)
+
+    clock = StorageClock()
+    store = clock.wrap(Store())
+    store.read()
+    th = threading.Thread(target=store.read)
+    th.start()
+    th.join()
+    assert clock.calls == 2 and clock.by_method["read"][0] == 2
+    assert 0.01 <= clock.background_s < clock.seconds
