@@ -112,12 +112,34 @@ def _print_measurement(title: str, m: Any, spec: StudySpec | None = None) -> Non
             f"memory-bandwidth bound ({r['decode_bound_ms']:.2f} ms) · prefill {_prefill_rate(r)}",
             highlight=False,
         )
+    if m.quality:
+        out.print(f"fidelity vs the reference: {_quality_text(m.quality)}", highlight=False)
     if spec is not None:
         verdicts = []
         for c in spec.slo:
             v = m.value(c.name)
-            verdicts.append(f"{c.describe()}: {_fmt(v)} {'OK' if v <= c.max else 'MISSED'}")
+            verdicts.append(f"{c.describe()}: {_fmt(v)} {'OK' if c.ok(v) else 'MISSED'}")
         out.print("SLO: " + " · ".join(verdicts), highlight=False)
+
+
+def _quality_text(q: dict[str, float]) -> str:
+    return (
+        f"KL {q['kl']:.2g} · top-1 agreement {q['top1_agreement']:.1%} · greedy agreement "
+        f"{q['greedy_agreement']:.1%} · perplexity {q['perplexity']:,.2f} ({q['perplexity_increase_pct']:+.2f}%)"
+    )
+
+
+def _misses(trial: Any, spec: StudySpec) -> list[str]:
+    """Each SLO clause a trial broke, with what was measured: the reason it is infeasible."""
+    from autotune.tuner import trial_measurement
+
+    m = trial_measurement(trial)
+    out = []
+    for c, v in zip(spec.slo, trial.user_attrs.get("constraints", []), strict=False):
+        if v > 0:
+            measured = m.value(c.name) if m else math.nan
+            out.append(f"{c.describe()} (measured {_fmt(measured)})")
+    return out
 
 
 def _prefill_rate(r: dict[str, float]) -> str:
@@ -297,11 +319,13 @@ def _run_with_progress(tuner: Any) -> Any:
                 highlight=False,
             )
         elif m is not None:
-            mark = "ok" if trial.user_attrs.get("feasible") else "misses SLO"
+            misses = _misses(trial, tuner.spec)
+            mark = "ok" if trial.user_attrs.get("feasible") else "misses " + ("; ".join(misses) or "the SLO")
             obj = tuner.spec.second_objective
+            quality = f", KL {m.quality['kl']:.2g}, top-1 {m.quality['top1_agreement']:.0%}" if m.quality else ""
             progress.console.print(
                 f"  trial {trial.number}: {_label(trial)} → "
-                f"{m.output_tokens_per_s:,.0f} tok/s, {obj} {m.value(obj):,.0f} ms ({mark})",
+                f"{m.output_tokens_per_s:,.0f} tok/s, {obj} {m.value(obj):,.0f} ms{quality} ({escape(mark)})",
                 highlight=False,
             )
 
@@ -322,7 +346,10 @@ def _run_with_progress(tuner: Any) -> Any:
     def on_storage_lost(message: str) -> None:
         progress.console.print(f"  [yellow]waiting for the database:[/yellow] {escape(message)}")
 
-    tuner.events = TuneEvents(on_start, on_trial_start, on_trial_end, on_confirm, on_storage_lost)
+    def on_reference() -> None:
+        progress.console.print("  computing the quality reference (reference precision, eager, unquantized)…")
+
+    tuner.events = TuneEvents(on_start, on_trial_start, on_trial_end, on_confirm, on_storage_lost, on_reference)
     study = tuner.open_study()  # spec/hardware mismatches are reported before any progress output
     with progress:
         return tuner.run(study)
@@ -339,12 +366,7 @@ def _report(study_obj: Any, spec: StudySpec) -> None:
     if best is None:
         lines = []
         for t in closest_to_feasible(study_obj):
-            m = trial_measurement(t)
-            misses = []
-            for c, v in zip(spec.slo, t.user_attrs.get("constraints", []), strict=False):
-                if v > 0:
-                    misses.append(f"{c.describe()} missed by {v:.0%} ({m.value(c.name) if m else float('nan'):,.0f})")
-            lines.append(f"  trial {t.number} {_label(t)}: " + "; ".join(misses))
+            lines.append(f"  trial {t.number} {_label(t)}: missed " + "; ".join(_misses(t, spec)))
         detail = ("\nclosest configs:\n" + "\n".join(lines)) if lines else " (no trial completed)"
         raise NoFeasibleConfig(f"no configuration met the SLO in study {study_obj.study_name!r}{detail}")
     m = trial_measurement(best)
@@ -374,9 +396,15 @@ def measure(
         reason = space.check(cfg)
         if reason:
             raise SpecError(f"config cannot run here: {reason}")
+        reference = None
+        if spec.quality.enabled:
+            from autotune.runner import compute_reference
+
+            with err.status("computing the quality reference (child process)…"):
+                reference = compute_reference(spec, hw)
         with err.status(f"measuring {cfg.label()} (child process)…"):
             try:
-                m = run_trial(spec, cfg, hw)
+                m = run_trial(spec, cfg, hw, reference=reference)
             except TrialFailure as e:
                 raise AutotuneError(f"measurement failed ({e.kind}): {e.reason}") from None
         if as_json:

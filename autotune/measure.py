@@ -16,7 +16,7 @@ from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
-from autotune.spec import PERCENTILES, WorkloadSpec
+from autotune.spec import PERCENTILES, QUALITY_METRICS, WorkloadSpec
 from autotune.workload import Request, build_requests, concurrency
 
 if TYPE_CHECKING:
@@ -69,9 +69,14 @@ class Measurement:
     memory: dict[str, float] = field(default_factory=dict)
     #: Fractions of the device's measured ceilings (see :mod:`autotune.roofline`); empty without ceilings.
     roofline: dict[str, float] = field(default_factory=dict)
+    #: Fidelity against the study's reference (see :mod:`autotune.quality`); empty when not measured.
+    quality: dict[str, float] = field(default_factory=dict)
 
     def value(self, name: str) -> float:
-        """Look up ``e2e_ms.p95``-style or plain (``peak_memory_mb``) metric names."""
+        """Look up ``e2e_ms.p95``-style, plain (``peak_memory_mb``) or fidelity (``kl``) metric names;
+        NaN for a fidelity figure that was not measured."""
+        if name in QUALITY_METRICS:
+            return float(self.quality.get(name, math.nan))
         if "." in name:
             metric, pct = name.split(".", 1)
             return float(getattr(self, metric)[pct])

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from autotune.config import TrialConfig
-from autotune.errors import AutotuneError, ModelError, TrialFailure
+from autotune.errors import AutotuneError, ModelError, SpecError, TrialFailure
 from autotune.hardware import Hardware
 from autotune.measure import Measurement
 from autotune.models import ModelInfo
@@ -139,16 +139,53 @@ def preflight(spec: StudySpec, timeout_s: float = 300.0) -> tuple[Hardware, Mode
     return Hardware.model_validate(res["hardware"]), ModelInfo.from_dict(res["model"])
 
 
-def run_trial(spec: StudySpec, config: TrialConfig, hardware: Hardware, timeout_s: float | None = None) -> Measurement:
-    """Measure ``config`` under the spec's workload in a child process."""
+def run_trial(
+    spec: StudySpec,
+    config: TrialConfig,
+    hardware: Hardware,
+    timeout_s: float | None = None,
+    *,
+    reference: str | None = None,
+) -> Measurement:
+    """Measure ``config`` under the spec's workload in a child process; with a ``reference``
+    (:meth:`autotune.quality.Reference.to_b64`), also its fidelity."""
     job = {
         "mode": "trial",
         "spec": spec.model_dump(mode="json"),
         "config": config.model_dump(mode="json"),
         "hardware": hardware.model_dump(mode="json"),
+        "reference": reference,
     }
     res = run_child(job, timeout_s or spec.budget.trial_timeout_s)
     return Measurement.from_dict(res["measurement"])
+
+
+def reference_key(spec: StudySpec, hardware: Hardware) -> str:
+    """What a study's reference depends on: model, weights seed, quality spec, device kind."""
+    import hashlib
+
+    what = {
+        "model": spec.model,
+        "model_seed": spec.model_seed,
+        "quality": spec.quality.model_dump(mode="json"),
+        "device": hardware.fingerprint(),
+    }
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def compute_reference(spec: StudySpec, hardware: Hardware, timeout_s: float | None = None) -> str:
+    """The reference outputs (base64 payload) of the spec's model at its reference precision, eager,
+    unquantized, on the spec's evaluation set; bad eval input raises SpecError before any trial."""
+    job = {"mode": "reference", "spec": spec.model_dump(mode="json"), "hardware": hardware.model_dump(mode="json")}
+    try:
+        res = run_child(job, timeout_s or max(spec.budget.trial_timeout_s, 300.0))
+    except TrialFailure as err:
+        if err.kind == "spec":
+            raise SpecError(err.reason) from None
+        if err.kind == "model":
+            raise ModelError(err.reason) from None
+        raise AutotuneError(f"computing the quality reference failed: {err.reason}") from None
+    return str(res["reference"])
 
 
 # -- child side -----------------------------------------------------------------------------------
@@ -215,7 +252,33 @@ def _child_trial(job: dict[str, Any]) -> dict[str, Any]:
             output_tokens=m.output_tokens / m.requests,
             matmul_dtype=compute_dtype(config.precision, config.quantization),
         )
+    if job.get("reference") and spec.quality.enabled:
+        from autotune.quality import Reference, build_eval_set, fidelity
+
+        t = time.perf_counter()
+        m.quality = fidelity(
+            engine.model, build_eval_set(spec.quality, engine.tokenizer), Reference.from_b64(job["reference"])
+        )
+        m.timings["quality_s"] = time.perf_counter() - t
     return {"status": "ok", "measurement": m.to_dict()}
+
+
+def _child_reference(job: dict[str, Any]) -> dict[str, Any]:
+    from autotune.engine import Engine
+    from autotune.quality import build_eval_set, compute_reference
+
+    spec = StudySpec.model_validate(job["spec"])
+    hw = Hardware.model_validate(job["hardware"])
+    q = spec.quality
+    try:
+        engine = Engine.build(spec.model, TrialConfig(precision=q.reference_precision), hw, seed=spec.model_seed)
+    except ModelError as err:
+        return {"status": "error", "kind": "model", "reason": str(err)}
+    try:
+        es = build_eval_set(q, engine.tokenizer)
+    except SpecError as err:
+        return {"status": "error", "kind": "spec", "reason": str(err)}
+    return {"status": "ok", "reference": compute_reference(engine.model, es, q.top_k).to_b64()}
 
 
 def _early_stop(spec: StudySpec) -> Any:
@@ -268,7 +331,8 @@ def _child_entry(job_json: str) -> None:
     logging.getLogger("torchao").setLevel(logging.ERROR)
     out = Path(job["result_path"])
     try:
-        result = _child_preflight(job) if job["mode"] == "preflight" else _child_trial(job)
+        modes = {"preflight": _child_preflight, "reference": _child_reference, "trial": _child_trial}
+        result = modes[job["mode"]](job)
     except BaseException as err:
         traceback.print_exc()
         result = {"status": "error", "kind": _classify(err), "reason": f"{type(err).__name__}: {err}"[:500]}

@@ -88,19 +88,43 @@ class WorkloadSpec(_Strict):
     _coerce_prompt = field_validator("prompt_tokens", "output_tokens", mode="before")(lambda cls, v: _length(v))
 
 
-class Constraint(_Strict):
-    """One SLO clause: ``metric`` (at ``percentile`` for latencies) must stay <= ``max``."""
+#: Fidelity metrics (see :mod:`autotune.quality`): the ones bounded from above, and from below.
+QUALITY_MAX_METRICS = ("kl", "perplexity_increase_pct")
+QUALITY_MIN_METRICS = ("top1_agreement", "greedy_agreement")
+QUALITY_METRICS = QUALITY_MAX_METRICS + QUALITY_MIN_METRICS
 
-    metric: Literal["e2e_ms", "ttft_ms", "tpot_ms", "peak_memory_mb"]
+
+class Constraint(_Strict):
+    """One SLO clause: ``metric`` (at ``percentile`` for latencies) must stay <= ``max``, or, for
+    the agreement metrics, >= ``min``."""
+
+    metric: Literal[
+        "e2e_ms",
+        "ttft_ms",
+        "tpot_ms",
+        "peak_memory_mb",
+        "kl",
+        "perplexity_increase_pct",
+        "top1_agreement",
+        "greedy_agreement",
+    ]
     percentile: Percentile | None = None
-    max: float = Field(gt=0)
+    max: float | None = Field(None, gt=0)
+    min: float | None = Field(None, gt=0, le=1)
 
     @model_validator(mode="after")
     def _check(self) -> Constraint:
-        if self.metric != "peak_memory_mb" and self.percentile is None:
+        latency = self.metric in ("e2e_ms", "ttft_ms", "tpot_ms")
+        if latency and self.percentile is None:
             raise ValueError(f"{self.metric} needs a percentile, one of p50, p90, p95, p99")
-        if self.metric == "peak_memory_mb" and self.percentile is not None:
-            raise ValueError("peak_memory_mb takes a plain number, not a percentile")
+        if not latency and self.percentile is not None:
+            raise ValueError(f"{self.metric} takes a plain number, not a percentile")
+        if self.metric in QUALITY_MIN_METRICS:
+            if self.min is None or self.max is not None:
+                raise ValueError(f"{self.metric} is bounded from below: write min_{self.metric}: 0.9")
+        elif self.max is None or self.min is not None:
+            how = f"write max_{self.metric}: N" if self.metric in QUALITY_MAX_METRICS else "give it a max"
+            raise ValueError(f"{self.metric} is bounded from above: {how}")
         return self
 
     @property
@@ -108,22 +132,35 @@ class Constraint(_Strict):
         """``e2e_ms.p95`` style key used in measurements and stored attributes."""
         return f"{self.metric}.{self.percentile}" if self.percentile else self.metric
 
+    @property
+    def bound(self) -> float:
+        return float(self.min if self.min is not None else self.max)  # type: ignore[arg-type]
+
+    def excess(self, value: float) -> float:
+        """How far ``value`` is past the bound, relative to it: <= 0 keeps the promise."""
+        if self.min is not None:
+            return (self.min - value) / self.min
+        return (value - self.bound) / self.bound
+
+    def ok(self, value: float) -> bool:
+        return self.excess(value) <= 0
+
     def describe(self) -> str:
-        return (
-            f"{self.percentile} {self.metric} <= {self.max:g}"
-            if self.percentile
-            else (f"{self.metric} <= {self.max:g}")
-        )
+        what = f"{self.percentile} {self.metric}" if self.percentile else self.metric
+        return f"{what} >= {self.min:g}" if self.min is not None else f"{what} <= {self.bound:g}"
 
 
 def _parse_slo(value: Any) -> Any:
-    """Accept ``{e2e_ms: {p95: 2000}, peak_memory_mb: 4000}`` as well as a list of clauses."""
+    """Accept ``{e2e_ms: {p95: 2000}, peak_memory_mb: 4000, max_kl: 0.05, min_top1_agreement: 0.9}``
+    as well as a list of clauses."""
     if not isinstance(value, dict):
         return value
     clauses: list[dict[str, Any]] = []
     for metric, bound in value.items():
         if isinstance(bound, dict):
             clauses += [{"metric": metric, "percentile": p, "max": m} for p, m in bound.items()]
+        elif isinstance(metric, str) and metric.startswith(("max_", "min_")) and metric[4:] in QUALITY_METRICS:
+            clauses.append({"metric": metric[4:], metric[:3]: bound})
         else:
             clauses.append({"metric": metric, "max": bound})
     return clauses
@@ -161,6 +198,31 @@ class Budget(_Strict):
     )
 
 
+class QualitySpec(_Strict):
+    """The fixed, seeded evaluation set each trial's fidelity is measured on (see :mod:`autotune.quality`)."""
+
+    enabled: bool = Field(True, description="measure fidelity in every trial")
+    eval_text: str | None = Field(
+        None, description="a UTF-8 text file to evaluate on; default: held-out Python docstrings shipped with autotune"
+    )
+    prompts: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        None, min_length=1, description="evaluate on these prompts instead of windows cut from the text"
+    )
+    sequences: int = Field(8, ge=1, le=256, description="windows cut from the eval text")
+    tokens: int = Field(128, ge=8, le=4096, description="tokens per window (next-token predictions: tokens - 1)")
+    greedy_prompt_tokens: int = Field(32, ge=1, le=4096, description="prompt length of the greedy comparison")
+    greedy_tokens: int = Field(16, ge=1, le=1024, description="greedy tokens compared with the reference's")
+    reference_precision: Precision = Field("fp32", description="the reference: this precision, eager, unquantized")
+    top_k: int = Field(32, ge=1, le=1024, description="reference tokens kept per position for the KL")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> QualitySpec:
+        if self.greedy_prompt_tokens >= self.tokens:
+            raise ValueError(f"greedy_prompt_tokens ({self.greedy_prompt_tokens}) must be < tokens ({self.tokens})")
+        return self
+
+
 class StudySpec(_Strict):
     """A whole study: model, workload, SLO, search space, budget."""
 
@@ -171,6 +233,7 @@ class StudySpec(_Strict):
     slo: Annotated[list[Constraint], Field(min_length=1)]
     space: SpaceSpec = Field(default_factory=SpaceSpec)
     budget: Budget = Field(default_factory=Budget)
+    quality: QualitySpec = Field(default_factory=QualitySpec)
     objective: Literal["throughput", "pareto"] = Field(
         "throughput",
         description=(
@@ -185,9 +248,20 @@ class StudySpec(_Strict):
 
     _coerce_slo = field_validator("slo", mode="before")(lambda cls, v: _parse_slo(v))
 
+    @model_validator(mode="after")
+    def _quality_constraints_need_quality(self) -> StudySpec:
+        if not self.quality.enabled and self.quality_constraints:
+            names = ", ".join(c.metric for c in self.quality_constraints)
+            raise ValueError(f"slo bounds {names} but quality.enabled is false: nothing would measure it")
+        return self
+
     @property
     def latency_constraints(self) -> list[Constraint]:
         return [c for c in self.slo if c.percentile is not None]
+
+    @property
+    def quality_constraints(self) -> list[Constraint]:
+        return [c for c in self.slo if c.metric in QUALITY_METRICS]
 
     @property
     def second_objective(self) -> str:

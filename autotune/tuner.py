@@ -199,7 +199,7 @@ def constraint_values(m: Measurement, slo: list[Constraint]) -> list[float]:
     out = []
     for c in slo:
         v = m.value(c.name)
-        out.append((v - c.max) / c.max if math.isfinite(v) else 1.0)
+        out.append(c.excess(v) if math.isfinite(v) else 1.0)
     return out
 
 
@@ -362,6 +362,7 @@ class TuneEvents:
     on_trial_end: Callable[[optuna.Study, FrozenTrial, FrozenTrial | None], None] = lambda study, trial, best: None
     on_confirm: Callable[[FrozenTrial, dict[str, Any]], None] = lambda trial, record: None
     on_storage_lost: Callable[[str], None] = lambda message: None
+    on_reference: Callable[[], None] = lambda: None
 
 
 @dataclass
@@ -380,6 +381,7 @@ class Tuner:
     events: TuneEvents = field(default_factory=TuneEvents)
     runner: Callable[[StudySpec, TrialConfig, Hardware], Measurement] | None = None
     repository: Any = None  # autotune.store.Repository, opened by open_study()
+    reference: str | None = None  # the quality reference (base64), set by ensure_reference()
     allow_heterogeneous: bool = False
 
     def __post_init__(self) -> None:
@@ -451,7 +453,11 @@ class Tuner:
         spec_json = self.spec.model_dump(mode="json")
         if "spec" in attrs:
             free = ("budget", "name", "sampler", "device")  # may differ per run or per worker
-            stored = {k: v for k, v in attrs["spec"].items() if k not in free}
+            try:  # a spec stored by an older version, with today's defaults for fields added since
+                stored_spec = StudySpec.model_validate(attrs["spec"]).model_dump(mode="json")
+            except ValueError:
+                stored_spec = attrs["spec"]
+            stored = {k: v for k, v in stored_spec.items() if k not in free}
             mine = {k: v for k, v in spec_json.items() if k not in free}
             if stored != mine:
                 raise SpecError(
@@ -484,7 +490,28 @@ class Tuner:
             return self.runner(self.spec, cfg, self.hardware)
         from autotune.runner import run_trial
 
-        return run_trial(self.spec, cfg, self.hardware)
+        return run_trial(self.spec, cfg, self.hardware, reference=self.reference)
+
+    def ensure_reference(self) -> None:
+        """Load the study's quality reference from the store, or compute and store it (once per
+        study: every worker reads the same one). Bad evaluation input fails here, before any trial."""
+        if self.runner is not None or not self.spec.quality.enabled or self.reference is not None:
+            return
+        from autotune.quality import Reference
+        from autotune.runner import compute_reference, reference_key
+
+        key = reference_key(self.spec, self.hardware)
+        payload = self.repository.get_reference(self.name, key) if self.repository is not None else None
+        if payload is None:
+            self.events.on_reference()
+            b64 = compute_reference(self.spec, self.hardware)
+            if self.repository is not None:
+                ref = Reference.from_b64(b64)
+                payload = self.repository.save_reference(self.name, key, ref.to_bytes(), perplexity=ref.perplexity)
+                b64 = Reference.from_bytes(payload).to_b64()
+            self.reference = b64
+        else:
+            self.reference = Reference.from_bytes(payload).to_b64()
 
     def counted(self, study: optuna.Study, trials: list[FrozenTrial] | None = None) -> int:
         """Trials that spent the budget: measured or failed ones (``trials``: an already fetched list).
@@ -575,6 +602,7 @@ class Tuner:
     def run(self, study: optuna.Study | None = None) -> optuna.Study:
         """Run trials until the budget is spent; ``study`` may come from :meth:`open_study`."""
         study = study or self.open_study()
+        self.ensure_reference()
         done = self.spent = self.counted(study)
         self.events.on_start(done, self.budget)
         max_attempts = self.budget * 10 + 50

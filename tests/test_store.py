@@ -45,7 +45,7 @@ from autotune.store import (
 from autotune.store import migrate as migrate_mod
 
 ROOT = Path(__file__).resolve().parents[1]
-OUR_TABLES = {"autotune_studies", "autotune_trials", "autotune_exports"}
+OUR_TABLES = {"autotune_studies", "autotune_trials", "autotune_exports", "autotune_references"}
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 
@@ -411,6 +411,15 @@ def test_exports_are_versioned_per_study(url: str) -> None:
         assert second is not None and second.document["n"] == 1 and second.format == "json"
         repo.upsert_study("s2", spec={}, hardware={}, fingerprint="f", model_ref="m")
         assert repo.record_export("s2", 0, {"n": 0}) == 1
+
+
+def test_quality_reference_is_stored_once_per_key_and_first_writer_wins(url: str) -> None:
+    payload = bytes(range(256)) * 40  # binary, not text: the column must keep every byte
+    with _repo(url) as repo, Repository.open(url) as other:
+        assert repo.get_reference("s1", "k") is None
+        assert repo.save_reference("s1", "k", payload, perplexity=12.5) == payload
+        assert other.save_reference("s1", "k", b"computed again by a second worker") == payload
+        assert other.get_reference("s1", "k") == payload and repo.get_reference("s1", "other") is None
 
 
 def test_concurrent_writers_neither_duplicate_nor_collide(url: str) -> None:

@@ -24,6 +24,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -109,6 +110,9 @@ class Study(Base):
     )
     exports: Mapped[list[Export]] = relationship(
         back_populates="study", cascade="all, delete-orphan", passive_deletes=True, order_by="Export.version"
+    )
+    references: Mapped[list[Reference]] = relationship(
+        back_populates="study", cascade="all, delete-orphan", passive_deletes=True
     )
 
     def __repr__(self) -> str:
@@ -212,6 +216,24 @@ class Export(Base):
 
     def __repr__(self) -> str:
         return f"Export(study_id={self.study_id}, version={self.version}, trial={self.trial_number})"
+
+
+class Reference(Base):
+    """The reference model's outputs on a study's evaluation set (see :mod:`autotune.quality`),
+    computed once and read by every trial and worker; ``key`` names what it depends on."""
+
+    __tablename__ = "autotune_references"
+    __table_args__ = (UniqueConstraint("study_id", "key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("autotune_studies.id", ondelete="CASCADE"), index=True)
+    key: Mapped[str] = mapped_column(String(64))
+    #: ``autotune.quality.Reference.to_bytes()``: compressed numpy arrays (top-k ids and log-probs).
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+    perplexity: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    study: Mapped[Study] = relationship(back_populates="references")
 
 
 metadata = Base.metadata

@@ -29,6 +29,7 @@ from autotune.store.models import (
     STUDY_STATUSES,
     TRIAL_STATES,
     Export,
+    Reference,
     Study,
     Trial,
     utcnow,
@@ -139,7 +140,7 @@ def measurement_columns(measurement: Mapping[str, Any] | None) -> dict[str, Any]
 
 
 #: Measurement fields kept in the ``metrics`` JSON column (revision 0002).
-EXTRA_METRICS = ("prefill_ms", "mean_prompt_tokens", "memory", "roofline")
+EXTRA_METRICS = ("prefill_ms", "mean_prompt_tokens", "memory", "roofline", "quality")
 
 
 def _nan_to_none(value: Any) -> Any:
@@ -377,6 +378,25 @@ class Repository:
             return version
 
         return self._write(write)
+
+    # -- quality references --------------------------------------------------------------------
+    def get_reference(self, study_name: str, key: str) -> bytes | None:
+        """The stored reference payload for ``key``, or None."""
+        with self._session() as session:
+            study = self._study(session, study_name)
+            return session.scalar(select(Reference.payload).where(Reference.study_id == study.id, Reference.key == key))
+
+    def save_reference(self, study_name: str, key: str, payload: bytes, *, perplexity: float | None = None) -> bytes:
+        """Store a reference unless another worker stored one first; returns the stored payload."""
+
+        def write(session: Session) -> None:
+            study = self._study(session, study_name)
+            stored = select(Reference.id).where(Reference.study_id == study.id, Reference.key == key)
+            if session.scalar(stored) is None:  # a worker beside us may have stored it first: keep theirs
+                session.add(Reference(study_id=study.id, key=key, payload=payload, perplexity=perplexity))
+
+        self._write(write)  # a unique-key race with that worker retries, then finds theirs
+        return self.get_reference(study_name, key) or payload
 
     def latest_export(self, study_name: str) -> Export | None:
         """The study's newest export, or None."""
