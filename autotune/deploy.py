@@ -53,7 +53,9 @@ class ExportDocument(BaseModel):
     model: str = Field(min_length=1, description="Model reference the config was tuned for.")
     model_seed: int = 0
     hardware: dict[str, Any] = Field(description="The probed hardware, with its fingerprint.")
-    slo: list[dict[str, Any]] = Field(description="SLO clauses: metric, percentile, max.")
+    slo: list[dict[str, Any]] = Field(
+        description="SLO clauses: metric, percentile, and max (or min, for fidelity floors such as top1_agreement)."
+    )
     workload: dict[str, Any] | None = Field(None, description="The study's workload spec.")
     config: TrialConfig
     metrics: dict[str, Any] = Field(description="The tuned measurement: tokens/s, latency percentiles, memory.")

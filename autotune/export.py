@@ -45,6 +45,7 @@ def export_dict(study: optuna.Study, trial: FrozenTrial | None = None) -> dict[s
             "peak_memory_mb": m.peak_memory_mb,
             "memory_kind": m.memory_kind,
             "requests_measured": m.requests,
+            **({"quality": m.quality} if m.quality else {}),
         },
         "confirmation": confirmation(study, trial),
     }

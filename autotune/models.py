@@ -13,6 +13,7 @@ import re
 import socket
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 from urllib.parse import urlparse
@@ -88,11 +89,34 @@ def _is_hub_id(ref: str) -> bool:
     )
 
 
+#: Real models shipped inside the package (``builtin:NAME``), each trained by a script in bench/.
+BUILTIN_PREFIX = "builtin:"
+
+
+def builtin_models() -> list[str]:
+    root = resources.files("autotune") / "data" / "models"
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and (p / "config.json").is_file())
+
+
+def builtin_path(ref: str) -> Path | None:
+    """The checkpoint directory of a ``builtin:NAME`` reference (None for any other reference)."""
+    if not ref.startswith(BUILTIN_PREFIX):
+        return None
+    name = ref.removeprefix(BUILTIN_PREFIX)
+    if name not in builtin_models():
+        known = ", ".join(BUILTIN_PREFIX + n for n in builtin_models()) or "none"
+        raise ModelError(f"unknown built-in model {ref!r} (built-in: {known})")
+    return Path(str(resources.files("autotune") / "data" / "models" / name))
+
+
 def classify_model_ref(ref: str) -> ModelKind:
-    """Say whether ``ref`` is a preset, a local directory or a hub id; reject anything else early.
+    """Say whether ``ref`` is a preset, a local directory (``builtin:`` models are shipped ones) or a
+    hub id; reject anything else early.
 
     Torch-free and filesystem-only, so a bad spec fails in the tuner before any trial is spawned.
     """
+    if builtin_path(ref) is not None:
+        return "local"
     name = preset_name(ref)
     if name is not None:
         get_preset(name)  # raises ModelError listing the known presets
@@ -288,7 +312,9 @@ def _load(ref: str, kind: ModelKind, what: str, load: Callable[..., T]) -> T:
 
 
 def _source(ref: str, kind: ModelKind) -> str:
-    return str(Path(ref).expanduser()) if kind == "local" else ref
+    if kind != "local":
+        return ref
+    return str(builtin_path(ref) or Path(ref).expanduser())
 
 
 def resolve_model(ref: str) -> ModelInfo:

@@ -7,7 +7,8 @@ the trial's log excerpt. A CUDA OOM, a segfault, a hang or a leaked global setti
 parent only waits on it (blocking, never polling in a loop) and classifies what happened.
 
 Testing hook: ``AUTOTUNE_INJECT_FAULT=KIND[:knob=value,...]`` (KIND one of oom, crash, hang,
-error) makes matching trials fail that way inside the child, to exercise the failure paths.
+error) makes matching trials fail that way inside the child, to exercise the failure paths;
+``perturb`` instead adds noise to their weights: a config that runs fast but breaks the model.
 """
 
 from __future__ import annotations
@@ -189,14 +190,33 @@ def compute_reference(spec: StudySpec, hardware: Hardware, timeout_s: float | No
 
 
 # -- child side -----------------------------------------------------------------------------------
-def _inject_fault(config: TrialConfig, raw: str) -> None:
+def _fault_for(config: TrialConfig, raw: str) -> str | None:
+    """The injected fault's kind if it applies to ``config``."""
     if not raw:
-        return
+        return None
     kind, _, cond = raw.partition(":")
     for clause in filter(None, cond.split(",")):
         knob, _, value = clause.partition("=")
         if str(getattr(config, knob.strip(), None)) != value.strip():
-            return
+            return None
+    return kind
+
+
+def _perturb(model: Any) -> None:
+    """Add seeded noise (half each weight matrix's own std) to every Linear layer."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.Linear):
+                w = mod.weight
+                noise = torch.randn(w.shape, generator=gen, dtype=torch.float32).to(w.device, w.dtype)
+                w.add_(noise * (0.5 * float(w.float().std())))
+
+
+def _inject_fault(config: TrialConfig, raw: str) -> None:
+    kind = _fault_for(config, raw)
     if kind == "oom":
         import torch
 
@@ -227,6 +247,8 @@ def _child_trial(job: dict[str, Any]) -> dict[str, Any]:
     pad = spec.workload.prompt_tokens.upper
     ctx = pad + spec.workload.output_tokens.upper
     engine = Engine.build(spec.model, config, hw, seed=spec.model_seed, prompt_pad_to=pad, max_context=ctx)
+    if _fault_for(config, job.get("fault", "")) == "perturb":
+        _perturb(engine.model)
     first_id = len(getattr(engine.tokenizer, "all_special_ids", []) or [0])
     with engine:
         m = run_workload(

@@ -480,7 +480,10 @@ class Tuner:
         study.set_user_attr("space", self.space.values)
         study.set_user_attr("space_dropped", self.space.dropped)
         study.set_user_attr("objectives", ["output_tokens_per_s", self.spec.second_objective])
-        study.set_user_attr("slo", [c.model_dump(mode="json") for c in self.slo])
+        # A clause names its one bound: "max" (the unused "min" is left out), or "min" for fidelity floors.
+        study.set_user_attr(
+            "slo", [c.model_dump(mode="json", exclude={"min"} if c.min is None else {"max"}) for c in self.slo]
+        )
         study.set_user_attr("autotune_version", __version__)
         study.set_user_attr("created_at", time.time())
 

@@ -268,7 +268,10 @@ def compare(doc: dict[str, Any], m: Measurement, *, tolerance: float = DEFAULT_T
             f"the tuned {t_tput:,.1f} (tolerance {tolerance:.0%})"
         )
     rows.append(Row("requests_per_s", float(tuned.get("requests_per_s", math.nan)), m.requests_per_s))
-    slo = {(c["metric"], c.get("percentile")): float(c["max"]) for c in doc.get("slo") or []}
+    # Upper bounds only: fidelity floors (min_*) are the tuner's check, not a load test's.
+    slo = {
+        (c["metric"], c.get("percentile")): float(c["max"]) for c in doc.get("slo") or [] if c.get("max") is not None
+    }
     for metric in ("e2e_ms", "ttft_ms", "tpot_ms"):
         for p in _PCTS:
             t = float((tuned.get(metric) or {}).get(p, math.nan))

@@ -50,7 +50,7 @@ def test_lengths_accept_int_or_distribution() -> None:
         ({"slo": {"e2e_ms": {"p95": -5}}}, "slo.0.max: Input should be greater than 0"),
         (
             {"slo": {"latency": {"p95": 5}}},
-            "slo.0.metric: Input should be 'e2e_ms', 'ttft_ms', 'tpot_ms', 'peak_memory_mb', 'kl', "
+            "slo.0.metric: Input should be 'e2e_ms', 'ttft_ms', 'tpot_ms', 'peak_memory_mb', 'kl', ",
         ),
         ({"slo": {}}, "slo: List should have at least 1 item"),
         ({"space": {"batch_size": [0, 4]}}, "space.batch_size.0: Input should be greater than or equal to 1"),

@@ -82,19 +82,53 @@ def latency_names() -> list[str]:
 
 
 def slo_clauses(spec: dict[str, Any]) -> list[dict[str, Any]]:
-    """The spec's SLO clauses with their ``name`` (``e2e_ms.p95``) and a readable description."""
+    """The spec's SLO clauses with their ``name`` (``e2e_ms.p95``), bound, direction and a readable text."""
     out = []
     for c in spec.get("slo") or []:
         name = f"{c['metric']}.{c['percentile']}" if c.get("percentile") else c["metric"]
-        text = (
-            f"{c['percentile']} {c['metric']} <= {c['max']:g}"
-            if c.get("percentile")
-            else f"{c['metric']} <= {c['max']:g}"
-        )
+        floor = c.get("min") is not None
+        bound = float(c["min"] if floor else c["max"])
+        what = f"{c['percentile']} {c['metric']}" if c.get("percentile") else c["metric"]
         out.append(
-            {"name": name, "metric": c["metric"], "percentile": c.get("percentile"), "max": c["max"], "text": text}
+            {
+                "name": name,
+                "metric": c["metric"],
+                "percentile": c.get("percentile"),
+                "max": None if floor else bound,
+                "min": bound if floor else None,
+                "op": ">=" if floor else "<=",
+                "text": f"{what} {'>=' if floor else '<='} {bound:g}",
+            }
         )
     return out
+
+
+def clause_value(row: dict[str, Any], clause: dict[str, Any]) -> float | None:
+    """What a trial row measured for an SLO clause (latency, memory or fidelity), or None."""
+    if clause["percentile"]:
+        return row.get(latency_column(clause["name"]))
+    if clause["metric"] == "peak_memory_mb":
+        return row.get("peak_memory_mb")
+    return _num((row.get("quality") or {}).get(clause["metric"]))
+
+
+def clause_ok(clause: dict[str, Any], value: float | None) -> bool:
+    if value is None:
+        return False
+    return value >= clause["min"] if clause["min"] is not None else value <= clause["max"]
+
+
+def missed_clauses(row: dict[str, Any], clauses: list[dict[str, Any]]) -> str:
+    """Why a measured trial is infeasible: each SLO clause it broke (from its stored constraint
+    values), with what it measured; empty for feasible or unmeasured trials."""
+    if row.get("feasible") is not False or row.get("output_tokens_per_s") is None:
+        return ""
+    parts = []
+    for c, excess in zip(clauses, row.get("constraints") or [], strict=False):
+        if excess is not None and excess > 0:
+            v = clause_value(row, c)
+            parts.append(f"{c['text']} (measured {'–' if v is None else f'{v:,.4g}'})")
+    return "; ".join(parts)
 
 
 def slo_latency(spec: dict[str, Any]) -> tuple[str, float | None]:
@@ -133,13 +167,18 @@ ROW_COLUMNS = [
     Trial.worker,
     Trial.device,
     Trial.finished_at,
+    Trial.constraints,
+    Trial.metrics,
     *(getattr(Trial, f"{m}_{s}_ms") for m in LATENCY_METRICS for s in ("p50", "p90", "p95", "p99")),
 ]
 LATENCY_COLUMNS = [f"{m}_{s}_ms" for m in LATENCY_METRICS for s in ("p50", "p90", "p95", "p99")]
 
 
-def trial_row(t: Any, failed_keys: set[str] | frozenset[str] = frozenset()) -> dict[str, Any]:
-    """A trial as the table and the plots need it (no samples, no log); ``t``: a row mapping or a Trial."""
+def trial_row(
+    t: Any, failed_keys: set[str] | frozenset[str] = frozenset(), clauses: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """A trial as the table and the plots need it (no samples, no log); ``t``: a row mapping or a Trial.
+    With the study's SLO ``clauses``, ``missed`` says why an infeasible trial is infeasible."""
     if not isinstance(t, Mapping):
         t = {c.key: getattr(t, c.key) for c in ROW_COLUMNS}
     row = {c: _num(t[c]) for c in LATENCY_COLUMNS}
@@ -161,13 +200,16 @@ def trial_row(t: Any, failed_keys: set[str] | frozenset[str] = frozenset()) -> d
         device=t["device"],
         finished_at=_iso(t["finished_at"]),
         confirmed_failed=t["config_key"] in failed_keys,
+        constraints=clean_json(list(t["constraints"] or [])),
+        quality=clean_json(dict((t["metrics"] or {}).get("quality") or {})),
     )
+    row["missed"] = missed_clauses(row, clauses or [])
     return row
 
 
-def trial_detail(t: Trial) -> dict[str, Any]:
+def trial_detail(t: Trial, clauses: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Everything stored about one trial: every metric, the latency histogram and samples, the log."""
-    row = trial_row(t)
+    row = trial_row(t, clauses=clauses)
     row["latency"] = {m: {s: _num(getattr(t, f"{m}_{s}_ms")) for s in LATENCY_STATS} for m in LATENCY_METRICS}
     row.update(
         requests=t.requests,
@@ -176,7 +218,6 @@ def trial_detail(t: Trial) -> dict[str, Any]:
         mean_batch_rows=_num(t.mean_batch_rows),
         stopped_by=t.stopped_by,
         memory_kind=t.memory_kind,
-        constraints=clean_json(list(t.constraints or [])),
         timings=clean_json(dict(t.timings or {})),
         metrics=clean_json(dict(t.metrics or {})),
         latency_histogram=clean_json(dict(t.latency_histogram or {})),
@@ -376,7 +417,8 @@ class Store:
         failed = self.failed_confirmations(name)
         query = select(*ROW_COLUMNS).where(Trial.study_id == s.id).order_by(Trial.trial_number)
         with self.engine.connect() as conn:  # Core rows: a third of the ORM's cost for 1,000 trials
-            rows = [trial_row(t, failed) for t in conn.execute(query).mappings()]
+            clauses = slo_clauses(dict(s.spec or {}))
+            rows = [trial_row(t, failed, clauses) for t in conn.execute(query).mappings()]
         counts: dict[str, int] = {}
         for r in rows:
             counts[r["state"]] = counts.get(r["state"], 0) + 1
@@ -396,7 +438,7 @@ class Store:
             t = session.scalar(select(Trial).where(Trial.study_id == s.id, Trial.trial_number == number))
         if t is None:
             raise NotFound(f"study {name!r} has no trial {number}")
-        return trial_detail(t)
+        return trial_detail(t, slo_clauses(dict(s.spec or {})))
 
 
 def _sqlite_read_only(dbapi_connection: Any, _record: Any) -> None:

@@ -13,7 +13,16 @@ from markupsafe import Markup, escape
 
 from autotune.dashboard import figures
 from autotune.dashboard.api import StudyName, TrialNumber, store
-from autotune.dashboard.data import KNOBS, NotFound, hardware_summary, latency_column, slo_clauses, slo_latency
+from autotune.dashboard.data import (
+    KNOBS,
+    NotFound,
+    clause_ok,
+    clause_value,
+    hardware_summary,
+    latency_column,
+    slo_clauses,
+    slo_latency,
+)
 
 WEB = FsPath(__file__).resolve().parents[1] / "data" / "web"
 TIMINGS = ("load_s", "precision_s", "quantize_s", "compile_s", "warmup_s", "first_batch_s")
@@ -57,6 +66,8 @@ def trial_rows(study: str, rows: list[dict[str, Any]], latency_col: str, best: i
             note = escape(f"{t['failure_kind'] or 'failed'}: {t['failure_reason']}")
         elif t["duplicate_of"] is not None:
             note = escape(f"repeat of trial {t['duplicate_of']}")
+        elif t["missed"]:
+            note = escape(f"misses {t['missed']}")
         else:
             note = "failed re-measurement" if t["confirmed_failed"] else ""
         feasible = "–" if t["feasible"] is None else ("yes" if t["feasible"] else "no")
@@ -119,8 +130,8 @@ def study_page(request: Request, name: StudyName) -> HTMLResponse:
     best = view.best
     slo_rows = []
     for c in slo_clauses(view.spec):
-        measured = best.get(latency_column(c["name"])) if best else None
-        slo_rows.append({**c, "measured": measured, "ok": measured is not None and measured <= c["max"]})
+        measured = clause_value(best, c) if best else None
+        slo_rows.append({**c, "measured": measured, "ok": clause_ok(c, measured)})
     figs = {
         "pareto": figures.pareto(view.trials, latency, limit),
         "history": figures.history(view.trials),
