@@ -138,7 +138,8 @@ def _misses(trial: Any, spec: StudySpec) -> list[str]:
     for c, v in zip(spec.slo, trial.user_attrs.get("constraints", []), strict=False):
         if v > 0:
             measured = m.value(c.name) if m else math.nan
-            out.append(f"{c.describe()} (measured {_fmt(measured)})")
+            shown = _fmt(measured) if c.percentile or c.metric == "peak_memory_mb" else f"{measured:.3g}"
+            out.append(f"{c.describe()} (measured {shown})")
     return out
 
 

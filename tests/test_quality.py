@@ -117,7 +117,7 @@ def test_a_fast_but_broken_config_is_infeasible_with_its_reason(tmp_path: Path) 
     )
     assert res.returncode == 0, res.stderr
     assert "computing the quality reference" in res.stderr
-    broken = [line for line in res.stderr.splitlines() if "b8 " in line and "tok/s" in line]
+    broken = [line for line in res.stderr.splitlines() if line.startswith("  trial") and "b8 " in line and "→" in line]
     assert broken and all("misses kl <= 0.05 (measured" in line for line in broken), res.stderr
     doc = json.loads((tmp_path / "best.json").read_text())
     assert doc["config"]["batch_size"] != 8
