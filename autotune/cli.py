@@ -118,7 +118,8 @@ def _print_measurement(title: str, m: Any, spec: StudySpec | None = None) -> Non
         verdicts = []
         for c in spec.slo:
             v = m.value(c.name)
-            verdicts.append(f"{c.describe()}: {_fmt(v)} {'OK' if c.ok(v) else 'MISSED'}")
+            shown = _fmt(v) if c.percentile or c.metric == "peak_memory_mb" else f"{v:.3g}"
+            verdicts.append(f"{c.describe()}: {shown} {'OK' if c.ok(v) else 'MISSED'}")
         out.print("SLO: " + " · ".join(verdicts), highlight=False)
 
 

@@ -16,9 +16,9 @@ BASE = {"model": "preset:llama-tiny", "slo": {"e2e_ms": {"p95": 2000}}}
 
 def test_quickstart_and_test_specs_are_valid() -> None:
     qs = load_spec(ROOT / "studies" / "quickstart.yaml")
-    assert qs.name == "quickstart" and qs.model == "preset:llama-small"
+    assert qs.name == "quickstart" and qs.model == "builtin:tiny-lm"
     assert qs.workload.prompt_tokens.value == 64 and qs.workload.output_tokens.value == 32
-    assert [c.name for c in qs.slo] == ["e2e_ms.p95"] and qs.slo[0].max == 2000
+    assert [c.name for c in qs.slo] == ["e2e_ms.p95", "kl", "top1_agreement"] and qs.slo[0].max == 2000
     assert load_spec(TINY_SPEC).name == "tiny"
 
 
