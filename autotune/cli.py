@@ -200,13 +200,20 @@ def _run(fn: Callable[[], None]) -> None:
         raise typer.Exit(130) from None
 
 
-def _preflight(spec: StudySpec) -> tuple[Any, Any]:
+def _preflight(spec: StudySpec) -> tuple[Any, Any, Any]:
+    """Hardware, the model's info and each variant's (checked against the model)."""
+    from autotune.errors import ModelError
     from autotune.models import classify_model_ref
-    from autotune.runner import preflight
+    from autotune.runner import preflight_with_variants
 
     classify_model_ref(spec.model)  # unknown preset or missing path: fail before starting a child
+    for v in spec.variants:
+        try:
+            classify_model_ref(v)
+        except ModelError as e:
+            raise ModelError(f"model variant {v!r}: {e}") from None
     with err.status("probing hardware and model (child process)…"):
-        return preflight(spec)
+        return preflight_with_variants(spec)
 
 
 def _with_device(spec: StudySpec, device: str | None) -> StudySpec:
@@ -246,7 +253,7 @@ def tune(
             raise SpecError(f"--sampler: unknown sampler {sampler!r}; allowed: tpe, nsga2, gp, random, grid")
         url = _storage_url(storage, for_write=True)
         open_storage(url)  # fail fast on an unreachable storage, before the slow preflight
-        hw, info = _preflight(spec)
+        hw, info, variants = _preflight(spec)
         out.print(f"[bold]{spec.name}[/bold]: {info.ref} ({info.num_parameters / 1e6:,.1f}M params) on {hw.summary()}")
         tuner = Tuner(
             spec,
@@ -258,6 +265,7 @@ def tune(
             timeout_s=timeout,
             sampler=sampler,
             seed=seed,
+            variants=variants,
         )
         for knob, reason in tuner.space.dropped.items():
             out.print(f"[dim]not searched: {knob}: {reason}[/dim]")
@@ -393,8 +401,8 @@ def measure(
         if baseline == (config is not None):
             raise SpecError("give exactly one of --config FILE or --baseline")
         cfg = BASELINE if baseline else _read_config(config)  # type: ignore[arg-type]
-        hw, info = _preflight(spec)
-        space = SearchSpace.from_spec(spec, hw, info)
+        hw, info, variants = _preflight(spec)
+        space = SearchSpace.from_spec(spec, hw, info, variants)
         reason = space.check(cfg)
         if reason:
             raise SpecError(f"config cannot run here: {reason}")
@@ -532,7 +540,7 @@ def worker(
         if "spec" not in s.user_attrs:
             raise SpecError(f"study {study!r} was not created by `autotune tune`: nothing to join")
         spec = _with_device(parse_spec(s.user_attrs["spec"], f"study {study}"), device)
-        hw, info = _preflight(spec)
+        hw, info, variants = _preflight(spec)
         out.print(f"worker for [bold]{study}[/bold] on {hw.summary()} ({hw.device})")
         tuner = Tuner(
             spec,
@@ -542,6 +550,7 @@ def worker(
             study_name=study,
             trials=trials,
             allow_heterogeneous=allow_heterogeneous,
+            variants=variants,
         )
         _report(_run_with_progress(tuner), spec)
 

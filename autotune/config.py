@@ -25,7 +25,7 @@ SCHEDULERS: tuple[str, ...] = get_args(Scheduler)
 ATTENTIONS: tuple[str, ...] = get_args(Attention)
 
 #: Knobs that change the loaded model (a change means a rebuild), in application order.
-MODEL_KNOBS = ("precision", "quantization", "attention", "backend")
+MODEL_KNOBS = ("model", "precision", "quantization", "attention", "backend")
 #: Knobs that only change how requests are scheduled onto an already built model.
 RUNTIME_KNOBS = ("batch_size", "streams", "max_queue_delay_ms", "scheduler")
 KNOBS = RUNTIME_KNOBS + MODEL_KNOBS
@@ -49,6 +49,9 @@ class TrialConfig(BaseModel):
         description="static: batches run to completion; continuous: transformers' paged-attention continuous batching.",
     )
 
+    model: str | None = Field(
+        None, description="A model variant from the spec's list; None: the spec's (reference) model."
+    )
     attention: Attention = Field(
         "sdpa",
         description="Attention kernel: sdpa (PyTorch picks), sdpa-no-cudnn (SDPA without cuDNN), eager (matmuls).",
@@ -71,11 +74,12 @@ class TrialConfig(BaseModel):
             f"{self.backend} {self.max_queue_delay_ms:g}ms"
             + (" continuous" if self.scheduler == "continuous" else "")
             + (f" attn={self.attention}" if self.attention != "sdpa" else "")
+            + (f" model={self.model}" if self.model else "")
         )
 
 
 #: Knobs added after the first stored studies, with the default that older configs implicitly ran.
-_LATER_KNOB_DEFAULTS: dict[str, str] = {"scheduler": "static", "attention": "sdpa"}
+_LATER_KNOB_DEFAULTS: dict[str, str | None] = {"scheduler": "static", "attention": "sdpa", "model": None}
 
 
 BASELINE = TrialConfig()

@@ -32,7 +32,8 @@ def export_dict(study: optuna.Study, trial: FrozenTrial | None = None) -> dict[s
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "study": study.study_name,
         "trial": trial.number,
-        "model": attrs.get("spec", {}).get("model"),
+        # The trial's model variant when the study searched several, else the study's model.
+        "model": trial.user_attrs[A_CONFIG].get("model") or attrs.get("spec", {}).get("model"),
         "model_seed": attrs.get("spec", {}).get("model_seed", 0),
         "hardware": {**attrs.get("hardware", {}), "fingerprint": attrs.get("fingerprint")},
         "slo": attrs.get("slo", []),

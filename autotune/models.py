@@ -416,6 +416,36 @@ def _build_preset_model(preset: Preset, seed: int, device: torch.device) -> PreT
         return model
 
 
+def load_tokenizer(ref: str) -> PreTrainedTokenizerBase:
+    """Just the tokenizer of a model reference (presets: the offline byte-level one)."""
+    kind = classify_model_ref(ref)
+    if kind == "preset":
+        return build_tokenizer(get_preset(cast(str, preset_name(ref))).config["vocab_size"])
+    _quiet()
+    from transformers import AutoTokenizer
+
+    source = _source(ref, kind)
+    return _load(ref, kind, "the tokenizer", lambda **kw: AutoTokenizer.from_pretrained(source, **kw))
+
+
+def check_variant(reference: str, variant: str) -> ModelInfo:
+    """A model variant's info, after checking it can stand in for the reference: it resolves and
+    speaks the same tokens (same vocabulary, same token ids). Any problem names the variant."""
+    try:
+        info = resolve_model(variant)
+        ref_vocab, var_vocab = load_tokenizer(reference).get_vocab(), load_tokenizer(variant).get_vocab()
+    except ModelError as err:
+        raise ModelError(f"model variant {variant!r}: {err}") from None
+    if ref_vocab != var_vocab:
+        differ = len(set(var_vocab.items()) ^ set(ref_vocab.items()))
+        raise ModelError(
+            f"model variant {variant!r} has a different tokenizer than the reference {reference!r} "
+            f"({len(var_vocab)} vs {len(ref_vocab)} tokens, {differ} entries differ): fidelity and the "
+            "workload need the same tokens"
+        )
+    return info
+
+
 def load_model(
     ref: str, *, device: str = "cpu", dtype: torch.dtype | None = None, seed: int = 0
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, ModelInfo]:

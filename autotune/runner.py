@@ -129,6 +129,14 @@ def _kill(proc: Any) -> None:
 
 def preflight(spec: StudySpec, timeout_s: float = 300.0) -> tuple[Hardware, ModelInfo]:
     """Probe the hardware and resolve the model (config only) in a child process."""
+    hw, info, _ = preflight_with_variants(spec, timeout_s)
+    return hw, info
+
+
+def preflight_with_variants(
+    spec: StudySpec, timeout_s: float = 300.0
+) -> tuple[Hardware, ModelInfo, dict[str, ModelInfo]]:
+    """:func:`preflight`, plus each model variant's info once it is checked against the reference."""
     try:
         res = run_child({"mode": "preflight", "spec": spec.model_dump(mode="json")}, timeout_s)
     except TrialFailure as err:
@@ -137,7 +145,8 @@ def preflight(spec: StudySpec, timeout_s: float = 300.0) -> tuple[Hardware, Mode
         if err.kind == "device":
             raise AutotuneError(err.reason) from None
         raise AutotuneError(f"hardware/model preflight failed: {err.reason}") from None
-    return Hardware.model_validate(res["hardware"]), ModelInfo.from_dict(res["model"])
+    variants = {ref: ModelInfo.from_dict(v) for ref, v in res.get("variants", {}).items()}
+    return Hardware.model_validate(res["hardware"]), ModelInfo.from_dict(res["model"]), variants
 
 
 def run_trial(
@@ -246,7 +255,8 @@ def _child_trial(job: dict[str, Any]) -> dict[str, Any]:
     _inject_fault(config, job.get("fault", ""))
     pad = spec.workload.prompt_tokens.upper
     ctx = pad + spec.workload.output_tokens.upper
-    engine = Engine.build(spec.model, config, hw, seed=spec.model_seed, prompt_pad_to=pad, max_context=ctx)
+    ref = config.model or spec.model
+    engine = Engine.build(ref, config, hw, seed=spec.model_seed, prompt_pad_to=pad, max_context=ctx)
     if _fault_for(config, job.get("fault", "")) == "perturb":
         _perturb(engine.model)
     first_id = len(getattr(engine.tokenizer, "all_special_ids", []) or [0])
@@ -316,7 +326,7 @@ def _early_stop(spec: StudySpec) -> Any:
 
 def _child_preflight(job: dict[str, Any]) -> dict[str, Any]:
     from autotune.hardware import probe
-    from autotune.models import resolve_model
+    from autotune.models import check_variant, resolve_model
 
     spec = StudySpec.model_validate(job["spec"])
     try:
@@ -332,9 +342,10 @@ def _child_preflight(job: dict[str, Any]) -> dict[str, Any]:
         )
     try:
         info = resolve_model(spec.model)
+        variants = {v: check_variant(spec.model, v).to_dict() for v in spec.variants}
     except ModelError as err:
         return {"status": "error", "kind": "model", "reason": str(err)}
-    return {"status": "ok", "hardware": hw.model_dump(mode="json"), "model": info.to_dict()}
+    return {"status": "ok", "hardware": hw.model_dump(mode="json"), "model": info.to_dict(), "variants": variants}
 
 
 def _child_entry(job_json: str) -> None:

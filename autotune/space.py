@@ -81,13 +81,24 @@ class SearchSpace:
     max_context_tokens: int = 0
     concurrency_rows: int | None = None
     dropped: dict[str, str] = field(default_factory=dict)
+    #: Model variants' sizes (ref -> info), for their memory estimates.
+    variants: dict[str, ModelInfo] = field(default_factory=dict)
 
     @classmethod
-    def from_spec(cls, spec: StudySpec, hw: Hardware, model: ModelInfo | None = None) -> SearchSpace:
+    def from_spec(
+        cls,
+        spec: StudySpec,
+        hw: Hardware,
+        model: ModelInfo | None = None,
+        variants: dict[str, ModelInfo] | None = None,
+    ) -> SearchSpace:
         values: dict[str, list[Any]] = {}
         dropped: dict[str, str] = {}
         given: SpaceSpec = spec.space
         for knob in KNOBS:
+            if knob == "model":  # the spec's model list, reference first; None: no variants to choose
+                values[knob] = spec.models if spec.variants else [None]
+                continue
             candidates = getattr(given, knob)
             if candidates is None:
                 candidates, left_out = default_values(knob, hw)
@@ -108,7 +119,7 @@ class SearchSpace:
         ctx = spec.workload.prompt_tokens.upper + spec.workload.output_tokens.upper
         if model is not None and ctx > model.max_context:
             raise SpaceError(f"workload needs {ctx} tokens of context but {model.ref} supports {model.max_context}")
-        space = cls(values, hw, model, ctx, spec.workload.arrival.clients, dropped)
+        space = cls(values, hw, model, ctx, spec.workload.arrival.clients, dropped, dict(variants or {}))
         if not any(space.check(c) is None for c in itertools.islice(space.grid(), 100_000)):
             first = next(space.grid())
             raise SpaceError(f"search space is empty: every combination is rejected (e.g. {space.check(first)})")
@@ -155,7 +166,7 @@ class SearchSpace:
     # -- rules ------------------------------------------------------------------------------
     def estimate_memory_mb(self, cfg: TrialConfig) -> float | None:
         """Weights plus a full KV cache for every row in flight, in MB (None without model info)."""
-        m = self.model
+        m = self.variants.get(cfg.model, self.model) if cfg.model else self.model
         if m is None:
             return None
         wbytes = _QUANT_BYTES.get(cfg.quantization, _WEIGHT_BYTES[cfg.precision])
@@ -170,6 +181,8 @@ class SearchSpace:
     def check(self, cfg: TrialConfig) -> str | None:
         """Why ``cfg`` cannot run here, or None. Called before any model is loaded."""
         hw = self.hardware
+        if cfg.model is not None and cfg.model not in self.values["model"]:
+            return f"model={cfg.model}: not one of this study's models ({', '.join(map(str, self.values['model']))})"
         for knob, registry in REGISTRIES.items():
             tech = registry[getattr(cfg, knob)]
             reason = tech.unsupported(hw) or tech.conflict(cfg, hw)

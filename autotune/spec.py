@@ -227,7 +227,11 @@ class StudySpec(_Strict):
     """A whole study: model, workload, SLO, search space, budget."""
 
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.\-]{1,100}$")
-    model: str = Field(min_length=1)
+    model: str = Field(min_length=1, description="the model; with variants, the reference they are judged against")
+    variants: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list,
+        description="other candidates (distilled, pruned, ...), searched as the 'model' knob; or write model: [a, b]",
+    )
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     workload: WorkloadSpec = Field(default_factory=WorkloadSpec)
     slo: Annotated[list[Constraint], Field(min_length=1)]
@@ -247,6 +251,29 @@ class StudySpec(_Strict):
     model_seed: int = Field(0, description="seed of preset random weights")
 
     _coerce_slo = field_validator("slo", mode="before")(lambda cls, v: _parse_slo(v))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_list(cls, data: Any) -> Any:
+        """``model: [reference, variant, ...]`` becomes ``model`` + ``variants``."""
+        if isinstance(data, dict) and isinstance(data.get("model"), list):
+            models = list(data["model"])
+            if not models:
+                raise ValueError("model: an empty list names no model")
+            data = {**data, "model": models[0], "variants": [*models[1:], *data.get("variants", [])]}
+        return data
+
+    @field_validator("variants", mode="after")
+    @classmethod
+    def _distinct(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("a model variant is listed twice")
+        return v
+
+    @property
+    def models(self) -> list[str]:
+        """The reference model first, then its variants."""
+        return [self.model, *(v for v in self.variants if v != self.model)]
 
     @model_validator(mode="after")
     def _quality_constraints_need_quality(self) -> StudySpec:

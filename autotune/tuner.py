@@ -383,11 +383,12 @@ class Tuner:
     repository: Any = None  # autotune.store.Repository, opened by open_study()
     reference: str | None = None  # the quality reference (base64), set by ensure_reference()
     allow_heterogeneous: bool = False
+    variants: dict[str, ModelInfo] = field(default_factory=dict)  # model variants' infos (preflight)
 
     def __post_init__(self) -> None:
         self.name = self.study_name or self.spec.name or "study"
         self.budget = self.trials or self.spec.budget.trials
-        self.space = SearchSpace.from_spec(self.spec, self.hardware, self.model)
+        self.space = SearchSpace.from_spec(self.spec, self.hardware, self.model, self.variants)
         self.slo = list(self.spec.slo)
         self._unrecorded: dict[int, dict[str, Any]] = {}  # full measurements (with samples) until record()
         self.clock = StorageClock()
