@@ -398,3 +398,44 @@ def test_openapi_schema_conformance(api_schema: schemathesis.BaseSchema, mode: s
                 case.call_and_validate()
 
         check()
+
+
+def test_quality_clauses_and_why_a_trial_is_infeasible(tmp_path: Path) -> None:
+    """A fast trial that breaks the model shows the clause it missed, with what it measured."""
+    from autotune.dashboard import create_app
+    from autotune.measure import Measurement
+    from autotune.store import Repository, upgrade
+
+    import optuna
+
+    url = f"sqlite:///{tmp_path}/q.db"
+    optuna.create_study(storage=url, study_name="q")  # the dashboard reads Optuna's tables beside ours
+    upgrade(url)
+    dist = {"p50": 10.0, "p90": 12.0, "p95": 13.0, "p99": 14.0, "mean": 10.0, "max": 15.0}
+    slo = [{"metric": "e2e_ms", "percentile": "p95", "max": 100.0}, {"metric": "kl", "max": 0.05}]
+    slo.append({"metric": "top1_agreement", "min": 0.9})
+    with Repository.open(url) as repo:
+        repo.upsert_study(
+            "q", spec={"model": "builtin:tiny-lm", "slo": slo}, hardware={}, fingerprint="f", model_ref="m"
+        )
+        for n, (tps, kl, top1, feasible) in enumerate([(100.0, 0.001, 0.99, True), (900.0, 0.31, 0.42, False)]):
+            m = Measurement(tps, 1.0, 10, 100, 1.0, dist, dist, dist, dist, 4.0, 100.0, "rss")
+            m.quality = {"kl": kl, "top1_agreement": top1, "greedy_agreement": 0.5, "perplexity": 50.0}
+            cons = [-0.87, (kl - 0.05) / 0.05, (0.9 - top1) / 0.9]
+            repo.record_trial(
+                "q",
+                n,
+                config={"batch_size": 4 * (n + 1)},
+                config_key=f"k{n}",
+                state="measured" if feasible else "infeasible",
+                feasible=feasible,
+                measurement=m,
+                constraints=cons,
+            )
+    with TestClient(create_app(url)) as c:
+        page = c.get("/studies/q").text
+        assert "misses kl &lt;= 0.05 (measured 0.31); top1_agreement &gt;= 0.9 (measured 0.42)" in page
+        assert "KL 0.0010" in page  # the best config's fidelity on its card
+        trial = c.get("/studies/q/trials/1").text
+        assert 'id="missed"' in trial and "fidelity kl" in trial
+        assert c.get("/api/studies/q/trials/1").json()["quality"]["kl"] == 0.31

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from autotune.dashboard import figures
 from autotune.dashboard.data import Store, clean_json, latency_column, latency_names, slo_latency
@@ -83,6 +83,9 @@ class TrialRow(BaseModel):
     device: str | None
     finished_at: str | None
     confirmed_failed: bool
+    constraints: list[float | None] = Field(default_factory=list, description="(measured - bound) / bound per clause")
+    quality: dict[str, float | None] = Field(default_factory=dict, description="fidelity against the reference")
+    missed: str = Field("", description="the SLO clauses an infeasible trial broke, with what it measured")
     e2e_p50_ms: float | None
     e2e_p90_ms: float | None
     e2e_p95_ms: float | None
@@ -116,7 +119,6 @@ class TrialDetail(TrialRow):
     mean_batch_rows: float | None
     stopped_by: str | None
     memory_kind: str | None
-    constraints: list[float | None]
     timings: dict[str, Any]
     metrics: dict[str, Any]
     latency_histogram: dict[str, Any]
