@@ -145,3 +145,13 @@ def test_perturb_changes_every_linear_layer() -> None:
     before = model.model.layers[0].mlp.up_proj.weight.clone()
     _perturb(model)
     assert not torch.equal(before, model.model.layers[0].mlp.up_proj.weight)
+
+
+def test_an_empty_eval_text_stops_tune_before_any_trial(tmp_path: Path) -> None:
+    (tmp_path / "empty.txt").write_text("\n")
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(TINY_SPEC.read_text() + "quality: {eval_text: empty.txt}\n")
+    res = run_cli("tune", str(spec), cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    assert "error: quality.eval_text: empty.txt is empty" in res.stderr and "Traceback" not in res.stderr
+    assert "trial 0" not in res.stderr
