@@ -557,6 +557,117 @@ def worker(
     _run(body)
 
 
+landscape_app = typer.Typer(
+    no_args_is_help=True, help="Recorded landscapes: measure a whole grid once, replay search strategies on it."
+)
+app.add_typer(landscape_app, name="landscape")
+
+
+@landscape_app.command("record")
+def landscape_record(
+    spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="study spec YAML (its grid is measured)")],
+    output: Annotated[Path, typer.Option(help="landscape JSON file (an existing one is resumed)")],
+    repeat_sample: Annotated[int, typer.Option(min=0, help="configs measured again for the spread")] = 6,
+    repeats: Annotated[int, typer.Option(min=1, help="extra runs of each sampled config")] = 2,
+) -> None:
+    """Measure every runnable config of the spec's grid once, each in its own trial process."""
+
+    def body() -> None:
+        from autotune.landscape import record
+        from autotune.runner import compute_reference, run_trial
+        from autotune.space import SearchSpace
+        from autotune.tuner import constraint_values
+
+        spec = load_spec(spec_path)
+        hw, info, variants = _preflight(spec)
+        space = SearchSpace.from_spec(spec, hw, info, variants)
+        reference = compute_reference(spec, hw) if spec.quality.enabled and spec.quality_constraints else None
+
+        def measure(s: StudySpec, cfg: TrialConfig) -> tuple[float, list[float]]:
+            m = run_trial(s, cfg, hw, reference=reference)
+            return m.output_tokens_per_s, constraint_values(m, s.slo)
+
+        def on_point(i: int, n: int, p: Any) -> None:
+            what = p.failure or f"{p.tokens_per_s:,.0f} tok/s, {'feasible' if p.feasible else 'infeasible'}"
+            err.print(f"  [{i + 1}/{n}] {p.config.label()}: {escape(what)}", highlight=False)
+
+        land = record(spec, space, output, measure, repeat_sample=repeat_sample, repeats=repeats, on_point=on_point)
+        best = land.best_feasible()
+        out.print(
+            f"{output}: {len(land.points)} configs of {land.grid_size} recorded in {land.recorded_s:,.0f} s; "
+            f"run-to-run spread {land.spread():.1%}; best feasible "
+            + (f"{best.config.label()} at {best.tokens_per_s:,.0f} tok/s" if best else "none"),
+            highlight=False,
+        )
+
+    _run(body)
+
+
+@landscape_app.command("replay")
+def landscape_replay(
+    path: Annotated[Path, typer.Argument(metavar="FILE", help="a file from `autotune landscape record`")],
+    samplers: Annotated[str, typer.Option(help="comma-separated strategies")] = "tpe,nsga2,random,grid,hill-climb",
+    seeds: Annotated[int, typer.Option(min=1, help="runs per strategy")] = 30,
+    budget: Annotated[
+        int | None, typer.Option(min=1, help="measured configs per run [default: 10% of the grid]")
+    ] = None,
+    plot: Annotated[Path | None, typer.Option(help="write the regret-vs-trials plot (HTML)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
+) -> None:
+    """Run search strategies against a recorded landscape (lookups plus recorded noise, no measuring)."""
+
+    def body() -> None:
+        from autotune.hardware import Hardware
+        from autotune.landscape import load_landscape, regret_figure, replay, summarize
+        from autotune.space import SearchSpace
+
+        land = load_landscape(path)
+        hw = Hardware.model_validate({k: v for k, v in land.hardware.items() if k != "fingerprint"})
+        space = SearchSpace.from_spec(land.spec, hw, None)
+        best = land.best_feasible()
+        if best is None:
+            raise AutotuneError(f"{path}: no recorded config is feasible; nothing to search for")
+        n = budget or max(1, round(0.1 * land.grid_size))
+        names = [s.strip() for s in samplers.split(",") if s.strip()]
+        runs = replay(land, space, names, seeds, n)
+        rows = summarize(runs, best.tokens_per_s, n)
+        missing = sum(r["missing"] for r in rows)
+        if as_json:
+            print(json.dumps({"best_tokens_per_s": best.tokens_per_s, "budget": n, "rows": rows}, indent=2))
+        else:
+            t = Table(
+                title=f"{path.name}: {len(land.points)} configs, best feasible {best.tokens_per_s:,.0f} tok/s, "
+                f"budget {n} measured configs, {seeds} seeds, noise {land.spread():.1%}",
+                header_style="bold",
+            )
+            for col in ("strategy", "to 95%: median", "p90", "reached", "to 99%: median", "p90 ", "reached "):
+                t.add_column(col, justify="left" if col == "strategy" else "right")
+
+            def cell(v: float | None) -> str:
+                return f">{n}" if v is None else f"{v:g}"
+
+            for r in rows:
+                t.add_row(
+                    r["strategy"],
+                    cell(r["median_to_95"]),
+                    cell(r["p90_to_95"]),
+                    f"{r['reached_95']:.0%}",
+                    cell(r["median_to_99"]),
+                    cell(r["p90_to_99"]),
+                    f"{r['reached_99']:.0%}",
+                )
+            out.print(t)
+        if missing:
+            err.print(f"[yellow]{missing} suggested config(s) were not in the landscape (counted as rejected)[/yellow]")
+        if plot is not None:
+            import plotly.io as pio
+
+            pio.write_html(regret_figure(rows, f"{path.name}: median regret"), str(plot), include_plotlyjs=True)
+            err.print(f"wrote {plot}")
+
+    _run(body)
+
+
 db_app = typer.Typer(no_args_is_help=True, help="autotune's own tables: migrate and inspect (Alembic).")
 app.add_typer(db_app, name="db")
 

@@ -29,6 +29,10 @@ class SpaceError(AutotuneError):
     """The search space is empty once the hardware's limits are applied."""
 
 
+class LandscapeError(AutotuneError):
+    """A recorded landscape file cannot be used: truncated, another schema, other hardware or spec."""
+
+
 class NoFeasibleConfig(AutotuneError):
     """The study finished but no trial met the SLO."""
 

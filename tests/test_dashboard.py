@@ -402,11 +402,11 @@ def test_openapi_schema_conformance(api_schema: schemathesis.BaseSchema, mode: s
 
 def test_quality_clauses_and_why_a_trial_is_infeasible(tmp_path: Path) -> None:
     """A fast trial that breaks the model shows the clause it missed, with what it measured."""
+    import optuna
+
     from autotune.dashboard import create_app
     from autotune.measure import Measurement
     from autotune.store import Repository, upgrade
-
-    import optuna
 
     url = f"sqlite:///{tmp_path}/q.db"
     optuna.create_study(storage=url, study_name="q")  # the dashboard reads Optuna's tables beside ours

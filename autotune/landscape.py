@@ -1,0 +1,382 @@
+"""Recorded landscapes: every config of a spec's grid measured once, then search strategies replayed on it.
+
+A tuner is judged by how few expensive trials it needs. ``record`` measures the whole grid (each
+config in its own trial process, as the tuner would) and a sample of configs again, for the
+run-to-run spread; the file is rewritten after every config, so an interrupted recording resumes.
+``replay`` runs each strategy against the table: a suggested config is looked up (not measured),
+and its throughput and latency get noise drawn from the recorded spread. The figure of merit is
+the number of measured configs until the strategy's incumbent (its best *observed* feasible
+config) is truly within 95% / 99% of the grid's best feasible throughput.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from autotune.config import TrialConfig
+from autotune.errors import AutotuneError, LandscapeError, SpecError, TrialFailure
+from autotune.space import SearchSpace
+from autotune.spec import StudySpec
+
+SCHEMA_VERSION = 1
+STRATEGIES = ("tpe", "nsga2", "gp", "random", "grid", "hill-climb")
+TARGETS = (0.95, 0.99)
+
+
+# -- the file ------------------------------------------------------------------------------------------
+@dataclass
+class Point:
+    """One grid config as recorded: the figures the search needs, plus repeats when sampled."""
+
+    config: TrialConfig
+    tokens_per_s: float
+    constraints: list[float]  # (measured - bound) / bound per SLO clause, <= 0 feasible
+    repeats: list[float]  # tokens/s of extra runs (empty unless this config was sampled)
+    failure: str | None = None
+
+    @property
+    def feasible(self) -> bool:
+        return self.failure is None and all(c <= 0 for c in self.constraints)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config.model_dump(mode="json"),
+            "key": self.config.key(),
+            "tokens_per_s": self.tokens_per_s,
+            "constraints": self.constraints,
+            "repeats": self.repeats,
+            "failure": self.failure,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Point:
+        return cls(
+            TrialConfig.model_validate(d["config"]),
+            float(d["tokens_per_s"]),
+            list(d["constraints"]),
+            list(d.get("repeats") or []),
+            d.get("failure"),
+        )
+
+
+@dataclass
+class Landscape:
+    spec: StudySpec
+    hardware: dict[str, Any]
+    points: dict[str, Point]  # config key -> point
+    grid_size: int
+    recorded_s: float = 0.0
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.hardware.get("fingerprint", ""))
+
+    def best_feasible(self) -> Point | None:
+        feasible = [p for p in self.points.values() if p.feasible]
+        return max(feasible, key=lambda p: p.tokens_per_s) if feasible else None
+
+    def spread(self) -> float:
+        """The median relative run-to-run spread (std / mean) of the repeated configs."""
+        rel = []
+        for p in self.points.values():
+            runs = [p.tokens_per_s, *p.repeats]
+            if len(runs) > 1 and statistics.mean(runs) > 0:
+                rel.append(statistics.pstdev(runs) / statistics.mean(runs))
+        return statistics.median(rel) if rel else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "spec": self.spec.model_dump(mode="json"),
+            "hardware": self.hardware,
+            "grid_size": self.grid_size,
+            "recorded_s": self.recorded_s,
+            "points": [p.to_dict() for p in self.points.values()],
+        }
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
+        tmp.replace(path)  # atomic: a crash never leaves half a file
+
+
+def load_landscape(path: str | Path, *, fingerprint: str | None = None) -> Landscape:
+    """Read a landscape file, or one clear LandscapeError."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LandscapeError(f"landscape file not found: {p}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise LandscapeError(f"{p}: not a landscape file (truncated or not JSON: {err})") from None
+    if not isinstance(data, dict) or "schema_version" not in data:
+        raise LandscapeError(f"{p}: not a landscape file (no schema_version)")
+    if data["schema_version"] != SCHEMA_VERSION:
+        raise LandscapeError(f"{p}: landscape schema {data['schema_version']}, this autotune reads {SCHEMA_VERSION}")
+    try:
+        spec = StudySpec.model_validate(data["spec"])
+        points = {pt["key"]: Point.from_dict(pt) for pt in data["points"]}
+        land = Landscape(spec, dict(data["hardware"]), points, int(data["grid_size"]), float(data["recorded_s"]))
+    except (KeyError, TypeError, ValueError) as err:
+        raise LandscapeError(f"{p}: malformed landscape ({type(err).__name__}: {err})") from None
+    stale = [k for k, pt in points.items() if pt.config.key() != k]
+    if stale:
+        raise LandscapeError(f"{p}: {len(stale)} point(s) whose key does not match their config (edited by hand?)")
+    if fingerprint is not None and land.fingerprint != fingerprint:
+        raise LandscapeError(
+            f"{p}: recorded on hardware {land.fingerprint or '(none)'}, not this machine's {fingerprint}; "
+            "a landscape only describes the hardware it was measured on"
+        )
+    return land
+
+
+# -- recording ----------------------------------------------------------------------------------------
+Measure = Callable[[StudySpec, TrialConfig], tuple[float, list[float]]]
+
+
+def record(
+    spec: StudySpec,
+    space: SearchSpace,
+    path: Path,
+    measure: Measure,
+    *,
+    repeat_sample: int = 6,
+    repeats: int = 2,
+    seed: int = 0,
+    on_point: Callable[[int, int, Point], None] = lambda i, n, p: None,
+) -> Landscape:
+    """Measure every runnable grid config once (resuming ``path`` if it holds a partial recording of
+    the same spec on the same hardware), then ``repeats`` more runs of ``repeat_sample`` configs."""
+    hw = space.hardware.model_dump(mode="json") | {"fingerprint": space.hardware.fingerprint()}
+    configs = [c for c in space.grid() if space.check(c) is None]
+    if path.exists():
+        land = load_landscape(path, fingerprint=space.hardware.fingerprint())
+        if land.spec.model_dump(exclude={"name", "budget"}) != spec.model_dump(exclude={"name", "budget"}):
+            raise LandscapeError(f"{path}: recorded from another spec; pass a new --output")
+    else:
+        land = Landscape(spec, hw, {}, len(configs))
+    t0 = time.perf_counter() - land.recorded_s
+    for i, cfg in enumerate(configs):
+        if cfg.key() in land.points:
+            continue
+        try:
+            tps, cons = measure(spec, cfg)
+            point = Point(cfg, tps, cons, [])
+        except (AutotuneError, TrialFailure) as err:  # failed or out of memory: infeasible, with the reason
+            point = Point(cfg, 0.0, [1.0] * len(spec.slo), [], failure=str(err)[:300])
+        land.points[cfg.key()] = point
+        land.recorded_s = time.perf_counter() - t0
+        land.save(path)
+        on_point(i, len(configs), point)
+    sampled = [p for p in land.points.values() if p.failure is None]
+    random.Random(seed).shuffle(sampled)
+    for p in sampled[:repeat_sample]:
+        while len(p.repeats) < repeats:
+            try:
+                p.repeats.append(measure(spec, p.config)[0])
+            except (AutotuneError, TrialFailure):
+                break
+            land.recorded_s = time.perf_counter() - t0
+            land.save(path)
+    return land
+
+
+# -- replay -------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """One strategy, one seed: the incumbent's true throughput after each measured config."""
+
+    strategy: str
+    seed: int
+    incumbent: list[float]  # true tokens/s of the incumbent (0 while none is feasible)
+    missing: int = 0  # suggested configs the table does not hold (never silently skipped)
+
+    def trials_to(self, fraction: float, best: float) -> int | None:
+        for i, v in enumerate(self.incumbent):
+            if v >= fraction * best:
+                return i + 1
+        return None
+
+
+class _Oracle:
+    """Answers 'measure this config' from the table, with the recorded noise."""
+
+    def __init__(self, land: Landscape, rng: random.Random, noise: float) -> None:
+        self.land, self.rng, self.noise = land, rng, noise
+        self.seen: dict[str, tuple[float, list[float]]] = {}
+        self.order: list[str] = []
+        self.missing = 0
+        self.best_key: str | None = None
+        self.best_observed = -math.inf
+        self.incumbent: list[float] = []
+
+    def measure(self, cfg: TrialConfig) -> tuple[float, list[float]] | None:
+        key = cfg.key()
+        if key in self.seen:  # the tuner never measures a config twice: a repeat is free
+            return self.seen[key]
+        p = self.land.points.get(key)
+        if p is None:
+            self.missing += 1
+            return None
+        jitter = 1 + self.rng.gauss(0, self.noise)
+        tps = p.tokens_per_s * jitter
+        cons = [c if c >= 1.0 else (1 + c) * (1 + self.rng.gauss(0, self.noise)) - 1 for c in p.constraints]
+        if p.failure is not None:
+            tps, cons = 0.0, [1.0] * len(p.constraints)
+        self.seen[key] = (tps, cons)
+        self.order.append(key)
+        if all(c <= 0 for c in cons) and tps > self.best_observed:
+            self.best_observed, self.best_key = tps, key
+        true = self.land.points[self.best_key] if self.best_key else None
+        self.incumbent.append(true.tokens_per_s if true is not None and true.feasible else 0.0)
+        return tps, cons
+
+
+def _optuna_run(land: Landscape, space: SearchSpace, strategy: str, seed: int, budget: int, noise: float) -> Run:
+    import optuna
+
+    from autotune.tuner import A_CONSTRAINTS, NATIVE_CONSTRAINTS, make_sampler
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    oracle = _Oracle(land, random.Random(seed * 7919 + 1), noise)
+    names = [c.name for c in land.spec.slo]
+    study = optuna.create_study(direction="maximize", sampler=make_sampler(strategy, seed, len(names), space))
+
+    def constrain(trial: optuna.Trial, cons: list[float]) -> None:
+        if NATIVE_CONSTRAINTS:
+            for n, v in zip(names, cons, strict=True):
+                trial.set_constraint(n, v)
+        else:
+            trial.set_user_attr(A_CONSTRAINTS, cons)
+
+    def objective(trial: optuna.Trial) -> float:
+        cfg = space.suggest(trial)
+        got = oracle.measure(cfg) if space.check(cfg) is None else None
+        if got is None:  # rejected by the rules (free in the live tuner too) or not in the table
+            constrain(trial, [1.0] * len(names))
+            raise optuna.TrialPruned()
+        constrain(trial, got[1])
+        return got[0]
+
+    attempts = 0
+    while len(oracle.order) < budget and attempts < budget * 20:
+        attempts += 1
+        study.optimize(objective, n_trials=1)
+        if strategy == "grid" and len(oracle.order) >= len(land.points):
+            break
+    return Run(strategy, seed, oracle.incumbent[:budget], oracle.missing)
+
+
+def _hill_climb(land: Landscape, space: SearchSpace, seed: int, budget: int, noise: float) -> Run:
+    """Coordinate hill-climbing in the style of Model Analyzer's quick search: start at the smallest
+    config, measure every neighbour (one knob one step away; any other value for unordered knobs),
+    move to the best feasible improvement, stop when none improves."""
+    oracle = _Oracle(land, random.Random(seed * 7919 + 1), noise)
+    knobs = [k for k, v in space.values.items() if len(v) > 1]
+    rng = random.Random(seed)
+    current = {k: v[0] for k, v in space.values.items()}
+    cur_val = -math.inf
+
+    def value(c: dict[str, Any]) -> float | None:
+        cfg = TrialConfig(**c)
+        if space.check(cfg) is not None:
+            return None
+        got = oracle.measure(cfg)
+        if got is None or any(x > 0 for x in got[1]):
+            return None
+        return got[0]
+
+    first = value(current)
+    cur_val = first if first is not None else -math.inf
+    while len(oracle.order) < budget:
+        neighbours = []
+        for k in knobs:
+            vals = space.values[k]
+            i = vals.index(current[k])
+            steps = [i - 1, i + 1] if k in ("batch_size", "streams", "max_queue_delay_ms") else range(len(vals))
+            neighbours += [{**current, k: vals[j]} for j in steps if 0 <= j < len(vals) and j != i]
+        rng.shuffle(neighbours)
+        best_n, best_v = None, cur_val
+        for n in neighbours:
+            if len(oracle.order) >= budget:
+                break
+            v = value(n)
+            if v is not None and v > best_v:
+                best_n, best_v = n, v
+        if best_n is None:
+            break
+        current, cur_val = best_n, best_v
+    return Run("hill-climb", seed, oracle.incumbent[:budget], oracle.missing)
+
+
+def replay(land: Landscape, space: SearchSpace, strategies: Sequence[str], seeds: int, budget: int) -> list[Run]:
+    """Every strategy against the table, ``seeds`` times, up to ``budget`` measured configs each."""
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown:
+        raise SpecError(f"unknown strategy {unknown[0]!r}; allowed: {', '.join(STRATEGIES)}")
+    noise = land.spread()
+    runs = []
+    for strategy in strategies:
+        for seed in range(seeds):
+            if strategy == "hill-climb":
+                runs.append(_hill_climb(land, space, seed, budget, noise))
+            else:
+                runs.append(_optuna_run(land, space, strategy, seed, budget, noise))
+    return runs
+
+
+def summarize(runs: list[Run], best: float, budget: int) -> list[dict[str, Any]]:
+    """Per strategy: median and 90th-percentile measured configs to reach each target (None: not
+    reached within the budget in that share of seeds), the share of seeds reaching it, and median regret."""
+    rows = []
+    for strategy in dict.fromkeys(r.strategy for r in runs):
+        mine = [r for r in runs if r.strategy == strategy]
+        row: dict[str, Any] = {"strategy": strategy, "seeds": len(mine), "missing": sum(r.missing for r in mine)}
+        for target in TARGETS:
+            hits = sorted(math.inf if (t := r.trials_to(target, best)) is None else t for r in mine)
+            pct = f"{round(target * 100)}"
+            row[f"median_to_{pct}"] = _quantile(hits, 0.5)
+            row[f"p90_to_{pct}"] = _quantile(hits, 0.9)
+            row[f"reached_{pct}"] = sum(h != math.inf for h in hits) / len(hits)
+        row["median_regret"] = [
+            statistics.median(1 - (r.incumbent[i] if i < len(r.incumbent) else r.incumbent[-1]) / best for r in mine)
+            if all(r.incumbent for r in mine)
+            else 1.0
+            for i in range(budget)
+        ]
+        rows.append(row)
+    return rows
+
+
+def _quantile(sorted_values: list[float], q: float) -> float | None:
+    v = sorted_values[min(len(sorted_values) - 1, math.ceil(q * len(sorted_values)) - 1)]
+    return None if v == math.inf else v
+
+
+def regret_figure(rows: list[dict[str, Any]], title: str) -> dict[str, Any]:
+    """Plotly figure: median regret (1 - incumbent / best) against measured configs, per strategy."""
+    return {
+        "data": [
+            {
+                "type": "scatter",
+                "mode": "lines",
+                "name": r["strategy"],
+                "x": list(range(1, len(r["median_regret"]) + 1)),
+                "y": r["median_regret"],
+            }
+            for r in rows
+        ],
+        "layout": {
+            "title": {"text": title},
+            "xaxis": {"title": {"text": "measured configs"}},
+            "yaxis": {"title": {"text": "median regret (1 - incumbent / best feasible)"}, "rangemode": "tozero"},
+        },
+    }

@@ -1,0 +1,175 @@
+"""Recorded landscapes: recording resumes, bad files are refused, replay is deterministic and fair."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from autotune.config import TrialConfig
+from autotune.errors import LandscapeError, TrialFailure
+from autotune.landscape import load_landscape, record, replay, summarize
+from autotune.space import SearchSpace
+from autotune.spec import StudySpec, parse_spec
+
+from .conftest import make_hw
+
+SPEC = parse_spec(
+    {
+        "name": "land",
+        "model": "preset:llama-tiny",
+        "device": "cpu",
+        "slo": {"e2e_ms": {"p95": 100}},
+        "space": {
+            "batch_size": [1, 2, 4, 8, 16, 32],
+            "precision": ["fp32"],
+            "quantization": ["none", "int8-dynamic"],
+            "streams": [1, 2],
+            "backend": ["eager"],
+            "max_queue_delay_ms": [0, 10],
+        },
+    }
+)
+
+
+def synthetic(spec: StudySpec, cfg: TrialConfig) -> tuple[float, list[float]]:
+    """A made-up but structured landscape: throughput grows with batch, latency too (SLO at b16)."""
+    tps = 100.0 * cfg.batch_size**0.8 * (1.4 if cfg.quantization == "int8-dynamic" else 1.0)
+    tps *= 1.2 if cfg.streams == 2 else 1.0
+    tps *= 1.05 if cfg.max_queue_delay_ms else 1.0
+    latency = 6.0 * cfg.batch_size * (0.8 if cfg.quantization == "int8-dynamic" else 1.0)
+    return tps, [(latency - 100) / 100]
+
+
+@pytest.fixture
+def space() -> SearchSpace:
+    return SearchSpace.from_spec(SPEC, make_hw())
+
+
+@pytest.fixture
+def recorded(tmp_path: Path, space: SearchSpace) -> Path:
+    path = tmp_path / "land.json"
+    record(SPEC, space, path, synthetic, repeat_sample=4, repeats=2)
+    return path
+
+
+def test_record_measures_the_grid_once_and_resumes(tmp_path: Path, space: SearchSpace) -> None:
+    path, calls = tmp_path / "land.json", []
+
+    def flaky(spec: StudySpec, cfg: TrialConfig) -> tuple[float, list[float]]:
+        calls.append(cfg.key())
+        if len(calls) == 10:
+            raise KeyboardInterrupt  # the recording is interrupted mid-grid
+        if cfg.batch_size == 32 and cfg.streams == 2:
+            raise TrialFailure("oom", "CUDA out of memory")
+        return synthetic(spec, cfg)
+
+    with pytest.raises(KeyboardInterrupt):
+        record(SPEC, space, path, flaky, repeat_sample=0)
+    assert len(load_landscape(path).points) == 9  # everything before the interruption was kept
+    land = record(SPEC, space, path, flaky, repeat_sample=3, repeats=2)
+    assert len(land.points) == 48 == land.grid_size and len(calls) == 48 + 1 + 3 * 2  # nothing measured twice
+    oom = [p for p in land.points.values() if p.failure]
+    assert len(oom) == 4 and all(not p.feasible and "out of memory" in (p.failure or "") for p in oom)
+    assert sum(len(p.repeats) == 2 for p in land.points.values()) == 3
+
+
+def test_bad_landscape_files_are_one_clear_error(tmp_path: Path, recorded: Path) -> None:
+    text = recorded.read_text()
+    cases = {
+        "truncated.json": text[: len(text) // 2],
+        "schema.json": json.dumps({**json.loads(text), "schema_version": 99}),
+        "nothing.json": "[]",
+    }
+    for name, body in cases.items():
+        (tmp_path / name).write_text(body)
+        with pytest.raises(LandscapeError):
+            load_landscape(tmp_path / name)
+    with pytest.raises(LandscapeError, match="not this machine's"):
+        load_landscape(recorded, fingerprint="0000000000000000")
+    with pytest.raises(LandscapeError, match="not found"):
+        load_landscape(tmp_path / "missing.json")
+
+
+def test_replay_is_deterministic_and_every_strategy_finds_the_optimum_eventually(
+    recorded: Path, space: SearchSpace
+) -> None:
+    land = load_landscape(recorded)
+    best = land.best_feasible()
+    assert best is not None and best.config.batch_size == 16 and best.config.quantization == "int8-dynamic"
+    strategies = ["tpe", "random", "grid", "hill-climb"]
+    a = replay(land, space, strategies, seeds=3, budget=48)
+    b = replay(land, space, strategies, seeds=3, budget=48)
+    assert [r.incumbent for r in a] == [r.incumbent for r in b]  # same seed, same answers
+    rows = {r["strategy"]: r for r in summarize(a, best.tokens_per_s, 48)}
+    assert rows["grid"]["reached_99"] == 1.0 and rows["random"]["reached_99"] == 1.0
+    assert all(r["missing"] == 0 for r in rows.values())
+    assert all(len(r["median_regret"]) == 48 for r in rows.values())
+
+
+def test_hill_climb_stops_at_a_local_optimum_instead_of_spending_the_budget(recorded: Path, space: SearchSpace) -> None:
+    land = load_landscape(recorded)
+    (run,) = replay(land, space, ["hill-climb"], seeds=1, budget=48)
+    assert len(run.incumbent) < 48  # converged: no neighbour improved
+    assert run.incumbent[-1] > 0  # and it holds a feasible incumbent
+
+
+def test_unknown_strategy_is_refused(recorded: Path, space: SearchSpace) -> None:
+    from autotune.errors import SpecError
+
+    with pytest.raises(SpecError, match="unknown strategy 'annealing'"):
+        replay(load_landscape(recorded), space, ["annealing"], seeds=1, budget=5)
+
+
+def test_cli_records_a_real_grid_and_replays_it(tmp_path: Path) -> None:
+    from .conftest import TINY_SPEC, run_cli
+
+    spec = tmp_path / "grid.yaml"
+    text = TINY_SPEC.read_text().replace("batch_size: [1, 4, 8]", "batch_size: [1, 4]")
+    spec.write_text(
+        text.replace("quantization: [none, int8-dynamic]", "quantization: [none]").replace(
+            "max_duration_s: 1.5", "max_duration_s: 0.5"
+        )
+    )
+    res = run_cli(
+        "landscape",
+        "record",
+        str(spec),
+        "--output",
+        "land.json",
+        "--repeat-sample",
+        "1",
+        "--repeats",
+        "1",
+        cwd=tmp_path,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "4 configs of 4 recorded" in res.stdout
+    land = load_landscape(tmp_path / "land.json")
+    assert (
+        all(p.tokens_per_s > 0 for p in land.points.values())
+        and sum(bool(p.repeats) for p in land.points.values()) == 1
+    )
+    res = run_cli(
+        "landscape",
+        "replay",
+        "land.json",
+        "--samplers",
+        "random,hill-climb",
+        "--seeds",
+        "2",
+        "--budget",
+        "4",
+        "--json",
+        "--plot",
+        "regret.html",
+        cwd=tmp_path,
+    )
+    assert res.returncode == 0, res.stderr
+    rows = {r["strategy"]: r for r in json.loads(res.stdout)["rows"]}
+    assert rows["random"]["reached_99"] == 1.0 and (tmp_path / "regret.html").stat().st_size > 10_000
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    res = run_cli("landscape", "replay", str(bad), cwd=tmp_path)
+    assert res.returncode == 2 and "not a landscape file" in res.stderr and "Traceback" not in res.stderr
