@@ -525,6 +525,21 @@ class Tuner:
         """
         return sum(_spent(t) for t in (study.get_trials(deepcopy=False) if trials is None else trials))
 
+    @staticmethod
+    def _ran_out_of_memory_below(trials: list[FrozenTrial], cfg: TrialConfig) -> FrozenTrial | None:
+        """An earlier trial that ran out of memory with the same model, precision, quantization,
+        attention and backend, and no more rows (batch size x streams) than ``cfg``: memory only
+        grows with rows, so ``cfg`` would run out too (learned infeasibility)."""
+        rows = cfg.batch_size * cfg.streams
+        same = ("model", "precision", "quantization", "attention", "backend")
+        for t in trials:
+            if (t.user_attrs.get(A_FAILURE) or {}).get("kind") != "oom" or A_CONFIG not in t.user_attrs:
+                continue
+            other = TrialConfig.model_validate(t.user_attrs[A_CONFIG])
+            if all(getattr(other, k) == getattr(cfg, k) for k in same) and other.batch_size * other.streams <= rows:
+                return t
+        return None
+
     def _duplicate_of(self, trials: list[FrozenTrial], cfg: TrialConfig, number: int) -> FrozenTrial | None:
         """An earlier trial that already ran this exact config (measured, or failed for good)."""
         key = cfg.key()
@@ -561,6 +576,13 @@ class Tuner:
         if dup is not None and dup.state == TrialState.FAIL:
             f = dup.user_attrs[A_FAILURE]
             raise self._reject(trial, f"same config failed in trial {dup.number} ({f['kind']}): {f['reason']}", known)
+        oom = self._ran_out_of_memory_below(trials, cfg) if dup is None else None
+        if oom is not None:
+            other = TrialConfig.model_validate(oom.user_attrs[A_CONFIG])
+            rows = f"{other.batch_size} x {other.streams}"
+            raise self._reject(
+                trial, f"trial {oom.number} ran out of memory with {rows} rows; this config has more", known
+            )
         if dup is not None:
             copied = {k: dup.user_attrs[k] for k in (A_MEASUREMENT, A_FEASIBLE, A_FAILURE) if k in dup.user_attrs}
             self._write(trial, {**known, **copied, A_DUPLICATE: dup.number}, list(dup.user_attrs[A_CONSTRAINTS]))

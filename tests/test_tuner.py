@@ -253,3 +253,23 @@ def test_storage_clock_keeps_background_threads_apart() -> None:
     th.join()
     assert clock.calls == 2 and clock.by_method["read"][0] == 2
     assert 0.01 <= clock.background_s < clock.seconds
+
+
+def test_larger_batches_than_one_that_ran_out_of_memory_are_not_tried(tmp_path: Path) -> None:
+    """Learned infeasibility: after batch 8 runs out of memory, 16 and 32 of the same model build are
+    rejected without loading anything; other builds (another quantization) are still measured."""
+    calls: list[TrialConfig] = []
+
+    def oom_from_8(spec: object, cfg: TrialConfig, hw: object) -> Measurement:
+        calls.append(cfg)
+        if cfg.batch_size >= 8 and cfg.quantization == "none":
+            raise TrialFailure("oom", "CUDA out of memory", "log")
+        return landscape(spec, cfg, hw)
+
+    spec = {"space": {**SPEC["space"], "precision": ["fp32"]}}  # batch 1..32 x {none, int8-dynamic}: 12 configs
+    study = tuner(tmp_path, spec=spec, sampler="grid", trials=12, runner=oom_from_8).run()
+    measured_none = sorted(c.batch_size for c in calls if c.quantization == "none")
+    assert measured_none == [1, 2, 4, 8]  # 16 and 32 never ran
+    rejected = [t for t in study.trials if "ran out of memory with 8 x 1 rows" in t.user_attrs.get("rejected", "")]
+    assert sorted(t.user_attrs["config"]["batch_size"] for t in rejected) == [16, 32]
+    assert sorted(c.batch_size for c in calls if c.quantization == "int8-dynamic") == [1, 2, 4, 8, 16, 32]
