@@ -103,6 +103,13 @@ def _print_measurement(title: str, m: Any, spec: StudySpec | None = None) -> Non
     build = " · ".join(f"{k.removesuffix('_s')} {m.timings[k]:.2f} s" for k in steps if k in m.timings)
     if build:
         out.print(f"before measuring (not counted): {build}", highlight=False)
+    if m.windows_tokens_per_s:
+        ws = ", ".join(f"{w:,.0f}" for w in m.windows_tokens_per_s)
+        out.print(
+            f"windows: {ws} tok/s ({'stable' if m.stopped_by == 'stable' else 'cap reached'}; "
+            f"last two differ by {m.window_spread_pct:.1f}%, pooled above)",
+            highlight=False,
+        )
     if m.stopped_by.startswith("early-stop"):
         out.print(f"stopped early: {m.stopped_by.removeprefix('early-stop: ')}", highlight=False)
     r = m.roofline or {}

@@ -71,6 +71,10 @@ class Measurement:
     roofline: dict[str, float] = field(default_factory=dict)
     #: Fidelity against the study's reference (see :mod:`autotune.quality`); empty when not measured.
     quality: dict[str, float] = field(default_factory=dict)
+    #: Stability-aware measurement: tokens/s of each back-to-back window; the figures above pool the
+    #: last two. ``window_spread_pct``: their difference, % of their mean (empty/NaN without windows).
+    windows_tokens_per_s: list[float] = field(default_factory=list)
+    window_spread_pct: float = math.nan
 
     def value(self, name: str) -> float:
         """Look up ``e2e_ms.p95``-style, plain (``peak_memory_mb``) or fidelity (``kl``) metric names;
@@ -227,16 +231,20 @@ def warm_up(engine: Engine, spec: WorkloadSpec, vocab_size: int, first_token_id:
     return WarmUp(timings, results, t_round, t1)
 
 
-def _closed_loop(engine: Engine, requests: list[Request], clients: int, deadline: float) -> tuple[list[Any], str]:
+def _closed_loop(
+    engine: Engine, requests: list[Request], clients: int, end: list[float], results: list[Any] | None = None
+) -> tuple[list[Any], str]:
+    """Clients each keep one request in flight until ``end[0]`` (a watcher may move it) or the
+    requests run out; finished requests go to ``results`` as they complete."""
     it = iter(requests)
     lock = threading.Lock()
-    results: list[GenerationResult] = []
+    done: list[GenerationResult] = results if results is not None else []
     stopped = ["requests"]
 
     def client() -> None:
         while True:
             with lock:
-                if time.perf_counter() >= deadline:
+                if time.perf_counter() >= end[0]:
                     stopped[0] = "duration"
                     return
                 req = next(it, None)
@@ -244,14 +252,61 @@ def _closed_loop(engine: Engine, requests: list[Request], clients: int, deadline
                 return
             res = engine.submit(req.prompt_ids, req.max_new_tokens).result()
             with lock:
-                results.append(res)
+                done.append(res)
 
     threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
     for th in threads:
         th.start()
     for th in threads:
         th.join()
-    return results, stopped[0]
+    return done, stopped[0]
+
+
+def window_throughputs(results: Sequence[GenerationResult], t0: float, window_s: float, n: int) -> list[float]:
+    """Output tokens/s of each of ``n`` back-to-back windows from ``t0``, by completion time."""
+    tokens = [0] * n
+    for r in results:
+        k = int((r.t_end - t0) // window_s)
+        if 0 <= k < n:
+            tokens[k] += r.output_tokens
+    return [t / window_s for t in tokens]
+
+
+def _agree(a: float, b: float, tolerance_pct: float) -> bool:
+    mean = (a + b) / 2
+    return mean > 0 and 100 * abs(a - b) / mean <= tolerance_pct
+
+
+def _stable_closed_loop(
+    engine: Engine, requests: list[Request], clients: int, t0: float, window_s: float, tolerance_pct: float, cap: int
+) -> tuple[list[Any], str, int]:
+    """The closed loop in back-to-back windows of ``window_s``: at each boundary from the second on,
+    a watcher compares the last two windows and ends the load once they agree, or after ``cap``.
+    Returns the results, why the load stopped and how many whole windows it ran."""
+    end = [t0 + cap * window_s]
+    results: list[Any] = []
+    box: dict[str, Any] = {}
+
+    def load() -> None:
+        box["out"] = _closed_loop(engine, requests, clients, end, results)
+
+    runner = threading.Thread(target=load, daemon=True)
+    runner.start()
+    stable = False
+    for k in range(2, cap + 1):
+        boundary = t0 + k * window_s
+        runner.join(timeout=max(0.0, boundary - time.perf_counter()))
+        if not runner.is_alive():
+            break
+        w = window_throughputs(list(results), t0, window_s, k)
+        if _agree(w[-2], w[-1], tolerance_pct):
+            end[0], stable = boundary, True
+            break
+    runner.join()
+    _, stopped = box["out"]
+    last = max((r.t_end for r in results), default=t0)
+    windows = round((end[0] - t0) / window_s) if stopped == "duration" else max(1, int((last - t0) // window_s))
+    return results, ("stable" if stable else stopped), min(windows, cap)
 
 
 def _open_loop(engine: Engine, requests: Iterable[Request], start: float, deadline: float) -> tuple[list[Any], str]:
@@ -297,14 +352,26 @@ def run_workload(
     reset_peak_memory(engine)
     t0 = time.perf_counter()
     deadline = t0 + spec.max_duration_s
-    if spec.arrival.type == "closed":
+    windows: list[float] = []
+    if spec.arrival.type == "closed" and spec.stability is not None:
         clients = concurrency(spec, engine.config.batch_size, engine.config.streams)
-        results, stopped = _closed_loop(engine, requests, clients, deadline)
+        st = spec.stability
+        results, stopped, n = _stable_closed_loop(
+            engine, requests, clients, t0, spec.max_duration_s, st.tolerance_pct, st.max_windows
+        )
+        windows = window_throughputs(results, t0, spec.max_duration_s, n)
+        if n >= 2:  # the figures pool the last two windows (and whatever finished after them)
+            start = t0 + (n - 2) * spec.max_duration_s
+            results = [r for r in results if r.t_end >= start]
+            t0 = start
+    elif spec.arrival.type == "closed":
+        clients = concurrency(spec, engine.config.batch_size, engine.config.streams)
+        results, stopped = _closed_loop(engine, requests, clients, [deadline])
     else:  # offline: every arrival_s is 0, so all are submitted at once
         results, stopped = _open_loop(engine, requests, t0, deadline)
     t1 = max((r.t_end for r in results), default=time.perf_counter())
     mem, kind = peak_memory(engine)
-    return summarize(
+    m = summarize(
         results,
         t0,
         t1,
@@ -314,3 +381,9 @@ def run_workload(
         stopped_by=stopped,
         memory=memory_figures(engine),
     )
+    if windows:
+        m.windows_tokens_per_s = windows
+        if len(windows) >= 2:
+            a, b = windows[-2], windows[-1]
+            m.window_spread_pct = 100 * abs(a - b) / ((a + b) / 2) if a + b > 0 else math.nan
+    return m

@@ -70,6 +70,13 @@ class Arrival(_Strict):
         return self
 
 
+class Stability(_Strict):
+    """Stability-aware measurement: keep measuring back-to-back windows until the last two agree."""
+
+    tolerance_pct: float = Field(3.0, gt=0, le=100, description="two windows agree within this (% of their mean)")
+    max_windows: int = Field(4, ge=2, le=20, description="stop here even if no two windows agreed")
+
+
 class WorkloadSpec(_Strict):
     """The request stream every trial replays. Output length is forced, so all configs do equal work."""
 
@@ -83,9 +90,18 @@ class WorkloadSpec(_Strict):
     warmup_requests: int | None = Field(
         None, ge=0, description="requests run before measuring; default one full round of batches"
     )
+    stability: Stability | None = Field(
+        None, description="repeat max_duration_s windows until two in a row agree (closed loop only)"
+    )
     seed: int = 0
 
     _coerce_prompt = field_validator("prompt_tokens", "output_tokens", mode="before")(lambda cls, v: _length(v))
+
+    @model_validator(mode="after")
+    def _stability_needs_closed_loop(self) -> WorkloadSpec:
+        if self.stability is not None and self.arrival.type != "closed":
+            raise ValueError("stability windows need a closed-loop arrival (clients keep the load steady)")
+        return self
 
 
 #: Fidelity metrics (see :mod:`autotune.quality`): the ones bounded from above, and from below.

@@ -63,3 +63,54 @@ def test_measurement_round_trips_through_dict() -> None:
     m = summarize([_result(0, 0, 0, 0.1, 0.5, 4)], 0.0, 0.5, timings={"load_s": 1.5})
     again = Measurement.from_dict(m.to_dict())
     assert again == m and again.timings["load_s"] == 1.5
+
+
+def test_window_throughputs_count_tokens_by_completion_time() -> None:
+    from autotune.measure import window_throughputs
+
+    rs = [_result(i, 0.0, 0.0, 0.1, end, 10) for i, end in enumerate([0.5, 0.9, 1.2, 1.9, 2.5])]
+    assert window_throughputs(rs, 0.0, 1.0, 2) == [20.0, 20.0]  # the one at 2.5 s is past two windows
+
+
+@pytest.mark.parametrize(("tolerance", "cap"), [(60.0, 4), (1e-6, 3)])
+def test_stability_windows_stop_when_two_agree_or_at_the_cap(tolerance: float, cap: int) -> None:
+    """Back-to-back windows: figures pool the last two; the spread between them is stored."""
+    from autotune.config import TrialConfig
+    from autotune.engine import Engine
+    from autotune.hardware import probe
+    from autotune.measure import run_workload
+    from autotune.spec import WorkloadSpec
+
+    spec = WorkloadSpec.model_validate(
+        {
+            "requests": 100_000,
+            "prompt_tokens": 8,
+            "output_tokens": 4,
+            "max_duration_s": 0.4,
+            "stability": {"tolerance_pct": tolerance, "max_windows": cap},
+        }
+    )
+    with Engine.build("preset:llama-tiny", TrialConfig(batch_size=4), probe("cpu"), prompt_pad_to=8) as engine:
+        m = run_workload(engine, spec, vocab_size=engine.info.vocab_size)
+    assert 2 <= len(m.windows_tokens_per_s) <= cap
+    a, b = m.windows_tokens_per_s[-2:]
+    assert m.window_spread_pct == pytest.approx(100 * abs(a - b) / ((a + b) / 2))
+    if tolerance > 50:  # generous: two windows agree at once (the CPU would have to halve its speed)
+        assert m.stopped_by == "stable" and len(m.windows_tokens_per_s) == 2 and m.window_spread_pct <= tolerance
+    else:  # never agree within a millionth of a percent: runs to the cap
+        assert m.stopped_by == "duration" and len(m.windows_tokens_per_s) == cap
+    assert m.duration_s == pytest.approx(2 * 0.4, abs=0.35)  # the pooled last two windows (plus the drain)
+
+
+def test_stability_needs_a_closed_loop() -> None:
+    from autotune.errors import SpecError
+    from autotune.spec import parse_spec
+
+    with pytest.raises(SpecError, match="closed-loop"):
+        parse_spec(
+            {
+                "model": "preset:llama-tiny",
+                "slo": {"e2e_ms": {"p95": 100}},
+                "workload": {"arrival": {"type": "poisson", "rate": 5}, "stability": {}},
+            }
+        )

@@ -140,7 +140,15 @@ def measurement_columns(measurement: Mapping[str, Any] | None) -> dict[str, Any]
 
 
 #: Measurement fields kept in the ``metrics`` JSON column (revision 0002).
-EXTRA_METRICS = ("prefill_ms", "mean_prompt_tokens", "memory", "roofline", "quality")
+EXTRA_METRICS = (
+    "prefill_ms",
+    "mean_prompt_tokens",
+    "memory",
+    "roofline",
+    "quality",
+    "windows_tokens_per_s",
+    "window_spread_pct",
+)
 
 
 def _nan_to_none(value: Any) -> Any:
