@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 import warnings
 
@@ -54,3 +55,8 @@ finally:
 
 if torch.cuda.is_initialized():  # a module above touched the GPU: children could not use CUDA
     raise RuntimeError("CUDA was initialized while preloading the trial fork server")
+
+# Ctrl-C is the parent's to handle: it kills its trial process and reports. Trial processes
+# forked from this server inherit the ignored SIGINT from their first instruction, so a Ctrl-C
+# never prints a child's KeyboardInterrupt traceback over the user's terminal.
+signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -354,6 +354,7 @@ def _child_entry(job_json: str) -> None:
     import traceback
     import warnings
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it kills this process
     job = json.loads(job_json)
     log_fd = os.open(job["log_path"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     sys.stdout.flush()

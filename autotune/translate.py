@@ -131,8 +131,16 @@ def _config(doc: dict[str, Any]) -> dict[str, Any]:
         "max_queue_delay_ms": 0.0,
         "scheduler": "static",
         "attention": "sdpa",
+        "model": None,
     }
     return {**defaults, **(doc.get("config") or {})}
+
+
+def _model_knob(doc: dict[str, Any], c: dict[str, Any], where: str) -> Knob:
+    """The served model: the study's, or the variant this config was tuned with."""
+    chosen = c["model"] or doc.get("model")
+    what = "the model variant the study chose" if c["model"] else "the study's model"
+    return Knob("model", chosen, "maps", f"{where}: {what}")
 
 
 def _attention_knob(attention: str, server: str, kernels: str) -> Knob:
@@ -256,6 +264,7 @@ def vllm_knobs(doc: dict[str, Any]) -> tuple[list[Knob], list[str]]:
         )
 
     knobs.append(_attention_knob(c["attention"], "vLLM", "its paged attention kernels (FlashAttention, FlashInfer)"))
+    knobs.append(_model_knob(doc, c, "vllm serve MODEL"))
 
     _, total = token_limits(doc)
     if total is not None:
@@ -398,6 +407,7 @@ def tgi_knobs(doc: dict[str, Any]) -> tuple[list[Knob], dict[str, str]]:
             Knob("scheduler", "static", "approximate", "TGI always batches continuously (no run-to-completion mode)")
         )
     knobs.append(_attention_knob(c["attention"], "TGI", "its own paged attention kernels"))
+    knobs.append(_model_knob(doc, c, "MODEL_ID"))
     return knobs, env
 
 
@@ -456,6 +466,7 @@ def triton_knobs(doc: dict[str, Any]) -> tuple[list[Knob], dict[str, Any]]:
             )
         )
     knobs.append(Knob("attention", c["attention"], "approximate", param))
+    knobs.append(_model_knob(doc, c, 'the "model" parameter'))
     return knobs, fields
 
 

@@ -68,6 +68,7 @@ def test_tune_measures_stores_and_exports(tuned: Path) -> None:
         "max_queue_delay_ms",
         "scheduler",
         "attention",
+        "model",
     }
     for k in ("e2e_ms", "ttft_ms", "tpot_ms"):
         assert set(doc["metrics"][k]) == {"p50", "p90", "p95", "p99"}

@@ -155,6 +155,7 @@ BASE_DOC: dict[str, Any] = {
         "max_queue_delay_ms": 2.5,
         "scheduler": "continuous",
         "attention": "sdpa",
+        "model": None,
     },
     "metrics": {"output_tokens_per_s": float("nan"), "e2e_ms": {"p95": 120.0}},
 }
@@ -172,6 +173,7 @@ KNOB_CASES = [
     *(("backend", v) for v in BACKENDS),
     *(("scheduler", v) for v in SCHEDULERS),
     *(("attention", v) for v in ATTENTIONS),
+    ("model", "meta-llama/Llama-3.2-1B-Instruct"),  # a variant: the export names it as the doc's model too
     ("streams", 1),
     ("streams", 3),
     ("max_queue_delay_ms", 0.0),

@@ -33,6 +33,7 @@ KNOBS = (
     "max_queue_delay_ms",
     "scheduler",
     "attention",
+    "model",
 )
 #: Latency used for the Pareto front when a study has no latency SLO clause.
 DEFAULT_LATENCY = "e2e_ms.p95"
@@ -148,7 +149,8 @@ def config_label(cfg: dict[str, Any] | None) -> str:
         f"{cfg.get('backend')} {float(cfg.get('max_queue_delay_ms') or 0):g}ms"
     )
     text += " continuous" if cfg.get("scheduler") == "continuous" else ""
-    return text + (f" attn={cfg['attention']}" if cfg.get("attention", "sdpa") != "sdpa" else "")
+    text += f" attn={cfg['attention']}" if cfg.get("attention", "sdpa") != "sdpa" else ""
+    return text + (f" model={cfg['model']}" if cfg.get("model") else "")
 
 
 #: What a table row needs: everything but the samples, histogram, timings and log (the bulk of a row).
