@@ -369,7 +369,10 @@ def _run_with_progress(tuner: Any) -> Any:
     tuner.events = TuneEvents(on_start, on_trial_start, on_trial_end, on_confirm, on_storage_lost, on_reference)
     study = tuner.open_study()  # spec/hardware mismatches are reported before any progress output
     with progress:
-        return tuner.run(study)
+        done = tuner.run(study)
+    if tuner.stop_reason:
+        err.print(tuner.stop_reason, highlight=False)
+    return done
 
 
 def _label(trial: Any) -> str:

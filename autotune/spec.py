@@ -206,6 +206,13 @@ class Budget(_Strict):
     trials: int = Field(20, ge=1, le=100_000)
     timeout_s: float | None = Field(None, gt=0, description="wall-time budget for the whole study")
     trial_timeout_s: float = Field(600.0, gt=0, description="a trial running longer is killed")
+    patience: int | None = Field(
+        None,
+        ge=1,
+        description="stop early once this many measured trials in a row improved the best feasible tokens/s "
+        "by less than min_improvement_pct",
+    )
+    min_improvement_pct: float = Field(1.0, ge=0, description="what counts as an improvement for patience")
     confirm_runs: int = Field(
         1,
         ge=0,

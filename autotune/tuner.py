@@ -394,6 +394,7 @@ class Tuner:
         self.clock = StorageClock()
         self.spent = 0  # budget spent, as of the last finished trial
         self._fresh_trials: list[FrozenTrial] | None = None  # read by the last trial's callback
+        self.stop_reason: str | None = None  # set when the study stops before its budget
 
     # -- study set-up ---------------------------------------------------------------------------
     def open_study(self) -> optuna.Study:
@@ -680,6 +681,10 @@ class Tuner:
         spent = self.counted(study, trials)
         if spent >= self.budget:
             return False
+        reason = self.stagnation(trials)
+        if reason is not None:
+            self.stop_reason = reason
+            return False
         distinct = {t.user_attrs.get("config_key") for t in trials}
         if len(distinct - {None}) >= grid_total:
             return False
@@ -700,6 +705,27 @@ class Tuner:
             timeout=None if remaining == math.inf else max(remaining, 0.0),
         )
         return True
+
+    def stagnation(self, trials: list[FrozenTrial]) -> str | None:
+        """Why the study should stop before its budget (``budget.patience``), or None: the last
+        ``patience`` measured trials did not raise the best feasible tokens/s by ``min_improvement_pct``."""
+        b = self.spec.budget
+        if b.patience is None or self.spec.objective != "throughput":
+            return None
+        best, since, best_at = -math.inf, 0, None
+        for t in sorted((t for t in trials if _spent(t)), key=lambda t: t.number):
+            value = t.values[0] if is_feasible(t) and t.values else -math.inf
+            bar = best * (1 + b.min_improvement_pct / 100) if best > 0 else best
+            if value > bar:
+                best, since, best_at = value, 0, t.number
+            else:
+                since += 1
+        if best_at is None or since < b.patience:
+            return None
+        return (
+            f"stopped early: {since} measured trials in a row did not beat trial {best_at}'s "
+            f"{best:,.1f} tok/s by {b.min_improvement_pct:g}% (budget.patience {b.patience})"
+        )
 
     def _record_worker_stats(self, study: optuna.Study, wall_s: float) -> None:
         """What this process spent where: in storage calls vs in trial processes (bench/workers.py reads it)."""

@@ -273,3 +273,22 @@ def test_larger_batches_than_one_that_ran_out_of_memory_are_not_tried(tmp_path: 
     rejected = [t for t in study.trials if "ran out of memory with 8 x 1 rows" in t.user_attrs.get("rejected", "")]
     assert sorted(t.user_attrs["config"]["batch_size"] for t in rejected) == [16, 32]
     assert sorted(c.batch_size for c in calls if c.quantization == "int8-dynamic") == [1, 2, 4, 8, 16, 32]
+
+
+def test_patience_stops_a_study_that_no_longer_improves(tmp_path: Path) -> None:
+    """budget.patience: after K measured trials without a 1% gain on the best, the study ends early."""
+
+    def flat(spec: object, cfg: TrialConfig, hw: object) -> Measurement:
+        m = landscape(spec, cfg, hw)
+        m.output_tokens_per_s = 100.0 + (cfg.batch_size == 1) * 50.0  # batch 1 is best, the rest tie
+        return m
+
+    spec = {"budget": {"trials": 12, "confirm_runs": 0, "patience": 3}}
+    t = tuner(tmp_path, spec=spec, sampler="grid", runner=flat)
+    study = t.run()
+    measured = [x for x in study.trials if x.user_attrs.get("measurement") and "duplicate_of" not in x.user_attrs]
+    assert len(measured) < 12 and t.stop_reason is not None
+    assert "3 measured trials in a row did not beat trial" in t.stop_reason
+    assert t.stagnation(study.trials) == t.stop_reason  # the reason is a pure function of the trials
+    none = tuner(tmp_path / "n", spec={"budget": {"trials": 12, "confirm_runs": 0}}, sampler="grid", runner=flat)
+    assert none.stagnation(study.trials) is None  # no patience: never stops early
