@@ -366,7 +366,12 @@ def _run_with_progress(tuner: Any) -> Any:
     def on_reference() -> None:
         progress.console.print("  computing the quality reference (reference precision, eager, unquantized)…")
 
-    tuner.events = TuneEvents(on_start, on_trial_start, on_trial_end, on_confirm, on_storage_lost, on_reference)
+    def on_warm_start(n: int, studies: list[str]) -> None:
+        progress.console.print(f"  warm start: {n} best config(s) of {', '.join(studies)} go first", highlight=False)
+
+    tuner.events = TuneEvents(
+        on_start, on_trial_start, on_trial_end, on_confirm, on_storage_lost, on_reference, on_warm_start
+    )
     study = tuner.open_study()  # spec/hardware mismatches are reported before any progress output
     with progress:
         done = tuner.run(study)

@@ -155,6 +155,19 @@ class SearchSpace:
                 chosen[knob] = values[trial.suggest_int(name, 0, len(values) - 1)]
         return TrialConfig(**chosen)
 
+    def params_for(self, cfg: TrialConfig) -> dict[str, Any] | None:
+        """The Optuna parameters that make :meth:`suggest` return ``cfg`` (to enqueue it), or None
+        when one of its values is not in this space."""
+        params: dict[str, Any] = {}
+        for knob, values in self.values.items():
+            value = getattr(cfg, knob)
+            if value not in values:
+                return None
+            if len(values) > 1:
+                name = self.param_name(knob)
+                params[name] = value if name == knob else values.index(value)
+        return params
+
     def optuna_grid(self) -> dict[str, list[Any]]:
         """The GridSampler search space, in the same parameter names as :meth:`suggest`."""
         return {

@@ -270,6 +270,11 @@ class StudySpec(_Strict):
         ),
     )
     sampler: SamplerName = "tpe"
+    warm_start: bool = Field(
+        False,
+        description="a new study first measures the best configs of earlier studies of the same model on the "
+        "same hardware (same storage)",
+    )
     seed: int = 0
     model_seed: int = Field(0, description="seed of preset random weights")
 

@@ -363,6 +363,7 @@ class TuneEvents:
     on_confirm: Callable[[FrozenTrial, dict[str, Any]], None] = lambda trial, record: None
     on_storage_lost: Callable[[str], None] = lambda message: None
     on_reference: Callable[[], None] = lambda: None
+    on_warm_start: Callable[[int, list[str]], None] = lambda n, studies: None
 
 
 @dataclass
@@ -427,7 +428,34 @@ class Tuner:
             model_ref=self.spec.model,
             optuna_study_id=study._study_id,
         )
+        if self.spec.warm_start and not study.get_trials(deepcopy=False):
+            self.warm_start(study)
         return study
+
+    def warm_start(self, study: optuna.Study, top: int = 3) -> list[TrialConfig]:
+        """Enqueue the best feasible configs (``top`` per study) of earlier studies in this storage
+        with the same model on the same hardware, best first, so they are measured before the
+        sampler's own proposals. Configs outside this study's space are left out."""
+        chosen: list[TrialConfig] = []
+        sources = []
+        for other in self.repository.list_studies():
+            if other.name == self.name or other.model_ref != self.spec.model:
+                continue
+            if other.fingerprint != self.hardware.fingerprint():
+                continue
+            rows = [t for t in self.repository.list_trials(other.name) if t.feasible and t.output_tokens_per_s]
+            rows.sort(key=lambda t: -(t.output_tokens_per_s or 0.0))
+            for t in rows[:top]:
+                cfg = TrialConfig.model_validate(t.config)
+                if cfg.key() not in {c.key() for c in chosen} and self.space.check(cfg) is None:
+                    params = self.space.params_for(cfg)
+                    if params is not None:
+                        study.enqueue_trial(params, user_attrs={"warm_start_from": f"{other.name}#{t.trial_number}"})
+                        chosen.append(cfg)
+                        sources.append(other.name)
+        if chosen:
+            self.events.on_warm_start(len(chosen), sorted(set(sources)))
+        return chosen
 
     def record(self, trial: FrozenTrial) -> None:
         """Write a finished trial to autotune's own table (the parent is the only writer of results)."""
@@ -454,7 +482,7 @@ class Tuner:
         attrs = study.user_attrs
         spec_json = self.spec.model_dump(mode="json")
         if "spec" in attrs:
-            free = ("budget", "name", "sampler", "device")  # may differ per run or per worker
+            free = ("budget", "name", "sampler", "device", "warm_start")  # may differ per run or per worker
             try:  # a spec stored by an older version, with today's defaults for fields added since
                 stored_spec = StudySpec.model_validate(attrs["spec"]).model_dump(mode="json")
             except ValueError:

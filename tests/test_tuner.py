@@ -292,3 +292,24 @@ def test_patience_stops_a_study_that_no_longer_improves(tmp_path: Path) -> None:
     assert t.stagnation(study.trials) == t.stop_reason  # the reason is a pure function of the trials
     none = tuner(tmp_path / "n", spec={"budget": {"trials": 12, "confirm_runs": 0}}, sampler="grid", runner=flat)
     assert none.stagnation(study.trials) is None  # no patience: never stops early
+
+
+def test_warm_start_measures_earlier_studies_best_configs_first(tmp_path: Path) -> None:
+    """Same model, same hardware, same storage: study B begins with study A's best configs."""
+    first = tuner(tmp_path, sampler="grid", study_name="a").run()
+    best = best_feasible(first)
+    assert best is not None
+    calls: list[TrialConfig] = []
+
+    def counting(spec: object, cfg: TrialConfig, hw: object) -> Measurement:
+        calls.append(cfg)
+        return landscape(spec, cfg, hw)
+
+    warm = tuner(tmp_path, spec={"warm_start": True}, sampler="random", study_name="b", trials=4, runner=counting)
+    study = warm.run()
+    assert calls[0].key() == best.user_attrs["config_key"]  # A's winner is B's first measurement
+    assert study.trials[0].user_attrs["warm_start_from"] == f"a#{best.number}"
+    assert best_feasible(study) is not None and best_feasible(study).values[0] == best.values[0]
+    other_hw = tuner(tmp_path, spec={"warm_start": True}, study_name="c", hw=make_hw(cc=None, memory_mb=8_000))
+    other_hw.open_study()
+    assert other_hw.warm_start(optuna.load_study(study_name="c", storage=f"sqlite:///{tmp_path}/t.db")) == []
