@@ -494,6 +494,58 @@ def best(
     _run(body)
 
 
+@app.command()
+def capacity(
+    study: Annotated[str, typer.Argument(help="study name")],
+    storage: StorageOpt = None,
+    top: Annotated[int, typer.Option(min=1, help="how many of the best feasible configs")] = 3,
+    steps: Annotated[int, typer.Option(min=1, help="probes to grow the rate, then to bisect it")] = 4,
+) -> None:
+    """Goodput: the highest Poisson request rate at which each top config still keeps the SLO."""
+
+    def body() -> None:
+        from autotune.capacity import find_capacity
+        from autotune.spec import parse_spec
+        from autotune.tuner import is_feasible, trial_measurement
+
+        s = _load_study(study, storage)
+        if "spec" not in s.user_attrs:
+            raise SpecError(f"study {study!r} was not made by autotune (no spec stored)")
+        spec = parse_spec(s.user_attrs["spec"], f"study {study!r}")
+        hw, _, _ = _preflight(spec)
+        if s.user_attrs.get("fingerprint") != hw.fingerprint():
+            raise SpecError(f"study {study!r} was tuned on other hardware: its capacity must be measured there")
+        seen, winners = set(), []
+        for t in sorted((t for t in s.trials if is_feasible(t)), key=lambda t: -t.values[0]):
+            if t.user_attrs["config_key"] not in seen:
+                seen.add(t.user_attrs["config_key"])
+                winners.append(t)
+        if not winners:
+            raise NoFeasibleConfig(f"study {study!r} has no feasible config to load-test")
+        from autotune.runner import run_trial
+
+        results = []
+        for t in winners[:top]:
+            cfg = TrialConfig.model_validate(t.user_attrs["config"])
+            m = trial_measurement(t)
+            start = m.requests_per_s if m and m.requests_per_s > 0 else 1.0
+            with err.status(f"rate search for {cfg.label()} (trial processes)…"):
+                cap = find_capacity(spec, cfg, lambda sp, c: run_trial(sp, c, hw), start, steps=steps)
+            results.append({"trial": t.number, "closed_loop_requests_per_s": start, **cap.to_dict()})
+        s.set_user_attr("capacity", results)
+        table = Table(title=f"{study}: capacity (Poisson arrivals, SLO kept)", header_style="bold")
+        for col in ("trial", "config", "closed-loop req/s", "capacity req/s", "goodput tok/s", "probes"):
+            table.add_column(col, justify="left" if col == "config" else "right")
+        for r in results:
+            rate = "below the first probe" if r["rate"] is None else f"{r['rate']:,.1f}"
+            good = "–" if r["goodput_tokens_per_s"] is None else f"{r['goodput_tokens_per_s']:,.0f}"
+            table.add_row(str(r["trial"]), r["label"], f"{r['closed_loop_requests_per_s']:,.1f}", rate, good,
+                          str(len(r["probes"])))  # fmt: skip
+        out.print(table)
+
+    _run(body)
+
+
 @app.command("export")
 def export_cmd(
     study: Annotated[str, typer.Argument(help="study name")],

@@ -313,3 +313,19 @@ def test_default_spec_is_the_quickstart() -> None:
     from autotune.cli import _default_spec_path
 
     assert _default_spec_path().resolve() == (ROOT / "studies" / "quickstart.yaml").resolve()
+
+
+def test_capacity_finds_a_rate_that_keeps_the_slo(tuned: Path, tmp_path: Path) -> None:
+    import optuna
+
+    shutil.copytree(tuned / "studies", tmp_path / "studies")
+    res = run_cli("capacity", "tiny", "--top", "1", "--steps", "2", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "capacity (Poisson arrivals, SLO kept)" in res.stdout
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path}/studies/autotune.db")
+    (cap,) = study.user_attrs["capacity"]
+    assert cap["probes"] and all(p["rate"] > 0 and p["tokens_per_s"] > 0 for p in cap["probes"])
+    kept = [p["rate"] for p in cap["probes"] if p["ok"]]
+    assert cap["rate"] == (max(kept) if kept else None)
+    res = run_cli("capacity", "nope", cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
