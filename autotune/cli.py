@@ -377,6 +377,15 @@ def _run_with_progress(tuner: Any) -> Any:
         done = tuner.run(study)
     if tuner.stop_reason:
         err.print(tuner.stop_reason, highlight=False)
+    from autotune.tuner import trial_overhead
+
+    share = trial_overhead(done.get_trials(deepcopy=False))
+    if share is not None:
+        err.print(
+            f"time not spent measuring (process start, load, warm-up, fidelity, storage): median "
+            f"{share['median']:.0%} of a trial's wall time (max {share['max']:.0%})",
+            highlight=False,
+        )
     return done
 
 

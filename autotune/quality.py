@@ -127,18 +127,36 @@ class Reference:
         return cls.from_bytes(base64.b64decode(text))
 
 
+#: Windows scored per forward pass (consecutive windows of equal length).
+_CHUNK = 8
+
+
+def _chunks(windows: list[list[int]]) -> Iterator[list[list[int]]]:
+    """Consecutive windows of equal length in batches of up to ``_CHUNK``, in order. No padding,
+    so batching never changes what a window sees."""
+    chunk: list[list[int]] = []
+    for w in windows:
+        if chunk and (len(w) != len(chunk[0]) or len(chunk) == _CHUNK):
+            yield chunk
+            chunk = []
+        chunk.append(w)
+    if chunk:
+        yield chunk
+
+
 def _logprobs(model: Any, windows: list[list[int]]) -> Iterator[tuple[Any, Any]]:
     """Per window: log-probabilities at every predicting position (float32, on the CPU) and the
-    actual next tokens. Windows run one at a time so padding never changes the numerics, and a
-    vocabulary-wide tensor never exists for more than one window."""
+    actual next tokens. A vocabulary-wide tensor exists for one chunk of windows at a time."""
     import torch
 
     device = next(model.parameters()).device
     with torch.inference_mode():
-        for w in windows:
-            ids = torch.tensor([w], device=device)
-            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, :-1]
-            yield torch.log_softmax(logits.float(), dim=-1).cpu(), torch.tensor(w[1:])
+        for chunk in _chunks(windows):
+            ids = torch.tensor(chunk, device=device)
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, :-1]
+            lp = torch.log_softmax(logits.float(), dim=-1).cpu()
+            for row, w in zip(lp, chunk, strict=True):
+                yield row, torch.tensor(w[1:])
 
 
 def _greedy(model: Any, es: EvalSet) -> list[list[int]]:
@@ -147,10 +165,11 @@ def _greedy(model: Any, es: EvalSet) -> list[list[int]]:
     device = next(model.parameters()).device
     pad = model.generation_config.pad_token_id
     pad = 0 if pad is None else pad
-    conts = []
+    conts: list[list[int]] = []
+    prompts = [w[: es.greedy_prompt_tokens] for w in es.windows]
     with torch.inference_mode():
-        for w in es.windows:
-            ids = torch.tensor([w[: es.greedy_prompt_tokens]], device=device)
+        for chunk in _chunks(prompts):
+            ids = torch.tensor(chunk, device=device)
             out = model.generate(
                 input_ids=ids,
                 attention_mask=torch.ones_like(ids),
@@ -160,7 +179,7 @@ def _greedy(model: Any, es: EvalSet) -> list[list[int]]:
                 pad_token_id=pad,
                 disable_compile=True,  # quality is about the weights' numerics, not a compile
             )
-            conts.append(out[0, ids.shape[1] :].tolist())
+            conts += out[:, ids.shape[1] :].tolist()
     return conts
 
 

@@ -15,6 +15,7 @@ import math
 import os
 import resource
 import socket
+import statistics
 import threading
 import time
 import warnings
@@ -295,6 +296,22 @@ def trial_config(trial: FrozenTrial) -> TrialConfig | None:
 def trial_measurement(trial: FrozenTrial) -> Measurement | None:
     raw = trial.user_attrs.get(A_MEASUREMENT)
     return Measurement.from_dict(raw) if raw else None
+
+
+def trial_overhead(trials: list[FrozenTrial]) -> dict[str, float] | None:
+    """Share of each measured trial's wall time not spent in its measurement window (process start,
+    model load, warm-up, fidelity, sampling, storage): median and max, or None before any trial."""
+    shares = []
+    for t in trials:
+        m = t.user_attrs.get(A_MEASUREMENT)
+        if not m or A_DUPLICATE in t.user_attrs or not (t.datetime_start and t.datetime_complete):
+            continue
+        wall = (t.datetime_complete - t.datetime_start).total_seconds()
+        if wall > 0:
+            shares.append(max(0.0, 1 - float(m.get("duration_s", 0.0)) / wall))
+    if not shares:
+        return None
+    return {"median": statistics.median(shares), "max": max(shares), "trials": float(len(shares))}
 
 
 def is_feasible(trial: FrozenTrial) -> bool:

@@ -313,3 +313,12 @@ def test_warm_start_measures_earlier_studies_best_configs_first(tmp_path: Path) 
     other_hw = tuner(tmp_path, spec={"warm_start": True}, study_name="c", hw=make_hw(cc=None, memory_mb=8_000))
     other_hw.open_study()
     assert other_hw.warm_start(optuna.load_study(study_name="c", storage=f"sqlite:///{tmp_path}/t.db")) == []
+
+
+def test_trial_overhead_is_the_share_of_wall_time_not_measuring(tmp_path: Path) -> None:
+    from autotune.tuner import trial_overhead
+
+    study = tuner(tmp_path, trials=3).run()
+    share = trial_overhead(study.trials)
+    assert share is not None and share["trials"] >= 1 and 0.0 <= share["median"] <= share["max"] <= 1.0
+    assert trial_overhead([]) is None
