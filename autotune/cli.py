@@ -688,6 +688,9 @@ def landscape_replay(
         int | None, typer.Option(min=1, help="measured configs per run [default: 10% of the grid]")
     ] = None,
     plot: Annotated[Path | None, typer.Option(help="write the regret-vs-trials plot (HTML)")] = None,
+    patience: Annotated[
+        int | None, typer.Option(min=1, help="also evaluate the stopping rule budget.patience=K")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
 ) -> None:
     """Run search strategies against a recorded landscape (lookups plus recorded noise, no measuring)."""
@@ -706,7 +709,7 @@ def landscape_replay(
         n = budget or max(1, round(0.1 * land.grid_size))
         names = [s.strip() for s in samplers.split(",") if s.strip()]
         runs = replay(land, space, names, seeds, n)
-        rows = summarize(runs, best.tokens_per_s, n)
+        rows = summarize(runs, best.tokens_per_s, n, patience)
         missing = sum(r["missing"] for r in rows)
         if as_json:
             print(json.dumps({"best_tokens_per_s": best.tokens_per_s, "budget": n, "rows": rows}, indent=2))
@@ -722,7 +725,15 @@ def landscape_replay(
             def cell(v: float | None) -> str:
                 return f">{n}" if v is None else f"{v:g}"
 
+            if patience is not None:
+                t.add_column(f"patience {patience}: measured", justify="right")
+                t.add_column("reached 99%", justify="right")
             for r in rows:
+                extra = (
+                    [f"{r['patience_median_measured']:g}", f"{r['patience_reached_99']:.0%}"]
+                    if patience is not None
+                    else []
+                )
                 t.add_row(
                     r["strategy"],
                     cell(r["median_to_95"]),
@@ -731,6 +742,7 @@ def landscape_replay(
                     cell(r["median_to_99"]),
                     cell(r["p90_to_99"]),
                     f"{r['reached_99']:.0%}",
+                    *extra,
                 )
             out.print(t)
         if missing:

@@ -17,7 +17,7 @@ import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -198,6 +198,21 @@ class Run:
     seed: int
     incumbent: list[float]  # true tokens/s of the incumbent (0 while none is feasible)
     missing: int = 0  # suggested configs the table does not hold (never silently skipped)
+    observed: list[float] = field(default_factory=list)  # the best *observed* feasible tokens/s so far
+
+    def patience_stop(self, patience: int, min_improvement_pct: float = 1.0) -> int:
+        """How many measured configs the tuner's stopping rule (``budget.patience``) would have
+        spent: it stops once ``patience`` configs in a row did not raise the observed best."""
+        best, since = -math.inf, 0
+        for i, v in enumerate(self.observed):
+            bar = best * (1 + min_improvement_pct / 100) if best > 0 else best
+            if v > bar:
+                best, since = v, 0
+            else:
+                since += 1
+            if best > -math.inf and since >= patience:
+                return i + 1
+        return len(self.observed)
 
     def trials_to(self, fraction: float, best: float) -> int | None:
         for i, v in enumerate(self.incumbent):
@@ -217,6 +232,7 @@ class _Oracle:
         self.best_key: str | None = None
         self.best_observed = -math.inf
         self.incumbent: list[float] = []
+        self.observed: list[float] = []
 
     def measure(self, cfg: TrialConfig) -> tuple[float, list[float]] | None:
         key = cfg.key()
@@ -237,6 +253,7 @@ class _Oracle:
             self.best_observed, self.best_key = tps, key
         true = self.land.points[self.best_key] if self.best_key else None
         self.incumbent.append(true.tokens_per_s if true is not None and true.feasible else 0.0)
+        self.observed.append(self.best_observed)
         return tps, cons
 
 
@@ -272,7 +289,7 @@ def _optuna_run(land: Landscape, space: SearchSpace, strategy: str, seed: int, b
         study.optimize(objective, n_trials=1)
         if strategy == "grid" and len(oracle.order) >= len(land.points):
             break
-    return Run(strategy, seed, oracle.incumbent[:budget], oracle.missing)
+    return Run(strategy, seed, oracle.incumbent[:budget], oracle.missing, oracle.observed[:budget])
 
 
 def _hill_climb(land: Landscape, space: SearchSpace, seed: int, budget: int, noise: float) -> Run:
@@ -314,7 +331,7 @@ def _hill_climb(land: Landscape, space: SearchSpace, seed: int, budget: int, noi
         if best_n is None:
             break
         current, cur_val = best_n, best_v
-    return Run("hill-climb", seed, oracle.incumbent[:budget], oracle.missing)
+    return Run("hill-climb", seed, oracle.incumbent[:budget], oracle.missing, oracle.observed[:budget])
 
 
 def replay(land: Landscape, space: SearchSpace, strategies: Sequence[str], seeds: int, budget: int) -> list[Run]:
@@ -333,9 +350,11 @@ def replay(land: Landscape, space: SearchSpace, strategies: Sequence[str], seeds
     return runs
 
 
-def summarize(runs: list[Run], best: float, budget: int) -> list[dict[str, Any]]:
+def summarize(runs: list[Run], best: float, budget: int, patience: int | None = None) -> list[dict[str, Any]]:
     """Per strategy: median and 90th-percentile measured configs to reach each target (None: not
-    reached within the budget in that share of seeds), the share of seeds reaching it, and median regret."""
+    reached within the budget in that share of seeds), the share of seeds reaching it, and median regret.
+    With ``patience``, also what the stopping rule would have spent and kept: median configs measured
+    before it stops, and the share of seeds whose incumbent at that point is within 99% of the best."""
     rows = []
     for strategy in dict.fromkeys(r.strategy for r in runs):
         mine = [r for r in runs if r.strategy == strategy]
@@ -346,6 +365,12 @@ def summarize(runs: list[Run], best: float, budget: int) -> list[dict[str, Any]]
             row[f"median_to_{pct}"] = _quantile(hits, 0.5)
             row[f"p90_to_{pct}"] = _quantile(hits, 0.9)
             row[f"reached_{pct}"] = sum(h != math.inf for h in hits) / len(hits)
+        if patience is not None:
+            stops = [r.patience_stop(patience) for r in mine]
+            kept = [r.incumbent[s - 1] / best if s and r.incumbent else 0.0 for r, s in zip(mine, stops, strict=True)]
+            row["patience"] = patience
+            row["patience_median_measured"] = statistics.median(stops)
+            row["patience_reached_99"] = sum(k >= 0.99 for k in kept) / len(kept)
         row["median_regret"] = [
             statistics.median(1 - (r.incumbent[i] if i < len(r.incumbent) else r.incumbent[-1]) / best for r in mine)
             if all(r.incumbent for r in mine)

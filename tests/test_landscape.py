@@ -173,3 +173,15 @@ def test_cli_records_a_real_grid_and_replays_it(tmp_path: Path) -> None:
     bad.write_text("{")
     res = run_cli("landscape", "replay", str(bad), cwd=tmp_path)
     assert res.returncode == 2 and "not a landscape file" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_replay_evaluates_the_patience_stopping_rule(recorded: Path, space: SearchSpace) -> None:
+    land = load_landscape(recorded)
+    best = land.best_feasible()
+    assert best is not None
+    runs = replay(land, space, ["random"], seeds=5, budget=48)
+    (row,) = summarize(runs, best.tokens_per_s, 48, patience=4)
+    assert row["patience_median_measured"] < 48  # the rule spends fewer configs than the budget
+    assert 0.0 <= row["patience_reached_99"] <= row["reached_99"]  # and cannot keep more than the full run
+    run = runs[0]
+    assert run.patience_stop(1000) == len(run.observed) == 48
