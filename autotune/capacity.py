@@ -66,18 +66,19 @@ def find_capacity(
     if start_rate <= 0:
         raise ValueError("start_rate must be > 0")
     cap = Capacity(cfg)
-    latency = [c for c in spec.slo if c.percentile is not None or c.metric == "peak_memory_mb"]
+    # Load decides latency and memory; fidelity does not change with the request rate.
+    bounded = [c for c in spec.slo if c.percentile is not None or c.metric == "peak_memory_mb"]
 
     def probe(rate: float) -> bool:
         m = measure(poisson_spec(spec, rate), cfg)
-        ok = all(c.ok(m.value(c.name)) for c in latency)
+        ok = all(c.ok(m.value(c.name)) for c in bounded)
         cap.probes.append(
             {
                 "rate": rate,
                 "ok": ok,
                 "requests_per_s": m.requests_per_s,
                 "tokens_per_s": m.output_tokens_per_s,
-                **{c.name: m.value(c.name) for c in latency},
+                **{c.name: m.value(c.name) for c in bounded},
             }
         )
         if ok and (cap.rate is None or rate > cap.rate):

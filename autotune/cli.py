@@ -125,9 +125,13 @@ def _print_measurement(title: str, m: Any, spec: StudySpec | None = None) -> Non
         verdicts = []
         for c in spec.slo:
             v = m.value(c.name)
-            shown = _fmt(v) if c.percentile or c.metric == "peak_memory_mb" else f"{v:.3g}"
-            verdicts.append(f"{c.describe()}: {shown} {'OK' if c.ok(v) else 'MISSED'}")
+            verdicts.append(f"{c.describe()}: {_clause_value(c, v)} {'OK' if c.ok(v) else 'MISSED'}")
         out.print("SLO: " + " · ".join(verdicts), highlight=False)
+
+
+def _clause_value(c: Any, value: float) -> str:
+    """A measured value as its SLO clause reads: latencies and memory whole, fidelity to 3 digits."""
+    return _fmt(value) if c.percentile or c.metric == "peak_memory_mb" else f"{value:.3g}"
 
 
 def _quality_text(q: dict[str, float]) -> str:
@@ -145,9 +149,7 @@ def _misses(trial: Any, spec: StudySpec) -> list[str]:
     out = []
     for c, v in zip(spec.slo, trial.user_attrs.get("constraints", []), strict=False):
         if v > 0:
-            measured = m.value(c.name) if m else math.nan
-            shown = _fmt(measured) if c.percentile or c.metric == "peak_memory_mb" else f"{measured:.3g}"
-            out.append(f"{c.describe()} (measured {shown})")
+            out.append(f"{c.describe()} (measured {_clause_value(c, m.value(c.name) if m else math.nan)})")
     return out
 
 

@@ -203,16 +203,10 @@ class Run:
     def patience_stop(self, patience: int, min_improvement_pct: float = 1.0) -> int:
         """How many measured configs the tuner's stopping rule (``budget.patience``) would have
         spent: it stops once ``patience`` configs in a row did not raise the observed best."""
-        best, since = -math.inf, 0
-        for i, v in enumerate(self.observed):
-            bar = best * (1 + min_improvement_pct / 100) if best > 0 else best
-            if v > bar:
-                best, since = v, 0
-            else:
-                since += 1
-            if best > -math.inf and since >= patience:
-                return i + 1
-        return len(self.observed)
+        from autotune.tuner import plateau
+
+        stop = plateau(self.observed, patience, min_improvement_pct)
+        return len(self.observed) if stop is None else stop[0] + 1
 
     def trials_to(self, fraction: float, best: float) -> int | None:
         for i, v in enumerate(self.incumbent):

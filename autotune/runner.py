@@ -137,14 +137,7 @@ def preflight_with_variants(
     spec: StudySpec, timeout_s: float = 300.0
 ) -> tuple[Hardware, ModelInfo, dict[str, ModelInfo]]:
     """:func:`preflight`, plus each model variant's info once it is checked against the reference."""
-    try:
-        res = run_child({"mode": "preflight", "spec": spec.model_dump(mode="json")}, timeout_s)
-    except TrialFailure as err:
-        if err.kind == "model":
-            raise ModelError(err.reason) from None
-        if err.kind == "device":
-            raise AutotuneError(err.reason) from None
-        raise AutotuneError(f"hardware/model preflight failed: {err.reason}") from None
+    res = _setup_job({"mode": "preflight", "spec": spec.model_dump(mode="json")}, timeout_s, "hardware/model preflight")
     variants = {ref: ModelInfo.from_dict(v) for ref, v in res.get("variants", {}).items()}
     return Hardware.model_validate(res["hardware"]), ModelInfo.from_dict(res["model"]), variants
 
@@ -187,15 +180,20 @@ def compute_reference(spec: StudySpec, hardware: Hardware, timeout_s: float | No
     """The reference outputs (base64 payload) of the spec's model at its reference precision, eager,
     unquantized, on the spec's evaluation set; bad eval input raises SpecError before any trial."""
     job = {"mode": "reference", "spec": spec.model_dump(mode="json"), "hardware": hardware.model_dump(mode="json")}
-    try:
-        res = run_child(job, timeout_s or max(spec.budget.trial_timeout_s, 300.0))
-    except TrialFailure as err:
-        if err.kind == "spec":
-            raise SpecError(err.reason) from None
-        if err.kind == "model":
-            raise ModelError(err.reason) from None
-        raise AutotuneError(f"computing the quality reference failed: {err.reason}") from None
+    res = _setup_job(job, timeout_s or max(spec.budget.trial_timeout_s, 300.0), "computing the quality reference")
     return str(res["reference"])
+
+
+def _setup_job(job: dict[str, Any], timeout_s: float, what: str) -> dict[str, Any]:
+    """A job that runs before any trial (preflight, reference): a failure is the user's input
+    (spec, model, device) or one line saying ``what`` failed, never a TrialFailure."""
+    try:
+        return run_child(job, timeout_s)
+    except TrialFailure as err:
+        kinds: dict[str, type[AutotuneError]] = {"spec": SpecError, "model": ModelError, "device": AutotuneError}
+        if err.kind in kinds:
+            raise kinds[err.kind](err.reason) from None
+        raise AutotuneError(f"{what} failed: {err.reason}") from None
 
 
 # -- child side -----------------------------------------------------------------------------------

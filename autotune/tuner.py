@@ -7,6 +7,7 @@ Trial counts are a study budget: re-running the same study resumes toward the sa
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import functools
 import inspect
@@ -19,7 +20,7 @@ import statistics
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -298,6 +299,22 @@ def trial_measurement(trial: FrozenTrial) -> Measurement | None:
     return Measurement.from_dict(raw) if raw else None
 
 
+def plateau(values: Sequence[float], patience: int, min_improvement_pct: float) -> tuple[int, int] | None:
+    """The stopping rule shared by the tuner and landscape replay: the first index at which
+    ``patience`` values in a row failed to beat the best so far by ``min_improvement_pct``, with
+    the index of that best; None while it has not happened (or nothing counted yet, -inf)."""
+    best, best_at, since = -math.inf, None, 0
+    for i, v in enumerate(values):
+        bar = best * (1 + min_improvement_pct / 100) if best > 0 else best
+        if v > bar:
+            best, best_at, since = v, i, 0
+        else:
+            since += 1
+        if best_at is not None and since >= patience:
+            return i, best_at
+    return None
+
+
 def trial_overhead(trials: list[FrozenTrial]) -> dict[str, float] | None:
     """Share of each measured trial's wall time not spent in its measurement window (process start,
     model load, warm-up, fidelity, sampling, storage): median and max, or None before any trial."""
@@ -555,13 +572,13 @@ class Tuner:
         if payload is None:
             self.events.on_reference()
             b64 = compute_reference(self.spec, self.hardware)
-            if self.repository is not None:
-                ref = Reference.from_b64(b64)
-                payload = self.repository.save_reference(self.name, key, ref.to_bytes(), perplexity=ref.perplexity)
-                b64 = Reference.from_bytes(payload).to_b64()
-            self.reference = b64
-        else:
-            self.reference = Reference.from_bytes(payload).to_b64()
+            if self.repository is None:
+                self.reference = b64
+                return
+            ref = Reference.from_b64(b64)
+            # Another worker may have stored its reference first: every worker uses the stored one.
+            payload = self.repository.save_reference(self.name, key, ref.to_bytes(), perplexity=ref.perplexity)
+        self.reference = base64.b64encode(payload).decode()  # what Reference.to_b64 makes of those bytes
 
     def counted(self, study: optuna.Study, trials: list[FrozenTrial] | None = None) -> int:
         """Trials that spent the budget: measured or failed ones (``trials``: an already fetched list).
@@ -752,24 +769,20 @@ class Tuner:
         return True
 
     def stagnation(self, trials: list[FrozenTrial]) -> str | None:
-        """Why the study should stop before its budget (``budget.patience``), or None: the last
-        ``patience`` measured trials did not raise the best feasible tokens/s by ``min_improvement_pct``."""
+        """Why the study should stop before its budget (``budget.patience``), or None: ``patience``
+        measured trials in a row did not raise the best feasible tokens/s by ``min_improvement_pct``."""
         b = self.spec.budget
         if b.patience is None or self.spec.objective != "throughput":
             return None
-        best, since, best_at = -math.inf, 0, None
-        for t in sorted((t for t in trials if _spent(t)), key=lambda t: t.number):
-            value = t.values[0] if is_feasible(t) and t.values else -math.inf
-            bar = best * (1 + b.min_improvement_pct / 100) if best > 0 else best
-            if value > bar:
-                best, since, best_at = value, 0, t.number
-            else:
-                since += 1
-        if best_at is None or since < b.patience:
+        spent = sorted((t for t in trials if _spent(t)), key=lambda t: t.number)
+        values = [t.values[0] if is_feasible(t) and t.values else -math.inf for t in spent]
+        stop = plateau(values, b.patience, b.min_improvement_pct)
+        if stop is None:
             return None
+        best = spent[stop[1]]
         return (
-            f"stopped early: {since} measured trials in a row did not beat trial {best_at}'s "
-            f"{best:,.1f} tok/s by {b.min_improvement_pct:g}% (budget.patience {b.patience})"
+            f"stopped early: {b.patience} measured trials in a row did not beat trial {best.number}'s "
+            f"{values[stop[1]]:,.1f} tok/s by {b.min_improvement_pct:g}% (budget.patience {b.patience})"
         )
 
     def _record_worker_stats(self, study: optuna.Study, wall_s: float) -> None:

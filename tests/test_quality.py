@@ -143,8 +143,11 @@ def test_reference_is_stored_once_and_reused_by_a_resumed_study(tmp_path: Path) 
 def test_perturb_changes_every_linear_layer() -> None:
     model, _, _ = load_model("preset:llama-tiny")
     before = model.model.layers[0].mlp.up_proj.weight.clone()
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    weights = [m.weight.clone() for m in linears]
     _perturb(model)
     assert not torch.equal(before, model.model.layers[0].mlp.up_proj.weight)
+    assert all(not torch.equal(w, m.weight) for w, m in zip(weights, linears, strict=True))
 
 
 def test_an_empty_eval_text_stops_tune_before_any_trial(tmp_path: Path) -> None:

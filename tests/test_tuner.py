@@ -322,3 +322,18 @@ def test_trial_overhead_is_the_share_of_wall_time_not_measuring(tmp_path: Path) 
     share = trial_overhead(study.trials)
     assert share is not None and share["trials"] >= 1 and 0.0 <= share["median"] <= share["max"] <= 1.0
     assert trial_overhead([]) is None
+
+    import datetime as dt
+
+    from optuna.distributions import IntDistribution
+    from optuna.trial import FrozenTrial, TrialState
+
+    def made(number: int, wall_s: float, window_s: float, **attrs: object) -> FrozenTrial:
+        start = dt.datetime(2026, 1, 1)
+        return FrozenTrial(
+            number, TrialState.COMPLETE, 1.0, start, start + dt.timedelta(seconds=wall_s), {"x": 1},
+            {"x": IntDistribution(0, 2)}, {"measurement": {"duration_s": window_s}, **attrs}, {}, {}, number,
+        )  # fmt: skip
+
+    known = [made(0, 10, 8), made(1, 10, 5), made(2, 10, 0.1, duplicate_of=1)]  # a repeat is not a trial run
+    assert trial_overhead(known) == pytest.approx({"median": 0.35, "max": 0.5, "trials": 2.0})
