@@ -22,10 +22,11 @@ from typing import Any
 
 from autotune.config import TrialConfig
 from autotune.continuous import ContinuousScheduler
+from autotune.decoder import StaticDecoder
 from autotune.hardware import Hardware
 from autotune.models import ModelInfo
 from autotune.optimize import ATTENTIONS, BACKENDS, PRECISIONS, QUANTIZERS
-from autotune.optimize.compile import needs_fixed_shapes
+from autotune.optimize.compile import needs_fixed_shapes, uses_static_decoder
 
 
 @dataclass
@@ -169,6 +170,7 @@ class Engine:
         self.prompt_pad_to = prompt_pad_to
         self.max_context = max_context or info.max_context or 2048
         self._continuous: ContinuousScheduler | None = None
+        self._decoders: dict[int, StaticDecoder] = {}  # per stream worker (cuda-graphs backend)
         self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
         self._queue: queue.Queue[_Pending | None] = queue.Queue()
         self._threads: list[threading.Thread] = []
@@ -356,6 +358,8 @@ class Engine:
             ids[i, width - n :] = torch.tensor(p.prompt_ids, dtype=torch.long)
             mask[i, width - n :] = 1
         mask[rows:, -1] = 1  # padding rows attend to one token so softmax stays finite
+        if uses_static_decoder(self.config.backend):
+            return self._run_static(batch, stream, ids, mask, new_tokens)
         device = self.hardware.device
         from transformers import LogitsProcessorList
 
@@ -374,17 +378,54 @@ class Engine:
             generated = out[:, width:].tolist()  # .tolist() synchronizes with the device
         t_end = time.perf_counter()
         t_first = clock.first_token_time(t_start) or t_end
-        return [
-            GenerationResult(
-                request_id=p.request_id,
-                prompt_tokens=len(p.prompt_ids),
-                output_ids=generated[i][: p.max_new_tokens],
-                t_submit=p.t_submit,
-                t_start=t_start,
-                t_first_token=t_first,
-                t_end=t_end,
-                batch_rows=rows,
-                stream=stream,
-            )
-            for i, p in enumerate(batch)
-        ]
+        return _results(batch, generated, stream, t_start, t_first, t_end)
+
+    def _decoder(self, stream: int, rows: int, width: int, new_tokens: int) -> StaticDecoder:
+        """This worker's decoder, built (and on CUDA captured) on first use or when a batch outgrows it."""
+        d = self._decoders.get(stream)
+        if d is None or (d.rows, d.width) != (rows, width) or d.max_new_tokens < new_tokens:
+            capacity = max(new_tokens, self.max_context - width)
+            cuda = self.hardware.device_type == "cuda"
+            d = self._decoders[stream] = StaticDecoder(self.model, rows, width, capacity, use_graph=cuda)
+        return d
+
+    def _run_static(
+        self, batch: list[_Pending], stream: int, ids: Any, mask: Any, new_tokens: int
+    ) -> list[GenerationResult]:
+        import torch
+
+        decoder = self._decoder(stream, ids.shape[0], ids.shape[1], new_tokens)
+        cuda = self.hardware.device_type == "cuda"
+        t_start = time.perf_counter()
+        start = torch.cuda.Event(enable_timing=True) if cuda else None
+        if start is not None:
+            start.record()
+        decoder.prefill(ids, mask)
+        first_event = torch.cuda.Event(enable_timing=True) if cuda else None
+        if first_event is not None:
+            first_event.record()
+        t_first = time.perf_counter()
+        generated = decoder.decode(new_tokens).tolist()  # .tolist() synchronizes with the device
+        t_end = time.perf_counter()
+        if start is not None and first_event is not None:
+            t_first = t_start + start.elapsed_time(first_event) / 1000.0
+        return _results(batch, generated, stream, t_start, t_first, t_end)
+
+
+def _results(
+    batch: list[_Pending], generated: list[list[int]], stream: int, t_start: float, t_first: float, t_end: float
+) -> list[GenerationResult]:
+    return [
+        GenerationResult(
+            request_id=p.request_id,
+            prompt_tokens=len(p.prompt_ids),
+            output_ids=generated[i][: p.max_new_tokens],
+            t_submit=p.t_submit,
+            t_start=t_start,
+            t_first_token=t_first,
+            t_end=t_end,
+            batch_rows=len(batch),
+            stream=stream,
+        )
+        for i, p in enumerate(batch)
+    ]

@@ -219,6 +219,10 @@ def vllm_knobs(doc: dict[str, Any]) -> tuple[list[Knob], list[str]]:
                 "-O1: torch.compile (Inductor), but vLLM also captures piecewise CUDA graphs at this level",
             )
         )
+    elif be == "cuda-graphs":
+        args.append("-O2")
+        note = "-O2: CUDA graphs, but vLLM captures them around its own torch.compile (Inductor) graphs"
+        knobs.append(Knob("backend", be, "approximate", note))
     else:
         args.append("-O2")
         knobs.append(Knob("backend", be, "maps", "-O2: torch.compile (Inductor) + CUDA graphs (vLLM's default)"))
@@ -448,7 +452,7 @@ def triton_knobs(doc: dict[str, Any]) -> tuple[list[Knob], dict[str, Any]]:
         Knob("precision", c["precision"], "approximate", param),
         Knob("quantization", c["quantization"], "approximate", param),
     ]
-    if c["backend"] == "inductor-cudagraphs":
+    if c["backend"] in ("inductor-cudagraphs", "cuda-graphs"):
         note = param + "; optimization.cuda.graphs is documented for TensorRT models only"
     else:
         note = param

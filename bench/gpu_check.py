@@ -8,7 +8,8 @@ the rest still run): the device's copy bandwidth and matmul rate; the naive base
 (batch 1, fp32, eager) under the study's workload; a real study (``python -m autotune tune``
 on studies/gpu-llama-1b.yaml: a 1.1B Llama-shaped preset, 24 trials, p95 e2e <= 2 s); five
 repeats of the winner for the run-to-run spread (each in a fresh process: a compiled winner
-compiles again); when the winner is eager, the winner with CUDA graphs, if time is left.
+compiles again); when the winner is eager, the winner with the ``cuda-graphs`` backend (autotune's
+own decode loop, one CUDA graph per step), if time is left.
 Writes one JSON file and prints a short table last.
 """
 
@@ -256,7 +257,7 @@ def main() -> int:
     rep = check.phase("repeats", repeats) if best_cfg is not None else None
 
     if best_cfg is not None and best_cfg.backend == "eager" and hw.device_type == "cuda" and check.left() > 100:
-        graphs = best_cfg.model_copy(update={"backend": "inductor-cudagraphs", "scheduler": "static", "streams": 1})
+        graphs = best_cfg.model_copy(update={"backend": "cuda-graphs", "scheduler": "static"})
         limit = min(180.0, check.left() - 10)
         check.phase("cuda_graphs", lambda: {"config": graphs.label(), **_summary(run_trial(spec, graphs, hw, limit))})
 

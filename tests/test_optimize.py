@@ -30,7 +30,7 @@ def _generate(model: torch.nn.Module) -> list[int]:
 def test_registries_are_importable_without_torch_side_effects() -> None:
     assert set(PRECISIONS) == {"fp32", "tf32", "bf16", "fp16"}
     assert set(QUANTIZERS) == {"none", "int8-dynamic", "int8-weight-only", "int4-weight-only", "fp8"}
-    assert set(BACKENDS) == {"eager", "inductor", "inductor-cudagraphs"}
+    assert set(BACKENDS) == {"eager", "inductor", "inductor-cudagraphs", "cuda-graphs"}
     assert set(ATTENTIONS) == {"sdpa", "sdpa-no-cudnn", "eager"}
 
 
@@ -52,6 +52,13 @@ def test_attention_rules_on_cpu() -> None:
     continuous_eager = TrialConfig(scheduler="continuous", attention="eager")
     assert "paged SDPA" in (ATTENTIONS["eager"].conflict(continuous_eager, hw) or "")
     assert ATTENTIONS["eager"].conflict(TrialConfig(attention="eager"), hw) is None
+
+
+def test_cuda_graphs_backend_rules() -> None:
+    hw = probe("cpu")
+    assert BACKENDS["cuda-graphs"].unsupported(hw) == "needs an NVIDIA GPU"
+    assert "scheduler static" in (BACKENDS["cuda-graphs"].conflict(TrialConfig(scheduler="continuous"), hw) or "")
+    assert BACKENDS["cuda-graphs"].conflict(TrialConfig(), hw) is None
 
 
 def test_precision_changes_dtype() -> None:

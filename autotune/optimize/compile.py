@@ -1,6 +1,10 @@
 """Execution backends. Compiled backends need fixed shapes, so they switch the model to a
 static KV cache and the engine pads every batch to ``batch_size`` rows and one prompt length;
-generate() then compiles its decode step (transformers' ``CompileConfig``) on first use."""
+generate() then compiles its decode step (transformers' ``CompileConfig``) on first use.
+
+``cuda-graphs`` needs no compiler: the engine runs autotune's own static-cache decode loop
+(:mod:`autotune.decoder`) and captures its step, eager kernels and all, as one CUDA graph, so a
+new token costs one graph replay instead of ``generate()``'s per-token Python."""
 
 from __future__ import annotations
 
@@ -46,6 +50,12 @@ def _quant_compile_conflict(cfg: TrialConfig, hw: Hardware) -> str | None:
     return None
 
 
+def _own_loop_conflict(cfg: TrialConfig, hw: Hardware) -> str | None:
+    if cfg.scheduler == "continuous":
+        return "continuous batching runs transformers' own loop: cuda-graphs needs scheduler static"
+    return None
+
+
 BACKENDS: dict[str, Technique] = {
     "eager": Technique("eager", _eager, description="plain PyTorch eager"),
     "inductor": Technique(
@@ -61,7 +71,19 @@ BACKENDS: dict[str, Technique] = {
         needs_cuda(),
         description="torch.compile reduce-overhead: inductor plus CUDA graphs",
     ),
+    "cuda-graphs": Technique(
+        "cuda-graphs",
+        _eager,
+        needs_cuda(),
+        _own_loop_conflict,
+        description="autotune's static-cache decode loop, each step one captured CUDA graph (no compiler)",
+    ),
 }
+
+
+def uses_static_decoder(backend: str) -> bool:
+    """Backends that decode in :class:`autotune.decoder.StaticDecoder` instead of ``generate()``."""
+    return backend == "cuda-graphs"
 
 
 def needs_fixed_shapes(backend: str) -> bool:
