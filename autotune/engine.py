@@ -26,7 +26,7 @@ from autotune.decoder import StaticDecoder
 from autotune.hardware import Hardware
 from autotune.models import ModelInfo
 from autotune.optimize import ATTENTIONS, BACKENDS, PRECISIONS, QUANTIZERS
-from autotune.optimize.compile import needs_fixed_shapes, uses_static_decoder
+from autotune.optimize.compile import compiles_decoder_step, needs_fixed_shapes, uses_static_decoder
 
 
 @dataclass
@@ -386,7 +386,9 @@ class Engine:
         if d is None or (d.rows, d.width) != (rows, width) or d.max_new_tokens < new_tokens:
             capacity = max(new_tokens, self.max_context - width)
             cuda = self.hardware.device_type == "cuda"
-            d = self._decoders[stream] = StaticDecoder(self.model, rows, width, capacity, use_graph=cuda)
+            compile_step = compiles_decoder_step(self.config.backend)
+            d = StaticDecoder(self.model, rows, width, capacity, use_graph=cuda, compile=compile_step)
+            self._decoders[stream] = d
         return d
 
     def _run_static(

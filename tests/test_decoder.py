@@ -68,3 +68,14 @@ def test_shapes_it_was_not_built_for_are_refused(model: torch.nn.Module) -> None
     decoder.prefill(*_batch([3, 3], 8))
     with pytest.raises(ValueError, match="holds 4 new tokens"):
         decoder.decode(5)
+
+
+def test_the_compiled_step_keeps_the_tokens(model: torch.nn.Module) -> None:
+    """inductor-cudagraphs compiles this step before capturing it; on CPU, compiled without the
+    graph, it must trace through transformers' layers and give generate()'s tokens."""
+    ids, mask = _batch([6, 2], 6)
+    decoder = StaticDecoder(model, 2, 6, 5, use_graph=False, compile=True)
+    decoder.prefill(ids, mask)
+    assert torch.equal(decoder.decode(5), _generate(model, ids, mask, 5))
+    decoder.prefill(ids, mask)  # a second batch reuses the compiled step
+    assert torch.equal(decoder.decode(5), _generate(model, ids, mask, 5))

@@ -125,17 +125,19 @@ def test_inductor_backend_compiles_once_and_matches_eager(hw: Hardware) -> None:
     assert got == want
 
 
-def test_static_decoder_backend_matches_generate(hw: Hardware) -> None:
-    """The cuda-graphs backend's loop (run without the graph on CPU): same tokens, padded shapes, one
+@pytest.mark.parametrize("backend", ["cuda-graphs", "inductor-cudagraphs"])
+def test_static_decoder_backends_match_generate(hw: Hardware, backend: str) -> None:
+    """The CUDA-graph backends' loop (run without the graph on CPU): same tokens, padded shapes, one
     decoder per stream, rebuilt only when a batch needs more new tokens than it holds."""
     ps = [p[: 4 + i] for i, p in enumerate(prompts(5))]
     with Engine.build(TINY, TrialConfig(batch_size=4), hw) as eager:
         want = [r.output_ids for r in eager.generate(ps, 6)]
-    cfg = TrialConfig(batch_size=4, backend="cuda-graphs", streams=2, max_queue_delay_ms=50)
+    cfg = TrialConfig(batch_size=4, backend=backend, streams=2, max_queue_delay_ms=50)
     with Engine.build(TINY, cfg, hw, prompt_pad_to=12, max_context=20) as engine:
         results = engine.generate(ps, 6)
         assert [r.output_ids for r in results] == want
         assert {(d.rows, d.width, d.max_new_tokens) for d in engine._decoders.values()} == {(4, 12, 8)}
+        assert all(d.compiled == (backend == "inductor-cudagraphs") for d in engine._decoders.values())
         longer = engine.run_batch(ps[:1], 10)
         assert len(longer[0]) == 10 and engine._decoders[0].max_new_tokens == 10
     for r in results:

@@ -54,11 +54,13 @@ def test_attention_rules_on_cpu() -> None:
     assert ATTENTIONS["eager"].conflict(TrialConfig(attention="eager"), hw) is None
 
 
-def test_cuda_graphs_backend_rules() -> None:
+@pytest.mark.parametrize("backend", ["cuda-graphs", "inductor-cudagraphs"])
+def test_cuda_graph_backends_rules(backend: str) -> None:
     hw = probe("cpu")
-    assert BACKENDS["cuda-graphs"].unsupported(hw) == "needs an NVIDIA GPU"
-    assert "scheduler static" in (BACKENDS["cuda-graphs"].conflict(TrialConfig(scheduler="continuous"), hw) or "")
-    assert BACKENDS["cuda-graphs"].conflict(TrialConfig(), hw) is None
+    assert BACKENDS[backend].unsupported(hw) == "needs an NVIDIA GPU"
+    continuous = TrialConfig(scheduler="continuous", backend=backend)
+    assert f"{backend} needs scheduler static" in (BACKENDS[backend].conflict(continuous, hw) or "")
+    assert BACKENDS[backend].conflict(TrialConfig(backend=backend), hw) is None
 
 
 def test_precision_changes_dtype() -> None:

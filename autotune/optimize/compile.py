@@ -2,9 +2,11 @@
 static KV cache and the engine pads every batch to ``batch_size`` rows and one prompt length;
 generate() then compiles its decode step (transformers' ``CompileConfig``) on first use.
 
-``cuda-graphs`` needs no compiler: the engine runs autotune's own static-cache decode loop
-(:mod:`autotune.decoder`) and captures its step, eager kernels and all, as one CUDA graph, so a
-new token costs one graph replay instead of ``generate()``'s per-token Python."""
+The CUDA-graph backends run autotune's own static-cache decode loop (:mod:`autotune.decoder`)
+instead of ``generate()`` and capture its whole step as one CUDA graph, so a new token costs one
+graph replay instead of ``generate()``'s per-token Python: ``cuda-graphs`` captures the eager
+kernels (no compiler, ~1 s), ``inductor-cudagraphs`` compiles the step with Inductor first and
+captures the fused kernels (fewer, larger kernels; a compile per process)."""
 
 from __future__ import annotations
 
@@ -52,7 +54,7 @@ def _quant_compile_conflict(cfg: TrialConfig, hw: Hardware) -> str | None:
 
 def _own_loop_conflict(cfg: TrialConfig, hw: Hardware) -> str | None:
     if cfg.scheduler == "continuous":
-        return "continuous batching runs transformers' own loop: cuda-graphs needs scheduler static"
+        return f"continuous batching runs transformers' own loop: {cfg.backend} needs scheduler static"
     return None
 
 
@@ -67,9 +69,10 @@ BACKENDS: dict[str, Technique] = {
     ),
     "inductor-cudagraphs": Technique(
         "inductor-cudagraphs",
-        _inductor("reduce-overhead"),
+        _eager,  # the decoder compiles its own step (autotune.decoder)
         needs_cuda(),
-        description="torch.compile reduce-overhead: inductor plus CUDA graphs",
+        _own_loop_conflict,
+        description="autotune's static-cache decode loop, its step compiled by Inductor, then one CUDA graph",
     ),
     "cuda-graphs": Technique(
         "cuda-graphs",
@@ -83,7 +86,12 @@ BACKENDS: dict[str, Technique] = {
 
 def uses_static_decoder(backend: str) -> bool:
     """Backends that decode in :class:`autotune.decoder.StaticDecoder` instead of ``generate()``."""
-    return backend == "cuda-graphs"
+    return backend in ("cuda-graphs", "inductor-cudagraphs")
+
+
+def compiles_decoder_step(backend: str) -> bool:
+    """Whether :class:`autotune.decoder.StaticDecoder` runs its step through ``torch.compile``."""
+    return backend == "inductor-cudagraphs"
 
 
 def needs_fixed_shapes(backend: str) -> bool:
