@@ -16,7 +16,7 @@ Precision = Literal["fp32", "tf32", "bf16", "fp16"]
 Quantization = Literal["none", "int8-dynamic", "int8-weight-only", "int4-weight-only", "fp8"]
 Backend = Literal["eager", "inductor", "inductor-cudagraphs", "cuda-graphs"]
 Scheduler = Literal["static", "continuous"]
-Attention = Literal["sdpa", "sdpa-no-cudnn", "eager"]
+Attention = Literal["sdpa", "sdpa-no-cudnn", "eager", "sdpa-packed"]
 
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 QUANTIZATIONS: tuple[str, ...] = get_args(Quantization)
@@ -54,7 +54,10 @@ class TrialConfig(BaseModel):
     )
     attention: Attention = Field(
         "sdpa",
-        description="Attention kernel: sdpa (PyTorch picks), sdpa-no-cudnn (SDPA without cuDNN), eager (matmuls).",
+        description=(
+            "Attention kernel: sdpa (PyTorch picks), sdpa-no-cudnn (SDPA without cuDNN), eager (matmuls), "
+            "sdpa-packed (SDPA, grouped-query heads packed at decode)."
+        ),
     )
 
     def key(self) -> str:

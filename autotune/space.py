@@ -42,6 +42,10 @@ CPU_DEFAULT_EXCLUSIONS: dict[str, str] = {
         "transformers' eager attention is left out of the CPU default to keep the space small; "
         "list it in space.attention to search it"
     ),
+    "attention=sdpa-packed": (
+        "transformers already packs grouped-query heads at CPU decode when not compiling; "
+        "list it in space.attention to search it"
+    ),
     "quantization=int8-weight-only": (
         "torchao's int8 weight-only has no fast CPU kernel in eager mode (slower than fp32 here); "
         "list it in space.quantization to search it"

@@ -93,6 +93,11 @@ class WorkloadSpec(_Strict):
     stability: Stability | None = Field(
         None, description="repeat max_duration_s windows until two in a row agree (closed loop only)"
     )
+    transport: Literal["in-process", "http"] = Field(
+        "in-process",
+        description="http: each trial serves its engine with `autotune serve`'s app and a client process "
+        "replays the workload over loopback HTTP, as a deployment would be measured",
+    )
     seed: int = 0
 
     _coerce_prompt = field_validator("prompt_tokens", "output_tokens", mode="before")(lambda cls, v: _length(v))
@@ -101,6 +106,8 @@ class WorkloadSpec(_Strict):
     def _stability_needs_closed_loop(self) -> WorkloadSpec:
         if self.stability is not None and self.arrival.type != "closed":
             raise ValueError("stability windows need a closed-loop arrival (clients keep the load steady)")
+        if self.stability is not None and self.transport == "http":
+            raise ValueError("stability windows run in-process: leave them out with transport http")
         return self
 
 

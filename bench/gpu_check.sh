@@ -11,20 +11,7 @@
 # from wheel files in .whl/ (see bench/README.md for the download command), never from a network.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-missing=$(python3 -c '
-import importlib.util as u
-mods = ["optuna", "sqlalchemy", "alembic", "pydantic", "torchao", "yaml", "typer", "rich", "psutil"]
-print(" ".join(m for m in mods if u.find_spec(m) is None))')
-if [ -n "$missing" ]; then
-  if ! ls .whl/*.whl >/dev/null 2>&1; then
-    echo "gpu_check: missing Python packages ($missing) and no wheels in .whl/" >&2
-    exit 2
-  fi
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/autotune-site .whl/*.whl || exit 2
-  export PYTHONPATH="/tmp/autotune-site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false
+. bench/gpu_env.sh
 if [ "${GPU_DIAG:-0}" = 1 ]; then
   timeout 75 python3 bench/gpu_diag.py --out "${OUT:-bench/results}" || echo "gpu_diag: failed or timed out (rc $?)"
 fi

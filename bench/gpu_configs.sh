@@ -9,12 +9,7 @@
 # and prints one line per config: tokens/s, p95 e2e, decode ms/step and fraction of the bandwidth bound.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-if ! python3 -c 'import optuna, sqlalchemy, pydantic, typer' 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/autotune-site .whl/*.whl || exit 2
-  export PYTHONPATH="/tmp/autotune-site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false
+. bench/gpu_env.sh
 out="${OUT:-bench/results/gpu_configs-$(date -u +%Y%m%dT%H%M%SZ)}"
 mkdir -p "$out"
 for item in "$@"; do

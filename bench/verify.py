@@ -8,7 +8,10 @@ Target: served throughput (median of the repeats) within 10% of the tuned figure
 SLO clause met in every repeat. The HTTP client runs in this process and the server in its own,
 on the same machine, so they share its cores: that cost is part of what is measured.
 
-    python bench/verify.py [--export best.json] [--model preset:llama-tiny] [--repeats 3]
+    python bench/verify.py [--export best.json] [--model preset:llama-tiny] [--repeats 3] [--transport http]
+
+The study's trials measure over HTTP by default (``workload.transport: http``, the deployment's
+topology); ``--transport in-process`` tunes the old way, for the comparison.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ workload:
   prompt_tokens: 32
   output_tokens: 16
   max_duration_s: 8
+  transport: {transport}
 slo:
   e2e_ms: {{p95: 2000}}
 space:
@@ -50,7 +54,7 @@ space:
   quantization: [none]
   streams: [1]
   backend: [eager]
-  max_queue_delay_ms: [0, 5]
+  max_queue_delay_ms: [0, 5, 20]
 budget:
   trials: 4
   trial_timeout_s: 120
@@ -64,9 +68,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def tune(work: Path, model: str, requests: int) -> Path:
+def tune(work: Path, model: str, requests: int, transport: str) -> Path:
     spec = work / "bench-verify.yaml"
-    spec.write_text(SPEC.format(model=model, requests=requests))
+    spec.write_text(SPEC.format(model=model, requests=requests, transport=transport))
     cmd = [sys.executable, "-m", "autotune.cli", "tune", str(spec), "--export", "best.json"]
     cmd += ["--storage", f"sqlite:///{work / 'bench.db'}"]
     print(f"tuning: {' '.join(cmd[1:])}", flush=True)
@@ -115,9 +119,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--export", type=Path, help="an export file (default: tune a small study first)")
     ap.add_argument("--model", default="preset:llama-tiny")
-    ap.add_argument("--requests", type=int, default=400)
+    ap.add_argument("--requests", type=int, default=1600)  # ~8-s windows: 400 gave 2.5-s ones, too noisy here
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tolerance", type=float, default=0.10)
+    ap.add_argument(
+        "--transport",
+        choices=["http", "in-process"],
+        default="http",
+        help="how the study's trials measure: over loopback HTTP as served (default), or in-process",
+    )
     args = ap.parse_args()
 
     from autotune.verify import build_engine, compare, load_doc, verify_local, verify_remote
@@ -126,7 +136,7 @@ def main() -> None:
     header("verify: served vs tuned throughput", info)
     load0 = os.getloadavg()  # other work on the machine shows up in every figure; record how much there was
     with tempfile.TemporaryDirectory(prefix="bench-verify-") as tmp:
-        export = args.export.resolve() if args.export else tune(Path(tmp), args.model, args.requests)
+        export = args.export.resolve() if args.export else tune(Path(tmp), args.model, args.requests, args.transport)
         doc = load_doc(export)
         tuned = float(doc["metrics"]["output_tokens_per_s"])
         print(

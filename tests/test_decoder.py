@@ -70,12 +70,20 @@ def test_shapes_it_was_not_built_for_are_refused(model: torch.nn.Module) -> None
         decoder.decode(5)
 
 
-def test_the_compiled_step_keeps_the_tokens(model: torch.nn.Module) -> None:
+@pytest.mark.parametrize("attention", ["sdpa", "sdpa-packed"])
+def test_the_compiled_step_keeps_the_tokens(model: torch.nn.Module, attention: str) -> None:
     """inductor-cudagraphs compiles this step before capturing it; on CPU, compiled without the
-    graph, it must trace through transformers' layers and give generate()'s tokens."""
+    graph, it must trace through transformers' layers (and the packed GQA kernel) and give plain
+    SDPA generate()'s tokens, padding and all."""
+    from autotune.hardware import probe
+    from autotune.optimize import ATTENTIONS
+
+    tuned = ATTENTIONS[attention].apply(load_model("builtin:tiny-lm", device="cpu", seed=0)[0], probe("cpu"))
     ids, mask = _batch([6, 2], 6)
-    decoder = StaticDecoder(model, 2, 6, 5, use_graph=False, compile=True)
+    want = _generate(model, ids, mask, 5)
+    assert torch.equal(_generate(tuned, ids, mask, 5), want)  # generate() with the kernel, too
+    decoder = StaticDecoder(tuned, 2, 6, 5, use_graph=False, compile=True)
     decoder.prefill(ids, mask)
-    assert torch.equal(decoder.decode(5), _generate(model, ids, mask, 5))
+    assert torch.equal(decoder.decode(5), want)
     decoder.prefill(ids, mask)  # a second batch reuses the compiled step
-    assert torch.equal(decoder.decode(5), _generate(model, ids, mask, 5))
+    assert torch.equal(decoder.decode(5), want)

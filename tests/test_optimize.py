@@ -31,7 +31,7 @@ def test_registries_are_importable_without_torch_side_effects() -> None:
     assert set(PRECISIONS) == {"fp32", "tf32", "bf16", "fp16"}
     assert set(QUANTIZERS) == {"none", "int8-dynamic", "int8-weight-only", "int4-weight-only", "fp8"}
     assert set(BACKENDS) == {"eager", "inductor", "inductor-cudagraphs", "cuda-graphs"}
-    assert set(ATTENTIONS) == {"sdpa", "sdpa-no-cudnn", "eager"}
+    assert set(ATTENTIONS) == {"sdpa", "sdpa-no-cudnn", "eager", "sdpa-packed"}
 
 
 def test_eager_attention_switches_every_layer_and_keeps_greedy_tokens() -> None:
@@ -44,6 +44,17 @@ def test_eager_attention_switches_every_layer_and_keeps_greedy_tokens() -> None:
     assert _generate(model) == reference  # same math, another kernel: same greedy tokens
     model = ATTENTIONS["sdpa"].apply(model, hw)
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_packed_gqa_attention_keeps_greedy_tokens() -> None:
+    """sdpa-packed folds a KV head's query heads into one short query at decode: same math, no K/V repeat."""
+    hw = probe("cpu")
+    model, _, _ = load_model(TINY)
+    assert model.config.num_key_value_heads < model.config.num_attention_heads  # the preset is GQA
+    reference = _generate(model)
+    model = ATTENTIONS["sdpa-packed"].apply(model, hw)
+    assert model.config._attn_implementation == "autotune_sdpa_packed"
+    assert _generate(model) == reference
 
 
 def test_attention_rules_on_cpu() -> None:

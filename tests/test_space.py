@@ -164,7 +164,8 @@ def test_attention_defaults_per_device() -> None:
     h100 = SearchSpace.from_spec(spec(), make_hw("cuda", (9, 0)))
     assert cpu.values["attention"] == ["sdpa"]  # sdpa-no-cudnn is GPU-only, eager is opt-in on CPU
     assert "NVIDIA GPU" in cpu.dropped["attention=sdpa-no-cudnn"] and "attention=eager" in cpu.dropped
-    assert h100.values["attention"] == ["sdpa", "sdpa-no-cudnn", "eager"]
+    assert "attention=sdpa-packed" in cpu.dropped  # opt-in on CPU, searched by default on GPU
+    assert h100.values["attention"] == ["sdpa", "sdpa-no-cudnn", "eager", "sdpa-packed"]
     assert "paged SDPA" in (h100.check(TrialConfig(scheduler="continuous", attention="eager")) or "")
 
 
