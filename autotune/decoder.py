@@ -27,6 +27,17 @@ from typing import Any
 _CAPTURE_LOCK = threading.Lock()
 
 
+def _allow_recompiles(limit: int = 64) -> None:
+    """Every decoder's step shares one code object, so Dynamo counts each new batch shape as a
+    recompile of it and, past its limit (8), silently runs the step uncompiled. A trial process
+    that serves many batch sizes (a reused engine) must not hit that."""
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if getattr(dynamo_config, name, limit) < limit:
+            setattr(dynamo_config, name, limit)
+
+
 def _cache_kwarg(model: Any) -> str:
     """transformers renamed ``past_key_values`` to ``cache`` (5.2x); accept both."""
     params = inspect.signature(model.forward).parameters
@@ -70,6 +81,8 @@ class StaticDecoder:
         self.compiled = compile
         # dynamic=False: one shape per decoder; the graph (or the next call) replays what Inductor built.
         self._run_step = torch.compile(self._step, dynamic=False, fullgraph=False) if compile else self._step
+        if compile:
+            _allow_recompiles()
         # The first forward pass allocates the cache (transformers initialises it lazily).
         self.prefill(torch.zeros(rows, width, dtype=torch.long), torch.ones(rows, width, dtype=torch.long))
         if use_graph:

@@ -177,6 +177,9 @@ class Engine:
         self._closed = False
         self._next_id = 0
         self._id_lock = threading.Lock()
+        import torch
+
+        self._cpu_threads = torch.get_num_threads()  # streams > 1 on CPU split it; start() restores it
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -222,6 +225,10 @@ class Engine:
         if self._threads or self._continuous is not None:
             return self
         self._closed = False
+        if self.hardware.device_type != "cuda":
+            import torch
+
+            torch.set_num_threads(self._cpu_threads)  # a previous config's split must not linger
         if self.config.scheduler == "continuous":
             prompt = self.prompt_pad_to or min(self.max_context // 2, 512)
             self._continuous = ContinuousScheduler(
@@ -246,6 +253,18 @@ class Engine:
         for th in self._threads:
             th.join()
         self._threads.clear()
+
+    def reconfigure(self, config: TrialConfig) -> None:
+        """Switch to ``config`` without rebuilding: only the runtime knobs (batch size, streams, queue
+        delay, scheduler) may differ; the next start() uses them. The engine must be stopped."""
+        from autotune.config import MODEL_KNOBS
+
+        if self._threads or self._continuous is not None:
+            raise RuntimeError("stop the engine before reconfiguring it")
+        differs = [k for k in MODEL_KNOBS if getattr(config, k) != getattr(self.config, k)]
+        if differs:
+            raise ValueError(f"{', '.join(differs)} change the built model: build a new engine")
+        self.config = config
 
     def __enter__(self) -> Engine:
         return self.start()

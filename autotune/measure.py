@@ -7,6 +7,7 @@ is reported on its own.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import resource
 import threading
@@ -14,6 +15,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from autotune.spec import PERCENTILES, QUALITY_METRICS, WorkloadSpec
@@ -137,10 +139,16 @@ def summarize(
 
 # -- memory ---------------------------------------------------------------------------------------
 def reset_peak_memory(engine: Engine) -> None:
+    """Start the peak over before the measured window: a trial process that served an earlier trial
+    (reused engine) must not report that trial's peak. On CPU the kernel's high-water mark is reset
+    (``/proc/self/clear_refs``) where Linux allows it."""
     if engine.hardware.device_type == "cuda":
         import torch
 
         torch.cuda.reset_peak_memory_stats(engine.hardware.device)
+        return
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
 
 
 def peak_memory(engine: Engine) -> tuple[float, str]:
@@ -153,6 +161,13 @@ def peak_memory(engine: Engine) -> tuple[float, str]:
 
 
 def _rss_peak_mb() -> float:
+    """Peak resident set since the last reset (Linux VmHWM), else since the process started."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

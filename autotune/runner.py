@@ -13,6 +13,8 @@ error) makes matching trials fail that way inside the child, to exercise the fai
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import multiprocessing as mp
 import multiprocessing.connection as mp_connection
@@ -159,8 +161,120 @@ def run_trial(
         "hardware": hardware.model_dump(mode="json"),
         "reference": reference,
     }
-    res = run_child(job, timeout_s or spec.budget.trial_timeout_s)
+    limit = timeout_s or spec.budget.trial_timeout_s
+    res = _run_warm(job, limit) if spec.budget.reuse_engine else run_child(job, limit)
     return Measurement.from_dict(res["measurement"])
+
+
+# -- reuse across trials ----------------------------------------------------------------------------
+def build_key(job: dict[str, Any]) -> str:
+    """What a trial process's built engine depends on: the spec, the device and the model knobs
+    (and whether the test hook perturbs this config's weights, which it may tie to any knob).
+    Trials with the same key differ only in runtime knobs."""
+    import hashlib
+
+    from autotune.config import MODEL_KNOBS
+
+    cfg = job["config"]
+    perturbed = _fault_for(TrialConfig.model_validate(cfg), os.environ.get(FAULT_ENV, "")) == "perturb"
+    what = {
+        "spec": job["spec"],
+        "hardware": job["hardware"],
+        "build": {k: cfg.get(k) for k in MODEL_KNOBS},
+        "perturbed": perturbed,
+    }
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+class _WarmChild:
+    """A trial process that stays up between trials sharing a :func:`build_key`, so the next one
+    skips load, precision, quantization and compile (and, with the same reference, the fidelity
+    check). Any failure, a timeout or a different key ends it; the next trial gets a fresh one."""
+
+    def __init__(self, key: str) -> None:
+        ctx = _context()
+        self.key = key
+        self.conn, child_conn = ctx.Pipe()
+        self.proc = ctx.Process(target=_warm_entry, args=(child_conn,), daemon=False)  # inductor forks workers
+        self.proc.start()
+        child_conn.close()
+
+    def alive(self) -> bool:
+        return bool(self.proc.is_alive())
+
+    def run(self, job: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+        with tempfile.TemporaryDirectory(prefix="autotune-trial-") as tmp:
+            result_path, log_path = Path(tmp) / "result.json", Path(tmp) / "log.txt"
+            paths = {"result_path": str(result_path), "log_path": str(log_path)}
+            job = {**job, **paths, "fault": os.environ.get(FAULT_ENV, ""), "build_key": self.key}
+            try:
+                self.conn.send(json.dumps(job))
+                ready = mp_connection.wait([self.conn, self.proc.sentinel], timeout_s)
+            except BaseException:  # Ctrl-C in the parent (or a broken pipe): take the child down
+                self.close()
+                raise
+            if not ready:
+                self.close()
+                reason = f"trial exceeded its {timeout_s:g} s limit and was killed"
+                raise TrialFailure("timeout", reason, _tail(log_path))
+            if self.conn in ready:
+                with contextlib.suppress(EOFError):
+                    self.conn.recv()
+            log_text = _tail(log_path)
+            if result_path.exists():
+                result: dict[str, Any] = json.loads(result_path.read_text())
+                if result.get("status") == "ok":
+                    return result
+                self.close()  # a failed trial may leave the process in a bad state
+                raise TrialFailure(result.get("kind", "error"), result.get("reason", "unknown error"), log_text)
+            self.proc.join(timeout=5)
+            code = self.proc.exitcode
+            self.close()
+            if code is not None and code < 0:
+                sig = signal.Signals(-code).name
+                hint = " (likely the kernel's out-of-memory killer)" if sig == "SIGKILL" else ""
+                raise TrialFailure("crash", f"trial process died with {sig}{hint}", log_text)
+            raise TrialFailure("crash", f"trial process exited with code {code} without a result", log_text)
+
+    def close(self) -> None:
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.proc.join()
+        self.conn.close()
+
+
+_warm: _WarmChild | None = None
+
+
+def _run_warm(job: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+    """Run a trial job in the warm child when its build key matches, else in a new warm child."""
+    global _warm, _ctx
+    key = build_key(job)
+    if _warm is not None and (_warm.key != key or not _warm.alive()):
+        _warm.close()
+        _warm = None
+    if _warm is None:
+        _warm = _WarmChild(key)
+    try:
+        return _warm.run(job, timeout_s)
+    except TrialFailure as err:
+        _warm = None  # run() closed it
+        if _FORK_CUDA_ERROR not in err.reason or _ctx is None or _ctx.get_start_method() == "spawn":
+            raise
+        _ctx = mp.get_context("spawn")
+        _warm = _WarmChild(key)
+        return _warm.run(job, timeout_s)
+
+
+def close_warm_child() -> None:
+    """End the warm trial process (a study's end; also at interpreter exit)."""
+    global _warm
+    if _warm is not None:
+        _warm.close()
+        _warm = None
+
+
+atexit.register(close_warm_child)
 
 
 def reference_key(spec: StudySpec, hardware: Hardware) -> str:
@@ -243,6 +357,10 @@ def _classify(err: BaseException) -> str:
     return "error"
 
 
+#: The warm child's built engine and its fidelity result, by build key (see _WarmChild).
+_BUILT: dict[str, Any] = {}
+
+
 def _child_trial(job: dict[str, Any]) -> dict[str, Any]:
     from autotune.engine import Engine
     from autotune.measure import run_workload
@@ -254,9 +372,19 @@ def _child_trial(job: dict[str, Any]) -> dict[str, Any]:
     pad = spec.workload.prompt_tokens.upper
     ctx = pad + spec.workload.output_tokens.upper
     ref = config.model or spec.model
-    engine = Engine.build(ref, config, hw, seed=spec.model_seed, prompt_pad_to=pad, max_context=ctx)
-    if _fault_for(config, job.get("fault", "")) == "perturb":
-        _perturb(engine.model)
+    key = job.get("build_key")
+    reused = key is not None and _BUILT.get("key") == key
+    if reused:
+        engine = _BUILT["engine"]
+        engine.reconfigure(config)
+        engine.timings = type(engine.timings)()  # nothing was loaded, converted or quantized this time
+    else:
+        _BUILT.clear()
+        engine = Engine.build(ref, config, hw, seed=spec.model_seed, prompt_pad_to=pad, max_context=ctx)
+        if _fault_for(config, job.get("fault", "")) == "perturb":
+            _perturb(engine.model)
+        if key is not None:
+            _BUILT.update(key=key, engine=engine)
     first_id = len(getattr(engine.tokenizer, "all_special_ids", []) or [0])
     with engine:
         if spec.workload.transport == "http":
@@ -296,11 +424,17 @@ def _child_trial(job: dict[str, Any]) -> dict[str, Any]:
     if job.get("reference") and spec.quality.enabled:
         from autotune.quality import Reference, build_eval_set, fidelity
 
+        # Fidelity depends on the built model only: a reused engine's result stands.
+        cached = _BUILT.get("quality") if reused and _BUILT.get("reference") == job["reference"] else None
         t = time.perf_counter()
-        m.quality = fidelity(
+        m.quality = cached or fidelity(
             engine.model, build_eval_set(spec.quality, engine.tokenizer), Reference.from_b64(job["reference"])
         )
         m.timings["quality_s"] = time.perf_counter() - t
+        if key is not None:
+            _BUILT.update(quality=m.quality, reference=job["reference"])
+    if reused:
+        m.timings["engine_reused"] = 1.0
     return {"status": "ok", "measurement": m.to_dict()}
 
 
@@ -355,6 +489,19 @@ def _child_preflight(job: dict[str, Any]) -> dict[str, Any]:
     except ModelError as err:
         return {"status": "error", "kind": "model", "reason": str(err)}
     return {"status": "ok", "hardware": hw.model_dump(mode="json"), "model": info.to_dict(), "variants": variants}
+
+
+def _warm_entry(conn: Any) -> None:
+    """Warm child body: run trial jobs from the pipe one after another, each with its own log and
+    result file, until the parent closes the pipe or kills the process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while True:
+        try:
+            job_json = conn.recv()
+        except (EOFError, OSError):
+            return
+        _child_entry(job_json)
+        conn.send("done")
 
 
 def _child_entry(job_json: str) -> None:

@@ -226,6 +226,11 @@ class Budget(_Strict):
         le=10,
         description="re-measurements of the winner after the search; one that misses the SLO is passed over",
     )
+    reuse_engine: bool = Field(
+        True,
+        description="keep the trial process and its built model for the next trial when only runtime knobs "
+        "(batch size, streams, queue delay, scheduler) change; false: a fresh process per trial",
+    )
 
 
 class QualitySpec(_Strict):

@@ -103,3 +103,38 @@ def test_early_stop_when_warmup_misses_the_slo_by_far(hw: Hardware) -> None:
 def test_preflight_reports_unknown_models() -> None:
     with pytest.raises(ModelError, match=r"unknown model preset .nope.; known presets: preset:llama-tiny"):
         preflight(parse_spec({"model": "preset:nope", "slo": {"e2e_ms": {"p95": 1}}}))
+
+
+def test_runtime_only_changes_reuse_the_built_engine(spec: StudySpec, hw: Hardware) -> None:
+    """Consecutive trials that differ only in batch size / streams / delay skip the rebuild; a model
+    knob change, a failure or reuse_engine: false gets a fresh process."""
+    from autotune.runner import close_warm_child
+
+    close_warm_child()
+    first = run_trial(spec, TrialConfig(batch_size=4), hw)
+    second = run_trial(spec, TrialConfig(batch_size=2, streams=2, max_queue_delay_ms=5), hw)
+    assert "engine_reused" not in first.timings and first.timings["load_s"] > 0
+    assert second.timings["engine_reused"] == 1.0 and second.timings["load_s"] == 0.0
+    assert second.mean_batch_rows <= 2 and second.requests >= 4  # the new runtime knobs took effect
+    other = run_trial(spec, TrialConfig(batch_size=2, attention="eager"), hw)
+    assert "engine_reused" not in other.timings  # attention is a model knob: rebuilt
+    isolated = parse_spec({**spec.model_dump(mode="json"), "budget": {"reuse_engine": False}}, "isolated")
+    run_trial(isolated, TrialConfig(batch_size=2), hw)
+    again = run_trial(isolated, TrialConfig(batch_size=4), hw)
+    assert "engine_reused" not in again.timings
+    close_warm_child()
+
+
+def test_a_failed_trial_ends_the_warm_process(
+    spec: StudySpec, hw: Hardware, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from autotune.runner import close_warm_child
+
+    close_warm_child()
+    monkeypatch.setenv(FAULT_ENV, "error:batch_size=3")
+    run_trial(spec, TrialConfig(batch_size=4), hw)
+    with pytest.raises(TrialFailure):
+        run_trial(spec, TrialConfig(batch_size=3), hw)
+    after = run_trial(spec, TrialConfig(batch_size=4), hw)
+    assert "engine_reused" not in after.timings  # the process that failed is gone
+    close_warm_child()
