@@ -264,6 +264,8 @@ class Engine:
         differs = [k for k in MODEL_KNOBS if getattr(config, k) != getattr(self.config, k)]
         if differs:
             raise ValueError(f"{', '.join(differs)} change the built model: build a new engine")
+        if (config.batch_size, config.streams) != (self.config.batch_size, self.config.streams):
+            self._decoders.clear()  # their static caches and graphs fit the old shape: free them
         self.config = config
 
     def __enter__(self) -> Engine:

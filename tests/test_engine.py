@@ -140,6 +140,12 @@ def test_static_decoder_backends_match_generate(hw: Hardware, backend: str) -> N
         assert all(d.compiled == (backend == "inductor-cudagraphs") for d in engine._decoders.values())
         longer = engine.run_batch(ps[:1], 10)
         assert len(longer[0]) == 10 and engine._decoders[0].max_new_tokens == 10
+    engine.reconfigure(cfg.model_copy(update={"batch_size": 2, "streams": 1}))
+    assert not engine._decoders  # a reused engine frees the old shape's caches (and graphs)
+    with engine:
+        assert [r.output_ids for r in engine.generate(ps, 6)] == want
+    with pytest.raises(ValueError, match="precision change the built model"):
+        engine.reconfigure(cfg.model_copy(update={"precision": "bf16"}))
     for r in results:
         assert r.t_submit <= r.t_start <= r.t_first_token <= r.t_end
 
