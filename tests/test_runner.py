@@ -125,9 +125,7 @@ def test_runtime_only_changes_reuse_the_built_engine(spec: StudySpec, hw: Hardwa
     close_warm_child()
 
 
-def test_a_failed_trial_ends_the_warm_process(
-    spec: StudySpec, hw: Hardware, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_failed_trial_ends_the_warm_process(spec: StudySpec, hw: Hardware, monkeypatch: pytest.MonkeyPatch) -> None:
     from autotune.runner import close_warm_child
 
     close_warm_child()
