@@ -386,26 +386,15 @@ def _child_trial(job: dict[str, Any]) -> dict[str, Any]:
         if key is not None:
             _BUILT.update(key=key, engine=engine)
     first_id = len(getattr(engine.tokenizer, "all_special_ids", []) or [0])
+    common: dict[str, Any] = {"vocab_size": engine.info.vocab_size, "first_token_id": first_id}
+    common["build_timings"] = engine.timings.as_dict()
     with engine:
         if spec.workload.transport == "http":
             from autotune.transport import measure_over_http
 
-            m = measure_over_http(
-                engine,
-                spec.workload,
-                vocab_size=engine.info.vocab_size,
-                first_token_id=first_id,
-                build_timings=engine.timings.as_dict(),
-            )
+            m = measure_over_http(engine, spec.workload, **common)
         else:
-            m = run_workload(
-                engine,
-                spec.workload,
-                vocab_size=engine.info.vocab_size,
-                first_token_id=first_id,
-                build_timings=engine.timings.as_dict(),
-                abort_if=_early_stop(spec),
-            )
+            m = run_workload(engine, spec.workload, **common, abort_if=_early_stop(spec))
     ceilings = hw.ceilings()
     if ceilings is not None and m.requests:
         from autotune.optimize.precision import torch_dtype
