@@ -28,6 +28,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import exc as sa_exc
+from sqlalchemy import text as sa_text
 
 from autotune import __version__
 from autotune.config import TrialConfig
@@ -97,8 +98,14 @@ def _spent(t: FrozenTrial) -> bool:
     return t.state == TrialState.COMPLETE or A_FAILURE in t.user_attrs
 
 
-def write_trial_attrs(trial: optuna.Trial, user: dict[str, Any], constraints: dict[str, float]) -> None:
+def write_trial_attrs(
+    trial: optuna.Trial, user: dict[str, Any], constraints: dict[str, float], *, durable: bool = True
+) -> None:
     """Write a running trial's user attributes and named constraints in one transaction.
+
+    ``durable=False`` (PostgreSQL) commits without waiting for the WAL flush (``synchronous_commit``
+    off for this transaction only): for notes that nothing depends on if a database *server* crash
+    loses the last few hundred milliseconds (a worker's crash loses nothing; nothing is corrupted).
 
     Optuna's public API commits once per attribute (a dozen commits per trial, the bulk of a
     tiny trial's storage time); its RDB storage writes an attribute inside a caller's session
@@ -122,6 +129,8 @@ def write_trial_attrs(trial: optuna.Trial, user: dict[str, Any], constraints: di
         return
     system = {f"{_CONSTRAINTS_KEY}:{name}": float(value) for name, value in constraints.items()}
     with _create_scoped_session(backend.scoped_session, True) as session:
+        if not durable and session.get_bind().dialect.name == "postgresql":
+            session.execute(sa_text("SET LOCAL synchronous_commit TO OFF"))
         for key, value in user.items():
             writer(session, models.TrialUserAttributeModel, trial._trial_id, key, value)
         for key, value in system.items():
@@ -172,9 +181,9 @@ class StorageClock:
                 setattr(obj, name, self._timed(attr))
         return obj
 
-    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Call ``fn`` as a timed storage call."""
-        return self._timed(fn)(*args)
+        return self._timed(fn)(*args, **kwargs)
 
     def _timed(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
@@ -611,12 +620,19 @@ class Tuner:
                 return t
         return None
 
-    def _write(self, trial: optuna.Trial, attrs: dict[str, Any], constraints: list[float] | None = None) -> None:
+    def _write(
+        self,
+        trial: optuna.Trial,
+        attrs: dict[str, Any],
+        constraints: list[float] | None = None,
+        *,
+        durable: bool = True,
+    ) -> None:
         """Set user attributes (and the SLO constraints) of a running trial in one storage transaction."""
         if constraints is not None:
             attrs = {**attrs, A_CONSTRAINTS: constraints}
         native = dict(zip((c.name for c in self.slo), constraints, strict=True)) if constraints is not None else {}
-        self.clock.call(write_trial_attrs, trial, attrs, native if NATIVE_CONSTRAINTS else {})
+        self.clock.call(write_trial_attrs, trial, attrs, native if NATIVE_CONSTRAINTS else {}, durable=durable)
 
     def _reject(self, trial: optuna.Trial, reason: str, attrs: dict[str, Any] | None = None) -> optuna.TrialPruned:
         self._write(trial, {**(attrs or {}), A_REJECTED: reason}, [1.0] * len(self.slo))
@@ -652,7 +668,8 @@ class Tuner:
             return tuple(dup.values)
         worker = {"worker": f"{socket.gethostname()}:{os.getpid()}"}
         worker["device"] = f"{self.hardware.device} ({self.hardware.device_name})"
-        self._write(trial, {**known, **worker})  # before measuring: a worker that dies leaves its config behind
+        # Before measuring, so a worker that dies leaves its config behind; the result write is durable.
+        self._write(trial, {**known, **worker}, durable=False)
         self.events.on_trial_start(trial.number, cfg)
         t0 = time.perf_counter()
         try:

@@ -175,3 +175,24 @@ def test_database_restart_mid_study_is_waited_out(pg_database: str, tmp_path: Pa
         for t in counted(study)
         if t.user_attrs.get("measurement")
     )
+
+
+def test_the_pre_measurement_note_skips_the_wal_flush_and_only_it(pg_database: str) -> None:
+    """write_trial_attrs(durable=False) turns synchronous_commit off for its own transaction only."""
+    import sqlalchemy as sa
+
+    from autotune.tuner import write_trial_attrs
+
+    storage = optuna.storages.RDBStorage(pg_database)
+    statements: list[str] = []
+    sa.event.listen(storage.engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    trial = optuna.create_study(storage=storage, study_name="durability").ask()
+    write_trial_attrs(trial, {"config": {"batch_size": 4}}, {}, durable=False)
+    assert any("synchronous_commit" in s for s in statements)
+    statements.clear()
+    write_trial_attrs(trial, {"measurement": {"tokens_per_s": 1.0}}, {"e2e": -0.5})
+    assert not any("synchronous_commit" in s for s in statements)  # results are always flushed
+    frozen = storage.get_trial(trial._trial_id)
+    assert frozen.user_attrs == {"config": {"batch_size": 4}, "measurement": {"tokens_per_s": 1.0}}
+    with storage.engine.connect() as conn:  # SET LOCAL: nothing lingers on the pooled connection
+        assert conn.exec_driver_sql("SHOW synchronous_commit").scalar() == "on"
