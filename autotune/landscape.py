@@ -178,10 +178,11 @@ def record(
         on_point(i, len(configs), point)
     sampled = [p for p in land.points.values() if p.failure is None]
     random.Random(seed).shuffle(sampled)
+    fresh = spec.in_fresh_processes()  # run-to-run spread: each repeat in its own process
     for p in sampled[:repeat_sample]:
         while len(p.repeats) < repeats:
             try:
-                p.repeats.append(measure(spec, p.config)[0])
+                p.repeats.append(measure(fresh, p.config)[0])
             except (AutotuneError, TrialFailure):
                 break
             land.recorded_s = time.perf_counter() - t0

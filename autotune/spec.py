@@ -315,6 +315,11 @@ class StudySpec(_Strict):
         """The reference model first, then its variants."""
         return [self.model, *(v for v in self.variants if v != self.model)]
 
+    def in_fresh_processes(self) -> StudySpec:
+        """This spec with every trial in a new process (``budget.reuse_engine`` off): for repeats of
+        one config, whose spread must include the process-to-process part."""
+        return self.model_copy(update={"budget": self.budget.model_copy(update={"reuse_engine": False})})
+
     @model_validator(mode="after")
     def _quality_constraints_need_quality(self) -> StudySpec:
         if not self.quality.enabled and self.quality_constraints:

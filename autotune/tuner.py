@@ -561,12 +561,14 @@ class Tuner:
         study.set_user_attr("created_at", time.time())
 
     # -- the loop -------------------------------------------------------------------------------
-    def _measure(self, cfg: TrialConfig) -> Measurement:
+    def _measure(self, cfg: TrialConfig, *, fresh: bool = False) -> Measurement:
+        """One trial; ``fresh``: in a new process even when the last trial's engine could be reused."""
+        spec = self.spec.in_fresh_processes() if fresh else self.spec
         if self.runner is not None:
-            return self.runner(self.spec, cfg, self.hardware)
+            return self.runner(spec, cfg, self.hardware)
         from autotune.runner import run_trial
 
-        return run_trial(self.spec, cfg, self.hardware, reference=self.reference)
+        return run_trial(spec, cfg, self.hardware, reference=self.reference)
 
     def ensure_reference(self) -> None:
         """Load the study's quality reference from the store, or compute and store it (once per
@@ -832,7 +834,7 @@ class Tuner:
             record: dict[str, Any] = {"ok": True, "trial": best.number, "runs": []}
             for _ in range(runs):
                 try:
-                    m = self._measure(cfg)
+                    m = self._measure(cfg, fresh=True)  # an independent run: not the search's process
                 except TrialFailure as err:
                     record["runs"].append({"failure": f"{err.kind}: {err.reason}"})
                     record["ok"] = False

@@ -72,7 +72,7 @@ def main() -> None:
     runs: dict[str, list[dict[str, float]]] = {"baseline": [], "best": []}
     for i in range(args.pairs):
         for name, cfg in (("baseline", BASELINE), ("best", best)):
-            m = run_trial(spec, cfg, hw)
+            m = run_trial(spec.in_fresh_processes(), cfg, hw)  # each run in its own process
             runs[name].append({"tokens_per_s": m.output_tokens_per_s, slo: m.value(slo), "requests": m.requests})
             print(
                 f"pair {i} {name:8s} {cfg.label():38s} {m.output_tokens_per_s:8.1f} tok/s  {slo} "

@@ -57,8 +57,11 @@ def recorded(tmp_path: Path, space: SearchSpace) -> Path:
 def test_record_measures_the_grid_once_and_resumes(tmp_path: Path, space: SearchSpace) -> None:
     path, calls = tmp_path / "land.json", []
 
+    fresh: list[bool] = []
+
     def flaky(spec: StudySpec, cfg: TrialConfig) -> tuple[float, list[float]]:
         calls.append(cfg.key())
+        fresh.append(not spec.budget.reuse_engine)
         if len(calls) == 10:
             raise KeyboardInterrupt  # the recording is interrupted mid-grid
         if cfg.batch_size == 32 and cfg.streams == 2:
@@ -73,6 +76,7 @@ def test_record_measures_the_grid_once_and_resumes(tmp_path: Path, space: Search
     oom = [p for p in land.points.values() if p.failure]
     assert len(oom) == 4 and all(not p.feasible and "out of memory" in (p.failure or "") for p in oom)
     assert sum(len(p.repeats) == 2 for p in land.points.values()) == 3
+    assert fresh == [False] * 49 + [True] * 6  # the spread's repeats each run in a new process
 
 
 def test_bad_landscape_files_are_one_clear_error(tmp_path: Path, recorded: Path) -> None:

@@ -12,7 +12,7 @@ from autotune.config import TrialConfig
 from autotune.errors import SpecError, TrialFailure
 from autotune.measure import Measurement
 from autotune.models import resolve_model
-from autotune.spec import parse_spec
+from autotune.spec import StudySpec, parse_spec
 from autotune.tuner import Tuner, best_feasible, closest_to_feasible, constraint_values
 
 from .conftest import make_hw
@@ -164,8 +164,11 @@ def test_wall_time_budget_stops_the_study(tmp_path: Path) -> None:
 def test_winner_that_misses_the_slo_on_remeasurement_is_passed_over(tmp_path: Path) -> None:
     seen: dict[int, int] = {}
 
-    def noisy(spec: object, cfg: TrialConfig, hw: object) -> Measurement:
+    fresh: list[bool] = []
+
+    def noisy(spec: StudySpec, cfg: TrialConfig, hw: object) -> Measurement:
         """batch 16 int8 measures 800 ms the first time, then 1200 ms (over the 1000 ms SLO)."""
+        fresh.append(not spec.budget.reuse_engine)
         key = cfg.batch_size * 10 + (cfg.quantization == "int8-dynamic")
         seen[key] = seen.get(key, 0) + 1
         m = landscape(spec, cfg, hw)
@@ -179,6 +182,7 @@ def test_winner_that_misses_the_slo_on_remeasurement_is_passed_over(tmp_path: Pa
     best = best_feasible(study)
     assert best is not None and best.user_attrs["config"]["batch_size"] != 16  # the runner-up won
     assert best.values[0] == 160.0  # batch 8 int8 (or batch 16 fp32): the next best feasible
+    assert fresh[-2:] == [True, True] and not any(fresh[:-2])  # re-measurements: in new processes
 
 
 def test_objective_modes_set_the_study_directions(tmp_path: Path) -> None:
