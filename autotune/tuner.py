@@ -104,8 +104,8 @@ def write_trial_attrs(
     """Write a running trial's user attributes and named constraints in one transaction.
 
     ``durable=False`` (PostgreSQL) commits without waiting for the WAL flush (``synchronous_commit``
-    off for this transaction only): for notes that nothing depends on if a database *server* crash
-    loses the last few hundred milliseconds (a worker's crash loses nothing; nothing is corrupted).
+    off for this transaction only): for writes that a later flushed commit covers, or that nothing
+    depends on. Only a database *server* crash can lose them (never corrupt); a worker's crash cannot.
 
     Optuna's public API commits once per attribute (a dozen commits per trial, the bulk of a
     tiny trial's storage time); its RDB storage writes an attribute inside a caller's session
@@ -622,19 +622,18 @@ class Tuner:
                 return t
         return None
 
-    def _write(
-        self,
-        trial: optuna.Trial,
-        attrs: dict[str, Any],
-        constraints: list[float] | None = None,
-        *,
-        durable: bool = True,
-    ) -> None:
-        """Set user attributes (and the SLO constraints) of a running trial in one storage transaction."""
+    def _write(self, trial: optuna.Trial, attrs: dict[str, Any], constraints: list[float] | None = None) -> None:
+        """Set user attributes (and the SLO constraints) of a running trial in one storage transaction.
+
+        Not flushed on its own (``durable=False``): every write here is followed by Optuna's commit
+        of the trial's state (tell, prune or fail), and PostgreSQL flushing that commit flushes all
+        WAL before it. A database crash in between loses the write and the state change together:
+        the trial stays RUNNING and the heartbeat check retries it, as after a worker crash.
+        """
         if constraints is not None:
             attrs = {**attrs, A_CONSTRAINTS: constraints}
         native = dict(zip((c.name for c in self.slo), constraints, strict=True)) if constraints is not None else {}
-        self.clock.call(write_trial_attrs, trial, attrs, native if NATIVE_CONSTRAINTS else {}, durable=durable)
+        self.clock.call(write_trial_attrs, trial, attrs, native if NATIVE_CONSTRAINTS else {}, durable=False)
 
     def _reject(self, trial: optuna.Trial, reason: str, attrs: dict[str, Any] | None = None) -> optuna.TrialPruned:
         self._write(trial, {**(attrs or {}), A_REJECTED: reason}, [1.0] * len(self.slo))
@@ -670,8 +669,7 @@ class Tuner:
             return tuple(dup.values)
         worker = {"worker": f"{socket.gethostname()}:{os.getpid()}"}
         worker["device"] = f"{self.hardware.device} ({self.hardware.device_name})"
-        # Before measuring, so a worker that dies leaves its config behind; the result write is durable.
-        self._write(trial, {**known, **worker}, durable=False)
+        self._write(trial, {**known, **worker})  # before measuring: a worker that dies leaves its config behind
         self.events.on_trial_start(trial.number, cfg)
         t0 = time.perf_counter()
         try:
