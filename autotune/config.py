@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 Precision = Literal["fp32", "tf32", "bf16", "fp16"]
 Quantization = Literal["none", "int8-dynamic", "int8-weight-only", "int4-weight-only", "fp8"]
 Backend = Literal["eager", "inductor", "inductor-cudagraphs", "cuda-graphs"]
-Scheduler = Literal["static", "continuous"]
+Scheduler = Literal["static", "continuous", "bucketed"]
 Attention = Literal["sdpa", "sdpa-no-cudnn", "eager", "sdpa-packed"]
 
 PRECISIONS: tuple[str, ...] = get_args(Precision)
@@ -46,7 +46,10 @@ class TrialConfig(BaseModel):
     )
     scheduler: Scheduler = Field(
         "static",
-        description="static: batches run to completion; continuous: transformers' paged-attention continuous batching.",
+        description=(
+            "static: batches run to completion; continuous: transformers' paged-attention continuous batching; "
+            "bucketed: static batches of similar prompt lengths (less padding)."
+        ),
     )
 
     model: str | None = Field(

@@ -171,6 +171,8 @@ class Engine:
         self.max_context = max_context or info.max_context or 2048
         self._continuous: ContinuousScheduler | None = None
         self._decoders: dict[int, StaticDecoder] = {}  # per stream worker (cuda-graphs backend)
+        self._held: list[_Pending] = []  # queued requests the bucketed scheduler passed over, oldest first
+        self._held_lock = threading.Lock()
         self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
         self._queue: queue.Queue[_Pending | None] = queue.Queue()
         self._threads: list[threading.Thread] = []
@@ -309,6 +311,8 @@ class Engine:
 
     # -- workers ------------------------------------------------------------------------------
     def _collect(self) -> list[_Pending] | None:
+        if self.config.scheduler == "bucketed":
+            return self._collect_bucketed()
         first = self._queue.get()
         if first is None:
             return None
@@ -329,6 +333,53 @@ class Engine:
                 self._queue.put(None)
                 break
             batch.append(item)
+        return batch
+
+    def _collect_bucketed(self) -> list[_Pending] | None:
+        """The oldest request, then the queued ones whose prompt lengths are closest to it.
+
+        Candidates are whatever is queued plus arrivals until the batch can be filled with requests
+        of the oldest one's exact length or it has waited ``max_queue_delay_ms`` (the delay buys
+        choice), up to ``BUCKET_LOOKAHEAD`` batches; the ones not chosen wait, oldest first.
+        """
+        from autotune.optimize.schedule import BUCKET_LOOKAHEAD
+
+        size = self.config.batch_size
+        with self._held_lock:
+            first = self._held.pop(0) if self._held else None
+        if first is None:
+            first = self._queue.get()
+            if first is None:
+                return None
+        deadline = first.t_submit + self.config.max_queue_delay_ms / 1000.0
+        pool: list[_Pending] = []
+        with self._held_lock:
+            pool, self._held = self._held[: size * BUCKET_LOOKAHEAD], self._held[size * BUCKET_LOOKAHEAD :]
+        n = len(first.prompt_ids)
+        same = sum(len(p.prompt_ids) == n for p in pool)
+        while len(pool) < size * BUCKET_LOOKAHEAD:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                remaining = deadline - time.perf_counter()
+                if same + 1 >= size or remaining <= 0:  # a batch of one length, or out of time
+                    break
+                try:
+                    item = self._queue.get(timeout=remaining)
+                except queue.Empty:
+                    break
+            if item is None:  # shutdown marker: put it back for this or another worker
+                self._queue.put(None)
+                break
+            pool.append(item)
+            same += len(item.prompt_ids) == n
+        ranked = sorted(range(len(pool)), key=lambda i: (abs(len(pool[i].prompt_ids) - n), pool[i].t_submit))
+        chosen = set(ranked[: size - 1])
+        batch = [first, *(pool[i] for i in sorted(chosen))]
+        rest = [p for i, p in enumerate(pool) if i not in chosen]
+        if rest:
+            with self._held_lock:
+                self._held = sorted(rest + self._held, key=lambda p: p.t_submit)
         return batch
 
     def _worker(self, index: int) -> None:

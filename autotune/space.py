@@ -107,6 +107,10 @@ class SearchSpace:
             if candidates is None:
                 candidates, left_out = default_values(knob, hw)
                 dropped.update(left_out)
+                if knob == "scheduler" and spec.workload.prompt_tokens.distribution == "fixed":
+                    reason = "every prompt of this workload has one length: nothing to bucket"
+                    candidates = [v for v in candidates if v != "bucketed"]
+                    dropped["scheduler=bucketed"] = reason
             if knob in REGISTRIES:
                 kept = []
                 for v in candidates:

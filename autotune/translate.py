@@ -261,9 +261,10 @@ def vllm_knobs(doc: dict[str, Any]) -> tuple[list[Knob], list[str]]:
         knobs.append(
             Knob(
                 "scheduler",
-                "static",
+                c["scheduler"],
                 "approximate",
-                "vLLM always batches continuously (no run-to-completion batches); --scheduling-policy fcfs",
+                "vLLM always batches continuously (no run-to-completion batches, no length buckets); "
+                "--scheduling-policy fcfs",
             )
         )
 
@@ -408,7 +409,12 @@ def tgi_knobs(doc: dict[str, Any]) -> tuple[list[Knob], dict[str, str]]:
         knobs.append(Knob("scheduler", "continuous", "maps", "TGI always batches continuously"))
     else:
         knobs.append(
-            Knob("scheduler", "static", "approximate", "TGI always batches continuously (no run-to-completion mode)")
+            Knob(
+                "scheduler",
+                c["scheduler"],
+                "approximate",
+                "TGI always batches continuously (no run-to-completion mode, no length buckets)",
+            )
         )
     knobs.append(_attention_knob(c["attention"], "TGI", "its own paged attention kernels"))
     knobs.append(_model_knob(doc, c, "MODEL_ID"))
@@ -459,6 +465,16 @@ def triton_knobs(doc: dict[str, Any]) -> tuple[list[Knob], dict[str, Any]]:
     knobs.append(Knob("backend", c["backend"], "approximate", note))
     if c["scheduler"] == "static":
         knobs.append(Knob("scheduler", "static", "maps", "dynamic_batching runs whole batches to completion"))
+    elif c["scheduler"] == "bucketed":
+        knobs.append(
+            Knob(
+                "scheduler",
+                "bucketed",
+                "no equivalent",
+                "the dynamic batcher forms batches in arrival order; grouping by prompt length is left to "
+                "model.py (passed as a parameter)",
+            )
+        )
     else:
         knobs.append(
             Knob(

@@ -188,3 +188,24 @@ def test_a_cancelled_request_never_kills_a_worker(hw: Hardware, scheduler: str) 
         doomed.cancel()  # as asyncio.wrap_future does when the awaiting task is cancelled
         assert len(kept.result(timeout=60).output_ids) == 4
         assert len(engine.submit(prompts(1)[0], 3).result(timeout=60).output_ids) == 3  # still serving
+
+
+@pytest.mark.parametrize("scheduler", ["static", "bucketed"])
+def test_bucketed_scheduler_groups_queued_requests_by_prompt_length(hw: Hardware, scheduler: str) -> None:
+    """Requests of lengths 12, 3, 12, 3, ... queued together: static batches them in arrival order
+    (every batch mixes lengths and pads 3 to 12); bucketed pairs equal lengths, same outputs."""
+    long, short = prompts(4, 12), prompts(4, 3)
+    mixed = [p for pair in zip(long, short, strict=True) for p in pair]
+    cfg = TrialConfig(batch_size=2, max_queue_delay_ms=300, scheduler=scheduler)
+    with Engine.build(TINY, cfg, hw) as engine:
+        results = engine.generate(mixed, 4)
+    batches: dict[float, list[int]] = {}
+    for r in results:
+        batches.setdefault(r.t_start, []).append(r.prompt_tokens)
+    spreads = [max(b) - min(b) for b in batches.values()]
+    if scheduler == "bucketed":
+        assert all(s == 0 for s in spreads) and len(batches) == 4
+    else:
+        assert any(s > 0 for s in spreads)
+    with Engine.build(TINY, TrialConfig(batch_size=1), hw) as single:
+        assert [r.output_ids for r in results] == [r.output_ids for r in single.generate(mixed, 4)]

@@ -178,3 +178,18 @@ def test_shipped_studies_parse_and_keep_every_listed_value_on_an_h100(path: Path
     space = SearchSpace.from_spec(study, make_hw("cuda", (9, 0), memory_mb=143_000))
     for knob, listed in study.space.model_dump(exclude_none=True).items():
         assert space.values[knob] == (sorted(listed) if isinstance(listed[0], int | float) else listed), knob
+
+
+def test_bucketed_scheduler_is_searched_only_when_prompt_lengths_vary() -> None:
+    fixed = SearchSpace.from_spec(spec(), make_hw("cuda", (9, 0)))
+    assert "bucketed" not in fixed.values["scheduler"] and "one length" in fixed.dropped["scheduler=bucketed"]
+    varied_spec = parse_spec(
+        {
+            "model": "preset:llama-small",
+            "slo": {"e2e_ms": {"p95": 2000}},
+            "workload": {"prompt_tokens": {"distribution": "uniform", "min": 16, "max": 256}},
+        }
+    )
+    varied = SearchSpace.from_spec(varied_spec, make_hw())
+    assert "bucketed" in varied.values["scheduler"]
+    assert "no padding to save" in (varied.check(TrialConfig(batch_size=1, scheduler="bucketed")) or "")

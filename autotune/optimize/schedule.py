@@ -3,8 +3,11 @@
 ``static`` is the engine's own dynamic batcher (a batch runs to completion, up to ``batch_size``
 rows, after waiting at most ``max_queue_delay_ms``). ``continuous`` hands requests to
 transformers' continuous batching (paged KV cache; finished rows are replaced every step), so
-short requests do not wait for the longest one in their batch. Neither changes the model, so
-``apply`` is the identity; the engine reads ``config.scheduler``.
+short requests do not wait for the longest one in their batch. ``bucketed`` is the static batcher
+choosing, among the requests queued (up to ``BUCKET_LOOKAHEAD`` batches' worth), the ones whose
+prompt lengths are closest to the oldest request's, so a batch is padded less; the oldest request
+always goes first, so none starves. None changes the model, so ``apply`` is the identity; the
+engine reads ``config.scheduler``.
 """
 
 from __future__ import annotations
@@ -40,6 +43,16 @@ def _continuous_conflict(cfg: TrialConfig, hw: Hardware) -> str | None:
     return None
 
 
+#: How many batches' worth of queued requests the bucketed scheduler chooses from.
+BUCKET_LOOKAHEAD = 4
+
+
+def _bucketed_conflict(cfg: TrialConfig, hw: Hardware) -> str | None:
+    if cfg.batch_size == 1:
+        return "a batch of one has no padding to save: use scheduler static"
+    return None
+
+
 SCHEDULERS: dict[str, Technique] = {
     "static": Technique("static", _identity, description="dynamic batcher; a batch runs to completion"),
     "continuous": Technique(
@@ -48,5 +61,11 @@ SCHEDULERS: dict[str, Technique] = {
         _has_continuous_batching,
         _continuous_conflict,
         description="transformers continuous batching with a paged KV cache",
+    ),
+    "bucketed": Technique(
+        "bucketed",
+        _identity,
+        conflict=_bucketed_conflict,
+        description="dynamic batcher grouping queued requests of similar prompt length (less padding)",
     ),
 }
