@@ -78,7 +78,7 @@ class TrialConfig(BaseModel):
         return (
             f"b{self.batch_size} {self.precision} {self.quantization} x{self.streams} "
             f"{self.backend} {self.max_queue_delay_ms:g}ms"
-            + (" continuous" if self.scheduler == "continuous" else "")
+            + (f" {self.scheduler}" if self.scheduler != "static" else "")
             + (f" attn={self.attention}" if self.attention != "sdpa" else "")
             + (f" model={self.model}" if self.model else "")
         )

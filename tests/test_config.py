@@ -23,5 +23,6 @@ def test_key_at_later_knobs_defaults_is_the_key_from_before_those_knobs() -> Non
 def test_labels_and_knobs() -> None:
     assert BASELINE.label() == "b1 fp32 none x1 eager 0ms"
     assert TrialConfig(batch_size=4, scheduler="continuous").label().endswith(" continuous")
+    assert TrialConfig(batch_size=4, scheduler="bucketed").label() == "b4 fp32 none x1 eager 0ms bucketed"
     assert TrialConfig(attention="sdpa-no-cudnn").label() == "b1 fp32 none x1 eager 0ms attn=sdpa-no-cudnn"
     assert set(KNOBS) == set(TrialConfig.model_fields)
