@@ -103,6 +103,9 @@ def _print_measurement(title: str, m: Any, spec: StudySpec | None = None) -> Non
     build = " · ".join(f"{k.removesuffix('_s')} {m.timings[k]:.2f} s" for k in steps if k in m.timings)
     if build:
         out.print(f"before measuring (not counted): {build}", highlight=False)
+    if m.breakdown_ms:
+        parts = " · ".join(f"{k} {v:,.1f} ms" for k, v in m.breakdown_ms.items())
+        out.print(f"per request (mean): {parts}", highlight=False)
     if m.windows_tokens_per_s:
         ws = ", ".join(f"{w:,.0f}" for w in m.windows_tokens_per_s)
         out.print(

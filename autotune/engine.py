@@ -172,6 +172,9 @@ class Engine:
         self._continuous: ContinuousScheduler | None = None
         self._decoders: dict[int, StaticDecoder] = {}  # per stream worker (cuda-graphs backend)
         self._held: list[_Pending] = []  # queued requests the bucketed scheduler passed over, oldest first
+        #: Seconds and calls spent turning text into ids and back (``encode`` / ``decode``), by kind.
+        self.text_seconds: dict[str, float] = {}
+        self.text_calls: dict[str, int] = {}
         self._held_lock = threading.Lock()
         self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
         self._queue: queue.Queue[_Pending | None] = queue.Queue()
@@ -279,8 +282,16 @@ class Engine:
     # -- requests -----------------------------------------------------------------------------
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
-            return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+            t = time.perf_counter()
+            ids = list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+            self._count_text("tokenize", time.perf_counter() - t)
+            return ids
         return [int(t) for t in prompt]
+
+    def _count_text(self, what: str, seconds: float) -> None:
+        with self._id_lock:
+            self.text_seconds[what] = self.text_seconds.get(what, 0.0) + seconds
+            self.text_calls[what] = self.text_calls.get(what, 0) + 1
 
     def submit(self, prompt: str | Sequence[int], max_new_tokens: int) -> Future[GenerationResult]:
         """Queue one request; the future resolves when its batch finishes."""
@@ -307,7 +318,10 @@ class Engine:
         return [f.result() for f in futures]
 
     def decode(self, result: GenerationResult) -> str:
-        return str(self.tokenizer.decode(result.output_ids, skip_special_tokens=True))
+        t = time.perf_counter()
+        text = str(self.tokenizer.decode(result.output_ids, skip_special_tokens=True))
+        self._count_text("detokenize", time.perf_counter() - t)
+        return text
 
     # -- workers ------------------------------------------------------------------------------
     def _collect(self) -> list[_Pending] | None:

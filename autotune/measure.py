@@ -77,6 +77,10 @@ class Measurement:
     #: last two. ``window_spread_pct``: their difference, % of their mean (empty/NaN without windows).
     windows_tokens_per_s: list[float] = field(default_factory=list)
     window_spread_pct: float = math.nan
+    #: Where a request's time goes, mean ms per request: ``queue`` (waiting for a batch), ``prefill``,
+    #: ``decode``; ``tokenize`` / ``detokenize`` only where the path has text (a trial over HTTP:
+    #: the server turns output ids into text). In-process trials send and receive token ids.
+    breakdown_ms: dict[str, float] = field(default_factory=dict)
 
     def value(self, name: str) -> float:
         """Look up ``e2e_ms.p95``-style, plain (``peak_memory_mb``) or fidelity (``kl``) metric names;
@@ -134,6 +138,11 @@ def summarize(
         prefill_ms=distribution([(r.t_first_token - r.t_start) * 1000 for r in results]),
         mean_prompt_tokens=sum(r.prompt_tokens for r in results) / len(results),
         memory=dict(memory or {}),
+        breakdown_ms={
+            "queue": 1000 * sum(r.t_start - r.t_submit for r in results) / len(results),
+            "prefill": 1000 * sum(r.t_first_token - r.t_start for r in results) / len(results),
+            "decode": 1000 * sum(r.t_end - r.t_first_token for r in results) / len(results),
+        },
     )
 
 

@@ -92,6 +92,8 @@ def measure_over_http(
         job, out = Path(tmp) / "job.json", Path(tmp) / "run.json"
         job.write_text(json.dumps({"doc": doc, "url": server.url, "vocab_size": vocab_size}))
         reset_peak_memory(engine)
+        engine.text_seconds.clear()
+        engine.text_calls.clear()
         t = time.perf_counter()
         try:
             proc = subprocess.run(
@@ -111,7 +113,7 @@ def measure_over_http(
         raise AutotuneError(f"{len(run['failures'])} request(s) failed over HTTP; first: {run['failures'][0]}")
     results = [GenerationResult(**r) for r in run["results"]]
     mem, kind = peak_memory(engine)
-    return summarize(
+    m = summarize(
         results,
         run["t0"],
         run["t1"],
@@ -121,6 +123,9 @@ def measure_over_http(
         stopped_by=run["stopped_by"],
         memory=memory_figures(engine),
     )
+    for what, seconds in engine.text_seconds.items():  # the server's share of each request's text work
+        m.breakdown_ms[what] = 1000 * seconds / max(1, engine.text_calls[what])
+    return m
 
 
 def _client(job_path: str, out_path: str) -> None:

@@ -188,6 +188,8 @@ def test_trial_detail(client: TestClient) -> None:
     assert set(t["latency"]) == {"e2e", "ttft", "tpot", "queue"} and t["latency"]["e2e"]["p95"] > 0
     assert sum(t["latency_histogram"]["counts"]) == len(t["e2e_samples_ms"]) > 0
     assert "load_s" in t["timings"] and "warmup_s" in t["timings"]
+    page = client.get("/studies/tiny/trials/0").text  # where each request's time went, with the trial
+    assert 'id="breakdown"' in page and all(f"<th>{k}</th>" in page for k in ("queue", "prefill", "decode"))
 
 
 def test_pareto_front_is_non_dominated(client: TestClient) -> None:

@@ -35,6 +35,9 @@ def test_trial_returns_a_real_measurement(spec: StudySpec, hw: Hardware) -> None
     assert 0 < m.prefill_ms["p50"] <= m.ttft_ms["p99"]
     assert 0 < m.roofline["decode_fraction"] < 1 and 0 < m.roofline["prefill_fraction"] < 1
     assert m.roofline["decode_step_ms"] == m.tpot_ms["p50"]
+    b = m.breakdown_ms  # a request's time: waiting for its batch, its prefill, its decode
+    assert set(b) == {"queue", "prefill", "decode"} and b["decode"] > 0
+    assert b["queue"] + b["prefill"] + b["decode"] == pytest.approx(m.e2e_ms["mean"], rel=1e-6)
 
 
 def test_preflight_measures_the_device_ceilings(hw: Hardware) -> None:

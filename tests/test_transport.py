@@ -28,6 +28,8 @@ def test_requests_go_through_the_server_and_come_back_measured() -> None:
     assert 1 <= m.mean_batch_rows <= 4 and m.output_tokens_per_s > 0
     assert m.timings["http_client_s"] > 0 and "warmup_s" in m.timings  # warm-up ran in-process first
     assert m.e2e_ms["p50"] > 0 and m.queue_ms["p50"] >= 0
+    b = m.breakdown_ms  # the server turned each output into text: that time is part of the request
+    assert b["detokenize"] > 0 and b["queue"] + b["prefill"] + b["decode"] > 0
 
 
 def test_a_trial_over_http_runs_in_its_child_process() -> None:
