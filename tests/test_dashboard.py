@@ -190,6 +190,11 @@ def test_trial_detail(client: TestClient) -> None:
     assert "load_s" in t["timings"] and "warmup_s" in t["timings"]
     page = client.get("/studies/tiny/trials/0").text  # where each request's time went, with the trial
     assert 'id="breakdown"' in page and all(f"<th>{k}</th>" in page for k in ("queue", "prefill", "decode"))
+    reused = [n for n in range(4) if client.get(f"/api/studies/tiny/trials/{n}").json()["timings"].get("engine_reused")]
+    assert reused  # the seeded tiny study changes only runtime knobs between some trials
+    for n in reused:  # a flag, not a duration: said in the header, kept out of the seconds table
+        html = client.get(f"/studies/tiny/trials/{n}").text
+        assert "previous trial's built model" in html and "<th>engine_reused</th>" not in html
 
 
 def test_pareto_front_is_non_dominated(client: TestClient) -> None:

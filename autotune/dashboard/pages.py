@@ -108,13 +108,14 @@ def trial_page(request: Request, name: StudyName, number: TrialNumber) -> HTMLRe
     except NotFound as err:
         return not_found_page(request, str(err))
     timings = [(k, detail["timings"].get(k)) for k in TIMINGS if k in detail["timings"]]
-    timings += [(k, v) for k, v in detail["timings"].items() if k not in TIMINGS]
+    timings += [(k, v) for k, v in detail["timings"].items() if k not in TIMINGS and k != "engine_reused"]
     return _render(
         request,
         "trial.html",
         study_name=name,
         t=detail,
         timings=timings,
+        reused=bool(detail["timings"].get("engine_reused")),  # a flag, not seconds: said in the header
         fig=figures.latency_distribution(detail),
     )
 
