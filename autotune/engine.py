@@ -333,21 +333,28 @@ class Engine:
         batch = [first]
         deadline = first.t_submit + self.config.max_queue_delay_ms / 1000.0
         while len(batch) < self.config.batch_size:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                remaining = deadline - time.perf_counter()
-                if remaining <= 0:
-                    break
-                try:
-                    item = self._queue.get(timeout=remaining)
-                except queue.Empty:
-                    break
-            if item is None:  # shutdown marker: put it back for this or another worker
-                self._queue.put(None)
+            item = self._next_queued(deadline, wait=True)
+            if item is None:
                 break
             batch.append(item)
         return batch
+
+    def _next_queued(self, deadline: float, *, wait: bool) -> _Pending | None:
+        """The next queued request: at once when one is there, else (``wait``) one arriving before
+        ``deadline``; None when there is none, or on the shutdown marker (put back for the others)."""
+        try:
+            item = self._queue.get_nowait()
+        except queue.Empty:
+            remaining = deadline - time.perf_counter()
+            if not wait or remaining <= 0:
+                return None
+            try:
+                item = self._queue.get(timeout=remaining)
+            except queue.Empty:
+                return None
+        if item is None:
+            self._queue.put(None)
+        return item
 
     def _collect_bucketed(self) -> list[_Pending] | None:
         """The oldest request, then the queued ones whose prompt lengths are closest to it.
@@ -372,18 +379,9 @@ class Engine:
         n = len(first.prompt_ids)
         same = sum(len(p.prompt_ids) == n for p in pool)
         while len(pool) < size * BUCKET_LOOKAHEAD:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                remaining = deadline - time.perf_counter()
-                if same + 1 >= size or remaining <= 0:  # a batch of one length, or out of time
-                    break
-                try:
-                    item = self._queue.get(timeout=remaining)
-                except queue.Empty:
-                    break
-            if item is None:  # shutdown marker: put it back for this or another worker
-                self._queue.put(None)
+            # Take what is queued; wait for more only until a batch of one length is possible.
+            item = self._next_queued(deadline, wait=same + 1 < size)
+            if item is None:
                 break
             pool.append(item)
             same += len(item.prompt_ids) == n
