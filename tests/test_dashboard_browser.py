@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import ROOT, run_cli
+from .conftest import ROOT, run_cli, skip_unless_required
 from .test_dashboard import XSS, XSS_Q, dash_db, load_bench, url  # noqa: F401  (session fixtures)
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -30,9 +30,13 @@ ARGS = [
 ]
 ARTIFACTS = ROOT / "tests" / "artifacts"
 
-pytestmark = pytest.mark.skipif(
-    not CHROMIUM.exists(), reason="no /usr/bin/chromium: apt-get install chromium (Debian) to run browser tests"
-)
+
+@pytest.fixture(autouse=True)
+def _chromium() -> None:
+    if not CHROMIUM.exists():
+        skip_unless_required("no /usr/bin/chromium: apt-get install chromium (Debian) to run browser tests")
+
+
 os.environ.setdefault("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")
 
 
