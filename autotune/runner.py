@@ -23,6 +23,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,32 +74,54 @@ _FORK_CUDA_ERROR = "Cannot re-initialize CUDA in forked subprocess"
 
 
 def run_child(job: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-    """Run a job in a fresh child process; return its result or raise TrialFailure.
+    """Run a job in a fresh child process; return its result or raise TrialFailure."""
+    return _with_spawn_fallback(lambda: _run_child(job, timeout_s))
 
-    Should the fork server ever come up with CUDA initialized (an import that queries the GPU),
+
+def _with_spawn_fallback(run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Should the fork server ever come up with CUDA initialized (an import that queries the GPU),
     forked children cannot use the GPU; the job is then rerun once with, and every later job
-    uses, fresh spawned processes (slower to start, always CUDA-safe).
-    """
+    uses, fresh spawned processes (slower to start, always CUDA-safe)."""
     global _ctx
     try:
-        return _run_child(job, timeout_s)
+        return run()
     except TrialFailure as err:
         if _FORK_CUDA_ERROR not in err.reason or _ctx is None or _ctx.get_start_method() == "spawn":
             raise
         _ctx = mp.get_context("spawn")
-        return _run_child(job, timeout_s)
+        return run()
+
+
+def _with_files(job: dict[str, Any], tmp: str) -> tuple[dict[str, Any], Path, Path]:
+    """The job with its result and log paths (and the fault hook, which travels in the job: the
+    fork server's environment is frozen at its start)."""
+    result_path, log_path = Path(tmp) / "result.json", Path(tmp) / "log.txt"
+    paths = {"result_path": str(result_path), "log_path": str(log_path), "fault": os.environ.get(FAULT_ENV, "")}
+    return {**job, **paths}, result_path, log_path
+
+
+def _timeout(timeout_s: float, log_path: Path) -> TrialFailure:
+    return TrialFailure("timeout", f"trial exceeded its {timeout_s:g} s limit and was killed", _tail(log_path))
+
+
+def _outcome(result_path: Path, log_path: Path, exitcode: int | None) -> dict[str, Any]:
+    """The child's result, or the TrialFailure its result file (or its exit) says."""
+    log_text = _tail(log_path)
+    if result_path.exists():
+        result: dict[str, Any] = json.loads(result_path.read_text())
+        if result.get("status") == "ok":
+            return result
+        raise TrialFailure(result.get("kind", "error"), result.get("reason", "unknown error"), log_text)
+    if exitcode is not None and exitcode < 0:
+        sig = signal.Signals(-exitcode).name
+        hint = " (likely the kernel's out-of-memory killer)" if sig == "SIGKILL" else ""
+        raise TrialFailure("crash", f"trial process died with {sig}{hint}", log_text)
+    raise TrialFailure("crash", f"trial process exited with code {exitcode} without a result", log_text)
 
 
 def _run_child(job: dict[str, Any], timeout_s: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="autotune-trial-") as tmp:
-        result_path, log_path = Path(tmp) / "result.json", Path(tmp) / "log.txt"
-        # The fault hook travels in the job: the fork server's environment is frozen at its start.
-        job = {
-            **job,
-            "result_path": str(result_path),
-            "log_path": str(log_path),
-            "fault": os.environ.get(FAULT_ENV, ""),
-        }
+        job, result_path, log_path = _with_files(job, tmp)
         proc = _context().Process(target=_child_entry, args=(json.dumps(job),), daemon=False)
         proc.start()
         try:
@@ -108,20 +131,9 @@ def _run_child(job: dict[str, Any], timeout_s: float) -> dict[str, Any]:
             raise
         if not finished:
             _kill(proc)
-            raise TrialFailure("timeout", f"trial exceeded its {timeout_s:g} s limit and was killed", _tail(log_path))
+            raise _timeout(timeout_s, log_path)
         proc.join()
-        log_text = _tail(log_path)
-        if result_path.exists():
-            result: dict[str, Any] = json.loads(result_path.read_text())
-            if result.get("status") == "ok":
-                return result
-            raise TrialFailure(result.get("kind", "error"), result.get("reason", "unknown error"), log_text)
-        code = proc.exitcode
-        if code is not None and code < 0:
-            sig = signal.Signals(-code).name
-            hint = " (likely the kernel's out-of-memory killer)" if sig == "SIGKILL" else ""
-            raise TrialFailure("crash", f"trial process died with {sig}{hint}", log_text)
-        raise TrialFailure("crash", f"trial process exited with code {code} without a result", log_text)
+        return _outcome(result_path, log_path, proc.exitcode)
 
 
 def _kill(proc: Any) -> None:
@@ -204,9 +216,7 @@ class _WarmChild:
 
     def run(self, job: dict[str, Any], timeout_s: float) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="autotune-trial-") as tmp:
-            result_path, log_path = Path(tmp) / "result.json", Path(tmp) / "log.txt"
-            paths = {"result_path": str(result_path), "log_path": str(log_path)}
-            job = {**job, **paths, "fault": os.environ.get(FAULT_ENV, ""), "build_key": self.key}
+            job, result_path, log_path = _with_files({**job, "build_key": self.key}, tmp)
             try:
                 self.conn.send(json.dumps(job))
                 ready = mp_connection.wait([self.conn, self.proc.sentinel], timeout_s)
@@ -215,26 +225,17 @@ class _WarmChild:
                 raise
             if not ready:
                 self.close()
-                reason = f"trial exceeded its {timeout_s:g} s limit and was killed"
-                raise TrialFailure("timeout", reason, _tail(log_path))
+                raise _timeout(timeout_s, log_path)
             if self.conn in ready:
                 with contextlib.suppress(EOFError):
                     self.conn.recv()
-            log_text = _tail(log_path)
-            if result_path.exists():
-                result: dict[str, Any] = json.loads(result_path.read_text())
-                if result.get("status") == "ok":
-                    return result
+            else:  # the process died mid-trial
+                self.proc.join(timeout=5)
+            try:
+                return _outcome(result_path, log_path, self.proc.exitcode)
+            except TrialFailure:
                 self.close()  # a failed trial may leave the process in a bad state
-                raise TrialFailure(result.get("kind", "error"), result.get("reason", "unknown error"), log_text)
-            self.proc.join(timeout=5)
-            code = self.proc.exitcode
-            self.close()
-            if code is not None and code < 0:
-                sig = signal.Signals(-code).name
-                hint = " (likely the kernel's out-of-memory killer)" if sig == "SIGKILL" else ""
-                raise TrialFailure("crash", f"trial process died with {sig}{hint}", log_text)
-            raise TrialFailure("crash", f"trial process exited with code {code} without a result", log_text)
+                raise
 
     def close(self) -> None:
         if self.proc.is_alive():
@@ -248,22 +249,18 @@ _warm: _WarmChild | None = None
 
 def _run_warm(job: dict[str, Any], timeout_s: float) -> dict[str, Any]:
     """Run a trial job in the warm child when its build key matches, else in a new warm child."""
-    global _warm, _ctx
     key = build_key(job)
-    if _warm is not None and (_warm.key != key or not _warm.alive()):
-        _warm.close()
-        _warm = None
-    if _warm is None:
-        _warm = _WarmChild(key)
-    try:
+
+    def run() -> dict[str, Any]:
+        global _warm
+        if _warm is not None and (_warm.key != key or not _warm.alive()):
+            _warm.close()
+            _warm = None
+        if _warm is None:
+            _warm = _WarmChild(key)
         return _warm.run(job, timeout_s)
-    except TrialFailure as err:
-        _warm = None  # run() closed it
-        if _FORK_CUDA_ERROR not in err.reason or _ctx is None or _ctx.get_start_method() == "spawn":
-            raise
-        _ctx = mp.get_context("spawn")
-        _warm = _WarmChild(key)
-        return _warm.run(job, timeout_s)
+
+    return _with_spawn_fallback(run)
 
 
 def close_warm_child() -> None:
