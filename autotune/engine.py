@@ -478,23 +478,14 @@ class Engine:
     def _run_static(
         self, batch: list[_Pending], stream: int, ids: Any, mask: Any, new_tokens: int
     ) -> list[GenerationResult]:
-        import torch
-
         decoder = self._decoder(stream, ids.shape[0], ids.shape[1], new_tokens)
-        cuda = self.hardware.device_type == "cuda"
         t_start = time.perf_counter()
-        start = torch.cuda.Event(enable_timing=True) if cuda else None
-        if start is not None:
-            start.record()
+        clock = _FirstTokenClock(self.hardware.device_type == "cuda")
         decoder.prefill(ids, mask)
-        first_event = torch.cuda.Event(enable_timing=True) if cuda else None
-        if first_event is not None:
-            first_event.record()
-        t_first = time.perf_counter()
+        clock(None, None)  # the first new tokens exist once the prefill has run
         generated = decoder.decode(new_tokens).tolist()  # .tolist() synchronizes with the device
         t_end = time.perf_counter()
-        if start is not None and first_event is not None:
-            t_first = t_start + start.elapsed_time(first_event) / 1000.0
+        t_first = clock.first_token_time(t_start) or t_end
         return _results(batch, generated, stream, t_start, t_first, t_end)
 
 
