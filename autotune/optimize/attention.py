@@ -90,18 +90,12 @@ def _sdpa_packed(model: Any, hw: Hardware) -> Any:
     return model
 
 
-def _packed_conflict(cfg: TrialConfig, hw: Hardware) -> str | None:
-    if cfg.scheduler == "continuous":
-        return "continuous batching runs transformers' paged SDPA attention: use attention sdpa"
-    return None
-
-
 def _eager(model: Any, hw: Hardware) -> Any:
     _set_implementation(model, "eager")
     return model
 
 
-def _eager_conflict(cfg: TrialConfig, hw: Hardware) -> str | None:
+def _not_with_continuous(cfg: TrialConfig, hw: Hardware) -> str | None:
     if cfg.scheduler == "continuous":
         return "continuous batching runs transformers' paged SDPA attention: use attention sdpa"
     return None
@@ -115,11 +109,11 @@ ATTENTIONS: dict[str, Technique] = {
         needs_cuda(),
         description="torch SDPA without the cuDNN kernel (no per-shape cuDNN graph builds)",
     ),
-    "eager": Technique("eager", _eager, conflict=_eager_conflict, description="transformers' matmul + softmax"),
+    "eager": Technique("eager", _eager, conflict=_not_with_continuous, description="transformers' matmul + softmax"),
     "sdpa-packed": Technique(
         "sdpa-packed",
         _sdpa_packed,
-        conflict=_packed_conflict,
+        conflict=_not_with_continuous,
         description="torch SDPA, grouped-query heads packed at decode (no K/V repeat), no cuDNN",
     ),
 }
