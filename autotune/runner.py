@@ -14,7 +14,6 @@ error) makes matching trials fail that way inside the child, to exercise the fai
 from __future__ import annotations
 
 import atexit
-import contextlib
 import json
 import multiprocessing as mp
 import multiprocessing.connection as mp_connection
@@ -226,10 +225,13 @@ class _WarmChild:
             if not ready:
                 self.close()
                 raise _timeout(timeout_s, log_path)
-            if self.conn in ready:
-                with contextlib.suppress(EOFError):
+            died = self.conn not in ready
+            if not died:
+                try:
                     self.conn.recv()
-            else:  # the process died mid-trial
+                except EOFError:  # the pipe closed before the sentinel fired: it died mid-trial
+                    died = True
+            if died:  # reap it, so the exit code (the signal) is known
                 self.proc.join(timeout=5)
             try:
                 return _outcome(result_path, log_path, self.proc.exitcode)

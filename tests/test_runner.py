@@ -78,6 +78,31 @@ def test_injected_failures_are_classified(
         assert "Traceback" in exc.value.log  # the child's own log excerpt comes back
 
 
+def test_a_crash_seen_first_as_a_closed_pipe_still_names_the_signal(
+    spec: StudySpec, hw: Hardware, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The warm child's pipe can report EOF before its sentinel fires (CI saw exit code None):
+    force that order and the signal must still be read."""
+    from multiprocessing import connection
+
+    import autotune.runner as runner
+
+    real_wait = connection.wait
+
+    def pipe_first(objects: list, timeout: float | None = None) -> list:
+        ready = real_wait(objects, timeout)
+        pipes = [o for o in objects if not isinstance(o, int)]
+        if pipes and any(isinstance(o, int) for o in ready):
+            return real_wait(pipes, 5)  # the process died: report only its closed pipe
+        return ready
+
+    monkeypatch.setattr(runner.mp_connection, "wait", pipe_first)
+    monkeypatch.setenv(FAULT_ENV, "crash:batch_size=2")
+    with pytest.raises(TrialFailure) as exc:
+        run_trial(spec, TrialConfig(batch_size=2), hw)
+    assert exc.value.kind == "crash" and "SIGSEGV" in exc.value.reason
+
+
 def test_hang_is_killed_at_the_timeout(spec: StudySpec, hw: Hardware, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(FAULT_ENV, "hang")
     with pytest.raises(TrialFailure) as exc:
