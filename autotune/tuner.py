@@ -107,34 +107,47 @@ def write_trial_attrs(
     off for this transaction only): for writes that a later flushed commit covers, or that nothing
     depends on. Only a database *server* crash can lose them (never corrupt); a worker's crash cannot.
 
-    Optuna's public API commits once per attribute (a dozen commits per trial, the bulk of a
-    tiny trial's storage time); its RDB storage writes an attribute inside a caller's session
-    through a private helper, used here when present. Any other storage, or an Optuna without
-    that helper, gets the public one-call-per-attribute path: same result, more commits.
+    Optuna's public API commits once per attribute (a dozen commits per trial, the bulk of a tiny
+    trial's storage time). On PostgreSQL and SQLite this writes each attribute table with one
+    multi-row upsert into Optuna's own models, the statement Optuna itself issues per attribute,
+    after Optuna's own updatable check. Any other storage or database, or an Optuna whose private
+    modules moved, gets the public one-call-per-attribute path: same result, more round trips.
     """
     storage = trial.storage
     backend = getattr(storage, "_backend", storage)
-    writer = getattr(backend, "_set_trial_attr_without_commit", None)
     try:
         from optuna.storages._rdb import models
         from optuna.storages._rdb.storage import _create_scoped_session
         from optuna.trial._trial import _CONSTRAINTS_KEY
     except ImportError:
-        writer = None
-    if not isinstance(backend, optuna.storages.RDBStorage) or writer is None:
+        backend = None
+    dialect = backend.engine.name if isinstance(backend, optuna.storages.RDBStorage) else None
+    if dialect not in ("postgresql", "sqlite"):
         for key, value in user.items():
             trial.set_user_attr(key, value)
         for name, value in constraints.items():
             trial.set_constraint(name, value)
         return
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     system = {f"{_CONSTRAINTS_KEY}:{name}": float(value) for name, value in constraints.items()}
     with _create_scoped_session(backend.scoped_session, True) as session:
-        if not durable and session.get_bind().dialect.name == "postgresql":
+        if not durable and dialect == "postgresql":
             session.execute(sa_text("SET LOCAL synchronous_commit TO OFF"))
-        for key, value in user.items():
-            writer(session, models.TrialUserAttributeModel, trial._trial_id, key, value)
-        for key, value in system.items():
-            writer(session, models.TrialSystemAttributeModel, trial._trial_id, key, value)
+        row = models.TrialModel.find_or_raise_by_id(trial._trial_id, session)
+        backend.check_trial_is_updatable(trial._trial_id, row.state)
+        for model, attrs in ((models.TrialUserAttributeModel, user), (models.TrialSystemAttributeModel, system)):
+            if not attrs:
+                continue
+            stmt = insert(model).values(
+                [{"trial_id": trial._trial_id, "key": k, "value_json": json.dumps(v)} for k, v in attrs.items()]
+            )
+            session.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=[model.trial_id, model.key], set_={"value_json": stmt.excluded.value_json}
+                )
+            )
     cached = getattr(trial, "_cached_frozen_trial", None)  # what trial.user_attrs reads back
     if cached is not None:
         cached.user_attrs.update(user)

@@ -196,3 +196,33 @@ def test_the_pre_measurement_note_skips_the_wal_flush_and_only_it(pg_database: s
     assert frozen.user_attrs == {"config": {"batch_size": 4}, "measurement": {"tokens_per_s": 1.0}}
     with storage.engine.connect() as conn:  # SET LOCAL: nothing lingers on the pooled connection
         assert conn.exec_driver_sql("SHOW synchronous_commit").scalar() == "on"
+
+
+@pytest.mark.parametrize("db", ["sqlite", "postgresql"])
+def test_a_trials_attributes_go_in_one_statement_per_table(db: str, pg_database: str, tmp_path: Path) -> None:
+    """Each attribute table gets one multi-row upsert (not a select and a write per attribute);
+    rewriting a key replaces it, and a finished trial is refused as Optuna refuses it."""
+    import sqlalchemy as sa
+
+    from autotune.tuner import write_trial_attrs
+
+    url = pg_database if db == "postgresql" else f"sqlite:///{tmp_path / 'attrs.db'}"
+    storage = optuna.storages.RDBStorage(url)
+    study = optuna.create_study(storage=storage, study_name=f"attrs-{db}")
+    trial = study.ask()
+    writes: list[str] = []
+    sa.event.listen(
+        storage.engine,
+        "before_cursor_execute",
+        lambda *a: writes.append(a[2]) if a[2].lstrip().upper().startswith("INSERT") else None,
+    )
+    user = {"config": {"batch_size": 4}, "config_key": "b4", "worker": "w:1", "device": "cpu"}
+    write_trial_attrs(trial, user, {"e2e": -0.5, "ttft": 0.25})
+    assert len(writes) == 2  # user attributes, then the constraints (system attributes)
+    write_trial_attrs(trial, {"config_key": "b8"}, {"e2e": 0.1})
+    frozen = storage.get_trial(trial._trial_id)
+    assert frozen.user_attrs == {**user, "config_key": "b8"}
+    assert frozen.constraints == {"e2e": 0.1, "ttft": 0.25}  # e2e replaced, ttft kept
+    study.tell(trial, 1.0)
+    with pytest.raises(RuntimeError, match="finished"):
+        write_trial_attrs(trial, {"late": 1}, {})
