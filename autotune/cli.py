@@ -714,7 +714,7 @@ def landscape_replay(
         n = budget or max(1, round(0.1 * land.grid_size))
         names = [s.strip() for s in samplers.split(",") if s.strip()]
         runs = replay(land, space, names, seeds, n)
-        rows = summarize(runs, best.tokens_per_s, n, patience)
+        rows = summarize(runs, best.tokens_per_s, n, patience, space, land.spread())
         missing = sum(r["missing"] for r in rows)
         if as_json:
             print(json.dumps({"best_tokens_per_s": best.tokens_per_s, "budget": n, "rows": rows}, indent=2))
@@ -731,11 +731,18 @@ def landscape_replay(
                 return f">{n}" if v is None else f"{v:g}"
 
             if patience is not None:
-                t.add_column(f"patience {patience}: measured", justify="right")
+                t.add_column(f"patience {patience} alone: measured", justify="right")
                 t.add_column("reached 99%", justify="right")
+                t.add_column("+ model: measured", justify="right")
+                t.add_column("reached 99% ", justify="right")
             for r in rows:
                 extra = (
-                    [f"{r['patience_median_measured']:g}", f"{r['patience_reached_99']:.0%}"]
+                    [
+                        f"{r['patience_median_measured']:g}",
+                        f"{r['patience_reached_99']:.0%}",
+                        f"{r['model_median_measured']:g}",
+                        f"{r['model_reached_99']:.0%}",
+                    ]
                     if patience is not None
                     else []
                 )

@@ -23,8 +23,9 @@ from typing import Any
 
 from autotune.config import TrialConfig
 from autotune.errors import AutotuneError, LandscapeError, SpecError, TrialFailure
-from autotune.space import SearchSpace
+from autotune.space import ORDINAL_KNOBS, SearchSpace
 from autotune.spec import StudySpec
+from autotune.surrogate import DEFAULT_NOISE, Observation, outlook
 
 SCHEMA_VERSION = 1
 STRATEGIES = ("tpe", "nsga2", "gp", "random", "grid", "hill-climb")
@@ -200,13 +201,30 @@ class Run:
     incumbent: list[float]  # true tokens/s of the incumbent (0 while none is feasible)
     missing: int = 0  # suggested configs the table does not hold (never silently skipped)
     observed: list[float] = field(default_factory=list)  # the best *observed* feasible tokens/s so far
+    history: list[Observation] = field(default_factory=list)  # each measured config, as observed
 
-    def patience_stop(self, patience: int, min_improvement_pct: float = 1.0) -> int:
+    def patience_stop(
+        self,
+        patience: int,
+        min_improvement_pct: float = 1.0,
+        model: tuple[Sequence[TrialConfig], dict[str, list[Any]]] | None = None,
+        noise: float = DEFAULT_NOISE,
+    ) -> int:
         """How many measured configs the tuner's stopping rule (``budget.patience``) would have
-        spent: it stops once ``patience`` configs in a row did not raise the observed best."""
+        spent: it stops once ``patience`` configs in a row did not raise the observed best and, with
+        ``model`` (the candidates and the space's values), the surrogate expects less than
+        ``min_improvement_pct`` from any config not yet measured."""
         from autotune.tuner import plateau
 
-        stop = plateau(self.observed, patience, min_improvement_pct)
+        keep_going = None
+        if model is not None:
+            candidates, values = model
+
+            def keep_going(i: int) -> bool:
+                look = outlook(self.history[: i + 1], candidates, values, ORDINAL_KNOBS, noise)
+                return look is not None and look.expected_gain_pct >= min_improvement_pct
+
+        stop = plateau(self.observed, patience, min_improvement_pct, keep_going)
         return len(self.observed) if stop is None else stop[0] + 1
 
     def trials_to(self, fraction: float, best: float) -> int | None:
@@ -228,6 +246,12 @@ class _Oracle:
         self.best_observed = -math.inf
         self.incumbent: list[float] = []
         self.observed: list[float] = []
+        self.history: list[Observation] = []
+
+    def run(self, strategy: str, seed: int, budget: int) -> Run:
+        """What the strategy driving this oracle got, up to ``budget`` measured configs."""
+        n = budget
+        return Run(strategy, seed, self.incumbent[:n], self.missing, self.observed[:n], self.history[:n])
 
     def measure(self, cfg: TrialConfig) -> tuple[float, list[float]] | None:
         key = cfg.key()
@@ -244,6 +268,7 @@ class _Oracle:
             tps, cons = 0.0, [1.0] * len(p.constraints)
         self.seen[key] = (tps, cons)
         self.order.append(key)
+        self.history.append(Observation(cfg, tps, cons, failed=p.failure is not None))
         if all(c <= 0 for c in cons) and tps > self.best_observed:
             self.best_observed, self.best_key = tps, key
         true = self.land.points[self.best_key] if self.best_key else None
@@ -284,7 +309,7 @@ def _optuna_run(land: Landscape, space: SearchSpace, strategy: str, seed: int, b
         study.optimize(objective, n_trials=1)
         if strategy == "grid" and len(oracle.order) >= len(land.points):
             break
-    return Run(strategy, seed, oracle.incumbent[:budget], oracle.missing, oracle.observed[:budget])
+    return oracle.run(strategy, seed, budget)
 
 
 def _hill_climb(land: Landscape, space: SearchSpace, seed: int, budget: int, noise: float) -> Run:
@@ -326,7 +351,7 @@ def _hill_climb(land: Landscape, space: SearchSpace, seed: int, budget: int, noi
         if best_n is None:
             break
         current, cur_val = best_n, best_v
-    return Run("hill-climb", seed, oracle.incumbent[:budget], oracle.missing, oracle.observed[:budget])
+    return oracle.run("hill-climb", seed, budget)
 
 
 def replay(land: Landscape, space: SearchSpace, strategies: Sequence[str], seeds: int, budget: int) -> list[Run]:
@@ -345,11 +370,23 @@ def replay(land: Landscape, space: SearchSpace, strategies: Sequence[str], seeds
     return runs
 
 
-def summarize(runs: list[Run], best: float, budget: int, patience: int | None = None) -> list[dict[str, Any]]:
+def summarize(
+    runs: list[Run],
+    best: float,
+    budget: int,
+    patience: int | None = None,
+    space: SearchSpace | None = None,
+    noise: float = DEFAULT_NOISE,
+) -> list[dict[str, Any]]:
     """Per strategy: median and 90th-percentile measured configs to reach each target (None: not
     reached within the budget in that share of seeds), the share of seeds reaching it, and median regret.
     With ``patience``, also what the stopping rule would have spent and kept: median configs measured
-    before it stops, and the share of seeds whose incumbent at that point is within 99% of the best."""
+    before it stops, and the share of seeds whose incumbent at that point is within 99% of the best;
+    with ``space`` as well, the same for the rule the tuner runs: patience *and* the surrogate's
+    expected improvement below ``min_improvement_pct`` (``model_*`` keys)."""
+    from autotune.surrogate import space_candidates
+
+    model = (space_candidates(space), space.values) if space is not None and patience is not None else None
     rows = []
     for strategy in dict.fromkeys(r.strategy for r in runs):
         mine = [r for r in runs if r.strategy == strategy]
@@ -362,10 +399,15 @@ def summarize(runs: list[Run], best: float, budget: int, patience: int | None = 
             row[f"reached_{pct}"] = sum(h != math.inf for h in hits) / len(hits)
         if patience is not None:
             stops = [r.patience_stop(patience) for r in mine]
-            kept = [r.incumbent[s - 1] / best if s and r.incumbent else 0.0 for r, s in zip(mine, stops, strict=True)]
+            kept = [_kept(r, s, best) for r, s in zip(mine, stops, strict=True)]
             row["patience"] = patience
             row["patience_median_measured"] = statistics.median(stops)
             row["patience_reached_99"] = sum(k >= 0.99 for k in kept) / len(kept)
+            if model is not None:
+                stops = [r.patience_stop(patience, model=model, noise=noise) for r in mine]
+                kept = [_kept(r, s, best) for r, s in zip(mine, stops, strict=True)]
+                row["model_median_measured"] = statistics.median(stops)
+                row["model_reached_99"] = sum(k >= 0.99 for k in kept) / len(kept)
         row["median_regret"] = [
             statistics.median(1 - (r.incumbent[i] if i < len(r.incumbent) else r.incumbent[-1]) / best for r in mine)
             if all(r.incumbent for r in mine)
@@ -374,6 +416,11 @@ def summarize(runs: list[Run], best: float, budget: int, patience: int | None = 
         ]
         rows.append(row)
     return rows
+
+
+def _kept(run: Run, stop: int, best: float) -> float:
+    """The share of the best that ``run``'s incumbent holds after ``stop`` measured configs."""
+    return run.incumbent[stop - 1] / best if stop and run.incumbent else 0.0
 
 
 def _quantile(sorted_values: list[float], q: float) -> float | None:

@@ -36,9 +36,10 @@ from autotune.errors import SpecError, StorageError, TrialFailure
 from autotune.hardware import Hardware
 from autotune.measure import Measurement
 from autotune.models import ModelInfo
-from autotune.space import SearchSpace
+from autotune.space import ORDINAL_KNOBS, SearchSpace
 from autotune.spec import Constraint, StudySpec
 from autotune.store.migrate import safe_url
+from autotune.surrogate import Observation, Outlook, outlook, space_candidates
 
 # Optuna flags heartbeats and some sampler options as experimental; that is not the user's concern.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -321,10 +322,16 @@ def trial_measurement(trial: FrozenTrial) -> Measurement | None:
     return Measurement.from_dict(raw) if raw else None
 
 
-def plateau(values: Sequence[float], patience: int, min_improvement_pct: float) -> tuple[int, int] | None:
+def plateau(
+    values: Sequence[float],
+    patience: int,
+    min_improvement_pct: float,
+    keep_going: Callable[[int], bool] | None = None,
+) -> tuple[int, int] | None:
     """The stopping rule shared by the tuner and landscape replay: the first index at which
-    ``patience`` values in a row failed to beat the best so far by ``min_improvement_pct``, with
-    the index of that best; None while it has not happened (or nothing counted yet, -inf)."""
+    ``patience`` values in a row failed to beat the best so far by ``min_improvement_pct`` and
+    ``keep_going(index)`` (the model's outlook, when given) does not object, with the index of that
+    best; None while it has not happened (or nothing counted yet, -inf)."""
     best, best_at, since = -math.inf, None, 0
     for i, v in enumerate(values):
         bar = best * (1 + min_improvement_pct / 100) if best > 0 else best
@@ -332,9 +339,22 @@ def plateau(values: Sequence[float], patience: int, min_improvement_pct: float) 
             best, best_at, since = v, i, 0
         else:
             since += 1
-        if best_at is not None and since >= patience:
+        if best_at is not None and since >= patience and (keep_going is None or not keep_going(i)):
             return i, best_at
     return None
+
+
+def observations(trials: Sequence[FrozenTrial]) -> list[Observation]:
+    """Spent trials as the surrogate's data: measured ones with their SLO excess, failed ones as infeasible."""
+    out = []
+    for t in trials:
+        if not _spent(t) or A_CONFIG not in t.user_attrs or A_CONSTRAINTS not in t.user_attrs:
+            continue
+        failed = t.state == TrialState.FAIL or not t.user_attrs.get(A_MEASUREMENT)
+        tps = float(t.values[0]) if t.values and not failed else 0.0
+        cfg = TrialConfig.model_validate(t.user_attrs[A_CONFIG])
+        out.append(Observation(cfg, tps, list(t.user_attrs[A_CONSTRAINTS]), failed))
+    return out
 
 
 def trial_overhead(trials: list[FrozenTrial]) -> dict[str, float] | None:
@@ -452,6 +472,7 @@ class Tuner:
         self.spent = 0  # budget spent, as of the last finished trial
         self._fresh_trials: list[FrozenTrial] | None = None  # read by the last trial's callback
         self.stop_reason: str | None = None  # set when the study stops before its budget
+        self._candidates: list[TrialConfig] | None = None  # the space's runnable configs, for outlook()
 
     # -- study set-up ---------------------------------------------------------------------------
     def open_study(self) -> optuna.Study:
@@ -800,20 +821,37 @@ class Tuner:
 
     def stagnation(self, trials: list[FrozenTrial]) -> str | None:
         """Why the study should stop before its budget (``budget.patience``), or None: ``patience``
-        measured trials in a row did not raise the best feasible tokens/s by ``min_improvement_pct``."""
+        measured trials in a row did not raise the best feasible tokens/s by ``min_improvement_pct``,
+        and a model of every measured trial expects no unmeasured config to add that much either
+        (:func:`autotune.surrogate.outlook`: constrained expected improvement)."""
         b = self.spec.budget
         if b.patience is None or self.spec.objective != "throughput":
             return None
         spent = sorted((t for t in trials if _spent(t)), key=lambda t: t.number)
         values = [t.values[0] if is_feasible(t) and t.values else -math.inf for t in spent]
-        stop = plateau(values, b.patience, b.min_improvement_pct)
+        look: list[Outlook | None] = [None]
+
+        def keep_going(i: int) -> bool:
+            if i < len(values) - 1:  # earlier stalls: this study went on, so the model objected then
+                return True
+            look[0] = self.outlook(spent)
+            return look[0] is not None and look[0].expected_gain_pct >= b.min_improvement_pct
+
+        stop = plateau(values, b.patience, b.min_improvement_pct, keep_going)
         if stop is None:
             return None
         best = spent[stop[1]]
+        because = f"; {look[0].describe()}" if look[0] is not None else ""
         return (
             f"stopped early: {b.patience} measured trials in a row did not beat trial {best.number}'s "
-            f"{values[stop[1]]:,.1f} tok/s by {b.min_improvement_pct:g}% (budget.patience {b.patience})"
+            f"{values[stop[1]]:,.1f} tok/s by {b.min_improvement_pct:g}% (budget.patience {b.patience}){because}"
         )
+
+    def outlook(self, trials: Sequence[FrozenTrial]) -> Outlook | None:
+        """What a model of ``trials`` expects from the best config not yet measured."""
+        if self._candidates is None:
+            self._candidates = space_candidates(self.space, self.spec.seed)
+        return outlook(observations(trials), self._candidates, self.space.values, ORDINAL_KNOBS)
 
     def _record_worker_stats(self, study: optuna.Study, wall_s: float) -> None:
         """What this process spent where: in storage calls vs in trial processes (bench/workers.py reads it)."""

@@ -189,3 +189,8 @@ def test_replay_evaluates_the_patience_stopping_rule(recorded: Path, space: Sear
     assert 0.0 <= row["patience_reached_99"] <= row["reached_99"]  # and cannot keep more than the full run
     run = runs[0]
     assert run.patience_stop(1000) == len(run.observed) == 48
+    # The tuner's rule adds the surrogate's outlook: it can only postpone the stop, never advance it.
+    (with_model,) = summarize(runs, best.tokens_per_s, 48, patience=4, space=space, noise=land.spread())
+    assert row["patience_median_measured"] <= with_model["model_median_measured"] <= 48
+    stops = [(r.patience_stop(4), r.patience_stop(4, model=(list(space.grid()), space.values))) for r in runs]
+    assert all(alone <= both for alone, both in stops) and any(alone < both for alone, both in stops)

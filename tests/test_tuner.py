@@ -341,3 +341,44 @@ def test_trial_overhead_is_the_share_of_wall_time_not_measuring(tmp_path: Path) 
 
     known = [made(0, 10, 8), made(1, 10, 5), made(2, 10, 0.1, duplicate_of=1)]  # a repeat is not a trial run
     assert trial_overhead(known) == pytest.approx({"median": 0.35, "max": 0.5, "trials": 2.0})
+
+
+def test_patience_waits_while_the_model_still_expects_a_gain(tmp_path: Path) -> None:
+    """K trials without a gain stop the study only if the surrogate also expects none: early on, with
+    a rising trend and room under the SLO, it keeps going; with the SLO edge mapped, it stops."""
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    t = tuner(tmp_path, spec={"budget": {"trials": 24, "confirm_runs": 0, "patience": 3}})
+
+    def done(number: int, cfg: TrialConfig) -> optuna.trial.FrozenTrial:
+        m = landscape(t.spec, cfg, None)
+        cons = constraint_values(m, t.slo)
+        trial = create_trial(
+            state=TrialState.COMPLETE,
+            values=[m.output_tokens_per_s],
+            params={"x": 0.0},
+            distributions={"x": FloatDistribution(0, 1)},
+            user_attrs={
+                "config": cfg.model_dump(mode="json"),
+                "config_key": cfg.key(),
+                "measurement": {"output_tokens_per_s": m.output_tokens_per_s},
+                "feasible": all(c <= 0 for c in cons),
+                "constraints": cons,
+            },
+        )
+        trial.number = number
+        return trial
+
+    # The best (b2 int8, 40 tok/s, 100 ms against a 1000-ms SLO) first, then three slower configs.
+    early = [TrialConfig(batch_size=2, quantization="int8-dynamic")]
+    early += [TrialConfig(batch_size=1), TrialConfig(batch_size=1, precision="bf16"), TrialConfig(batch_size=2)]
+    trials = [done(i, c) for i, c in enumerate(early)]
+    assert t.stagnation(trials) is None  # patience alone would stop here
+    # Every fp32 config measured (b16 int8 the best feasible; b32 int8 and b16 none miss the SLO), then
+    # the large bf16 ones, no better: what is left (small bf16 batches) cannot beat 320 tok/s.
+    quants = ("none", "int8-dynamic")
+    late = [TrialConfig(batch_size=b, quantization=q) for b in (1, 2, 4, 8, 16, 32) for q in quants]
+    late += [TrialConfig(batch_size=b, precision="bf16", quantization=q) for b in (16, 32) for q in quants]
+    reason = t.stagnation([done(i, c) for i, c in enumerate(late)])
+    assert reason is not None and "3 measured trials in a row" in reason and "expects at most" in reason
