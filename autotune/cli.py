@@ -696,13 +696,17 @@ def landscape_replay(
     patience: Annotated[
         int | None, typer.Option(min=1, help="also evaluate the stopping rule budget.patience=K")
     ] = None,
+    warm_start: Annotated[
+        Path | None,
+        typer.Option(help="measure the 3 best configs of this earlier landscape (same model, same hardware) first"),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
 ) -> None:
     """Run search strategies against a recorded landscape (lookups plus recorded noise, no measuring)."""
 
     def body() -> None:
         from autotune.hardware import Hardware
-        from autotune.landscape import load_landscape, regret_figure, replay, summarize
+        from autotune.landscape import load_landscape, regret_figure, replay, summarize, warm_configs
         from autotune.space import SearchSpace
 
         land = load_landscape(path)
@@ -713,11 +717,14 @@ def landscape_replay(
             raise AutotuneError(f"{path}: no recorded config is feasible; nothing to search for")
         n = budget or max(1, round(0.1 * land.grid_size))
         names = [s.strip() for s in samplers.split(",") if s.strip()]
-        runs = replay(land, space, names, seeds, n)
+        warm = warm_configs(land, load_landscape(warm_start), space) if warm_start is not None else []
+        runs = replay(land, space, names, seeds, n, warm)
         rows = summarize(runs, best.tokens_per_s, n, patience, space, land.spread())
         missing = sum(r["missing"] for r in rows)
         if as_json:
-            print(json.dumps({"best_tokens_per_s": best.tokens_per_s, "budget": n, "rows": rows}, indent=2))
+            warm_keys = [c.key() for c in warm]
+            doc = {"best_tokens_per_s": best.tokens_per_s, "budget": n, "warm_start": warm_keys, "rows": rows}
+            print(json.dumps(doc, indent=2))
         else:
             t = Table(
                 title=f"{path.name}: {len(land.points)} configs, best feasible {best.tokens_per_s:,.0f} tok/s, "

@@ -277,7 +277,15 @@ class _Oracle:
         return tps, cons
 
 
-def _optuna_run(land: Landscape, space: SearchSpace, strategy: str, seed: int, budget: int, noise: float) -> Run:
+def _optuna_run(
+    land: Landscape,
+    space: SearchSpace,
+    strategy: str,
+    seed: int,
+    budget: int,
+    noise: float,
+    warm: Sequence[TrialConfig] = (),
+) -> Run:
     import optuna
 
     from autotune.tuner import A_CONSTRAINTS, NATIVE_CONSTRAINTS, make_sampler
@@ -286,6 +294,10 @@ def _optuna_run(land: Landscape, space: SearchSpace, strategy: str, seed: int, b
     oracle = _Oracle(land, random.Random(seed * 7919 + 1), noise)
     names = [c.name for c in land.spec.slo]
     study = optuna.create_study(direction="maximize", sampler=make_sampler(strategy, seed, len(names), space))
+    for cfg in warm:  # as the tuner's warm start does: earlier winners first, then the sampler
+        params = space.params_for(cfg)
+        if params is not None:
+            study.enqueue_trial(params)
 
     def constrain(trial: optuna.Trial, cons: list[float]) -> None:
         if NATIVE_CONSTRAINTS:
@@ -312,7 +324,9 @@ def _optuna_run(land: Landscape, space: SearchSpace, strategy: str, seed: int, b
     return oracle.run(strategy, seed, budget)
 
 
-def _hill_climb(land: Landscape, space: SearchSpace, seed: int, budget: int, noise: float) -> Run:
+def _hill_climb(
+    land: Landscape, space: SearchSpace, seed: int, budget: int, noise: float, warm: Sequence[TrialConfig] = ()
+) -> Run:
     """Coordinate hill-climbing in the style of Model Analyzer's quick search: start at the smallest
     config, measure every neighbour (one knob one step away; any other value for unordered knobs),
     move to the best feasible improvement, stop when none improves."""
@@ -320,6 +334,8 @@ def _hill_climb(land: Landscape, space: SearchSpace, seed: int, budget: int, noi
     knobs = [k for k, v in space.values.items() if len(v) > 1]
     rng = random.Random(seed)
     current = {k: v[0] for k, v in space.values.items()}
+    if warm:  # start from the earlier winner instead of the smallest config
+        current = {k: getattr(warm[0], k) for k in space.values}
     cur_val = -math.inf
 
     def value(c: dict[str, Any]) -> float | None:
@@ -354,8 +370,16 @@ def _hill_climb(land: Landscape, space: SearchSpace, seed: int, budget: int, noi
     return oracle.run("hill-climb", seed, budget)
 
 
-def replay(land: Landscape, space: SearchSpace, strategies: Sequence[str], seeds: int, budget: int) -> list[Run]:
-    """Every strategy against the table, ``seeds`` times, up to ``budget`` measured configs each."""
+def replay(
+    land: Landscape,
+    space: SearchSpace,
+    strategies: Sequence[str],
+    seeds: int,
+    budget: int,
+    warm: Sequence[TrialConfig] = (),
+) -> list[Run]:
+    """Every strategy against the table, ``seeds`` times, up to ``budget`` measured configs each;
+    ``warm`` configs (see :func:`warm_configs`) are measured first, as the tuner's warm start does."""
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown:
         raise SpecError(f"unknown strategy {unknown[0]!r}; allowed: {', '.join(STRATEGIES)}")
@@ -364,10 +388,24 @@ def replay(land: Landscape, space: SearchSpace, strategies: Sequence[str], seeds
     for strategy in strategies:
         for seed in range(seeds):
             if strategy == "hill-climb":
-                runs.append(_hill_climb(land, space, seed, budget, noise))
+                runs.append(_hill_climb(land, space, seed, budget, noise, warm))
             else:
-                runs.append(_optuna_run(land, space, strategy, seed, budget, noise))
+                runs.append(_optuna_run(land, space, strategy, seed, budget, noise, warm))
     return runs
+
+
+def warm_configs(land: Landscape, earlier: Landscape, space: SearchSpace, top: int = 3) -> list[TrialConfig]:
+    """The tuner's warm start, for replay: the ``top`` best feasible configs of an ``earlier``
+    recording of the same model on the same hardware, best first, that this space can run."""
+    if earlier.spec.model != land.spec.model:
+        raise LandscapeError(f"warm start from another model ({earlier.spec.model}, not {land.spec.model})")
+    if earlier.fingerprint != land.fingerprint:
+        raise LandscapeError(
+            f"warm start from other hardware ({earlier.fingerprint or '(none)'}, not {land.fingerprint}); "
+            "the tuner only warm-starts from studies on the same hardware"
+        )
+    ranked = sorted((p for p in earlier.points.values() if p.feasible), key=lambda p: -p.tokens_per_s)
+    return [p.config for p in ranked if space.check(p.config) is None and space.params_for(p.config)][:top]
 
 
 def summarize(

@@ -217,7 +217,8 @@ class Budget(_Strict):
         None,
         ge=1,
         description="stop early once this many measured trials in a row improved the best feasible tokens/s "
-        "by less than min_improvement_pct",
+        "by less than min_improvement_pct and a Gaussian process on the measured trials expects less than "
+        "that from every unmeasured config",
     )
     min_improvement_pct: float = Field(1.0, ge=0, description="what counts as an improvement for patience")
     confirm_runs: int = Field(

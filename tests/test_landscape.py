@@ -194,3 +194,26 @@ def test_replay_evaluates_the_patience_stopping_rule(recorded: Path, space: Sear
     assert row["patience_median_measured"] <= with_model["model_median_measured"] <= 48
     stops = [(r.patience_stop(4), r.patience_stop(4, model=(list(space.grid()), space.values))) for r in runs]
     assert all(alone <= both for alone, both in stops) and any(alone < both for alone, both in stops)
+
+
+def test_replay_warm_starts_from_an_earlier_recording_of_the_same_hardware(
+    tmp_path: Path, recorded: Path, space: SearchSpace
+) -> None:
+    """The tuner's warm start, replayed: the earlier recording's best configs are measured first."""
+    from autotune.landscape import warm_configs
+
+    land = load_landscape(recorded)
+    best = land.best_feasible()
+    assert best is not None
+    warm = warm_configs(land, land, space)
+    assert len(warm) == 3 and warm[0].key() == best.config.key()
+    cold = summarize(replay(land, space, ["random", "hill-climb"], seeds=6, budget=5), best.tokens_per_s, 5)
+    hot = summarize(replay(land, space, ["random", "hill-climb"], seeds=6, budget=5, warm=warm), best.tokens_per_s, 5)
+    for c, h in zip(cold, hot, strict=True):
+        assert h["reached_95"] == 1.0 and h["median_to_95"] == 1 and c["reached_95"] < 1.0
+    other = json.loads(recorded.read_text())
+    other["hardware"]["fingerprint"] = "0123456789abcdef"  # recorded on another machine
+    moved = tmp_path / "other.json"
+    moved.write_text(json.dumps(other))
+    with pytest.raises(LandscapeError, match="other hardware"):
+        warm_configs(land, load_landscape(moved), space)
