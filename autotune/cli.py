@@ -374,8 +374,11 @@ def _run_with_progress(tuner: Any) -> Any:
     def on_warm_start(n: int, studies: list[str]) -> None:
         progress.console.print(f"  warm start: {n} best config(s) of {', '.join(studies)} go first", highlight=False)
 
+    def on_outlook(message: str) -> None:
+        progress.console.print(f"  [dim]{escape(message)}[/dim]", highlight=False)
+
     tuner.events = TuneEvents(
-        on_start, on_trial_start, on_trial_end, on_confirm, on_storage_lost, on_reference, on_warm_start
+        on_start, on_trial_start, on_trial_end, on_confirm, on_storage_lost, on_reference, on_warm_start, on_outlook
     )
     study = tuner.open_study()  # spec/hardware mismatches are reported before any progress output
     with progress:

@@ -440,6 +440,7 @@ class TuneEvents:
     on_storage_lost: Callable[[str], None] = lambda message: None
     on_reference: Callable[[], None] = lambda: None
     on_warm_start: Callable[[int, list[str]], None] = lambda n, studies: None
+    on_outlook: Callable[[str], None] = lambda message: None  # patience reached, but the model expects more
 
 
 @dataclass
@@ -835,7 +836,10 @@ class Tuner:
             if i < len(values) - 1:  # earlier stalls: this study went on, so the model objected then
                 return True
             look[0] = self.outlook(spent)
-            return look[0] is not None and look[0].expected_gain_pct >= b.min_improvement_pct
+            going_on = look[0] is not None and look[0].expected_gain_pct >= b.min_improvement_pct
+            if going_on and look[0] is not None:
+                self.events.on_outlook(f"patience {b.patience} reached, going on: {look[0].describe()}")
+            return going_on
 
         stop = plateau(values, b.patience, b.min_improvement_pct, keep_going)
         if stop is None:

@@ -374,7 +374,10 @@ def test_patience_waits_while_the_model_still_expects_a_gain(tmp_path: Path) -> 
     early = [TrialConfig(batch_size=2, quantization="int8-dynamic")]
     early += [TrialConfig(batch_size=1), TrialConfig(batch_size=1, precision="bf16"), TrialConfig(batch_size=2)]
     trials = [done(i, c) for i, c in enumerate(early)]
+    notes: list[str] = []
+    t.events.on_outlook = notes.append
     assert t.stagnation(trials) is None  # patience alone would stop here
+    assert len(notes) == 1 and notes[0].startswith("patience 3 reached, going on: a Gaussian process")
     # Every fp32 config measured (b16 int8 the best feasible; b32 int8 and b16 none miss the SLO), then
     # the large bf16 ones, no better: what is left (small bf16 batches) cannot beat 320 tok/s.
     quants = ("none", "int8-dynamic")
