@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from autotune.config import TrialConfig
 from autotune.continuous import ContinuousScheduler
@@ -26,7 +26,15 @@ from autotune.decoder import StaticDecoder
 from autotune.hardware import Hardware
 from autotune.models import ModelInfo
 from autotune.optimize import ATTENTIONS, BACKENDS, PRECISIONS, QUANTIZERS
-from autotune.optimize.compile import compiles_decoder_step, needs_fixed_shapes, uses_static_decoder
+from autotune.optimize.compile import (
+    compiles_decoder_step,
+    needs_fixed_shapes,
+    uses_onnxruntime,
+    uses_static_decoder,
+)
+
+if TYPE_CHECKING:
+    from autotune.ort import ExportedStep, OrtDecoder
 
 
 @dataclass
@@ -81,6 +89,8 @@ class BuildTimings:
     load_s: float = 0.0
     precision_s: float = 0.0
     quantize_s: float = 0.0
+    export_s: float = 0.0  # onnxruntime: exporting the graph, or loading it from the disk cache
+    export_cached: float = 0.0  # 1.0 when the export came from the disk cache
 
     def as_dict(self) -> dict[str, float]:
         return dict(self.__dict__)
@@ -171,6 +181,7 @@ class Engine:
         self.max_context = max_context or info.max_context or 2048
         self._continuous: ContinuousScheduler | None = None
         self._decoders: dict[int, StaticDecoder] = {}  # per stream worker (cuda-graphs backend)
+        self.ort_step: ExportedStep | None = None  # the onnxruntime backend's graph (set by build())
         self._held: list[_Pending] = []  # queued requests the bucketed scheduler passed over, oldest first
         #: Seconds and calls spent turning text into ids and back (``encode`` / ``decode``), by kind.
         self.text_seconds: dict[str, float] = {}
@@ -213,7 +224,7 @@ class Engine:
         timings.quantize_s = time.perf_counter() - t
         model = ATTENTIONS[config.attention].apply(model, hardware)
         model = BACKENDS[config.backend].apply(model, hardware)  # compiling happens in warm-up (compile_s)
-        return cls(
+        engine = cls(
             model,
             tokenizer,
             config,
@@ -223,6 +234,12 @@ class Engine:
             prompt_pad_to=prompt_pad_to,
             max_context=max_context,
         )
+        if uses_onnxruntime(config.backend):
+            from autotune.ort import ExportedStep
+
+            engine.ort_step = ExportedStep.load(model, config.attention)
+            timings.export_s, timings.export_cached = engine.ort_step.export_s, float(engine.ort_step.cached)
+        return engine
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> Engine:
@@ -442,7 +459,7 @@ class Engine:
             ids[i, width - n :] = torch.tensor(p.prompt_ids, dtype=torch.long)
             mask[i, width - n :] = 1
         mask[rows:, -1] = 1  # padding rows attend to one token so softmax stays finite
-        if uses_static_decoder(self.config.backend):
+        if uses_static_decoder(self.config.backend) or uses_onnxruntime(self.config.backend):
             return self._run_static(batch, stream, ids, mask, new_tokens)
         device = self.hardware.device
         from transformers import LogitsProcessorList
@@ -464,8 +481,14 @@ class Engine:
         t_first = clock.first_token_time(t_start) or t_end
         return _results(batch, generated, stream, t_start, t_first, t_end)
 
-    def _decoder(self, stream: int, rows: int, width: int, new_tokens: int) -> StaticDecoder:
-        """This worker's decoder, built (and on CUDA captured) on first use or when a batch outgrows it."""
+    def _decoder(self, stream: int, rows: int, width: int, new_tokens: int) -> StaticDecoder | OrtDecoder:
+        """This worker's decoder, built (and on CUDA captured) on first use or when a batch outgrows it;
+        for onnxruntime, a light one per batch over the stream's session."""
+        if self.ort_step is not None:
+            from autotune.ort import OrtDecoder
+
+            threads = max(1, (os.cpu_count() or 1) // self.config.streams)
+            return OrtDecoder(self.ort_step, self.ort_step.session(stream, threads))
         d = self._decoders.get(stream)
         if d is None or (d.rows, d.width) != (rows, width) or d.max_new_tokens < new_tokens:
             capacity = max(new_tokens, self.max_context - width)

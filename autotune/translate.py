@@ -223,6 +223,9 @@ def vllm_knobs(doc: dict[str, Any]) -> tuple[list[Knob], list[str]]:
         args.append("-O2")
         note = "-O2: CUDA graphs, but vLLM captures them around its own torch.compile (Inductor) graphs"
         knobs.append(Knob("backend", be, "approximate", note))
+    elif be == "onnxruntime":
+        note = "vLLM has no ONNX Runtime backend; left at vLLM's default compilation (-O2 equivalent)"
+        knobs.append(Knob("backend", be, "no equivalent", note))
     else:
         args.append("-O2")
         knobs.append(Knob("backend", be, "maps", "-O2: torch.compile (Inductor) + CUDA graphs (vLLM's default)"))
@@ -364,6 +367,10 @@ def tgi_knobs(doc: dict[str, Any]) -> tuple[list[Knob], dict[str, str]]:
         env["CUDA_GRAPHS"] = "0"
         knobs.append(
             Knob("backend", be, "approximate", "CUDA_GRAPHS=0: TGI runs its own kernels, no torch.compile switch")
+        )
+    elif be == "onnxruntime":
+        knobs.append(
+            Knob("backend", be, "no equivalent", "TGI has no ONNX Runtime backend; CUDA_GRAPHS left at default")
         )
     else:
         sizes = [1]

@@ -6,7 +6,11 @@ The CUDA-graph backends run autotune's own static-cache decode loop (:mod:`autot
 instead of ``generate()`` and capture its whole step as one CUDA graph, so a new token costs one
 graph replay instead of ``generate()``'s per-token Python: ``cuda-graphs`` captures the eager
 kernels (no compiler, ~1 s), ``inductor-cudagraphs`` compiles the step with Inductor first and
-captures the fused kernels (fewer, larger kernels; a compile per process)."""
+captures the fused kernels (fewer, larger kernels; a compile per process).
+
+``onnxruntime`` exports the forward pass to ONNX once per model (cached on disk) and decodes with
+ONNX Runtime (:mod:`autotune.ort`): one runtime call per step instead of PyTorch's per-operator
+dispatch, every shape dynamic so nothing is padded."""
 
 from __future__ import annotations
 
@@ -58,6 +62,31 @@ def _own_loop_conflict(cfg: TrialConfig, hw: Hardware) -> str | None:
     return None
 
 
+def _ort_unsupported(hw: Hardware) -> str | None:
+    from autotune.ort import missing_packages
+
+    missing = missing_packages()
+    if missing:
+        return f"needs {', '.join(missing)} (pip install 'autotune[onnx]')"
+    if hw.device_type != "cpu":
+        return "runs on ONNX Runtime's CPU provider only (its CUDA provider is not wired in yet)"
+    return None
+
+
+def _ort_conflict(cfg: TrialConfig, hw: Hardware) -> str | None:
+    if cfg.scheduler == "continuous":
+        return "continuous batching runs transformers' own loop: onnxruntime needs scheduler static or bucketed"
+    if cfg.quantization != "none":
+        return (
+            "the export takes the model unquantized (torchao and fbgemm modules do not export): use quantization none"
+        )
+    if cfg.precision not in ("fp32", "tf32"):
+        return "the export runs in fp32 on ONNX Runtime's CPU provider: use precision fp32"
+    if cfg.attention not in ("sdpa", "eager"):
+        return f"attention {cfg.attention} is not exported: use sdpa or eager"
+    return None
+
+
 BACKENDS: dict[str, Technique] = {
     "eager": Technique("eager", _eager, description="plain PyTorch eager"),
     "inductor": Technique(
@@ -81,6 +110,13 @@ BACKENDS: dict[str, Technique] = {
         _own_loop_conflict,
         description="autotune's static-cache decode loop, each step one captured CUDA graph (no compiler)",
     ),
+    "onnxruntime": Technique(
+        "onnxruntime",
+        _eager,  # the engine exports the model once it is built (autotune.ort)
+        _ort_unsupported,
+        _ort_conflict,
+        description="the forward pass exported to ONNX (cached on disk), decoded by ONNX Runtime",
+    ),
 }
 
 
@@ -89,11 +125,17 @@ def uses_static_decoder(backend: str) -> bool:
     return backend in ("cuda-graphs", "inductor-cudagraphs")
 
 
+def uses_onnxruntime(backend: str) -> bool:
+    """Backends that decode in :class:`autotune.ort.OrtDecoder`."""
+    return backend == "onnxruntime"
+
+
 def compiles_decoder_step(backend: str) -> bool:
     """Whether :class:`autotune.decoder.StaticDecoder` runs its step through ``torch.compile``."""
     return backend == "inductor-cudagraphs"
 
 
 def needs_fixed_shapes(backend: str) -> bool:
-    """Compiled backends recompile per shape; the engine pads to one shape instead."""
-    return backend != "eager"
+    """Compiled backends recompile per shape; the engine pads to one shape instead. The ONNX
+    graph is exported with every shape dynamic."""
+    return backend not in ("eager", "onnxruntime")

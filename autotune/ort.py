@@ -1,0 +1,267 @@
+"""The ``onnxruntime`` backend: the model's forward pass exported to ONNX once, run by ONNX Runtime.
+
+PyTorch eager spends most of a small model's decode step in per-operator dispatch; ONNX Runtime
+runs the same graph with one call (measured on the 2-core CPU: tiny-lm batch 4, 0.7 ms a step
+against 5.4 ms). Hugging Face's exporters (optimum-onnx) pin transformers below 4.58, so the
+graph is exported here with ``torch.onnx.export(dynamo=True)``: one graph, every shape dynamic
+(batch, new tokens, cached tokens), that takes the token ids, their positions, a 4-D additive
+mask and the key/value cache of every layer, and returns each row's next token (greedy,
+end-of-sequence suppressed like the other loops) and the cache grown by the new tokens.
+
+Prefill and decode are the same graph: the prompt is run against a one-slot dummy cache whose
+slot is masked out for every query, so cached tokens never need a zero-length input. The slot
+stays (masked) for the whole generation.
+
+Exports are cached on disk (``AUTOTUNE_CACHE_DIR``, default ``~/.cache/autotune``) under a key
+of the weights' digest, the attention kernel and the library versions: a later trial or study
+of the same model loads the file instead of exporting again, and the time each took is reported
+apart from measurement (``export_s``, ``export_cached``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+#: Bumped when the exported graph's inputs or outputs change, so old cache entries are not used.
+EXPORT_FORMAT = 1
+_EXPORT_LOCK = threading.Lock()
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("AUTOTUNE_CACHE_DIR") or Path.home() / ".cache" / "autotune") / "onnx"
+
+
+def missing_packages() -> list[str]:
+    """The packages this backend needs that are not installed (checked without importing them)."""
+    from importlib.util import find_spec
+
+    return [p for p in ("onnxruntime", "onnx", "onnxscript") if find_spec(p) is None]
+
+
+def export_key(model: Any, attention: str) -> str:
+    """What the exported graph depends on: the weights (every byte), the architecture's config,
+    the attention kernel and the exporter's versions."""
+    import onnxruntime
+    import torch
+    import transformers
+
+    h = hashlib.sha256()
+    what = {
+        "format": EXPORT_FORMAT,
+        "config": model.config.to_dict(),
+        "attention": attention,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+    h.update(json.dumps(what, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def _eos_ids(model: Any) -> list[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+
+
+def _step_module(model: Any) -> Any:
+    """The exported function, as a module: (ids, positions, mask, *cache) -> (next ids, *grown cache)."""
+    import torch
+    from transformers import DynamicCache
+
+    layers = model.config.num_hidden_layers
+    eos = _eos_ids(model)
+
+    class Step(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: Any, position_ids: Any, mask: Any, *cache: Any) -> tuple[Any, ...]:
+            past = DynamicCache()
+            for i in range(layers):
+                past.update(cache[2 * i], cache[2 * i + 1], i)
+            logits = self.model(
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=position_ids,
+                past_key_values=past,
+                use_cache=True,
+                logits_to_keep=1,
+            ).logits[:, -1, :]
+            if eos:
+                logits = logits.index_fill(1, torch.tensor(eos, dtype=torch.long), float("-inf"))
+            grown = [t for i in range(layers) for t in (past.layers[i].keys, past.layers[i].values)]
+            return (logits.argmax(-1), *grown)
+
+    return Step().eval()
+
+
+def _cache_shape(model: Any, rows: int, length: int) -> tuple[int, int, int, int]:
+    cfg = model.config
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return (rows, heads, length, head_dim)
+
+
+def export(model: Any, path: Path) -> None:
+    """Write the step graph (``path`` plus its external weights file)."""
+    import warnings
+
+    import torch
+
+    layers = model.config.num_hidden_layers
+    rows, width, cached = 2, 3, 4  # sizes other than 0 and 1, which torch.export would specialise
+    example = (
+        torch.ones(rows, width, dtype=torch.long),
+        torch.arange(width).repeat(rows, 1),
+        torch.zeros(rows, 1, width, cached + width),
+        *(torch.zeros(_cache_shape(model, rows, cached)) for _ in range(2 * layers)),
+    )
+    b, s, p = torch.export.Dim("rows"), torch.export.Dim("new"), torch.export.Dim("cached")
+    dynamic = (
+        {0: b, 1: s},
+        {0: b, 1: s},
+        {0: b, 2: s, 3: torch.export.Dim.AUTO},  # cached + new: export derives the relation
+        tuple({0: b, 2: p} for _ in range(2 * layers)),
+    )
+    names = [f"cache.{i}" for i in range(2 * layers)]
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            _step_module(model),
+            example,
+            str(path),
+            dynamo=True,
+            dynamic_shapes=dynamic,
+            input_names=["input_ids", "position_ids", "mask", *names],
+            output_names=["next_ids", *[f"grown.{i}" for i in range(2 * layers)]],
+            external_data=True,
+            verbose=False,
+        )
+
+
+@dataclass
+class ExportedStep:
+    """One model's exported step graph in this process, and a session per stream worker."""
+
+    path: Path
+    export_s: float
+    cached: bool
+    layers: int
+    heads: int  # key/value heads
+    head_dim: int
+    dtype_min: float
+
+    def __post_init__(self) -> None:
+        self._sessions: dict[tuple[int, int], Any] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, model: Any, attention: str) -> ExportedStep:
+        """Export ``model`` (or take its export from the disk cache)."""
+        import torch
+
+        with _EXPORT_LOCK:
+            t = time.perf_counter()
+            final = cache_root() / export_key(model, attention)
+            graph = final / "step.onnx"
+            cached = graph.is_file()
+            if not cached:
+                final.parent.mkdir(parents=True, exist_ok=True)
+                work = Path(tempfile.mkdtemp(prefix=".export-", dir=final.parent))
+                try:
+                    export(model, work / "step.onnx")
+                    try:
+                        work.rename(final)  # atomic: another process's finished export wins
+                    except OSError:
+                        if not graph.is_file():
+                            raise
+                finally:
+                    shutil.rmtree(work, ignore_errors=True)
+            _, heads, _, head_dim = _cache_shape(model, 1, 1)
+            layers = model.config.num_hidden_layers
+            return cls(graph, time.perf_counter() - t, cached, layers, heads, head_dim, torch.finfo().min)
+
+    def session(self, stream: int, threads: int) -> Any:
+        """This stream worker's session (ONNX Runtime's thread pool is per session)."""
+        import onnxruntime as ort
+
+        with self._lock:
+            s = self._sessions.get((stream, threads))
+            if s is None:
+                opts = ort.SessionOptions()
+                opts.intra_op_num_threads = threads
+                opts.inter_op_num_threads = 1
+                opts.log_severity_level = 3
+                s = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+                self._sessions[(stream, threads)] = s
+            return s
+
+
+class OrtDecoder:
+    """Greedy generation through an :class:`ExportedStep`, with :class:`autotune.decoder.StaticDecoder`'s
+    interface (``prefill`` then ``decode``), for any number of rows and prompt width."""
+
+    def __init__(self, step: ExportedStep, session: Any) -> None:
+        self.step, self.session = step, session
+        self._cache: list[Any] = []
+        self._tokens: Any = None
+
+    def prefill(self, ids: Any, attention_mask: Any) -> Any:
+        """Run the prompts (left-padded ``ids``); returns the first new token of each row."""
+        import numpy as np
+        import torch
+
+        keep = attention_mask.numpy().astype(bool)
+        rows, width = keep.shape
+        lo = self.step.dtype_min
+        causal = np.tril(np.ones((width, width), dtype=bool))
+        allowed = (causal[None] & keep[:, None, :]) | np.eye(width, dtype=bool)[None]  # padding sees itself
+        mask = np.full((rows, 1, width, 1 + width), lo, dtype=np.float32)  # column 0: the dummy slot
+        mask[:, 0, :, 1:][allowed] = 0.0
+        positions = np.clip(keep.cumsum(-1) - 1, 0, None).astype(np.int64)
+        empty = np.zeros((rows, self.step.heads, 1, self.step.head_dim), dtype=np.float32)
+        out = self.session.run(
+            None, self._feed(ids.numpy().astype(np.int64), positions, mask, [empty] * (2 * self.step.layers))
+        )
+        self._cache = out[1:]
+        # The decode steps' mask: dummy slot hidden, prompt keys where real; grows one visible column a step.
+        self._mask_row = np.concatenate(
+            [np.full((rows, 1), lo, np.float32), np.where(keep, 0.0, lo).astype(np.float32)], 1
+        )
+        self._position = keep.sum(-1, keepdims=True).astype(np.int64)
+        self._tokens = out[0].astype(np.int64)
+        self._out = [self._tokens]
+        return torch.from_numpy(self._tokens)
+
+    def _feed(self, ids: Any, positions: Any, mask: Any, cache: list[Any]) -> dict[str, Any]:
+        feed = {"input_ids": ids, "position_ids": positions, "mask": mask}
+        feed.update({f"cache.{i}": c for i, c in enumerate(cache)})
+        return feed
+
+    def decode(self, new_tokens: int) -> Any:
+        """The remaining ``new_tokens - 1`` tokens after :meth:`prefill`; returns rows x new_tokens ids."""
+        import numpy as np
+        import torch
+
+        rows = self._tokens.shape[0]
+        visible = np.zeros((rows, new_tokens), dtype=np.float32)
+        for t in range(new_tokens - 1):
+            mask = np.concatenate([self._mask_row, visible[:, : t + 1]], 1)[:, None, None, :]
+            out = self.session.run(None, self._feed(self._tokens[:, None], self._position + t, mask, self._cache))
+            self._tokens = out[0].astype(np.int64)
+            self._cache = out[1:]
+            self._out.append(self._tokens)
+        return torch.from_numpy(np.stack(self._out[:new_tokens], 1))

@@ -1,0 +1,101 @@
+"""The onnxruntime backend: the exported graph decodes exactly what generate() does, the export is
+cached on disk, and a machine without the packages is told why the backend is not offered."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from autotune.config import TrialConfig
+from autotune.engine import Engine
+from autotune.hardware import Hardware, probe
+from autotune.optimize.compile import BACKENDS
+from autotune.space import SearchSpace
+from autotune.spec import parse_spec
+
+from .conftest import make_hw
+
+TINY = "preset:llama-tiny"
+pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+
+
+@pytest.fixture(scope="module")
+def hw() -> Hardware:
+    return probe("cpu")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def export_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    root = tmp_path_factory.mktemp("autotune-cache")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("AUTOTUNE_CACHE_DIR", str(root))
+    yield root
+    mp.undo()
+
+
+def prompts(n: int) -> list[list[int]]:
+    return [[10 + (i * 7 + j) % 400 for j in range(4 + i)] for i in range(n)]  # every length differs
+
+
+def test_the_engine_decodes_what_eager_decodes_with_every_shape_dynamic(hw: Hardware, export_cache: Path) -> None:
+    ps = prompts(5)
+    with Engine.build(TINY, TrialConfig(batch_size=4), hw) as eager:
+        want = [r.output_ids for r in eager.generate(ps, 6)]
+    cfg = TrialConfig(batch_size=4, backend="onnxruntime", streams=2, max_queue_delay_ms=50)
+    engine = Engine.build(TINY, cfg, hw)
+    assert engine.ort_step is not None and not engine.fixed_shapes  # nothing is padded to one shape
+    first = engine.timings.as_dict()
+    assert first["export_s"] > 0 and first["export_cached"] == 0.0
+    with engine:
+        results = engine.generate(ps, 6)
+        assert [r.output_ids for r in results] == want
+        assert len(engine.run_batch(ps[:1], 10)[0]) == 10  # any number of new tokens, no rebuild
+    for r in results:
+        assert r.t_submit <= r.t_start <= r.t_first_token <= r.t_end
+    # A second engine of the same model loads the export from the disk cache instead of exporting.
+    again = Engine.build(TINY, cfg.model_copy(update={"batch_size": 2}), hw)
+    assert again.timings.export_cached == 1.0 and again.timings.export_s < first["export_s"]
+    assert again.ort_step is not None and again.ort_step.path == engine.ort_step.path
+    assert len(list(export_cache.glob("onnx/*/step.onnx"))) == 1
+    other = Engine.build(TINY, cfg, hw, seed=1)  # other weights: another entry, never the cached graph
+    assert other.ort_step is not None and other.ort_step.path != engine.ort_step.path
+    with other:
+        assert [r.output_ids for r in other.generate(ps, 6)] != want
+
+
+def test_a_real_trial_reports_the_export_apart_from_measuring(hw: Hardware) -> None:
+    from autotune.runner import run_trial
+    from autotune.spec import load_spec
+
+    from .conftest import TINY_SPEC
+
+    spec = load_spec(TINY_SPEC)
+    m = run_trial(spec, TrialConfig(batch_size=4, backend="onnxruntime"), hw)
+    assert m.output_tokens_per_s > 0 and m.requests >= 4
+    assert "export_s" in m.timings and m.timings["export_s"] > 0
+
+
+def test_the_backend_is_offered_only_where_it_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    import autotune.ort
+
+    space_spec = {"backend": ["eager", "onnxruntime"]}
+    spec = parse_spec({"name": "s", "model": TINY, "slo": {"e2e_ms": {"p95": 1000}}, "space": space_spec})
+    cpu = make_hw()
+    assert "backend=onnxruntime" not in SearchSpace.from_spec(spec, cpu).dropped
+    ort = BACKENDS["onnxruntime"]
+    for cfg, words in [
+        (TrialConfig(backend="onnxruntime", quantization="int8-dynamic"), "quantization none"),
+        (TrialConfig(backend="onnxruntime", precision="bf16"), "precision fp32"),
+        (TrialConfig(backend="onnxruntime", scheduler="continuous"), "scheduler static"),
+        (TrialConfig(backend="onnxruntime", attention="sdpa-packed"), "sdpa or eager"),
+    ]:
+        reason = ort.conflict(cfg, cpu)
+        assert reason is not None and words in reason
+    assert ort.conflict(TrialConfig(backend="onnxruntime", scheduler="bucketed"), cpu) is None
+    assert "CPU provider only" in (ort.unsupported(make_hw("cuda", cc=(9, 0))) or "")
+    monkeypatch.setattr(autotune.ort, "missing_packages", lambda: ["onnxruntime"])
+    space = SearchSpace.from_spec(spec, cpu)
+    assert space.values["backend"] == ["eager"]
+    assert "pip install 'autotune[onnx]'" in space.dropped["backend=onnxruntime"]
