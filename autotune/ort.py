@@ -152,6 +152,69 @@ def export(model: Any, path: Path) -> None:
         )
 
 
+def _logits_module(model: Any) -> Any:
+    """For the fidelity check: token ids and a 2-D mask -> logits at every position (no cache)."""
+    import torch
+
+    class Logits(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: Any, attention_mask: Any) -> Any:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    return Logits().eval()
+
+
+def export_logits(model: Any, path: Path) -> None:
+    """Write the fidelity graph (``path`` plus its external weights file)."""
+    import warnings
+
+    import torch
+
+    example = (torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.long))
+    b, s = torch.export.Dim("rows"), torch.export.Dim("tokens")
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            _logits_module(model),
+            example,
+            str(path),
+            dynamo=True,
+            dynamic_shapes=({0: b, 1: s}, {0: b, 1: s}),
+            input_names=["input_ids", "attention_mask"],
+            output_names=["logits"],
+            external_data=True,
+            verbose=False,
+        )
+
+
+def _publish(final: Path, name: str, write: Any) -> bool:
+    """Write ``final/name`` (and its external ``.data`` file) once, whatever the number of trial
+    processes exporting the same model at once: one holds the folder's lock and exports through a
+    private folder (a reader never sees half a file), the others wait and find it there. True when
+    it was already there."""
+    final.mkdir(parents=True, exist_ok=True)
+    with open(final / ".lock", "w") as lock:
+        try:
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except ImportError:  # not a POSIX system: one exporting process at a time is then the user's care
+            pass
+        if (final / name).is_file():
+            return True
+        work = Path(tempfile.mkdtemp(prefix=".export-", dir=final))
+        try:
+            write(work / name)
+            for extra in sorted(work.iterdir(), key=lambda p: p.name == name):  # the graph itself last
+                os.replace(extra, final / extra.name)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return False
+
+
 @dataclass
 class ExportedStep:
     """One model's exported step graph in this process, and a session per stream worker."""
@@ -166,6 +229,8 @@ class ExportedStep:
 
     def __post_init__(self) -> None:
         self._sessions: dict[tuple[int, int], Any] = {}
+        self._logits: Any = None
+        self._model: Any = None
         self._lock = threading.Lock()
 
     @classmethod
@@ -176,37 +241,52 @@ class ExportedStep:
         with _EXPORT_LOCK:
             t = time.perf_counter()
             final = cache_root() / export_key(model, attention)
-            graph = final / "step.onnx"
-            cached = graph.is_file()
-            if not cached:
-                final.parent.mkdir(parents=True, exist_ok=True)
-                work = Path(tempfile.mkdtemp(prefix=".export-", dir=final.parent))
-                try:
-                    export(model, work / "step.onnx")
-                    try:
-                        work.rename(final)  # atomic: another process's finished export wins
-                    except OSError:
-                        if not graph.is_file():
-                            raise
-                finally:
-                    shutil.rmtree(work, ignore_errors=True)
+            cached = _publish(final, "step.onnx", lambda path: export(model, path))
             _, heads, _, head_dim = _cache_shape(model, 1, 1)
             layers = model.config.num_hidden_layers
-            return cls(graph, time.perf_counter() - t, cached, layers, heads, head_dim, torch.finfo().min)
+            step = cls(final / "step.onnx", time.perf_counter() - t, cached, layers, heads, head_dim, torch.finfo().min)
+            step._model = model
+            return step
+
+    def _session(self, path: Path, threads: int) -> Any:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+    def logits(self, ids: Any) -> Any:
+        """Logits at every position of ``ids`` (rows x tokens, no padding) from the exported
+        fidelity graph, exported (or taken from the cache) on first use."""
+        import numpy as np
+        import torch
+
+        with self._lock:
+            if self._logits is None:
+                path = self.path.parent / "logits.onnx"
+                with _EXPORT_LOCK:
+                    _publish(path.parent, path.name, lambda p: export_logits(self._model, p))
+                self._logits = self._session(path, max(1, torch.get_num_threads()))
+        feed = {"input_ids": ids.numpy().astype(np.int64), "attention_mask": np.ones(ids.shape, dtype=np.int64)}
+        return torch.from_numpy(self._logits.run(None, feed)[0])
+
+    def greedy(self, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+        """Greedy continuations of same-length prompts through the step graph."""
+        import torch
+
+        ids = torch.tensor(prompts, dtype=torch.long)
+        decoder = OrtDecoder(self, self.session(-1, max(1, torch.get_num_threads())))
+        decoder.prefill(ids, torch.ones_like(ids))
+        return decoder.decode(new_tokens).tolist()
 
     def session(self, stream: int, threads: int) -> Any:
         """This stream worker's session (ONNX Runtime's thread pool is per session)."""
-        import onnxruntime as ort
-
         with self._lock:
             s = self._sessions.get((stream, threads))
             if s is None:
-                opts = ort.SessionOptions()
-                opts.intra_op_num_threads = threads
-                opts.inter_op_num_threads = 1
-                opts.log_severity_level = 3
-                s = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
-                self._sessions[(stream, threads)] = s
+                s = self._sessions[(stream, threads)] = self._session(self.path, threads)
             return s
 
 

@@ -25,7 +25,7 @@ import io
 import json
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -144,22 +144,38 @@ def _chunks(windows: list[list[int]]) -> Iterator[list[list[int]]]:
         yield chunk
 
 
-def _logprobs(model: Any, windows: list[list[int]]) -> Iterator[tuple[Any, Any]]:
+#: A runtime other than the PyTorch model (the onnxruntime backend): token ids [rows, tokens] ->
+#: logits [rows, tokens, vocab], and greedy continuations (prompts of one length, new tokens) -> ids.
+Logits = Callable[[Any], Any]
+Greedy = Callable[[list[list[int]], int], list[list[int]]]
+
+
+def _torch_logits(model: Any) -> Logits:
+    import torch
+
+    device = next(model.parameters()).device
+
+    def run(ids: Any) -> Any:
+        ids = ids.to(device)
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+
+    return run
+
+
+def _logprobs(model: Any, windows: list[list[int]], logits: Logits | None = None) -> Iterator[tuple[Any, Any]]:
     """Per window: log-probabilities at every predicting position (float32, on the CPU) and the
     actual next tokens. A vocabulary-wide tensor exists for one chunk of windows at a time."""
     import torch
 
-    device = next(model.parameters()).device
+    run = logits or _torch_logits(model)
     with torch.inference_mode():
         for chunk in _chunks(windows):
-            ids = torch.tensor(chunk, device=device)
-            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, :-1]
-            lp = torch.log_softmax(logits.float(), dim=-1).cpu()
+            lp = torch.log_softmax(run(torch.tensor(chunk))[:, :-1].float(), dim=-1).cpu()
             for row, w in zip(lp, chunk, strict=True):
                 yield row, torch.tensor(w[1:])
 
 
-def _greedy(model: Any, es: EvalSet) -> list[list[int]]:
+def _greedy(model: Any, es: EvalSet, greedy: Greedy | None = None) -> list[list[int]]:
     import torch
 
     device = next(model.parameters()).device
@@ -169,6 +185,9 @@ def _greedy(model: Any, es: EvalSet) -> list[list[int]]:
     prompts = [w[: es.greedy_prompt_tokens] for w in es.windows]
     with torch.inference_mode():
         for chunk in _chunks(prompts):
+            if greedy is not None:
+                conts += greedy(chunk, es.greedy_tokens)
+                continue
             ids = torch.tensor(chunk, device=device)
             out = model.generate(
                 input_ids=ids,
@@ -210,8 +229,11 @@ def _prefix_share(got: list[int], want: list[int]) -> float:
     return n / max(len(want), 1)
 
 
-def fidelity(model: Any, es: EvalSet, ref: Reference) -> dict[str, float]:
-    """The trial's fidelity figures against the reference (see the module docstring)."""
+def fidelity(
+    model: Any, es: EvalSet, ref: Reference, *, logits: Logits | None = None, greedy: Greedy | None = None
+) -> dict[str, float]:
+    """The trial's fidelity figures against the reference (see the module docstring); ``logits``
+    and ``greedy`` measure another runtime's numerics (what the trial serves) instead of ``model``'s."""
     import torch
 
     if ref.eval_key != es.key():
@@ -219,7 +241,7 @@ def fidelity(model: Any, es: EvalSet, ref: Reference) -> dict[str, float]:
     all_ids = torch.from_numpy(ref.topk_ids).long()
     all_ref = torch.from_numpy(ref.topk_logprobs)
     kls, top1, nlls, at = [], [], [], 0
-    for lp, targets in _logprobs(model, es.windows):
+    for lp, targets in _logprobs(model, es.windows, logits):
         n = lp.shape[0]
         ids, ref_lp = all_ids[at : at + n], all_ref[at : at + n]
         at += n
@@ -233,11 +255,11 @@ def fidelity(model: Any, es: EvalSet, ref: Reference) -> dict[str, float]:
         nlls.append(-lp.gather(1, targets[:, None]).squeeze(1))
     kl = torch.cat(kls)
     ppl = math.exp(float(torch.cat(nlls).mean()))
-    greedy = _greedy(model, es)
+    conts = _greedy(model, es, greedy)
     return {
         "kl": max(float(kl.mean()), 0.0),
         "top1_agreement": float(torch.cat(top1).float().mean()),
-        "greedy_agreement": sum(_prefix_share(g, w) for g, w in zip(greedy, ref.greedy, strict=True)) / len(greedy),
+        "greedy_agreement": sum(_prefix_share(g, w) for g, w in zip(conts, ref.greedy, strict=True)) / len(conts),
         "perplexity": ppl,
         "reference_perplexity": ref.perplexity,
         "perplexity_increase_pct": 100.0 * (ppl - ref.perplexity) / ref.perplexity,

@@ -224,7 +224,8 @@ def vllm_knobs(doc: dict[str, Any]) -> tuple[list[Knob], list[str]]:
         note = "-O2: CUDA graphs, but vLLM captures them around its own torch.compile (Inductor) graphs"
         knobs.append(Knob("backend", be, "approximate", note))
     elif be == "onnxruntime":
-        note = "vLLM has no ONNX Runtime backend; left at vLLM's default compilation (-O2 equivalent)"
+        args.append("-O2")
+        note = "vLLM has no ONNX Runtime backend; -O2 is vLLM's default (torch.compile + CUDA graphs)"
         knobs.append(Knob("backend", be, "no equivalent", note))
     else:
         args.append("-O2")
@@ -368,10 +369,6 @@ def tgi_knobs(doc: dict[str, Any]) -> tuple[list[Knob], dict[str, str]]:
         knobs.append(
             Knob("backend", be, "approximate", "CUDA_GRAPHS=0: TGI runs its own kernels, no torch.compile switch")
         )
-    elif be == "onnxruntime":
-        knobs.append(
-            Knob("backend", be, "no equivalent", "TGI has no ONNX Runtime backend; CUDA_GRAPHS left at default")
-        )
     else:
         sizes = [1]
         while sizes[-1] * 2 < b:
@@ -379,14 +376,12 @@ def tgi_knobs(doc: dict[str, Any]) -> tuple[list[Knob], dict[str, str]]:
         if b > 1:
             sizes.append(b)
         env["CUDA_GRAPHS"] = ",".join(map(str, sizes))
-        knobs.append(
-            Knob(
-                "backend",
-                be,
-                "approximate",
-                f"CUDA_GRAPHS={env['CUDA_GRAPHS']}: graphs for batch sizes up to {b}, TGI kernels instead of Inductor",
-            )
-        )
+        if be == "onnxruntime":
+            note = f"TGI has no ONNX Runtime backend; CUDA_GRAPHS={env['CUDA_GRAPHS']} (TGI's own kernels, graphed)"
+            knobs.append(Knob("backend", be, "no equivalent", note))
+        else:
+            note = f"CUDA_GRAPHS={env['CUDA_GRAPHS']}: graphs for batch sizes up to {b}, TGI's kernels, not Inductor"
+            knobs.append(Knob("backend", be, "approximate", note))
 
     s = int(c["streams"])
     if s == 1:

@@ -99,3 +99,29 @@ def test_the_backend_is_offered_only_where_it_runs(monkeypatch: pytest.MonkeyPat
     space = SearchSpace.from_spec(spec, cpu)
     assert space.values["backend"] == ["eager"]
     assert "pip install 'autotune[onnx]'" in space.dropped["backend=onnxruntime"]
+
+
+def test_fidelity_is_measured_on_the_exported_graph(export_cache: Path) -> None:
+    """The trial serves ONNX Runtime's numerics, so its fidelity comes from the exported graphs:
+    fp32 export is within float noise of the reference, and a broken graph would show."""
+    import torch
+
+    from autotune.models import load_model
+    from autotune.ort import ExportedStep
+    from autotune.quality import build_eval_set, compute_reference, fidelity
+    from autotune.spec import QualitySpec
+
+    q = QualitySpec(sequences=4, tokens=32, greedy_prompt_tokens=8, greedy_tokens=6)
+    model, tok, _ = load_model(TINY)
+    es = build_eval_set(q, tok)
+    ref = compute_reference(model, es, q.top_k)
+    step = ExportedStep.load(model, "sdpa")
+    ids = torch.tensor(es.windows[:2])
+    with torch.inference_mode():
+        want = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    assert torch.allclose(step.logits(ids), want, atol=1e-4)
+    assert (step.path.parent / "logits.onnx").is_file()  # exported on first use, next to the step graph
+    served = fidelity(model, es, ref, logits=step.logits, greedy=step.greedy)
+    assert served["kl"] < 1e-6 and served["top1_agreement"] == 1.0 and served["greedy_agreement"] == 1.0
+    broken = fidelity(model, es, ref, logits=lambda x: step.logits(x).flip(-1) * 10, greedy=step.greedy)
+    assert broken["kl"] > 0.1 and broken["top1_agreement"] < 1.0  # the graph's logits are what is scored
