@@ -101,6 +101,9 @@ def _print_measurement(title: str, m: Any, spec: StudySpec | None = None) -> Non
     )
     steps = ("load_s", "quantize_s", "compile_s", "warmup_s")
     build = " · ".join(f"{k.removesuffix('_s')} {m.timings[k]:.2f} s" for k in steps if k in m.timings)
+    if m.timings.get("export_s"):  # the onnxruntime backend's export, or its load from the disk cache
+        how = "loaded from the export cache" if m.timings.get("export_cached") else "exported"
+        build += f" · ONNX graph {how} in {m.timings['export_s']:.2f} s"
     if build:
         out.print(f"before measuring (not counted): {build}", highlight=False)
     if m.breakdown_ms:
