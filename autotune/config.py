@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 Precision = Literal["fp32", "tf32", "bf16", "fp16"]
 Quantization = Literal["none", "int8-dynamic", "int8-weight-only", "int4-weight-only", "fp8"]
-Backend = Literal["eager", "inductor", "inductor-cudagraphs", "cuda-graphs", "onnxruntime"]
+Backend = Literal["eager", "inductor", "inductor-cudagraphs", "cuda-graphs", "onnxruntime", "openvino"]
 Scheduler = Literal["static", "continuous", "bucketed"]
 Attention = Literal["sdpa", "sdpa-no-cudnn", "eager", "sdpa-packed"]
 

@@ -29,12 +29,12 @@ from autotune.optimize import ATTENTIONS, BACKENDS, PRECISIONS, QUANTIZERS
 from autotune.optimize.compile import (
     compiles_decoder_step,
     needs_fixed_shapes,
-    uses_onnxruntime,
+    uses_exported_graph,
     uses_static_decoder,
 )
 
 if TYPE_CHECKING:
-    from autotune.ort import ExportedStep, OrtDecoder
+    from autotune.exported import ExportedStep, GraphDecoder
 
 
 @dataclass
@@ -181,7 +181,7 @@ class Engine:
         self.max_context = max_context or info.max_context or 2048
         self._continuous: ContinuousScheduler | None = None
         self._decoders: dict[int, StaticDecoder] = {}  # per stream worker (cuda-graphs backend)
-        self.ort_step: ExportedStep | None = None  # the onnxruntime backend's graph (set by build())
+        self.exported: ExportedStep | None = None  # the exported-graph backends' graph (set by build())
         self._held: list[_Pending] = []  # queued requests the bucketed scheduler passed over, oldest first
         #: Seconds and calls spent turning text into ids and back (``encode`` / ``decode``), by kind.
         self.text_seconds: dict[str, float] = {}
@@ -234,11 +234,11 @@ class Engine:
             prompt_pad_to=prompt_pad_to,
             max_context=max_context,
         )
-        if uses_onnxruntime(config.backend):
-            from autotune.ort import ExportedStep
+        if uses_exported_graph(config.backend):
+            from autotune.exported import ExportedStep
 
-            engine.ort_step = ExportedStep.load(model, config.attention)
-            timings.export_s, timings.export_cached = engine.ort_step.export_s, float(engine.ort_step.cached)
+            engine.exported = ExportedStep.load(model, config.attention, config.backend)
+            timings.export_s, timings.export_cached = engine.exported.export_s, float(engine.exported.cached)
         return engine
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -459,7 +459,7 @@ class Engine:
             ids[i, width - n :] = torch.tensor(p.prompt_ids, dtype=torch.long)
             mask[i, width - n :] = 1
         mask[rows:, -1] = 1  # padding rows attend to one token so softmax stays finite
-        if uses_static_decoder(self.config.backend) or uses_onnxruntime(self.config.backend):
+        if uses_static_decoder(self.config.backend) or uses_exported_graph(self.config.backend):
             return self._run_static(batch, stream, ids, mask, new_tokens)
         device = self.hardware.device
         from transformers import LogitsProcessorList
@@ -481,14 +481,14 @@ class Engine:
         t_first = clock.first_token_time(t_start) or t_end
         return _results(batch, generated, stream, t_start, t_first, t_end)
 
-    def _decoder(self, stream: int, rows: int, width: int, new_tokens: int) -> StaticDecoder | OrtDecoder:
+    def _decoder(self, stream: int, rows: int, width: int, new_tokens: int) -> StaticDecoder | GraphDecoder:
         """This worker's decoder, built (and on CUDA captured) on first use or when a batch outgrows it;
         for onnxruntime, a light one per batch over the stream's session."""
-        if self.ort_step is not None:
-            from autotune.ort import OrtDecoder
+        if self.exported is not None:
+            from autotune.exported import GraphDecoder
 
             threads = max(1, (os.cpu_count() or 1) // self.config.streams)
-            return OrtDecoder(self.ort_step, self.ort_step.session(stream, threads))
+            return GraphDecoder(self.exported, self.exported.session(stream, threads))
         d = self._decoders.get(stream)
         if d is None or (d.rows, d.width) != (rows, width) or d.max_new_tokens < new_tokens:
             capacity = max(new_tokens, self.max_context - width)

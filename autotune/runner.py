@@ -416,7 +416,7 @@ def _child_trial(job: dict[str, Any]) -> dict[str, Any]:
         cached = _BUILT.get("quality") if reused and _BUILT.get("reference") == job["reference"] else None
         t = time.perf_counter()
         # What is served is measured: the exported graph's numerics for the onnxruntime backend.
-        served = {"logits": engine.ort_step.logits, "greedy": engine.ort_step.greedy} if engine.ort_step else {}
+        served = {"logits": engine.exported.logits, "greedy": engine.exported.greedy} if engine.exported else {}
         m.quality = cached or fidelity(
             engine.model,
             build_eval_set(spec.quality, engine.tokenizer),

@@ -223,9 +223,9 @@ def vllm_knobs(doc: dict[str, Any]) -> tuple[list[Knob], list[str]]:
         args.append("-O2")
         note = "-O2: CUDA graphs, but vLLM captures them around its own torch.compile (Inductor) graphs"
         knobs.append(Knob("backend", be, "approximate", note))
-    elif be == "onnxruntime":
+    elif be in ("onnxruntime", "openvino"):
         args.append("-O2")
-        note = "vLLM has no ONNX Runtime backend; -O2 is vLLM's default (torch.compile + CUDA graphs)"
+        note = f"vLLM has no {be} backend; -O2 is vLLM's default (torch.compile + CUDA graphs)"
         knobs.append(Knob("backend", be, "no equivalent", note))
     else:
         args.append("-O2")
@@ -376,8 +376,8 @@ def tgi_knobs(doc: dict[str, Any]) -> tuple[list[Knob], dict[str, str]]:
         if b > 1:
             sizes.append(b)
         env["CUDA_GRAPHS"] = ",".join(map(str, sizes))
-        if be == "onnxruntime":
-            note = f"TGI has no ONNX Runtime backend; CUDA_GRAPHS={env['CUDA_GRAPHS']} (TGI's own kernels, graphed)"
+        if be in ("onnxruntime", "openvino"):
+            note = f"TGI has no {be} backend; CUDA_GRAPHS={env['CUDA_GRAPHS']} (TGI's own kernels, graphed)"
             knobs.append(Knob("backend", be, "no equivalent", note))
         else:
             note = f"CUDA_GRAPHS={env['CUDA_GRAPHS']}: graphs for batch sizes up to {b}, TGI's kernels, not Inductor"

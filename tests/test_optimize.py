@@ -30,7 +30,7 @@ def _generate(model: torch.nn.Module) -> list[int]:
 def test_registries_are_importable_without_torch_side_effects() -> None:
     assert set(PRECISIONS) == {"fp32", "tf32", "bf16", "fp16"}
     assert set(QUANTIZERS) == {"none", "int8-dynamic", "int8-weight-only", "int4-weight-only", "fp8"}
-    assert set(BACKENDS) == {"eager", "inductor", "inductor-cudagraphs", "cuda-graphs", "onnxruntime"}
+    assert set(BACKENDS) == {"eager", "inductor", "inductor-cudagraphs", "cuda-graphs", "onnxruntime", "openvino"}
     assert set(ATTENTIONS) == {"sdpa", "sdpa-no-cudnn", "eager", "sdpa-packed"}
 
 

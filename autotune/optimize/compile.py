@@ -8,9 +8,9 @@ graph replay instead of ``generate()``'s per-token Python: ``cuda-graphs`` captu
 kernels (no compiler, ~1 s), ``inductor-cudagraphs`` compiles the step with Inductor first and
 captures the fused kernels (fewer, larger kernels; a compile per process).
 
-``onnxruntime`` exports the forward pass to ONNX once per model (cached on disk) and decodes with
-ONNX Runtime (:mod:`autotune.ort`): one runtime call per step instead of PyTorch's per-operator
-dispatch, every shape dynamic so nothing is padded."""
+``onnxruntime`` and ``openvino`` export the forward pass to ONNX once per model (cached on disk) and
+decode with that runtime (:mod:`autotune.exported`): one runtime call per step instead of PyTorch's
+per-operator dispatch, every shape dynamic so nothing is padded."""
 
 from __future__ import annotations
 
@@ -62,26 +62,30 @@ def _own_loop_conflict(cfg: TrialConfig, hw: Hardware) -> str | None:
     return None
 
 
-def _ort_unsupported(hw: Hardware) -> str | None:
-    from autotune.ort import missing_packages
+def _exported_unsupported(runtime: str) -> Any:
+    def check(hw: Hardware) -> str | None:
+        from autotune.exported import missing_packages
 
-    missing = missing_packages()
-    if missing:
-        return f"needs {', '.join(missing)} (pip install 'autotune[onnx]')"
-    if hw.device_type != "cpu":
-        return "runs on ONNX Runtime's CPU provider only (its CUDA provider is not wired in yet)"
-    return None
+        missing = missing_packages(runtime)
+        if missing:
+            return f"needs {', '.join(missing)} (pip install 'autotune[{runtime}]')"
+        if hw.device_type != "cpu":
+            return f"runs on {runtime}'s CPU device only here (its GPU execution is not wired in yet)"
+        return None
+
+    return check
 
 
-def _ort_conflict(cfg: TrialConfig, hw: Hardware) -> str | None:
+def _exported_conflict(cfg: TrialConfig, hw: Hardware) -> str | None:
+    be = cfg.backend
     if cfg.scheduler == "continuous":
-        return "continuous batching runs transformers' own loop: onnxruntime needs scheduler static or bucketed"
+        return f"continuous batching runs transformers' own loop: {be} needs scheduler static or bucketed"
     if cfg.quantization != "none":
         return (
             "the export takes the model unquantized (torchao and fbgemm modules do not export): use quantization none"
         )
     if cfg.precision not in ("fp32", "tf32"):
-        return "the export runs in fp32 on ONNX Runtime's CPU provider: use precision fp32"
+        return f"the export runs in fp32 on {be}'s CPU device: use precision fp32"
     if cfg.attention not in ("sdpa", "eager"):
         return f"attention {cfg.attention} is not exported: use sdpa or eager"
     return None
@@ -112,10 +116,17 @@ BACKENDS: dict[str, Technique] = {
     ),
     "onnxruntime": Technique(
         "onnxruntime",
-        _eager,  # the engine exports the model once it is built (autotune.ort)
-        _ort_unsupported,
-        _ort_conflict,
+        _eager,  # the engine exports the model once it is built (autotune.exported)
+        _exported_unsupported("onnxruntime"),
+        _exported_conflict,
         description="the forward pass exported to ONNX (cached on disk), decoded by ONNX Runtime",
+    ),
+    "openvino": Technique(
+        "openvino",
+        _eager,
+        _exported_unsupported("openvino"),
+        _exported_conflict,
+        description="the same ONNX export, decoded by OpenVINO's CPU plugin",
     ),
 }
 
@@ -125,9 +136,9 @@ def uses_static_decoder(backend: str) -> bool:
     return backend in ("cuda-graphs", "inductor-cudagraphs")
 
 
-def uses_onnxruntime(backend: str) -> bool:
-    """Backends that decode in :class:`autotune.ort.OrtDecoder`."""
-    return backend == "onnxruntime"
+def uses_exported_graph(backend: str) -> bool:
+    """Backends that decode in :class:`autotune.exported.GraphDecoder`."""
+    return backend in ("onnxruntime", "openvino")
 
 
 def compiles_decoder_step(backend: str) -> bool:
@@ -138,4 +149,4 @@ def compiles_decoder_step(backend: str) -> bool:
 def needs_fixed_shapes(backend: str) -> bool:
     """Compiled backends recompile per shape; the engine pads to one shape instead. The ONNX
     graph is exported with every shape dynamic."""
-    return backend not in ("eager", "onnxruntime")
+    return backend not in ("eager", "onnxruntime", "openvino")

@@ -1,21 +1,23 @@
-"""The ``onnxruntime`` backend: the model's forward pass exported to ONNX once, run by ONNX Runtime.
+"""Backends that run the model exported to ONNX: ``onnxruntime`` and ``openvino``.
 
-PyTorch eager spends most of a small model's decode step in per-operator dispatch; ONNX Runtime
-runs the same graph with one call (measured on the 2-core CPU: tiny-lm batch 4, 0.7 ms a step
-against 5.4 ms). Hugging Face's exporters (optimum-onnx) pin transformers below 4.58, so the
-graph is exported here with ``torch.onnx.export(dynamo=True)``: one graph, every shape dynamic
-(batch, new tokens, cached tokens), that takes the token ids, their positions, a 4-D additive
-mask and the key/value cache of every layer, and returns each row's next token (greedy,
-end-of-sequence suppressed like the other loops) and the cache grown by the new tokens.
+PyTorch eager spends most of a small model's decode step in per-operator dispatch; a graph runtime
+runs the same graph with one call (measured on the 2-core CPU: tiny-lm batch 4, ONNX Runtime 0.7 ms
+a step against PyTorch's 5.4 ms). Hugging Face's exporters (optimum-onnx) pin transformers below
+4.58, so the graph is exported here with ``torch.onnx.export(dynamo=True)``: one graph, every shape
+dynamic (batch, new tokens, cached tokens), that takes the token ids, their positions, a 4-D
+additive mask and the key/value cache of every layer, and returns each row's next token (greedy,
+end-of-sequence suppressed like the other loops) and the cache grown by the new tokens. ONNX
+Runtime and OpenVINO both read that file (:data:`RUNTIMES`: one class with one method each).
 
 Prefill and decode are the same graph: the prompt is run against a one-slot dummy cache whose
 slot is masked out for every query, so cached tokens never need a zero-length input. The slot
 stays (masked) for the whole generation.
 
 Exports are cached on disk (``AUTOTUNE_CACHE_DIR``, default ``~/.cache/autotune``) under a key
-of the weights' digest, the attention kernel and the library versions: a later trial or study
+of the weights' digest, the attention kernel and the exporter's versions: a later trial or study
 of the same model loads the file instead of exporting again, and the time each took is reported
-apart from measurement (``export_s``, ``export_cached``).
+apart from measurement (``export_s``, ``export_cached``). The fidelity check runs a second graph
+(logits at every position) on the same runtime, so what is scored is what is served.
 """
 
 from __future__ import annotations
@@ -40,17 +42,59 @@ def cache_root() -> Path:
     return Path(os.environ.get("AUTOTUNE_CACHE_DIR") or Path.home() / ".cache" / "autotune") / "onnx"
 
 
-def missing_packages() -> list[str]:
-    """The packages this backend needs that are not installed (checked without importing them)."""
+class _OnnxRuntime:
+    """ONNX Runtime's CPU provider; its thread pool is per session."""
+
+    package = "onnxruntime"
+
+    def __init__(self, path: Path, threads: int) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        self._session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+    def run(self, feed: dict[str, Any]) -> list[Any]:
+        return list(self._session.run(None, feed))
+
+
+class _OpenVino:
+    """OpenVINO's CPU plugin, tuned for latency (one stream of inference requests)."""
+
+    package = "openvino"
+
+    def __init__(self, path: Path, threads: int) -> None:
+        import openvino as ov
+
+        hints = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+        compiled = ov.Core().compile_model(str(path), "CPU", hints)
+        self._outputs = list(compiled.outputs)
+        self._request = compiled.create_infer_request()  # not thread-safe: one per stream worker
+
+    def run(self, feed: dict[str, Any]) -> list[Any]:
+        got = self._request.infer(feed)  # copies the outputs: the next call may feed them back in
+        return [got[o] for o in self._outputs]
+
+
+#: Runtime name (the backend's) -> its class: ``cls(path, threads).run(feed) -> outputs in order``.
+RUNTIMES: dict[str, type[_OnnxRuntime] | type[_OpenVino]] = {"onnxruntime": _OnnxRuntime, "openvino": _OpenVino}
+#: What the export itself needs, whatever runs the graph.
+EXPORTER_PACKAGES = ("onnx", "onnxscript")
+
+
+def missing_packages(runtime: str) -> list[str]:
+    """The packages ``runtime`` needs that are not installed (checked without importing them)."""
     from importlib.util import find_spec
 
-    return [p for p in ("onnxruntime", "onnx", "onnxscript") if find_spec(p) is None]
+    return [p for p in (RUNTIMES[runtime].package, *EXPORTER_PACKAGES) if find_spec(p) is None]
 
 
 def export_key(model: Any, attention: str) -> str:
     """What the exported graph depends on: the weights (every byte), the architecture's config,
     the attention kernel and the exporter's versions."""
-    import onnxruntime
+    import onnxscript
     import torch
     import transformers
 
@@ -61,7 +105,7 @@ def export_key(model: Any, attention: str) -> str:
         "attention": attention,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "onnxruntime": onnxruntime.__version__,
+        "onnxscript": onnxscript.__version__,
     }
     h.update(json.dumps(what, sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):
@@ -217,8 +261,9 @@ def _publish(final: Path, name: str, write: Any) -> bool:
 
 @dataclass
 class ExportedStep:
-    """One model's exported step graph in this process, and a session per stream worker."""
+    """One model's exported step graph in this process, and a runtime session per stream worker."""
 
+    runtime: str  # a RUNTIMES key
     path: Path
     export_s: float
     cached: bool
@@ -234,8 +279,8 @@ class ExportedStep:
         self._lock = threading.Lock()
 
     @classmethod
-    def load(cls, model: Any, attention: str) -> ExportedStep:
-        """Export ``model`` (or take its export from the disk cache)."""
+    def load(cls, model: Any, attention: str, runtime: str = "onnxruntime") -> ExportedStep:
+        """Export ``model`` (or take its export from the disk cache) to run on ``runtime``."""
         import torch
 
         with _EXPORT_LOCK:
@@ -244,18 +289,13 @@ class ExportedStep:
             cached = _publish(final, "step.onnx", lambda path: export(model, path))
             _, heads, _, head_dim = _cache_shape(model, 1, 1)
             layers = model.config.num_hidden_layers
-            step = cls(final / "step.onnx", time.perf_counter() - t, cached, layers, heads, head_dim, torch.finfo().min)
+            took = time.perf_counter() - t
+            step = cls(runtime, final / "step.onnx", took, cached, layers, heads, head_dim, torch.finfo().min)
             step._model = model
             return step
 
     def _session(self, path: Path, threads: int) -> Any:
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return RUNTIMES[self.runtime](path, threads)
 
     def logits(self, ids: Any) -> Any:
         """Logits at every position of ``ids`` (rows x tokens, no padding) from the exported
@@ -270,14 +310,14 @@ class ExportedStep:
                     _publish(path.parent, path.name, lambda p: export_logits(self._model, p))
                 self._logits = self._session(path, max(1, torch.get_num_threads()))
         feed = {"input_ids": ids.numpy().astype(np.int64), "attention_mask": np.ones(ids.shape, dtype=np.int64)}
-        return torch.from_numpy(self._logits.run(None, feed)[0])
+        return torch.from_numpy(self._logits.run(feed)[0])
 
     def greedy(self, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
         """Greedy continuations of same-length prompts through the step graph."""
         import torch
 
         ids = torch.tensor(prompts, dtype=torch.long)
-        decoder = OrtDecoder(self, self.session(-1, max(1, torch.get_num_threads())))
+        decoder = GraphDecoder(self, self.session(-1, max(1, torch.get_num_threads())))
         decoder.prefill(ids, torch.ones_like(ids))
         return decoder.decode(new_tokens).tolist()
 
@@ -290,7 +330,7 @@ class ExportedStep:
             return s
 
 
-class OrtDecoder:
+class GraphDecoder:
     """Greedy generation through an :class:`ExportedStep`, with :class:`autotune.decoder.StaticDecoder`'s
     interface (``prefill`` then ``decode``), for any number of rows and prompt width."""
 
@@ -313,9 +353,8 @@ class OrtDecoder:
         mask[:, 0, :, 1:][allowed] = 0.0
         positions = np.clip(keep.cumsum(-1) - 1, 0, None).astype(np.int64)
         empty = np.zeros((rows, self.step.heads, 1, self.step.head_dim), dtype=np.float32)
-        out = self.session.run(
-            None, self._feed(ids.numpy().astype(np.int64), positions, mask, [empty] * (2 * self.step.layers))
-        )
+        cache = [empty] * (2 * self.step.layers)
+        out = self.session.run(self._feed(ids.numpy().astype(np.int64), positions, mask, cache))
         self._cache = out[1:]
         # The decode steps' mask: dummy slot hidden, prompt keys where real; grows one visible column a step.
         self._mask_row = np.concatenate(
@@ -340,7 +379,7 @@ class OrtDecoder:
         visible = np.zeros((rows, new_tokens), dtype=np.float32)
         for t in range(new_tokens - 1):
             mask = np.concatenate([self._mask_row, visible[:, : t + 1]], 1)[:, None, None, :]
-            out = self.session.run(None, self._feed(self._tokens[:, None], self._position + t, mask, self._cache))
+            out = self.session.run(self._feed(self._tokens[:, None], self._position + t, mask, self._cache))
             self._tokens = out[0].astype(np.int64)
             self._cache = out[1:]
             self._out.append(self._tokens)
