@@ -32,6 +32,7 @@ from autotune.optimize.compile import (
     uses_exported_graph,
     uses_static_decoder,
 )
+from autotune.text import TextBatcher
 
 if TYPE_CHECKING:
     from autotune.exported import ExportedStep, GraphDecoder
@@ -187,6 +188,7 @@ class Engine:
         self.text_seconds: dict[str, float] = {}
         self.text_calls: dict[str, int] = {}
         self._held_lock = threading.Lock()
+        self.text = TextBatcher(tokenizer, self._count_text)  # servers' tokenize/detokenize, batched
         self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
         self._queue: queue.Queue[_Pending | None] = queue.Queue()
         self._threads: list[threading.Thread] = []
@@ -275,6 +277,7 @@ class Engine:
         for th in self._threads:
             th.join()
         self._threads.clear()
+        self.text.close()
 
     def reconfigure(self, config: TrialConfig) -> None:
         """Switch to ``config`` without rebuilding: only the runtime knobs (batch size, streams, queue
@@ -305,10 +308,22 @@ class Engine:
             return ids
         return [int(t) for t in prompt]
 
-    def _count_text(self, what: str, seconds: float) -> None:
+    def _count_text(self, what: str, seconds: float, items: int = 1) -> None:
+        """``items`` requests' text work took ``seconds`` (one call, batched or not)."""
         with self._id_lock:
             self.text_seconds[what] = self.text_seconds.get(what, 0.0) + seconds
-            self.text_calls[what] = self.text_calls.get(what, 0) + 1
+            self.text_calls[what] = self.text_calls.get(what, 0) + items
+
+    async def aencode(self, prompt: str | Sequence[int]) -> list[int]:
+        """:meth:`encode` for servers: batched with other requests' prompts on the text thread,
+        so the event loop never runs the tokenizer."""
+        if not isinstance(prompt, str):
+            return self.encode(prompt)
+        return await asyncio.wrap_future(self.text.encode(prompt))
+
+    async def adecode(self, result: GenerationResult) -> str:
+        """:meth:`decode` for servers, batched on the text thread."""
+        return await asyncio.wrap_future(self.text.decode(result.output_ids))
 
     def submit(self, prompt: str | Sequence[int], max_new_tokens: int) -> Future[GenerationResult]:
         """Queue one request; the future resolves when its batch finishes."""

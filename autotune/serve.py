@@ -178,13 +178,13 @@ def create_app(engine: Engine, *, model_name: str | None = None, manage_engine: 
             metrics.requests.labels(code="500").inc()
         return JSONResponse(error_body(f"{type(exc).__name__}: {exc}", kind="server_error"), status_code=500)
 
-    def _prompt_ids(req: CompletionRequest) -> list[int]:
+    async def _prompt_ids(req: CompletionRequest) -> list[int]:
         vocab = int(getattr(engine.info, "vocab_size", 0) or 0)
         if isinstance(req.prompt, list):
             if vocab and max(req.prompt) >= vocab:
                 raise ApiError(400, f"prompt holds token id {max(req.prompt)}; the vocabulary has {vocab}", "prompt")
             return list(req.prompt)
-        ids = engine.encode(req.prompt)
+        ids = await engine.aencode(req.prompt)  # on the text thread, batched: the loop stays free
         if not ids:
             raise ApiError(400, "prompt encodes to no tokens", "prompt")
         return ids
@@ -194,7 +194,7 @@ def create_app(engine: Engine, *, model_name: str | None = None, manage_engine: 
         t_http = time.perf_counter()
         if state["draining"]:
             raise ApiError(503, "server is shutting down", kind="server_error")
-        ids = _prompt_ids(req)
+        ids = await _prompt_ids(req)
         ctx = engine.max_context
         if len(ids) >= ctx:
             raise ApiError(400, f"prompt is {len(ids)} tokens; the model's context is {ctx}", "prompt")
@@ -265,7 +265,7 @@ def create_app(engine: Engine, *, model_name: str | None = None, manage_engine: 
 
         if not req.stream:
             res = await result()
-            doc = body(res, engine.decode(res), "length")
+            doc = body(res, await engine.adecode(res), "length")
             doc["usage"] = usage(res)
             doc["autotune"] = _timings(res)
             return JSONResponse(doc, headers=DECODING_HEADER)
@@ -277,7 +277,7 @@ def create_app(engine: Engine, *, model_name: str | None = None, manage_engine: 
                 yield f"data: {json.dumps(error_body(f'{type(exc).__name__}: {exc}', kind='server_error'))}\n\n"
                 yield "data: [DONE]\n\n"
                 return
-            yield f"data: {json.dumps(body(res, engine.decode(res), None))}\n\n"
+            yield f"data: {json.dumps(body(res, await engine.adecode(res), None))}\n\n"
             last = body(res, "", "length")
             last["usage"] = usage(res)
             last["autotune"] = _timings(res)
