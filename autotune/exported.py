@@ -234,11 +234,25 @@ def export_logits(model: Any, path: Path) -> None:
         )
 
 
+def _manifest(final: Path, name: str) -> Path:
+    return final / f"{name}.sizes.json"
+
+
+def _intact(final: Path, name: str) -> bool:
+    """Whether ``final/name`` and its data files have the sizes they were published with (a copy
+    cut short, a disk filled up or a hand edit shows here, and the entry is exported again)."""
+    try:
+        sizes = json.loads(_manifest(final, name).read_text())
+        return bool(sizes) and all((final / f).stat().st_size == n for f, n in sizes.items())
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _publish(final: Path, name: str, write: Any) -> bool:
     """Write ``final/name`` (and its external ``.data`` file) once, whatever the number of trial
     processes exporting the same model at once: one holds the folder's lock and exports through a
     private folder (a reader never sees half a file), the others wait and find it there. True when
-    it was already there."""
+    an intact copy was already there."""
     final.mkdir(parents=True, exist_ok=True)
     with open(final / ".lock", "w") as lock:
         try:
@@ -247,13 +261,17 @@ def _publish(final: Path, name: str, write: Any) -> bool:
             fcntl.flock(lock, fcntl.LOCK_EX)
         except ImportError:  # not a POSIX system: one exporting process at a time is then the user's care
             pass
-        if (final / name).is_file():
+        if _intact(final, name):
             return True
         work = Path(tempfile.mkdtemp(prefix=".export-", dir=final))
         try:
             write(work / name)
-            for extra in sorted(work.iterdir(), key=lambda p: p.name == name):  # the graph itself last
-                os.replace(extra, final / extra.name)
+            files = sorted(work.iterdir(), key=lambda p: p.name == name)  # the graph itself last
+            sizes = {f.name: f.stat().st_size for f in files}
+            _manifest(final, name).unlink(missing_ok=True)  # no manifest while files are swapped
+            for f in files:
+                os.replace(f, final / f.name)
+            _manifest(final, name).write_text(json.dumps(sizes))
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return False

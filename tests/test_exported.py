@@ -140,3 +140,18 @@ def test_fidelity_is_measured_on_the_exported_graph(export_cache: Path, runtime:
     assert served["kl"] < 1e-6 and served["top1_agreement"] == 1.0 and served["greedy_agreement"] == 1.0
     broken = fidelity(model, es, ref, logits=lambda x: step.logits(x).flip(-1) * 10, greedy=step.greedy)
     assert broken["kl"] > 0.1 and broken["top1_agreement"] < 1.0  # the graph's logits are what is scored
+
+
+def test_a_damaged_cache_entry_is_exported_again(hw: Hardware, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cached export cut short (a full disk, a partial copy) is noticed by its sizes and redone."""
+    monkeypatch.setenv("AUTOTUNE_CACHE_DIR", str(tmp_path))
+    cfg = TrialConfig(batch_size=2, backend="onnxruntime")
+    first = Engine.build(TINY, cfg, hw)
+    assert first.exported is not None and first.timings.export_cached == 0.0
+    data = next(first.exported.path.parent.glob("step.onnx*.data"))
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    again = Engine.build(TINY, cfg, hw)
+    assert again.timings.export_cached == 0.0  # not trusted: exported again
+    with again, Engine.build(TINY, TrialConfig(batch_size=2), hw) as eager:
+        assert again.generate(prompts(2), 4)[0].output_ids == eager.generate(prompts(2), 4)[0].output_ids
+    assert Engine.build(TINY, cfg, hw).timings.export_cached == 1.0  # and the repaired entry is used
