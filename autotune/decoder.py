@@ -44,6 +44,20 @@ def _cache_kwarg(model: Any) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def prompt_attention(keep: Any) -> tuple[Any, Any]:
+    """For left-padded prompts (``keep``: rows x width, True on real tokens): which prompt keys each
+    query sees (rows x width x width, causal over real tokens) and each token's position. Real
+    tokens are numbered from 0, as generate() numbers left-padded prompts; a padding query still
+    sees itself, so its (unused) keys stay finite and never NaN. Shared by every own decode loop."""
+    import torch
+
+    width = keep.shape[1]
+    positions = (keep.long().cumsum(-1) - 1).clamp(min=0)
+    causal = torch.ones(width, width, dtype=torch.bool, device=keep.device).tril()
+    eye = torch.eye(width, dtype=torch.bool, device=keep.device)
+    return (causal & keep[:, None, :]) | eye, positions
+
+
 class StaticDecoder:
     """Greedy generation for ``rows`` prompts of ``width`` tokens (left-padded), up to
     ``max_new_tokens`` new tokens each, on one static KV cache sized ``width + max_new_tokens``.
@@ -136,12 +150,7 @@ class StaticDecoder:
         if (rows, width) != (self.rows, self.width):
             raise ValueError(f"decoder built for {self.rows}x{self.width} prompts, got {rows}x{width}")
         keep = attention_mask.to(self.device).bool()
-        # Rows' real tokens are numbered from 0, as generate() numbers left-padded prompts.
-        positions = (keep.long().cumsum(-1) - 1).clamp(min=0)
-        causal = torch.ones(width, width, dtype=torch.bool, device=self.device).tril()
-        eye = torch.eye(width, dtype=torch.bool, device=self.device)
-        # A padding query still sees itself, so its (unused) keys stay finite and never NaN.
-        allowed = (causal & keep[:, None, :]) | eye
+        allowed, positions = prompt_attention(keep)
         full = torch.zeros(rows, width, self.length, dtype=torch.bool, device=self.device)
         full[:, :, :width] = allowed
         mask = torch.zeros(rows, 1, width, self.length, dtype=self.dtype, device=self.device)

@@ -433,7 +433,7 @@ class Engine:
         if self.hardware.device_type == "cuda":
             stream_ctx = torch.cuda.stream(torch.cuda.Stream(device=self.hardware.device))
         elif self.config.streams > 1:
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.config.streams))
+            torch.set_num_threads(self._threads_per_stream())
         while True:
             batch = self._collect()
             if batch is None:
@@ -496,14 +496,17 @@ class Engine:
         t_first = clock.first_token_time(t_start) or t_end
         return _results(batch, generated, stream, t_start, t_first, t_end)
 
+    def _threads_per_stream(self) -> int:
+        """CPU threads for one stream worker: the cores split between the streams."""
+        return max(1, (os.cpu_count() or 1) // self.config.streams)
+
     def _decoder(self, stream: int, rows: int, width: int, new_tokens: int) -> StaticDecoder | GraphDecoder:
         """This worker's decoder, built (and on CUDA captured) on first use or when a batch outgrows it;
         for onnxruntime, a light one per batch over the stream's session."""
         if self.exported is not None:
             from autotune.exported import GraphDecoder
 
-            threads = max(1, (os.cpu_count() or 1) // self.config.streams)
-            return GraphDecoder(self.exported, self.exported.session(stream, threads))
+            return GraphDecoder(self.exported, self.exported.session(stream, self._threads_per_stream()))
         d = self._decoders.get(stream)
         if d is None or (d.rows, d.width) != (rows, width) or d.max_new_tokens < new_tokens:
             capacity = max(new_tokens, self.max_context - width)

@@ -29,7 +29,7 @@ import shutil
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -161,8 +161,6 @@ def _cache_shape(model: Any, rows: int, length: int) -> tuple[int, int, int, int
 
 def export(model: Any, path: Path) -> None:
     """Write the step graph (``path`` plus its external weights file)."""
-    import warnings
-
     import torch
 
     layers = model.config.num_hidden_layers
@@ -181,16 +179,28 @@ def export(model: Any, path: Path) -> None:
         tuple({0: b, 2: p} for _ in range(2 * layers)),
     )
     names = [f"cache.{i}" for i in range(2 * layers)]
+    outputs = ["next_ids", *[f"grown.{i}" for i in range(2 * layers)]]
+    _onnx_export(_step_module(model), example, path, dynamic, ["input_ids", "position_ids", "mask", *names], outputs)
+
+
+def _onnx_export(
+    module: Any, example: tuple[Any, ...], path: Path, dynamic: Any, inputs: list[str], outputs: list[str]
+) -> None:
+    """torch.onnx's dynamo exporter, quietly, weights in an external file (models past 2 GB need it)."""
+    import warnings
+
+    import torch
+
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            _step_module(model),
+            module,
             example,
             str(path),
             dynamo=True,
             dynamic_shapes=dynamic,
-            input_names=["input_ids", "position_ids", "mask", *names],
-            output_names=["next_ids", *[f"grown.{i}" for i in range(2 * layers)]],
+            input_names=inputs,
+            output_names=outputs,
             external_data=True,
             verbose=False,
         )
@@ -213,25 +223,12 @@ def _logits_module(model: Any) -> Any:
 
 def export_logits(model: Any, path: Path) -> None:
     """Write the fidelity graph (``path`` plus its external weights file)."""
-    import warnings
-
     import torch
 
     example = (torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.long))
     b, s = torch.export.Dim("rows"), torch.export.Dim("tokens")
-    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            _logits_module(model),
-            example,
-            str(path),
-            dynamo=True,
-            dynamic_shapes=({0: b, 1: s}, {0: b, 1: s}),
-            input_names=["input_ids", "attention_mask"],
-            output_names=["logits"],
-            external_data=True,
-            verbose=False,
-        )
+    dynamic = ({0: b, 1: s}, {0: b, 1: s})
+    _onnx_export(_logits_module(model), example, path, dynamic, ["input_ids", "attention_mask"], ["logits"])
 
 
 def _manifest(final: Path, name: str) -> Path:
@@ -289,11 +286,11 @@ class ExportedStep:
     heads: int  # key/value heads
     head_dim: int
     dtype_min: float
+    model: Any = field(repr=False, default=None)  # the PyTorch model, for the fidelity graph's export
 
     def __post_init__(self) -> None:
         self._sessions: dict[tuple[int, int], Any] = {}
         self._logits: Any = None
-        self._model: Any = None
         self._lock = threading.Lock()
 
     @classmethod
@@ -308,9 +305,7 @@ class ExportedStep:
             _, heads, _, head_dim = _cache_shape(model, 1, 1)
             layers = model.config.num_hidden_layers
             took = time.perf_counter() - t
-            step = cls(runtime, final / "step.onnx", took, cached, layers, heads, head_dim, torch.finfo().min)
-            step._model = model
-            return step
+            return cls(runtime, final / "step.onnx", took, cached, layers, heads, head_dim, torch.finfo().min, model)
 
     def _session(self, path: Path, threads: int) -> Any:
         return RUNTIMES[self.runtime](path, threads)
@@ -325,7 +320,7 @@ class ExportedStep:
             if self._logits is None:
                 path = self.path.parent / "logits.onnx"
                 with _EXPORT_LOCK:
-                    _publish(path.parent, path.name, lambda p: export_logits(self._model, p))
+                    _publish(path.parent, path.name, lambda p: export_logits(self.model, p))
                 self._logits = self._session(path, max(1, torch.get_num_threads()))
         feed = {"input_ids": ids.numpy().astype(np.int64), "attention_mask": np.ones(ids.shape, dtype=np.int64)}
         return torch.from_numpy(self._logits.run(feed)[0])
@@ -362,14 +357,15 @@ class GraphDecoder:
         import numpy as np
         import torch
 
+        from autotune.decoder import prompt_attention
+
+        allowed, positions = prompt_attention(attention_mask.bool())
         keep = attention_mask.numpy().astype(bool)
         rows, width = keep.shape
         lo = self.step.dtype_min
-        causal = np.tril(np.ones((width, width), dtype=bool))
-        allowed = (causal[None] & keep[:, None, :]) | np.eye(width, dtype=bool)[None]  # padding sees itself
         mask = np.full((rows, 1, width, 1 + width), lo, dtype=np.float32)  # column 0: the dummy slot
-        mask[:, 0, :, 1:][allowed] = 0.0
-        positions = np.clip(keep.cumsum(-1) - 1, 0, None).astype(np.int64)
+        mask[:, 0, :, 1:][allowed.numpy()] = 0.0
+        positions = positions.numpy().astype(np.int64)
         empty = np.zeros((rows, self.step.heads, 1, self.step.head_dim), dtype=np.float32)
         cache = [empty] * (2 * self.step.layers)
         out = self.session.run(self._feed(ids.numpy().astype(np.int64), positions, mask, cache))
