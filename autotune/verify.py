@@ -6,7 +6,7 @@ go over HTTP with the same closed-loop concurrency or arrival times. There, ``e2
 throughput are what the client sees (HTTP included); ``ttft_ms`` and ``queue_ms`` are the server's
 engine timings (the server sends text when the batch finishes), and ``tpot_ms`` spreads the rest of
 the client's wait over the output tokens. The verdict: throughput at least ``1 - tolerance`` of the
-tuned figure, and every SLO clause met.
+tuned figure (the winner's re-measurement where the export has one), and every SLO clause met.
 """
 
 from __future__ import annotations
@@ -253,19 +253,48 @@ class Verdict:
         return {"ok": self.ok, "reasons": self.reasons, "rows": [r.__dict__ for r in self.rows]}
 
 
+def expected_throughput(doc: dict[str, Any]) -> tuple[float, str]:
+    """The throughput a deployment of the export should reproduce, and where it comes from.
+
+    The search keeps the highest of many noisy measurements, so the winning trial's own figure
+    is biased upward (the winner's curse: on this project's 2-core VM the best of 4 trials
+    re-measured 12% lower). The confirmation runs re-measure the winner in fresh processes after
+    it was chosen, so nothing selected them: their median is the unbiased estimate. Exports
+    without re-measurements fall back to the trial's figure.
+    """
+    runs = [
+        float(r["output_tokens_per_s"])
+        for r in (doc.get("confirmation") or {}).get("runs", [])
+        if isinstance(r, dict) and r.get("output_tokens_per_s") is not None
+    ]
+    if runs:
+        runs.sort()
+        mid = len(runs) // 2
+        median = runs[mid] if len(runs) % 2 else (runs[mid - 1] + runs[mid]) / 2
+        return median, f"re-measured ({len(runs)} run{'s' if len(runs) > 1 else ''})"
+    return float((doc.get("metrics") or {}).get("output_tokens_per_s", math.nan)), "search trial"
+
+
 def compare(doc: dict[str, Any], m: Measurement, *, tolerance: float = DEFAULT_TOLERANCE) -> Verdict:
-    """Tuned vs measured, throughput verdict (>= (1 - tolerance) x tuned) and one verdict per SLO clause."""
+    """Tuned vs measured: throughput verdict (>= (1 - tolerance) x expected) and one verdict per SLO clause.
+
+    The expected throughput is :func:`expected_throughput`; the search trial's own figure is shown
+    beside it when it differs, without a verdict.
+    """
     tuned = doc.get("metrics") or {}
     rows: list[Row] = []
     reasons: list[str] = []
-    t_tput = float(tuned.get("output_tokens_per_s", math.nan))
+    t_tput, source = expected_throughput(doc)
     floor = t_tput * (1 - tolerance)
     tput_ok = m.output_tokens_per_s >= floor if t_tput == t_tput else True
-    rows.append(Row("output_tokens_per_s", t_tput, m.output_tokens_per_s, f">= {floor:,.1f}", tput_ok))
+    rows.append(Row(f"output_tokens_per_s ({source})", t_tput, m.output_tokens_per_s, f">= {floor:,.1f}", tput_ok))
+    searched = float(tuned.get("output_tokens_per_s", math.nan))
+    if source != "search trial":
+        rows.append(Row("output_tokens_per_s (search trial)", searched, m.output_tokens_per_s))
     if not tput_ok:
         reasons.append(
             f"throughput {m.output_tokens_per_s:,.1f} tok/s is {1 - m.output_tokens_per_s / t_tput:.0%} below "
-            f"the tuned {t_tput:,.1f} (tolerance {tolerance:.0%})"
+            f"the tuned {t_tput:,.1f}, {source} (tolerance {tolerance:.0%})"
         )
     rows.append(Row("requests_per_s", float(tuned.get("requests_per_s", math.nan)), m.requests_per_s))
     # Upper bounds only: fidelity floors (min_*) are the tuner's check, not a load test's.
