@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 Precision = Literal["fp32", "tf32", "bf16", "fp16"]
 Quantization = Literal["none", "int8-dynamic", "int8-weight-only", "int4-weight-only", "fp8"]
-Backend = Literal["eager", "inductor", "inductor-cudagraphs", "cuda-graphs", "onnxruntime", "openvino"]
+Backend = Literal["eager", "inductor", "inductor-cudagraphs", "cuda-graphs", "onnxruntime", "openvino", "tensorrt"]
 Scheduler = Literal["static", "continuous", "bucketed"]
 Attention = Literal["sdpa", "sdpa-no-cudnn", "eager", "sdpa-packed"]
 
@@ -27,7 +27,7 @@ ATTENTIONS: tuple[str, ...] = get_args(Attention)
 #: Knobs that change the loaded model (a change means a rebuild), in application order.
 MODEL_KNOBS = ("model", "precision", "quantization", "attention", "backend")
 #: Knobs that only change how requests are scheduled onto an already built model.
-RUNTIME_KNOBS = ("batch_size", "streams", "max_queue_delay_ms", "scheduler")
+RUNTIME_KNOBS = ("batch_size", "streams", "max_queue_delay_ms", "scheduler", "pipeline_depth")
 KNOBS = RUNTIME_KNOBS + MODEL_KNOBS
 
 
@@ -49,6 +49,15 @@ class TrialConfig(BaseModel):
         description=(
             "static: batches run to completion; continuous: transformers' paged-attention continuous batching; "
             "bucketed: static batches of similar prompt lengths (less padding)."
+        ),
+    )
+    pipeline_depth: int = Field(
+        1,
+        ge=1,
+        le=4,
+        description=(
+            "Batches in flight per stream: 1 runs collect, prepare, run and deliver in turn; 2+ prepares "
+            "up to depth-1 batches on a second thread and delivers results on a third while one runs."
         ),
     )
 
@@ -79,13 +88,19 @@ class TrialConfig(BaseModel):
             f"b{self.batch_size} {self.precision} {self.quantization} x{self.streams} "
             f"{self.backend} {self.max_queue_delay_ms:g}ms"
             + (f" {self.scheduler}" if self.scheduler != "static" else "")
+            + (f" pipe{self.pipeline_depth}" if self.pipeline_depth != 1 else "")
             + (f" attn={self.attention}" if self.attention != "sdpa" else "")
             + (f" model={self.model}" if self.model else "")
         )
 
 
 #: Knobs added after the first stored studies, with the default that older configs implicitly ran.
-_LATER_KNOB_DEFAULTS: dict[str, str | None] = {"scheduler": "static", "attention": "sdpa", "model": None}
+_LATER_KNOB_DEFAULTS: dict[str, str | int | None] = {
+    "scheduler": "static",
+    "attention": "sdpa",
+    "model": None,
+    "pipeline_depth": 1,
+}
 
 
 BASELINE = TrialConfig()

@@ -6,6 +6,11 @@ measured is what runs. It knows nothing about tuning or databases.
 Requests go into one queue. Each stream worker takes the oldest request, waits until the
 batch is full or the oldest request has waited ``max_queue_delay_ms``, then runs one
 ``generate`` call for the batch (on its own CUDA stream on GPU, its own thread on CPU).
+
+With ``pipeline_depth`` d > 1 a stream is three threads: one collects and prepares (pads, builds
+the tensors, copies them to the device) up to d - 1 batches ahead, one runs them, one delivers
+the results. A prepared batch that cannot start yet keeps taking queued requests until it is
+full, so running ahead never shrinks batches.
 """
 
 from __future__ import annotations
@@ -84,6 +89,21 @@ class _Pending:
 
 
 @dataclass
+class _Prepared:
+    """A batch ready to run: its requests and the padded tensors (on the device for ``generate``)."""
+
+    batch: list[_Pending]
+    ids: Any
+    mask: Any
+    width: int
+    new_tokens: int
+
+
+#: How often a prepared-ahead batch that cannot start yet looks for more queued requests.
+FILL_POLL_S = 0.002
+
+
+@dataclass
 class BuildTimings:
     """Seconds spent before serving; kept apart from steady-state measurement."""
 
@@ -150,6 +170,18 @@ def _deliver(future: Future[Any], result: Any = None, error: BaseException | Non
             future.set_result(result)
     except InvalidStateError:  # cancelled between the check and the call
         pass
+
+
+def _deliver_all(
+    batch: list[_Pending], results: list[GenerationResult] | None = None, error: BaseException | None = None
+) -> None:
+    """Resolve every request of a batch: its result, or the batch's error."""
+    if error is not None or results is None:
+        for p in batch:
+            _deliver(p.future, error=error or RuntimeError("the batch produced no results"))
+        return
+    for p, r in zip(batch, results, strict=True):
+        _deliver(p.future, result=r)
 
 
 class EngineClosed(RuntimeError):
@@ -434,22 +466,70 @@ class Engine:
             stream_ctx = torch.cuda.stream(torch.cuda.Stream(device=self.hardware.device))
         elif self.config.streams > 1:
             torch.set_num_threads(self._threads_per_stream())
+        if self.config.pipeline_depth > 1:
+            self._pipelined(index, stream_ctx)
+            return
         while True:
             batch = self._collect()
             if batch is None:
                 return
             try:
-                if stream_ctx is not None:
-                    with stream_ctx:
-                        results = self._run_batch(batch, index)
-                else:
-                    results = self._run_batch(batch, index)
+                results = self._execute(self._prepare(batch), index, stream_ctx)
             except BaseException as err:  # deliver the error to every waiter, keep serving
-                for p in batch:
-                    _deliver(p.future, error=err)
+                _deliver_all(batch, error=err)
                 continue
-            for p, r in zip(batch, results, strict=True):
-                _deliver(p.future, result=r)
+            _deliver_all(batch, results)
+
+    def _pipelined(self, index: int, stream_ctx: Any) -> None:
+        """Run batches back to back while a second thread prepares the next ones and a third delivers."""
+        ready: queue.Queue[_Prepared | None] = queue.Queue(maxsize=self.config.pipeline_depth - 1)
+        done: queue.Queue[tuple[list[_Pending], Any, BaseException | None] | None] = queue.Queue()
+
+        def prepare() -> None:
+            while True:
+                batch = self._collect()
+                if batch is None:
+                    ready.put(None)
+                    return
+                self._fill_while_busy(batch, ready)
+                try:
+                    item = self._prepare(batch, to_device=True)
+                except BaseException as err:
+                    done.put((batch, None, err))
+                    continue
+                ready.put(item)
+
+        def deliver() -> None:
+            while (item := done.get()) is not None:
+                batch, results, err = item
+                _deliver_all(batch, results, error=err)
+
+        helpers = [
+            threading.Thread(target=prepare, name=f"autotune-stream-{index}-prepare", daemon=True),
+            threading.Thread(target=deliver, name=f"autotune-stream-{index}-deliver", daemon=True),
+        ]
+        for th in helpers:
+            th.start()
+        while (prepared := ready.get()) is not None:
+            try:
+                done.put((prepared.batch, self._execute(prepared, index, stream_ctx), None))
+            except BaseException as err:
+                done.put((prepared.batch, None, err))
+        done.put(None)
+        for th in helpers:
+            th.join()
+
+    def _fill_while_busy(self, batch: list[_Pending], ready: queue.Queue[_Prepared | None]) -> None:
+        """While every prepared slot is taken the batch could not start anyway: keep adding queued
+        requests (static scheduler; the bucketed one chose its rows by length already)."""
+        if self.config.scheduler != "static":
+            return
+        while len(batch) < self.config.batch_size and ready.full():
+            item = self._next_queued(time.perf_counter() + FILL_POLL_S, wait=True)
+            if item is None and self._closed:
+                return
+            if item is not None:
+                batch.append(item)
 
     def run_batch(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
         """One generate call on token ids, outside the batcher (used for warm-up and bare timing)."""
@@ -460,6 +540,12 @@ class Engine:
         return [r.output_ids for r in self._run_batch(pend, 0)]
 
     def _run_batch(self, batch: list[_Pending], stream: int) -> list[GenerationResult]:
+        return self._execute(self._prepare(batch), stream, None)
+
+    def _prepare(self, batch: list[_Pending], *, to_device: bool = False) -> _Prepared:
+        """Pad the prompts to one left-padded tensor (and its mask); ``to_device``: copy them to the
+        device now, off the running thread (``generate`` path only: the own decoders copy into
+        their static buffers)."""
         import torch
 
         rows = len(batch)
@@ -474,6 +560,35 @@ class Engine:
             ids[i, width - n :] = torch.tensor(p.prompt_ids, dtype=torch.long)
             mask[i, width - n :] = 1
         mask[rows:, -1] = 1  # padding rows attend to one token so softmax stays finite
+        own_loop = uses_static_decoder(self.config.backend) or uses_exported_graph(self.config.backend)
+        if to_device and not own_loop and self.hardware.device_type == "cuda":
+            ids, mask = ids.to(self.hardware.device), mask.to(self.hardware.device)
+            torch.cuda.current_stream(self.hardware.device).synchronize()  # copied before another stream reads
+        return _Prepared(batch, ids, mask, width, new_tokens)
+
+    def _execute(self, prepared: _Prepared, stream: int, stream_ctx: Any) -> list[GenerationResult]:
+        """Run one prepared batch (on the stream worker's CUDA stream when it has one)."""
+        if stream_ctx is None:
+            return self._generate(prepared, stream)
+        with stream_ctx:
+            if prepared.ids.device.type == "cuda":  # made on the preparing thread's stream
+                import torch
+
+                current = torch.cuda.current_stream(prepared.ids.device)
+                prepared.ids.record_stream(current)
+                prepared.mask.record_stream(current)
+            return self._generate(prepared, stream)
+
+    def _generate(self, prepared: _Prepared, stream: int) -> list[GenerationResult]:
+        import torch
+
+        batch, ids, mask, width, new_tokens = (
+            prepared.batch,
+            prepared.ids,
+            prepared.mask,
+            prepared.width,
+            prepared.new_tokens,
+        )
         if uses_static_decoder(self.config.backend) or uses_exported_graph(self.config.backend):
             return self._run_static(batch, stream, ids, mask, new_tokens)
         device = self.hardware.device

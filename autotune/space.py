@@ -27,7 +27,7 @@ _WEIGHT_BYTES = {"fp32": 4.0, "tf32": 4.0, "bf16": 2.0, "fp16": 2.0}
 _QUANT_BYTES = {"int8-dynamic": 1.0, "int8-weight-only": 1.0, "int4-weight-only": 0.5, "fp8": 1.0}
 MEMORY_HEADROOM = 0.9
 #: Numeric knobs whose order means something to the sampler (throughput and latency move with them).
-ORDINAL_KNOBS = ("batch_size", "streams", "max_queue_delay_ms")
+ORDINAL_KNOBS = ("batch_size", "streams", "max_queue_delay_ms", "pipeline_depth")
 
 
 #: Values that run on a CPU but are left out of its *default* space because they are slow there;
@@ -52,6 +52,12 @@ CPU_DEFAULT_EXCLUSIONS: dict[str, str] = {
     ),
 }
 
+#: Why the default space does not search a pipelined engine (bench/levers.py measures it).
+PIPELINE_REASON = (
+    "a pipelined stream only pays where preparing and delivering a batch cost much next to running it, "
+    "and it costs a thread each; opt-in: list it in space.pipeline_depth to search it"
+)
+
 
 def default_values(knob: str, hw: Hardware) -> tuple[list[Any], dict[str, str]]:
     """What to search when the spec leaves a knob out, and what was left out of that default and why."""
@@ -62,6 +68,8 @@ def default_values(knob: str, hw: Hardware) -> tuple[list[Any], dict[str, str]]:
         return ([1, 2, 4] if gpu else sorted({1, min(2, hw.cpu_cores)})), {}
     if knob == "max_queue_delay_ms":
         return [0.0, 5.0, 20.0, 50.0], {}
+    if knob == "pipeline_depth":
+        return [1], {"pipeline_depth=2": PIPELINE_REASON}
     values, left_out = list(REGISTRIES[knob]), {}
     if not gpu:
         exclusions = dict(CPU_DEFAULT_EXCLUSIONS)

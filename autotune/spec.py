@@ -200,6 +200,7 @@ class SpaceSpec(_Strict):
     max_queue_delay_ms: list[Annotated[float, Field(ge=0, le=60_000)]] | None = None
     scheduler: list[Scheduler] | None = None
     attention: list[Attention] | None = None
+    pipeline_depth: list[Annotated[int, Field(ge=1, le=4)]] | None = None
 
     @field_validator("*", mode="after")
     @classmethod
@@ -230,7 +231,7 @@ class Budget(_Strict):
     reuse_engine: bool = Field(
         True,
         description="keep the trial process and its built model for the next trial when only runtime knobs "
-        "(batch size, streams, queue delay, scheduler) change; false: a fresh process per trial",
+        "(batch size, streams, queue delay, scheduler, pipeline depth) change; false: a fresh process per trial",
     )
 
 

@@ -130,6 +130,7 @@ def _config(doc: dict[str, Any]) -> dict[str, Any]:
         "backend": "eager",
         "max_queue_delay_ms": 0.0,
         "scheduler": "static",
+        "pipeline_depth": 1,
         "attention": "sdpa",
         "model": None,
     }
@@ -223,7 +224,7 @@ def vllm_knobs(doc: dict[str, Any]) -> tuple[list[Knob], list[str]]:
         args.append("-O2")
         note = "-O2: CUDA graphs, but vLLM captures them around its own torch.compile (Inductor) graphs"
         knobs.append(Knob("backend", be, "approximate", note))
-    elif be in ("onnxruntime", "openvino"):
+    elif be in ("onnxruntime", "openvino", "tensorrt"):
         args.append("-O2")
         note = f"vLLM has no {be} backend; -O2 is vLLM's default (torch.compile + CUDA graphs)"
         knobs.append(Knob("backend", be, "no equivalent", note))
@@ -272,6 +273,27 @@ def vllm_knobs(doc: dict[str, Any]) -> tuple[list[Knob], list[str]]:
             )
         )
 
+    if c["pipeline_depth"] > 1:
+        args += ["--async-scheduling"]
+        knobs.append(
+            Knob(
+                "pipeline_depth",
+                c["pipeline_depth"],
+                "approximate",
+                "--async-scheduling: vLLM schedules the next step while the current one runs (one step "
+                "ahead, per decode step rather than per batch)",
+            )
+        )
+    else:
+        knobs.append(
+            Knob(
+                "pipeline_depth",
+                1,
+                "approximate",
+                "vLLM's default kept (async scheduling, on by default since 0.14, overlaps per step); "
+                "add --no-async-scheduling to run synchronously as tuned",
+            )
+        )
     knobs.append(_attention_knob(c["attention"], "vLLM", "its paged attention kernels (FlashAttention, FlashInfer)"))
     knobs.append(_model_knob(doc, c, "vllm serve MODEL"))
 
@@ -376,7 +398,7 @@ def tgi_knobs(doc: dict[str, Any]) -> tuple[list[Knob], dict[str, str]]:
         if b > 1:
             sizes.append(b)
         env["CUDA_GRAPHS"] = ",".join(map(str, sizes))
-        if be in ("onnxruntime", "openvino"):
+        if be in ("onnxruntime", "openvino", "tensorrt"):
             note = f"TGI has no {be} backend; CUDA_GRAPHS={env['CUDA_GRAPHS']} (TGI's own kernels, graphed)"
             knobs.append(Knob("backend", be, "no equivalent", note))
         else:
@@ -418,6 +440,14 @@ def tgi_knobs(doc: dict[str, Any]) -> tuple[list[Knob], dict[str, str]]:
                 "TGI always batches continuously (no run-to-completion mode, no length buckets)",
             )
         )
+    knobs.append(
+        Knob(
+            "pipeline_depth",
+            c["pipeline_depth"],
+            "no equivalent",
+            "TGI's router batches in its own process while the model server runs; not configurable",
+        )
+    )
     knobs.append(_attention_knob(c["attention"], "TGI", "its own paged attention kernels"))
     knobs.append(_model_knob(doc, c, "MODEL_ID"))
     return knobs, env
@@ -487,6 +517,15 @@ def triton_knobs(doc: dict[str, Any]) -> tuple[list[Knob], dict[str, Any]]:
                 "backends' job (passed to model.py as a parameter)",
             )
         )
+    knobs.append(
+        Knob(
+            "pipeline_depth",
+            c["pipeline_depth"],
+            "approximate",
+            "the dynamic batcher forms the next batch while an instance runs; how far model.py prepares "
+            "ahead is " + param,
+        )
+    )
     knobs.append(Knob("attention", c["attention"], "approximate", param))
     knobs.append(_model_knob(doc, c, 'the "model" parameter'))
     return knobs, fields
@@ -516,6 +555,7 @@ def to_triton(doc: dict[str, Any]) -> str:
         "quantization": c["quantization"],
         "torch_backend": c["backend"],
         "scheduler": c["scheduler"],
+        "pipeline_depth": c["pipeline_depth"],
         "attention": c["attention"],
     }
     body = [

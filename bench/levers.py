@@ -1,7 +1,7 @@
 """Each lever's worth on this machine: the best throughput under the SLO with and without it, in one run.
 
 Records the lever grid of ``bench/levers.yaml`` (the quickstart workload and SLO; batch sizes x
-quantization x streams x backend, every runnable config measured once in its own trial process,
+quantization x streams x backend x pipeline depth, every runnable config measured once in its own trial process,
 with ``autotune landscape record``), then reads off, for each lever, the best feasible tokens/s
 of the configs that leave it at its "off" value against the best of all configs. Levers that do
 not apply to the workload (length bucketing with one prompt length) are listed with the reason.
@@ -29,6 +29,7 @@ LEVERS: dict[str, tuple[str, Any]] = {
     "quantization int8-dynamic": ("quantization", "none"),
     "2 streams": ("streams", 1),
     "length-bucketed batching": ("scheduler", "static"),
+    "pipelined stream (depth 2)": ("pipeline_depth", 1),
 }
 
 

@@ -10,10 +10,12 @@ from autotune.config import BASELINE, KNOBS, TrialConfig
 
 def test_key_at_later_knobs_defaults_is_the_key_from_before_those_knobs() -> None:
     cfg = TrialConfig(batch_size=8, precision="bf16")
-    old = {k: v for k, v in cfg.model_dump().items() if k not in ("scheduler", "attention", "model")}
+    later = ("scheduler", "attention", "model", "pipeline_depth")
+    old = {k: v for k, v in cfg.model_dump().items() if k not in later}
     assert cfg.key() == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:12]
     assert cfg.model_copy(update={"scheduler": "continuous"}).key() != cfg.key()
     assert cfg.model_copy(update={"attention": "sdpa-no-cudnn"}).key() != cfg.key()
+    assert cfg.model_copy(update={"pipeline_depth": 2}).key() != cfg.key()
     assert (
         cfg.model_copy(update={"attention": "eager"}).key()
         != cfg.model_copy(update={"attention": "sdpa-no-cudnn"}).key()
@@ -25,4 +27,5 @@ def test_labels_and_knobs() -> None:
     assert TrialConfig(batch_size=4, scheduler="continuous").label().endswith(" continuous")
     assert TrialConfig(batch_size=4, scheduler="bucketed").label() == "b4 fp32 none x1 eager 0ms bucketed"
     assert TrialConfig(attention="sdpa-no-cudnn").label() == "b1 fp32 none x1 eager 0ms attn=sdpa-no-cudnn"
+    assert TrialConfig(batch_size=4, pipeline_depth=2).label() == "b4 fp32 none x1 eager 0ms pipe2"
     assert set(KNOBS) == set(TrialConfig.model_fields)

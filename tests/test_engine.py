@@ -209,3 +209,78 @@ def test_bucketed_scheduler_groups_queued_requests_by_prompt_length(hw: Hardware
         assert any(s > 0 for s in spreads)
     with Engine.build(TINY, TrialConfig(batch_size=1), hw) as single:
         assert [r.output_ids for r in results] == [r.output_ids for r in single.generate(mixed, 4)]
+
+
+# -- pipeline_depth ---------------------------------------------------------------------------------
+def _slowed(engine: Engine, seconds: float, log: list[tuple[str, str, float, int]]) -> None:
+    """Make every batch run ``seconds`` longer; log (event, thread, time, rows) of each stage."""
+    import threading
+
+    prepare, generate = engine._prepare, engine._generate
+
+    def slow_prepare(batch, **kw):  # type: ignore[no-untyped-def]
+        log.append(("prepare", threading.current_thread().name, time.perf_counter(), len(batch)))
+        return prepare(batch, **kw)
+
+    def slow_generate(prepared, stream):  # type: ignore[no-untyped-def]
+        log.append(("run", threading.current_thread().name, time.perf_counter(), len(prepared.batch)))
+        time.sleep(seconds)
+        out = generate(prepared, stream)
+        log.append(("ran", threading.current_thread().name, time.perf_counter(), len(prepared.batch)))
+        return out
+
+    engine._prepare, engine._generate = slow_prepare, slow_generate  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_a_pipelined_stream_prepares_the_next_batch_while_one_runs(hw: Hardware, depth: int) -> None:
+    log: list[tuple[str, str, float, int]] = []
+    engine = Engine.build(TINY, TrialConfig(batch_size=2, pipeline_depth=depth), hw)
+    _slowed(engine, 0.3, log)
+    with engine:
+        futures = [engine.submit(p, 3) for p in prompts(4)]
+        results = [f.result(timeout=60) for f in futures]
+    prepares = [t for what, _, t, _ in log if what == "prepare"]
+    first_ran = next(t for what, _, t, _ in log if what == "ran")
+    threads = {what: name for what, name, _, _ in log}
+    if depth == 2:
+        assert prepares[1] < first_ran  # the second batch was ready before the first finished
+        assert threads["prepare"] != threads["run"]
+    else:
+        assert prepares[1] > first_ran and threads["prepare"] == threads["run"]
+    with Engine.build(TINY, TrialConfig(batch_size=2), hw) as sync:
+        assert [r.output_ids for r in results] == [r.output_ids for r in sync.generate(prompts(4), 3)]
+
+
+def test_a_batch_prepared_ahead_keeps_filling_until_it_can_run(hw: Hardware) -> None:
+    """Queue delay 0: one request runs alone (slowly); the next starts a batch that is ready at once
+    and waits in the one prepared slot; the one after that cannot start either, so it keeps taking
+    the requests that arrive while the first runs instead of leaving them one by one."""
+    log: list[tuple[str, str, float, int]] = []
+    engine = Engine.build(TINY, TrialConfig(batch_size=4, pipeline_depth=2), hw)
+    _slowed(engine, 0.4, log)
+    with engine:
+        futures = [engine.submit(prompts(1)[0], 2)]
+        time.sleep(0.1)  # the first batch (one row) is running
+        for p in prompts(4):
+            futures.append(engine.submit(p, 2))
+            time.sleep(0.03)
+        rows = [f.result(timeout=60).batch_rows for f in futures]
+    assert rows[0] == 1 and rows[1] == 1  # the running one, and the one that took the free slot
+    assert rows[2:] == [3, 3, 3]  # filled while both slots were busy
+
+
+def test_a_pipelined_stream_delivers_errors_and_keeps_serving(hw: Hardware) -> None:
+    with Engine.build(TINY, TrialConfig(batch_size=2, pipeline_depth=2), hw) as engine:
+        bad = engine.submit([10_000_000], 2)  # token id outside the vocabulary: fails when run
+        with pytest.raises(Exception, match="index"):
+            bad.result(timeout=30)
+        assert len(engine.submit([10, 11], 2).result(timeout=30).output_ids) == 2
+
+
+def test_stopping_a_pipelined_engine_finishes_what_was_queued(hw: Hardware) -> None:
+    engine = Engine.build(TINY, TrialConfig(batch_size=2, streams=2, pipeline_depth=3), hw).start()
+    futures = [engine.submit(p, 3) for p in prompts(9)]
+    engine.stop()
+    assert all(f.done() and len(f.result().output_ids) == 3 for f in futures)
+    assert not [t for t in __import__("threading").enumerate() if t.name.startswith("autotune-stream")]

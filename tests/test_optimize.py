@@ -30,7 +30,15 @@ def _generate(model: torch.nn.Module) -> list[int]:
 def test_registries_are_importable_without_torch_side_effects() -> None:
     assert set(PRECISIONS) == {"fp32", "tf32", "bf16", "fp16"}
     assert set(QUANTIZERS) == {"none", "int8-dynamic", "int8-weight-only", "int4-weight-only", "fp8"}
-    assert set(BACKENDS) == {"eager", "inductor", "inductor-cudagraphs", "cuda-graphs", "onnxruntime", "openvino"}
+    assert set(BACKENDS) == {
+        "eager",
+        "inductor",
+        "inductor-cudagraphs",
+        "cuda-graphs",
+        "onnxruntime",
+        "openvino",
+        "tensorrt",
+    }
     assert set(ATTENTIONS) == {"sdpa", "sdpa-no-cudnn", "eager", "sdpa-packed"}
 
 
@@ -111,3 +119,37 @@ def test_int4_uses_tinygemm_packing_that_needs_no_extra_kernels(monkeypatch: pyt
     QUANTIZERS["int4-weight-only"].apply(object(), probe("cpu"))
     assert isinstance(seen[0], tq.Int4WeightOnlyConfig) and seen[0].group_size == 128
     assert seen[0].int4_packing_format == "tile_packed_to_4d"
+
+
+def test_tensorrt_is_offered_only_on_a_gpu_where_torch_tensorrt_imports(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+    import sys
+    import types
+
+    from .conftest import make_hw
+
+    trt = BACKENDS["tensorrt"]
+    assert "NVIDIA GPU" in (trt.unsupported(make_hw()) or "")
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name: str, *args: object) -> object:
+        return None if name == "torch_tensorrt" else real_find_spec(name, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    assert "pip install torch-tensorrt" in (trt.unsupported(make_hw("cuda", (9, 0))) or "")
+    monkeypatch.setattr(importlib.util, "find_spec", real_find_spec)
+    monkeypatch.setitem(sys.modules, "torch_tensorrt", types.ModuleType("torch_tensorrt"))  # installed
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name == "torch_tensorrt" else real_find_spec(name, *a)
+    )
+    gpu = make_hw("cuda", (9, 0))
+    assert trt.unsupported(gpu) is None
+    assert "quantization none" in (
+        trt.conflict(TrialConfig(backend="tensorrt", quantization="int8-weight-only"), gpu) or ""
+    )
+    assert "scheduler static" in (trt.conflict(TrialConfig(backend="tensorrt", scheduler="continuous"), gpu) or "")
+    model, _, _ = load_model("preset:llama-tiny", device="cpu")
+    trt.apply(model, gpu)  # generate() compiles its decode step with Torch-TensorRT's torch.compile backend
+    cfg = model.generation_config
+    assert cfg.compile_config.backend == "torch_tensorrt" and cfg.cache_implementation == "static"
+    assert not cfg.compile_config.dynamic

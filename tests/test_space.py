@@ -140,6 +140,15 @@ def test_continuous_scheduler_rules() -> None:
     assert "streams 1" in (s.check(ok.model_copy(update={"streams": 2})) or "")
     assert "backend eager" in (s.check(ok.model_copy(update={"backend": "inductor"})) or "")
     assert "queue delay" in (s.check(ok.model_copy(update={"max_queue_delay_ms": 5.0})) or "")
+    assert "pipeline_depth 1" in (s.check(ok.model_copy(update={"pipeline_depth": 2})) or "")
+
+
+def test_pipeline_depth_is_opt_in_and_searched_in_order() -> None:
+    s = SearchSpace.from_spec(spec(), make_hw())
+    assert s.values["pipeline_depth"] == [1] and "opt-in" in s.dropped["pipeline_depth=2"]
+    listed = SearchSpace.from_spec(spec(pipeline_depth=[3, 1, 2]), make_hw())
+    assert listed.values["pipeline_depth"] == [1, 2, 3] and listed.param_name("pipeline_depth") == "pipeline_depth_rank"
+    assert listed.check(TrialConfig(pipeline_depth=3)) is None
 
 
 def test_cpu_default_space_leaves_continuous_batching_out_with_a_reason() -> None:

@@ -27,6 +27,7 @@ VLLM_FLAGS: dict[str, set[str] | None] = {
     "--dtype": {"auto", "half", "float16", "bfloat16", "float", "float32"},
     "--quantization": {"aqlm", "awq", "fp8", "gptq", "bitsandbytes", "marlin", "gptq_marlin", "torchao"},
     "--scheduling-policy": {"fcfs", "priority"},
+    "--async-scheduling": None,
     "--enforce-eager": None,
     "-O0": None,
     "-O1": None,
@@ -154,6 +155,7 @@ BASE_DOC: dict[str, Any] = {
         "backend": "inductor-cudagraphs",
         "max_queue_delay_ms": 2.5,
         "scheduler": "continuous",
+        "pipeline_depth": 1,
         "attention": "sdpa",
         "model": None,
     },
@@ -180,6 +182,8 @@ KNOB_CASES = [
     ("max_queue_delay_ms", 2.5),
     ("batch_size", 1),
     ("batch_size", 48),
+    ("pipeline_depth", 1),
+    ("pipeline_depth", 2),
 ]
 
 

@@ -32,6 +32,7 @@ KNOBS = (
     "backend",
     "max_queue_delay_ms",
     "scheduler",
+    "pipeline_depth",
     "attention",
     "model",
 )

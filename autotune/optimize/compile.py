@@ -8,6 +8,10 @@ graph replay instead of ``generate()``'s per-token Python: ``cuda-graphs`` captu
 kernels (no compiler, ~1 s), ``inductor-cudagraphs`` compiles the step with Inductor first and
 captures the fused kernels (fewer, larger kernels; a compile per process).
 
+``tensorrt`` is the same ``generate()`` path as ``inductor`` with Torch-TensorRT as the
+``torch.compile`` backend: TensorRT engines for the decode step, offered only on a GPU where
+``torch_tensorrt`` imports.
+
 ``onnxruntime`` and ``openvino`` export the forward pass to ONNX once per model (cached on disk) and
 decode with that runtime (:mod:`autotune.exported`): one runtime call per step instead of PyTorch's
 per-operator dispatch, every shape dynamic so nothing is padded."""
@@ -25,9 +29,14 @@ def _eager(model: Any, hw: Hardware) -> Any:
     return model
 
 
-def _inductor(mode: str) -> Any:
+def _compiled(backend: str, mode: str) -> Any:
+    """Have generate() compile its decode step with ``torch.compile(backend=backend)``."""
+
     def apply(model: Any, hw: Hardware) -> Any:
         from transformers import CompileConfig
+
+        if backend == "torch_tensorrt":
+            import torch_tensorrt  # noqa: F401  (importing it registers the torch.compile backend)
 
         # transformers' own path: generate() compiles the decode step only (prefill stays eager,
         # so one prompt shape never costs a second graph) and reads each step's outputs before
@@ -35,13 +44,31 @@ def _inductor(mode: str) -> Any:
         # on the H200 with "accessing tensor output of CUDAGraphs that has been overwritten".
         gen = model.generation_config
         gen.cache_implementation = "static"
-        gen.compile_config = CompileConfig(fullgraph=False, dynamic=False, backend="inductor", mode=mode)
+        gen.compile_config = CompileConfig(fullgraph=False, dynamic=False, backend=backend, mode=mode)
         if hw.device_type != "cuda":  # transformers auto-compiles on accelerators only unless told
             gen.compile_config._compile_all_devices = True
         gen.disable_compile = False
         return model
 
     return apply
+
+
+def _needs_tensorrt(hw: Hardware) -> str | None:
+    from importlib.util import find_spec
+
+    if hw.device_type != "cuda":
+        return "needs an NVIDIA GPU"
+    if find_spec("torch_tensorrt") is None:
+        return "needs Torch-TensorRT (pip install torch-tensorrt, the build made for this torch)"
+    return None
+
+
+def _tensorrt_conflict(cfg: TrialConfig, hw: Hardware) -> str | None:
+    if cfg.scheduler == "continuous":
+        return "continuous batching runs transformers' own loop: tensorrt needs scheduler static or bucketed"
+    if cfg.quantization != "none":
+        return "torchao's quantized tensors do not lower to TensorRT engines: use quantization none"
+    return None
 
 
 def _needs_compiler(hw: Hardware) -> str | None:
@@ -95,7 +122,7 @@ BACKENDS: dict[str, Technique] = {
     "eager": Technique("eager", _eager, description="plain PyTorch eager"),
     "inductor": Technique(
         "inductor",
-        _inductor("default"),
+        _compiled("inductor", "default"),
         _needs_compiler,
         _quant_compile_conflict,
         description="torch.compile (inductor) with a static KV cache",
@@ -113,6 +140,13 @@ BACKENDS: dict[str, Technique] = {
         needs_cuda(),
         _own_loop_conflict,
         description="autotune's static-cache decode loop, each step one captured CUDA graph (no compiler)",
+    ),
+    "tensorrt": Technique(
+        "tensorrt",
+        _compiled("torch_tensorrt", "default"),
+        _needs_tensorrt,
+        _tensorrt_conflict,
+        description="torch.compile with Torch-TensorRT (TensorRT engines) and a static KV cache",
     ),
     "onnxruntime": Technique(
         "onnxruntime",

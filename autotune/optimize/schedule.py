@@ -8,6 +8,11 @@ choosing, among the requests queued (up to ``BUCKET_LOOKAHEAD`` batches' worth),
 prompt lengths are closest to the oldest request's, so a batch is padded less; the oldest request
 always goes first, so none starves. None changes the model, so ``apply`` is the identity; the
 engine reads ``config.scheduler``.
+
+``pipeline_depth`` (an integer knob, no registry) is how many batches a stream keeps in flight:
+with 2 or more, a preparing thread forms and pads the next batches while one runs, and a
+delivering thread hands results back, so the running thread only runs batches (see
+:class:`autotune.engine.Engine`).
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ def _continuous_conflict(cfg: TrialConfig, hw: Hardware) -> str | None:
         return "continuous batching is one scheduler loop over the whole batch: use streams 1"
     if cfg.max_queue_delay_ms:
         return "continuous batching admits requests every step, a queue delay only adds latency: use 0"
+    if cfg.pipeline_depth != 1:
+        return "continuous batching schedules every step in its own loop: use pipeline_depth 1"
     if cfg.quantization == "int8-dynamic" and hw.device_type == "cpu":
         return "fbgemm dynamic int8 modules need the static scheduler"
     return None
