@@ -69,7 +69,14 @@ class _OpenVino:
     def __init__(self, path: Path, threads: int) -> None:
         import openvino as ov
 
-        hints = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+        hints = {
+            "INFERENCE_NUM_THREADS": threads,
+            "PERFORMANCE_HINT": "LATENCY",
+            "NUM_STREAMS": 1,
+            # fp32 as the backend promises: on CPUs with native bf16 (AVX512-BF16, AMX) the plugin
+            # would otherwise run in bf16 by default, and the tokens would drift from the reference.
+            "INFERENCE_PRECISION_HINT": "f32",
+        }
         compiled = ov.Core().compile_model(str(path), "CPU", hints)
         self._outputs = list(compiled.outputs)
         self._request = compiled.create_infer_request()  # not thread-safe: one per stream worker

@@ -67,6 +67,7 @@ def test_tune_measures_stores_and_exports(tuned: Path) -> None:
         "backend",
         "max_queue_delay_ms",
         "scheduler",
+        "pipeline_depth",
         "attention",
         "model",
     }
@@ -191,8 +192,12 @@ def test_no_feasible_config_exits_3_with_the_closest(tmp_path: Path) -> None:
 
 
 def test_interrupt_then_resume(tmp_path: Path) -> None:
+    # Twice the tiny budget, so the study is still running when the first finished trial is seen
+    # (with engine reuse the tiny study's four trials can all end within one poll).
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(TINY_SPEC.read_text().replace("trials: 4", "trials: 8"))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "autotune.cli", "tune", str(TINY_SPEC)],
+        [sys.executable, "-m", "autotune.cli", "tune", str(spec)],
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -206,10 +211,10 @@ def test_interrupt_then_resume(tmp_path: Path) -> None:
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "run the same command again to resume" in err
     assert "Traceback" not in err
-    res = run_cli("tune", str(TINY_SPEC), cwd=tmp_path)
+    res = run_cli("tune", str(spec), cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     states = trial_states(db)
-    assert measured(db) >= 4 and "RUNNING" not in states
+    assert measured(db) >= 8 and "RUNNING" not in states
 
 
 BAD_INPUTS = [

@@ -155,3 +155,24 @@ def test_a_damaged_cache_entry_is_exported_again(hw: Hardware, tmp_path: Path, m
     with again, Engine.build(TINY, TrialConfig(batch_size=2), hw) as eager:
         assert again.generate(prompts(2), 4)[0].output_ids == eager.generate(prompts(2), 4)[0].output_ids
     assert Engine.build(TINY, cfg, hw).timings.export_cached == 1.0  # and the repaired entry is used
+
+
+def test_openvino_runs_the_graph_in_fp32_on_every_cpu(export_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """OpenVINO's CPU plugin picks bf16 by itself on CPUs with native bf16 (this CI's Xeon has
+    AVX512-BF16): without the hint its tokens drift from the fp32 reference the backend promises."""
+    ov = pytest.importorskip("openvino")
+    from autotune.exported import ExportedStep
+    from autotune.models import load_model
+
+    seen: list[dict[str, object]] = []
+    compile_model = ov.Core.compile_model
+
+    def spy(self: object, model: object, device: str, config: dict[str, object]) -> object:
+        seen.append(dict(config))
+        return compile_model(self, model, device, config)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ov.Core, "compile_model", spy)
+    model, _, _ = load_model(TINY)
+    step = ExportedStep.load(model, "sdpa", "openvino")
+    step.session(0, 2)
+    assert seen and all(c.get("INFERENCE_PRECISION_HINT") == "f32" for c in seen)
