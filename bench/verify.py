@@ -102,6 +102,14 @@ def start_server(export: Path, port: int) -> subprocess.Popen[str]:
     raise SystemExit("serve did not come up in 120 s")
 
 
+def client_cpu_s() -> float:
+    """CPU seconds this process (the HTTP client) has used."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def row(label: str, doc: dict[str, Any], m: Any, v: Any) -> dict[str, Any]:
     from autotune.verify import expected_throughput
 
@@ -156,8 +164,11 @@ def main() -> None:
         served = []
         try:
             for i in range(args.repeats):
+                cpu0 = client_cpu_s()
                 m = verify_remote(doc, f"http://127.0.0.1:{port}")
                 served.append(row(f"served #{i + 1}", doc, m, compare(doc, m, tolerance=args.tolerance)))
+                # The client's own CPU per request (warm-up included): it shares the cores with the server.
+                served[-1]["client_cpu_ms_per_request"] = 1000 * (client_cpu_s() - cpu0) / max(1, m.requests)
             # Diagnostic, not the target: twice the clients keeps the batcher fed despite HTTP round trips,
             # which separates the server's capacity from batches that split under a closed loop.
             cfg = doc["config"]
@@ -183,7 +194,8 @@ def main() -> None:
     local_med = statistics.median(r["output_tokens_per_s"] for r in local)
     print(
         f"served median {s['median']:,.1f} tok/s = {ratio:.2f}x tuned {tuned:,.1f}, {source} "
-        f"({s['median'] / searched:.2f}x the search trial's {searched:,.1f}; spread {s['spread_pct']:.0f}%); "
+        f"({s['median'] / searched:.2f}x the search trial's {searched:,.1f}; spread {s['spread_pct']:.0f}%; "
+        f"client CPU {statistics.median(r['client_cpu_ms_per_request'] for r in served):.2f} ms/request); "
         f"in-process median {local_med:,.1f} = {local_med / tuned:.2f}x; SLO met in every served run: {met}; "
         f"target (>= {1 - args.tolerance:.2f}x and SLO met): {'MET' if ok else 'NOT MET'}"
     )
