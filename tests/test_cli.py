@@ -192,12 +192,13 @@ def test_no_feasible_config_exits_3_with_the_closest(tmp_path: Path) -> None:
 
 
 def test_interrupt_then_resume(tmp_path: Path) -> None:
-    # Twice the tiny budget, so the study is still running when the first finished trial is seen
-    # (with engine reuse the tiny study's four trials can all end within one poll).
     spec = tmp_path / "tiny.yaml"
-    spec.write_text(TINY_SPEC.read_text().replace("trials: 4", "trials: 8"))
+    spec.write_text(TINY_SPEC.read_text().replace("trials: 4", "trials: 8"))  # surely still running
     proc = subprocess.Popen(
         [sys.executable, "-m", "autotune.cli", "tune", str(spec)],
+        # A suite started in the background (`pytest &` in a script) inherits SIGINT ignored, and
+        # Python then never turns it into KeyboardInterrupt: give the CLI the terminal's default.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
