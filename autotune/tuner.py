@@ -99,6 +99,21 @@ def _spent(t: FrozenTrial) -> bool:
     return t.state == TrialState.COMPLETE or A_FAILURE in t.user_attrs
 
 
+def _budget_free_without_reading(seen: list[FrozenTrial], number: int, budget: int) -> bool:
+    """Whether trial ``number``'s budget check must pass, judged from ``seen``, a trial list read
+    before the trial was created (so the objective can skip reading it again).
+
+    The check yields when the spent trials plus the running ones numbered below this one reach
+    the budget. From the old list that sum is at most: its spent trials, plus every trial it saw
+    unfinished (each may finish, or be another worker's running one), plus every number below this
+    one it did not see (created since by other workers). A trial created after this one cannot have
+    finished a measurement by now. Below the budget, the check passes whatever happened since.
+    """
+    unfinished = sum(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in seen if t.number != number)
+    unseen_below = number - sum(t.number < number for t in seen)
+    return sum(_spent(t) for t in seen) + unfinished + unseen_below < budget
+
+
 def write_trial_attrs(
     trial: optuna.Trial, user: dict[str, Any], constraints: dict[str, float], *, durable: bool = True
 ) -> None:
@@ -472,6 +487,7 @@ class Tuner:
         self.clock = StorageClock()
         self.spent = 0  # budget spent, as of the last finished trial
         self._fresh_trials: list[FrozenTrial] | None = None  # read by the last trial's callback
+        self._step_trials: list[FrozenTrial] | None = None  # the list the current step checked
         self.stop_reason: str | None = None  # set when the study stops before its budget
         self._candidates: list[TrialConfig] | None = None  # the space's runnable configs, for outlook()
 
@@ -677,8 +693,11 @@ class Tuner:
     def objective(self, trial: optuna.Trial) -> tuple[float, ...]:
         # Several workers may pass the budget check at the same moment; the running trials with the
         # highest numbers yield, so the study ends at exactly its budget.
-        # One read of the trial list serves the budget check and the duplicate lookup.
-        trials = trial.study.get_trials(deepcopy=False)
+        # One read of the trial list serves the budget check and the duplicate lookup; the step's
+        # own read (just before ask) does when it proves no other worker can hold the budget.
+        trials, self._step_trials = self._step_trials, None
+        if trials is None or not _budget_free_without_reading(trials, trial.number, self.budget):
+            trials = trial.study.get_trials(deepcopy=False)
         running = sorted(t.number for t in trials if t.state == TrialState.RUNNING)
         if trial.number in running and self.counted(trial.study, trials) + running.index(trial.number) >= self.budget:
             raise self._reject(trial, "budget already taken by other workers' trials")
@@ -811,6 +830,7 @@ class Tuner:
         # One trial per optimize() call: heartbeats and stale-trial recovery run as usual, and the
         # budget check above runs between trials, so several workers stop at exactly the budget.
         remaining = deadline - time.monotonic()
+        self._step_trials = trials
         study.optimize(
             self.objective,
             n_trials=1,
