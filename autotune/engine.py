@@ -579,18 +579,11 @@ class Engine:
                 prepared.mask.record_stream(current)
             return self._generate(prepared, stream)
 
-    def _generate(self, prepared: _Prepared, stream: int) -> list[GenerationResult]:
+    def _generate(self, p: _Prepared, stream: int) -> list[GenerationResult]:
         import torch
 
-        batch, ids, mask, width, new_tokens = (
-            prepared.batch,
-            prepared.ids,
-            prepared.mask,
-            prepared.width,
-            prepared.new_tokens,
-        )
         if uses_static_decoder(self.config.backend) or uses_exported_graph(self.config.backend):
-            return self._run_static(batch, stream, ids, mask, new_tokens)
+            return self._run_static(p.batch, stream, p.ids, p.mask, p.new_tokens)
         device = self.hardware.device
         from transformers import LogitsProcessorList
 
@@ -598,18 +591,18 @@ class Engine:
         clock = _FirstTokenClock(self.hardware.device_type == "cuda")
         with torch.inference_mode():
             out = self.model.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
+                input_ids=p.ids.to(device),
+                attention_mask=p.mask.to(device),
+                max_new_tokens=p.new_tokens,
+                min_new_tokens=p.new_tokens,
                 do_sample=False,
                 pad_token_id=self.pad_id,
                 logits_processor=LogitsProcessorList([clock]),
             )
-            generated = out[:, width:].tolist()  # .tolist() synchronizes with the device
+            generated = out[:, p.width :].tolist()  # .tolist() synchronizes with the device
         t_end = time.perf_counter()
         t_first = clock.first_token_time(t_start) or t_end
-        return _results(batch, generated, stream, t_start, t_first, t_end)
+        return _results(p.batch, generated, stream, t_start, t_first, t_end)
 
     def _threads_per_stream(self) -> int:
         """CPU threads for one stream worker: the cores split between the streams."""

@@ -122,19 +122,9 @@ def header(doc: dict[str, Any], tool: str, what: str, knobs: list[Knob], extra: 
 
 def _config(doc: dict[str, Any]) -> dict[str, Any]:
     """The tuned config with TrialConfig's defaults for knobs older exports lack."""
-    defaults = {
-        "batch_size": 1,
-        "precision": "fp32",
-        "quantization": "none",
-        "streams": 1,
-        "backend": "eager",
-        "max_queue_delay_ms": 0.0,
-        "scheduler": "static",
-        "pipeline_depth": 1,
-        "attention": "sdpa",
-        "model": None,
-    }
-    return {**defaults, **(doc.get("config") or {})}
+    from autotune.config import TrialConfig
+
+    return {**TrialConfig().model_dump(mode="json"), **(doc.get("config") or {})}
 
 
 def _model_knob(doc: dict[str, Any], c: dict[str, Any], where: str) -> Knob:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -268,10 +269,7 @@ def expected_throughput(doc: dict[str, Any]) -> tuple[float, str]:
         if isinstance(r, dict) and r.get("output_tokens_per_s") is not None
     ]
     if runs:
-        runs.sort()
-        mid = len(runs) // 2
-        median = runs[mid] if len(runs) % 2 else (runs[mid - 1] + runs[mid]) / 2
-        return median, f"re-measured ({len(runs)} run{'s' if len(runs) > 1 else ''})"
+        return statistics.median(runs), f"re-measured ({len(runs)} run{'s' if len(runs) > 1 else ''})"
     return float((doc.get("metrics") or {}).get("output_tokens_per_s", math.nan)), "search trial"
 
 

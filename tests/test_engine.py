@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -214,8 +215,6 @@ def test_bucketed_scheduler_groups_queued_requests_by_prompt_length(hw: Hardware
 # -- pipeline_depth ---------------------------------------------------------------------------------
 def _slowed(engine: Engine, seconds: float, log: list[tuple[str, str, float, int]]) -> None:
     """Make every batch run ``seconds`` longer; log (event, thread, time, rows) of each stage."""
-    import threading
-
     prepare, generate = engine._prepare, engine._generate
 
     def slow_prepare(batch, **kw):  # type: ignore[no-untyped-def]
@@ -283,4 +282,4 @@ def test_stopping_a_pipelined_engine_finishes_what_was_queued(hw: Hardware) -> N
     futures = [engine.submit(p, 3) for p in prompts(9)]
     engine.stop()
     assert all(f.done() and len(f.result().output_ids) == 3 for f in futures)
-    assert not [t for t in __import__("threading").enumerate() if t.name.startswith("autotune-stream")]
+    assert not [t for t in threading.enumerate() if t.name.startswith("autotune-stream")]

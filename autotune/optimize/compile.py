@@ -22,7 +22,7 @@ from typing import Any
 
 from autotune.config import TrialConfig
 from autotune.hardware import Hardware
-from autotune.optimize.base import Technique, needs_cuda
+from autotune.optimize.base import Technique, first_reason, needs_cuda
 
 
 def _eager(model: Any, hw: Hardware) -> Any:
@@ -56,11 +56,12 @@ def _compiled(backend: str, mode: str) -> Any:
 def _needs_tensorrt(hw: Hardware) -> str | None:
     from importlib.util import find_spec
 
-    if hw.device_type != "cuda":
-        return "needs an NVIDIA GPU"
-    if find_spec("torch_tensorrt") is None:
-        return "needs Torch-TensorRT (pip install torch-tensorrt, the build made for this torch)"
-    return None
+    missing = (
+        None
+        if find_spec("torch_tensorrt")
+        else "needs Torch-TensorRT (pip install torch-tensorrt, the build made for this torch)"
+    )
+    return first_reason(needs_cuda()(hw), missing)
 
 
 def _tensorrt_conflict(cfg: TrialConfig, hw: Hardware) -> str | None:
