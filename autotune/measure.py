@@ -81,6 +81,8 @@ class Measurement:
     #: ``decode``; ``tokenize`` / ``detokenize`` only where the path has text (a trial over HTTP:
     #: the server turns output ids into text). In-process trials send and receive token ids.
     breakdown_ms: dict[str, float] = field(default_factory=dict)
+    #: The trial process's CPU niceness while it measured (``budget.trial_niceness``; 0: not lowered).
+    niceness: int = 0
 
     def value(self, name: str) -> float:
         """Look up ``e2e_ms.p95``-style, plain (``peak_memory_mb``) or fidelity (``kl``) metric names;

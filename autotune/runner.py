@@ -428,6 +428,7 @@ def _child_trial(job: dict[str, Any]) -> dict[str, Any]:
             _BUILT.update(quality=m.quality, reference=job["reference"])
     if reused:
         m.timings["engine_reused"] = 1.0
+    m.niceness = _niceness()
     return {"status": "ok", "measurement": m.to_dict()}
 
 
@@ -484,6 +485,28 @@ def _child_preflight(job: dict[str, Any]) -> dict[str, Any]:
     return {"status": "ok", "hardware": hw.model_dump(mode="json"), "model": info.to_dict(), "variants": variants}
 
 
+def _niceness() -> int:
+    """The highest priority (lowest niceness) among this process's threads: on Linux niceness is
+    per thread, and one thread left at the tuner's priority would undo :func:`lower_priority`."""
+    try:
+        stats = [p.read_text() for p in Path("/proc/self/task").glob("*/stat")]
+        return min(int(s.rsplit(")", 1)[1].split()[16]) for s in stats)  # field 19: nice
+    except (OSError, ValueError, IndexError):
+        return os.getpriority(os.PRIO_PROCESS, 0) if hasattr(os, "getpriority") else 0
+
+
+def lower_priority(niceness: int) -> None:
+    """Run this process at CPU niceness ``niceness`` or lower priority (never raises it back).
+
+    Trials measure at a lower priority than the tuner so that, when trials fill every core (several
+    workers on one machine), the tuner's and the database's short storage calls run at once instead
+    of queueing behind the measurement. Threads started afterwards (torch's) inherit it; on Linux
+    it applies to the calling thread, so it must come before any are started.
+    """
+    if niceness > 0 and _niceness() < niceness:
+        os.setpriority(os.PRIO_PROCESS, 0, niceness)
+
+
 def _warm_entry(conn: Any) -> None:
     """Warm child body: run trial jobs from the pipe one after another, each with its own log and
     result file, until the parent closes the pipe or kills the process."""
@@ -505,6 +528,7 @@ def _child_entry(job_json: str) -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it kills this process
     job = json.loads(job_json)
+    lower_priority(job["spec"]["budget"].get("trial_niceness", 0))  # before torch starts its threads
     log_fd = os.open(job["log_path"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -233,6 +233,13 @@ class Budget(_Strict):
         description="keep the trial process and its built model for the next trial when only runtime knobs "
         "(batch size, streams, queue delay, scheduler, pipeline depth) change; false: a fresh process per trial",
     )
+    trial_niceness: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="CPU niceness of trial processes: above the tuner's, so that with several workers on one "
+        "machine its storage calls are not queued behind other workers' measurements; 0 leaves it alone",
+    )
 
 
 class QualitySpec(_Strict):

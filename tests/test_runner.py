@@ -164,3 +164,24 @@ def test_a_failed_trial_ends_the_warm_process(spec: StudySpec, hw: Hardware, mon
     after = run_trial(spec, TrialConfig(batch_size=4), hw)
     assert "engine_reused" not in after.timings  # the process that failed is gone
     close_warm_child()
+
+
+def test_trials_measure_below_the_tuners_cpu_priority(spec: StudySpec, hw: Hardware) -> None:
+    """Every thread of a trial process (fresh or reused) runs at ``budget.trial_niceness``, so the
+    tuner's storage calls are not queued behind measurements; the tuner's own priority is untouched."""
+    import os
+
+    from autotune.runner import close_warm_child
+
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    close_warm_child()
+    first = run_trial(spec, TrialConfig(batch_size=4, streams=2), hw)  # two streams: more threads
+    reused = run_trial(spec, TrialConfig(batch_size=2), hw)
+    assert reused.timings["engine_reused"] == 1.0
+    assert first.niceness == reused.niceness == max(spec.budget.trial_niceness, mine) == max(10, mine)
+    fresh = parse_spec({**spec.model_dump(mode="json"), "budget": {"reuse_engine": False, "trial_niceness": 15}}, "x")
+    assert run_trial(fresh, TrialConfig(batch_size=2), hw).niceness == max(15, mine)
+    untouched = parse_spec({**spec.model_dump(mode="json"), "budget": {"trial_niceness": 0}}, "y")
+    assert run_trial(untouched, TrialConfig(batch_size=2), hw).niceness == mine
+    assert os.getpriority(os.PRIO_PROCESS, 0) == mine
+    close_warm_child()
