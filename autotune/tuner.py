@@ -196,6 +196,9 @@ class StorageClock:
         self.background_s = 0.0
         self._owner = threading.get_ident()
         self.by_method: dict[str, list[float]] = {}  # name -> [calls, seconds]
+        #: The slowest call: [seconds, method, when (s after the clock started)], to tell a stall from a cost.
+        self.slowest: list[Any] = [0.0, "", 0.0]
+        self._start = time.perf_counter()
         self._lock = threading.Lock()
 
     #: Private methods that do storage work for Optuna's trial cache.
@@ -230,6 +233,8 @@ class StorageClock:
                     entry = self.by_method.setdefault(fn.__name__, [0, 0.0])
                     entry[0] += 1
                     entry[1] += dt
+                    if dt > self.slowest[0]:
+                        self.slowest = [dt, fn.__name__, t - self._start]
 
         return call
 
@@ -889,6 +894,7 @@ class Tuner:
             "trials": len(mine),
             "wall_s": wall_s,
             "by_method": {k: [int(v[0]), round(v[1], 4)] for k, v in self.clock.by_method.items()},
+            "slowest_call": self.clock.slowest,
         }
         study.set_user_attr(f"{A_WORKER_STATS}.{me}", stats)
 

@@ -105,6 +105,8 @@ def run(admin_url: str, n: int, spec: Path) -> dict[str, Any]:
             "overhead_median_pct": 100 * statistics.median(overhead),
             "overhead_max_pct": 100 * max(overhead),
             "storage_by_method": dict(sorted(by_method.items(), key=lambda kv: -kv[1][1])),
+            # Per worker: [seconds, method, seconds after that worker's clock started].
+            "slowest_calls": [v["slowest_call"] for v in stats if "slowest_call" in v],
         }
     finally:
         with admin.connect() as conn:
@@ -134,6 +136,8 @@ def main() -> None:
         )
         top = list(r["storage_by_method"].items())[:8]
         print("  largest storage shares: " + ", ".join(f"{k} {c:.0f}x {s * 1000:.0f} ms" for k, (c, s) in top))
+        slow = ", ".join(f"{name} {s * 1000:.0f} ms at {at:.0f} s" for s, name, at in r["slowest_calls"])
+        print(f"  slowest call per worker: {slow}")
     path = save("workers", {"machine": info, "spec": str(args.spec.resolve().relative_to(ROOT)), "rows": rows})
     print(f"written to {path}")
 
