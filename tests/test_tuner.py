@@ -396,6 +396,17 @@ def test_a_lone_worker_reads_the_trial_list_twice_per_trial(tmp_path: Path) -> N
     assert n >= 8 and reads <= 2 * n + 8  # three a trial before (47 for 14 trials, now 33)
 
 
+def test_the_storage_clock_times_what_optunas_trial_cache_writes_through(tmp_path: Path) -> None:
+    """Trial creation, parameter writes and the stale-trial check reach the database through private
+    methods of the storage Optuna's cache wraps: they count as storage time like the public ones."""
+    t = tuner(tmp_path, trials=4, spec={"sampler": "random"})
+    study = t.run()
+    n = len(study.trials)
+    calls = {k: int(v[0]) for k, v in t.clock.by_method.items()}
+    assert calls["_create_new_trial"] == n and calls["_get_stale_trial_ids"] >= n
+    assert calls["_set_trial_param"] >= 2 * n  # batch size, precision, quantization: three per trial
+
+
 def test_the_budget_check_reads_again_when_other_workers_may_hold_the_budget() -> None:
     from datetime import datetime
 
