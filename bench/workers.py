@@ -9,6 +9,7 @@ Each configuration gets a fresh PostgreSQL database and the same tiny-preset stu
 tests' 0.3-s trials). Target: storage overhead under 2% of trial time.
 
     python bench/workers.py [--pg postgresql+psycopg://postgres@127.0.0.1:5432/postgres] [--workers 1 2 4]
+                            [--niceness N]   # override budget.trial_niceness (0: the A/B's "before")
 """
 
 from __future__ import annotations
@@ -119,7 +120,19 @@ def main() -> None:
     ap.add_argument("--pg", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--spec", type=Path, default=SPEC, help="study spec [default: bench/workers.yaml, 3-s trials]")
+    ap.add_argument(
+        "--niceness", type=int, default=None, help="override budget.trial_niceness (0: trials at the tuner's priority)"
+    )
     args = ap.parse_args()
+    if args.niceness is not None:
+        import tempfile
+
+        import yaml
+
+        doc = yaml.safe_load(args.spec.read_text())
+        doc.setdefault("budget", {})["trial_niceness"] = args.niceness
+        args.spec = Path(tempfile.mkdtemp(prefix="workers-spec-")) / args.spec.name
+        args.spec.write_text(yaml.safe_dump(doc))
     info = machine()
     header("workers: trials/hour and parent-side overhead, tiny preset, one PostgreSQL study", info)
     rows = []
@@ -138,7 +151,9 @@ def main() -> None:
         print("  largest storage shares: " + ", ".join(f"{k} {c:.0f}x {s * 1000:.0f} ms" for k, (c, s) in top))
         slow = ", ".join(f"{name} {s * 1000:.0f} ms at {at:.0f} s" for s, name, at in r["slowest_calls"])
         print(f"  slowest call per worker: {slow}")
-    path = save("workers", {"machine": info, "spec": str(args.spec.resolve().relative_to(ROOT)), "rows": rows})
+    spec = str(args.spec.resolve().relative_to(ROOT)) if args.spec.resolve().is_relative_to(ROOT) else str(args.spec)
+    doc = {"machine": info, "spec": spec, "trial_niceness": args.niceness, "rows": rows}
+    path = save("workers", doc)
     print(f"written to {path}")
 
 
