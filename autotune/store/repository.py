@@ -148,6 +148,7 @@ EXTRA_METRICS = (
     "quality",
     "windows_tokens_per_s",
     "window_spread_pct",
+    "niceness",
     "breakdown_ms",
 )
 
