@@ -503,7 +503,7 @@ def lower_priority(niceness: int) -> None:
     of queueing behind the measurement. Threads started afterwards (torch's) inherit it; on Linux
     it applies to the calling thread, so it must come before any are started.
     """
-    if niceness > 0 and _niceness() < niceness:
+    if niceness > 0 and hasattr(os, "setpriority") and _niceness() < niceness:
         os.setpriority(os.PRIO_PROCESS, 0, niceness)
 
 
