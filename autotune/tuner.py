@@ -202,7 +202,7 @@ class StorageClock:
         self._lock = threading.Lock()
 
     #: Private methods through which Optuna's trial cache (``_CachedStorage``) and its stale-trial
-    #: check reach the database: untimed, a third of the statements of a trial went uncounted.
+    #: check reach the database (untimed, about a fifth of a trial's storage time went uncounted).
     PRIVATE = ("_get_trials", "_create_new_trial", "_set_trial_param", "_get_best_trial_id", "_get_stale_trial_ids")
 
     def wrap(self, obj: Any) -> Any:
