@@ -19,6 +19,7 @@ from autotune.spec import SpaceSpec, StudySpec
 
 if TYPE_CHECKING:
     import optuna
+    from optuna.distributions import BaseDistribution
 
     from autotune.models import ModelInfo
 
@@ -183,6 +184,18 @@ class SearchSpace:
                 name = self.param_name(knob)
                 params[name] = value if name == knob else values.index(value)
         return params
+
+    def distributions(self) -> dict[str, BaseDistribution]:
+        """The Optuna distribution of each parameter :meth:`suggest` asks for, by parameter name."""
+        from optuna.distributions import CategoricalDistribution, IntDistribution
+
+        return {
+            self.param_name(k): IntDistribution(0, len(v) - 1)
+            if self.param_name(k) != k
+            else CategoricalDistribution(list(v))
+            for k, v in self.values.items()
+            if len(v) > 1
+        }
 
     def optuna_grid(self) -> dict[str, list[Any]]:
         """The GridSampler search space, in the same parameter names as :meth:`suggest`."""

@@ -36,6 +36,7 @@ from autotune.errors import SpecError, StorageError, TrialFailure
 from autotune.hardware import Hardware
 from autotune.measure import Measurement
 from autotune.models import ModelInfo
+from autotune.random_search import DistinctRandomSampler
 from autotune.space import ORDINAL_KNOBS, SearchSpace
 from autotune.spec import Constraint, StudySpec
 from autotune.store.migrate import safe_url
@@ -271,7 +272,7 @@ def make_sampler(name: str, seed: int, n_constraints: int, space: SearchSpace) -
             raise SpecError("sampler 'gp' needs scipy (pip install scipy); or use tpe, nsga2, random, grid")
         return optuna.samplers.GPSampler(seed=seed, n_startup_trials=6, **kw)
     if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
+        return DistinctRandomSampler(space.distributions(), seed=seed)  # no repeats of measured configs
     if name == "grid":
         return optuna.samplers.GridSampler(space.optuna_grid(), seed=seed)
     raise SpecError(f"unknown sampler {name!r}; allowed: tpe, nsga2, gp, random, grid")
@@ -504,6 +505,8 @@ class Tuner:
         sampler_name = self.sampler or self.spec.sampler
         seed = self.spec.seed if self.seed is None else self.seed
         sampler = make_sampler(sampler_name, seed, len(self.slo), self.space)
+        if isinstance(sampler, DistinctRandomSampler):
+            sampler.known_trials = lambda: self._step_trials  # read just before ask()
         optuna.logging.set_verbosity(optuna.logging.ERROR)
         try:
             study = optuna.create_study(
@@ -701,13 +704,16 @@ class Tuner:
         # highest numbers yield, so the study ends at exactly its budget.
         # One read of the trial list serves the budget check and the duplicate lookup; the step's
         # own read (just before ask) does when it proves no other worker can hold the budget.
-        trials, self._step_trials = self._step_trials, None
+        # The random sampler draws from the step's list too (in suggest), so it is released after that.
+        trials = self._step_trials
         if trials is None or not _budget_free_without_reading(trials, trial.number, self.budget):
             trials = trial.study.get_trials(deepcopy=False)
         running = sorted(t.number for t in trials if t.state == TrialState.RUNNING)
         if trial.number in running and self.counted(trial.study, trials) + running.index(trial.number) >= self.budget:
+            self._step_trials = None
             raise self._reject(trial, "budget already taken by other workers' trials")
         cfg = self.space.suggest(trial)
+        self._step_trials = None
         known = {A_CONFIG: cfg.model_dump(mode="json"), "config_key": cfg.key()}
         reason = self.space.check(cfg)
         if reason:

@@ -407,6 +407,15 @@ def test_the_storage_clock_times_what_optunas_trial_cache_writes_through(tmp_pat
     assert calls["_set_trial_param"] >= 2 * n  # batch size, precision, quantization: three per trial
 
 
+def test_random_search_does_not_repeat_a_measured_config(tmp_path: Path) -> None:
+    """Random order without replacement: every Optuna trial measures a new config (a repeat is free
+    for the budget but still a trial and its storage calls)."""
+    study = tuner(tmp_path, trials=16, spec={"sampler": "random"}).run()
+    keys = [t.user_attrs["config_key"] for t in study.trials]  # rejected configs have one too
+    assert len(keys) == len(set(keys)) and not any("duplicate_of" in t.user_attrs for t in study.trials)
+    assert sum(t.state.name == "COMPLETE" for t in study.trials) == 16
+
+
 def test_the_budget_check_reads_again_when_other_workers_may_hold_the_budget() -> None:
     from datetime import datetime
 

@@ -1,0 +1,60 @@
+"""Random search without repeats: every config once before any twice, other workers' running trials included."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution, IntDistribution
+
+from autotune import random_search
+from autotune.random_search import DistinctRandomSampler
+
+SPACE = {"batch_size_rank": IntDistribution(0, 2), "quantization": CategoricalDistribution(["none", "int8"])}
+
+
+def _configs(study: optuna.Study) -> list[tuple[int, str]]:
+    return [(t.params["batch_size_rank"], t.params["quantization"]) for t in study.trials]
+
+
+def _objective(trial: optuna.Trial) -> float:
+    return trial.suggest_int("batch_size_rank", 0, 2) + len(trial.suggest_categorical("quantization", ["none", "int8"]))
+
+
+@pytest.mark.parametrize("enumerate_max", [random_search.ENUMERATE_MAX, 1])  # enumerated, or drawn until free
+def test_every_config_once_before_any_twice(monkeypatch: pytest.MonkeyPatch, enumerate_max: int) -> None:
+    monkeypatch.setattr(random_search, "ENUMERATE_MAX", enumerate_max)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.create_study(direction="maximize", sampler=DistinctRandomSampler(SPACE, seed=3))
+    study.optimize(_objective, n_trials=6)
+    assert len(set(_configs(study))) == 6
+    study.optimize(_objective, n_trials=1)  # all taken: a repeat, not an error
+    assert len(set(_configs(study))) == 6 and len(study.trials) == 7
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_config_another_worker_is_measuring_or_that_failed_is_taken(seed: int) -> None:
+    space = {"quantization": CategoricalDistribution(["none", "int8", "int4"])}
+    study = optuna.create_study(sampler=DistinctRandomSampler(space, seed=seed))
+    for value in ("int8", "int4"):
+        study.enqueue_trial({"quantization": value})
+    running = study.ask()  # RUNNING, as in another worker
+    assert running.suggest_categorical("quantization", ["none", "int8", "int4"]) == "int8"
+    failed = study.ask()
+    failed.suggest_categorical("quantization", ["none", "int8", "int4"])
+    study.tell(failed, state=optuna.trial.TrialState.FAIL)
+    trial = study.ask()
+    assert trial.suggest_categorical("quantization", ["none", "int8", "int4"]) == "none"
+
+
+def test_the_same_seed_draws_the_same_order() -> None:
+    orders = []
+    for _ in range(2):
+        study = optuna.create_study(direction="maximize", sampler=DistinctRandomSampler(SPACE, seed=7))
+        study.optimize(_objective, n_trials=6)
+        orders.append(_configs(study))
+    assert orders[0] == orders[1]
+
+
+def test_float_parameters_are_refused() -> None:
+    with pytest.raises(TypeError, match="categorical or integer"):
+        DistinctRandomSampler({"x": optuna.distributions.FloatDistribution(0, 1)})
