@@ -234,7 +234,7 @@ class Budget(_Strict):
         "(batch size, streams, queue delay, scheduler, pipeline depth) change; false: a fresh process per trial",
     )
     trial_niceness: int = Field(
-        10,
+        19,
         ge=0,
         le=19,
         description="CPU niceness of trial processes: above the tuner's, so that with several workers on one "

@@ -178,9 +178,9 @@ def test_trials_measure_below_the_tuners_cpu_priority(spec: StudySpec, hw: Hardw
     first = run_trial(spec, TrialConfig(batch_size=4, streams=2), hw)  # two streams: more threads
     reused = run_trial(spec, TrialConfig(batch_size=2), hw)
     assert reused.timings["engine_reused"] == 1.0
-    assert first.niceness == reused.niceness == max(spec.budget.trial_niceness, mine) == max(10, mine)
-    fresh = parse_spec({**spec.model_dump(mode="json"), "budget": {"reuse_engine": False, "trial_niceness": 15}}, "x")
-    assert run_trial(fresh, TrialConfig(batch_size=2), hw).niceness == max(15, mine)
+    assert first.niceness == reused.niceness == max(spec.budget.trial_niceness, mine) == max(19, mine)
+    fresh = parse_spec({**spec.model_dump(mode="json"), "budget": {"reuse_engine": False, "trial_niceness": 12}}, "x")
+    assert run_trial(fresh, TrialConfig(batch_size=2), hw).niceness == max(12, mine)
     untouched = parse_spec({**spec.model_dump(mode="json"), "budget": {"trial_niceness": 0}}, "y")
     assert run_trial(untouched, TrialConfig(batch_size=2), hw).niceness == mine
     assert os.getpriority(os.PRIO_PROCESS, 0) == mine
