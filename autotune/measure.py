@@ -326,8 +326,14 @@ def _stable_closed_loop(
             break
         w = window_throughputs(list(results), t0, window_s, k)
         if _agree(w[-2], w[-1], tolerance_pct):
-            end[0], stable = boundary, True
-            break
+            # A request that ended before the boundary is in ``results`` only once its client thread
+            # has woken to append it: look again a moment later before deciding (else the stored
+            # windows, counted from every result, can disagree with what stopped the load).
+            runner.join(timeout=min(0.2, max(0.02, window_s / 10)))
+            w = window_throughputs(list(results), t0, window_s, k)
+            if runner.is_alive() and _agree(w[-2], w[-1], tolerance_pct):
+                end[0], stable = boundary, True
+                break
     runner.join()
     _, stopped = box["out"]
     last = max((r.t_end for r in results), default=t0)
