@@ -239,7 +239,14 @@ class _WarmChild:
                 self.close()  # a failed trial may leave the process in a bad state
                 raise
 
-    def close(self) -> None:
+    def close(self, *, graceful: bool = False) -> None:
+        """End the process: killed (after a failure or a timeout), or ``graceful`` for an idle one,
+        asked to exit by closing its pipe so that its exit handlers run (a killed process that had
+        quantized with int8-dynamic left a semaphore behind, and the resource tracker warned about
+        it when the CLI exited); killed if it has not exited within :data:`GRACEFUL_EXIT_S`."""
+        if graceful and self.proc.is_alive():
+            self.conn.close()
+            self.proc.join(GRACEFUL_EXIT_S)
         if self.proc.is_alive():
             self.proc.kill()
         self.proc.join()
@@ -247,6 +254,8 @@ class _WarmChild:
 
 
 _warm: _WarmChild | None = None
+#: How long an idle warm trial process gets to exit on its own before it is killed.
+GRACEFUL_EXIT_S = 5.0
 
 
 def _run_warm(job: dict[str, Any], timeout_s: float) -> dict[str, Any]:
@@ -256,7 +265,7 @@ def _run_warm(job: dict[str, Any], timeout_s: float) -> dict[str, Any]:
     def run() -> dict[str, Any]:
         global _warm
         if _warm is not None and (_warm.key != key or not _warm.alive()):
-            _warm.close()
+            _warm.close(graceful=True)
             _warm = None
         if _warm is None:
             _warm = _WarmChild(key)
@@ -269,7 +278,7 @@ def close_warm_child() -> None:
     """End the warm trial process (a study's end; also at interpreter exit)."""
     global _warm
     if _warm is not None:
-        _warm.close()
+        _warm.close(graceful=True)
         _warm = None
 
 

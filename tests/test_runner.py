@@ -185,3 +185,16 @@ def test_trials_measure_below_the_tuners_cpu_priority(spec: StudySpec, hw: Hardw
     assert run_trial(untouched, TrialConfig(batch_size=2), hw).niceness == mine
     assert os.getpriority(os.PRIO_PROCESS, 0) == mine
     close_warm_child()
+
+
+def test_an_idle_warm_process_exits_on_its_own_when_closed(spec: StudySpec, hw: Hardware) -> None:
+    """At a study's end (or a new build key) the idle warm process is asked to exit, not killed, so
+    its exit handlers run: a killed one left a semaphore the resource tracker warned about."""
+    from autotune import runner
+
+    runner.close_warm_child()
+    run_trial(spec, TrialConfig(batch_size=2), hw)
+    proc = runner._warm.proc if runner._warm is not None else None
+    assert proc is not None and proc.is_alive()
+    runner.close_warm_child()
+    assert proc.exitcode == 0  # not -9 (SIGKILL)
