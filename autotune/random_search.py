@@ -5,7 +5,8 @@ Optuna's ``RandomSampler`` draws with replacement: on a grid of 64 configs a 24-
 copies the earlier measurement) but is still a trial: a sampler step and a dozen storage calls.
 ``BruteForceSampler`` avoids repeats but reads the trial list from the storage once per parameter.
 This sampler draws one whole config per trial, uniformly among those no trial holds yet (finished
-or running, in any worker), from the trial list Optuna already fetched for the trial.
+or running, in any worker), from a trial list already read: the tuner's own read before the trial
+(``known_trials``), else the one Optuna caches for the trial.
 """
 
 from __future__ import annotations
