@@ -20,12 +20,13 @@ import statistics
 import threading
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import optuna
+from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text as sa_text
@@ -169,6 +170,78 @@ def write_trial_attrs(
     if cached is not None:
         cached.user_attrs.update(user)
         cached.system_attrs.update(system)
+
+
+class _KeptParams:
+    """Stands in for a trial's storage while it suggests: parameter writes are kept, the rest passes."""
+
+    def __init__(self, storage: Any) -> None:
+        self._storage = storage
+        self.kept: list[tuple[str, float, BaseDistribution]] = []
+
+    def set_trial_param(self, trial_id: int, name: str, value: float, distribution: BaseDistribution) -> None:
+        self.kept.append((name, value, distribution))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._storage, name)
+
+
+@contextlib.contextmanager
+def params_in_one_write(trial: optuna.Trial, timer: Callable[..., Any] | None = None) -> Iterator[None]:
+    """Store the parameters suggested inside the block in one transaction at its end.
+
+    Optuna commits each suggested parameter on its own (a session, a trial lookup and a commit
+    apiece, 3-5 ms each here). Inside the block the trial's storage keeps them instead (the
+    trial's in-memory copy, which suggest reads back, is updated as usual); at its end they go
+    through the same per-parameter write Optuna uses (its distribution check included) in one
+    transaction, called through ``timer`` (``StorageClock.call``) when given. A block that raises
+    stores none of them (and the trial forgets them): the trial fails before it measured. Storages other than Optuna's cached
+    RDB storage, or an Optuna whose private names moved, get the plain per-parameter path.
+    """
+    storage = trial.storage
+    try:
+        from optuna.storages._rdb.storage import _create_scoped_session  # noqa: F401 (checked here)
+
+        storage._backend._set_trial_param_without_commit  # noqa: B018 (checked here)
+        study_id, _ = storage._trial_id_to_study_id_and_number[trial._trial_id]
+        storage._studies[study_id].param_distribution  # noqa: B018 (checked here)
+    except (ImportError, AttributeError, KeyError):
+        yield
+        return
+    kept = _KeptParams(storage)
+    trial.storage = kept  # type: ignore[assignment]
+    try:
+        try:
+            yield
+        finally:
+            trial.storage = storage
+        if kept.kept:
+            (timer or _call)(write_trial_params, storage, trial._trial_id, study_id, kept.kept)
+    except BaseException:
+        cached = trial._cached_frozen_trial  # forget the unstored picks, as if never suggested
+        for name, _, _ in kept.kept:
+            cached.params.pop(name, None)
+            cached.distributions.pop(name, None)
+        raise
+
+
+def _call(fn: Callable[..., Any], *args: Any) -> Any:
+    return fn(*args)
+
+
+def write_trial_params(
+    storage: Any, trial_id: int, study_id: int, params: list[tuple[str, float, BaseDistribution]]
+) -> None:
+    """Optuna's per-parameter write for each of ``params``, in one transaction (see :func:`params_in_one_write`)."""
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    backend = storage._backend
+    known = storage._studies[study_id].param_distribution  # what Optuna's cache checks new ones against
+    with storage._lock, _create_scoped_session(backend.scoped_session, True) as session:
+        for name, value, distribution in params:
+            backend._set_trial_param_without_commit(session, trial_id, name, value, distribution, known.get(name))
+    for name, _, distribution in params:
+        known.setdefault(name, distribution)
 
 
 def _tolerant(beat: Callable[[int], None]) -> Callable[[int], None]:
@@ -495,6 +568,7 @@ class Tuner:
         self.spent = 0  # budget spent, as of the last finished trial
         self._fresh_trials: list[FrozenTrial] | None = None  # read by the last trial's callback
         self._step_trials: list[FrozenTrial] | None = None  # the list the current step checked
+        self._asked: int | None = None  # number of the trial the current step's objective was given
         self.stop_reason: str | None = None  # set when the study stops before its budget
         self._candidates: list[TrialConfig] | None = None  # the space's runnable configs, for outlook()
 
@@ -700,6 +774,7 @@ class Tuner:
         return optuna.TrialPruned(reason)
 
     def objective(self, trial: optuna.Trial) -> tuple[float, ...]:
+        self._asked = trial.number
         # Several workers may pass the budget check at the same moment; the running trials with the
         # highest numbers yield, so the study ends at exactly its budget.
         # One read of the trial list serves the budget check and the duplicate lookup; the step's
@@ -712,7 +787,8 @@ class Tuner:
         if trial.number in running and self.counted(trial.study, trials) + running.index(trial.number) >= self.budget:
             self._step_trials = None
             raise self._reject(trial, "budget already taken by other workers' trials")
-        cfg = self.space.suggest(trial)
+        with params_in_one_write(trial, self.clock.call):
+            cfg = self.space.suggest(trial)
         self._step_trials = None
         known = {A_CONFIG: cfg.model_dump(mode="json"), "config_key": cfg.key()}
         reason = self.space.check(cfg)
@@ -783,10 +859,10 @@ class Tuner:
 
         confirmations = study.user_attrs.get(A_CONFIRMATIONS, {})  # changes only in confirm(), after the loop
 
-        def stop_when_spent(study: optuna.Study, trial: FrozenTrial) -> None:
+        def stop_when_spent(study: optuna.Study, trial: FrozenTrial, trials: list[FrozenTrial]) -> None:
             attempts[0] += 1
             self.record(trial)
-            trials = self._fresh_trials = study.get_trials(deepcopy=False)  # the next step reuses this read
+            self._fresh_trials = trials  # the next step reuses this read
             self.spent = self.counted(study, trials)
             self.events.on_trial_end(study, trial, best_feasible(study, trials, confirmations))
 
@@ -842,14 +918,20 @@ class Tuner:
         # One trial per optimize() call: heartbeats and stale-trial recovery run as usual, and the
         # budget check above runs between trials, so several workers stop at exactly the budget.
         remaining = deadline - time.monotonic()
-        self._step_trials = trials
+        self._step_trials, self._asked = trials, None
         study.optimize(
             self.objective,
             n_trials=1,
             catch=(TrialFailure,),
-            callbacks=[callback],
             timeout=None if remaining == math.inf else max(remaining, 0.0),
         )
+        if self._asked is not None:
+            # Instead of an optimize() callback: Optuna reads the trial back for callbacks, and
+            # this list (which the next step needs anyway) already holds it, finished.
+            trials = study.get_trials(deepcopy=False)
+            ran = next((t for t in trials if t.number == self._asked), None)
+            if ran is not None:
+                callback(study, ran, trials)
         return True
 
     def stagnation(self, trials: list[FrozenTrial]) -> str | None:

@@ -329,7 +329,7 @@ def test_trial_round_trip_and_idempotent_rerecord(url: str) -> None:
         )
         first = repo.record_trial("s1", 0, **kwargs)
         again = repo.record_trial("s1", 0, **kwargs)  # a retried write
-        assert again.id == first.id
+        assert again == first
         [row] = repo.list_trials("s1")
 
         assert row.config == {"batch_size": 8, "precision": "bf16"} and row.feasible is True
@@ -353,12 +353,13 @@ def test_trial_round_trip_and_idempotent_rerecord(url: str) -> None:
         # A later write of the same trial replaces it, still one row.
         repo.record_trial("s1", 0, **{**kwargs, "state": "infeasible", "feasible": False})
         [row] = repo.list_trials("s1")
-        assert (row.id, row.state, row.feasible) == (first.id, "infeasible", False)
+        assert (row.id, row.state, row.feasible) == (first, "infeasible", False)
 
 
 def test_failed_trial_keeps_reason_and_log_tail(url: str) -> None:
     m = _measurement(3).to_dict()
     m["ttft_ms"] = {k: math.nan for k in m["ttft_ms"]}  # nothing measured: NaN
+    m["timings"] = {"load_s": 1.5, "compile_s": math.nan, "warmup_s": math.inf}  # and in a JSON column
     with _repo(url) as repo:
         repo.record_trial(
             "s1",
@@ -378,6 +379,7 @@ def test_failed_trial_keeps_reason_and_log_tail(url: str) -> None:
         assert failed.ttft_p95_ms is None  # NaN is stored as NULL on both backends
         back = measurement_dict(failed)
         assert back is not None and math.isnan(back["ttft_ms"]["p95"])
+        assert failed.timings == {"load_s": 1.5, "compile_s": None, "warmup_s": None}  # strict JSON
         assert rejected.output_tokens_per_s is None and measurement_dict(rejected) is None
         with pytest.raises(ValueError, match="allowed"):
             repo.record_trial("s1", 6, config={}, config_key="k", state="exploded")

@@ -226,3 +226,54 @@ def test_a_trials_attributes_go_in_one_statement_per_table(db: str, pg_database:
     study.tell(trial, 1.0)
     with pytest.raises(RuntimeError, match="finished"):
         write_trial_attrs(trial, {"late": 1}, {})
+
+
+@pytest.mark.parametrize("db", ["sqlite", "postgresql"])
+def test_a_trials_parameters_are_stored_in_one_commit(db: str, pg_database: str, tmp_path: Path) -> None:
+    """params_in_one_write: what suggest picks is stored in one transaction at the block's end,
+    Optuna's distribution check still refuses a clash, and a block that raises stores nothing."""
+    import sqlalchemy as sa
+
+    from autotune.tuner import params_in_one_write
+
+    url = pg_database if db == "postgresql" else f"sqlite:///{tmp_path / 'params.db'}"
+    storage = optuna.storages.RDBStorage(url)
+    study = optuna.create_study(storage=storage, study_name=f"params-{db}")
+    events: list[str] = []  # parameter inserts and commits (reads commit too), in order
+    sa.event.listen(storage.engine, "commit", lambda conn: events.append("commit"))
+    sa.event.listen(
+        storage.engine,
+        "before_cursor_execute",
+        lambda *a: events.append("param") if a[2].lstrip().upper().startswith("INSERT INTO TRIAL_PARAMS") else None,
+    )
+
+    def stored(trial: optuna.Trial) -> dict[str, object]:  # read by a storage of its own, not the cache
+        return optuna.load_study(study_name=f"params-{db}", storage=url).trials[trial.number].params
+
+    trial = study.ask()
+    with params_in_one_write(trial):
+        rank = trial.suggest_int("batch_rank", 0, 7)
+        precision = trial.suggest_categorical("precision", ["fp32", "bf16"])
+        assert trial.params == {"batch_rank": rank, "precision": precision}  # suggest reads its picks back
+        assert trial.suggest_int("batch_rank", 0, 7) == rank
+        assert "param" not in events
+        events.clear()
+    assert events == ["param", "param", "commit"]
+    assert stored(trial) == {"batch_rank": rank, "precision": precision}
+    study.tell(trial, 1.0)
+
+    clash = study.ask()
+    with pytest.raises(ValueError, match="[Cc]annot set different distribution"):
+        with params_in_one_write(clash):
+            clash.suggest_categorical("batch_rank", ["a", "b"])
+    assert stored(clash) == {} and clash.params == {}
+
+    broken = study.ask()
+    with pytest.raises(RuntimeError, match="sampler"):
+        with params_in_one_write(broken):
+            broken.suggest_int("batch_rank", 0, 7)
+            raise RuntimeError("sampler broke")
+    assert stored(broken) == {} and broken.params == {}
+    with params_in_one_write(broken):  # and the storage is the trial's own again
+        broken.suggest_int("batch_rank", 0, 7)
+    assert set(stored(broken)) == {"batch_rank"}

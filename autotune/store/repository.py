@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -41,6 +42,8 @@ MAX_E2E_SAMPLES = 2000
 LOG_EXCERPT_CHARS = 4000
 HISTOGRAM_BINS = 20
 _RETRIES = 20
+#: Dialects whose ``INSERT ... ON CONFLICT DO UPDATE`` writes a trial row in one statement.
+_UPSERTS: dict[str, Callable[[Any], Any]] = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}
 
 T = TypeVar("T")
 When = datetime | float | None
@@ -203,6 +206,7 @@ class Repository:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._session = sessionmaker(engine, expire_on_commit=False)
+        self._upserts: dict[tuple[str, tuple[str, ...]], Any] = {}
 
     @classmethod
     def open(cls, url: str, *, check: bool = True) -> Repository:
@@ -232,6 +236,21 @@ class Repository:
                     raise
                 time.sleep(random.uniform(0.0, 0.01 * (attempt + 1)))
         raise AssertionError("unreachable")
+
+    def _trial_upsert(self, columns: tuple[str, ...]) -> Any:
+        """``INSERT ... ON CONFLICT (study, number) DO UPDATE ... RETURNING`` for these columns, built
+        once: building it per call cost more than the database did (about 3 of 8 ms per trial)."""
+        dialect = self.engine.dialect.name
+        if dialect not in _UPSERTS:
+            return None
+        key = (dialect, columns)
+        if key not in self._upserts:
+            stmt = _UPSERTS[dialect](Trial)
+            stmt = stmt.on_conflict_do_update(
+                index_elements=[Trial.study_id, Trial.trial_number], set_={c: stmt.excluded[c] for c in columns}
+            )
+            self._upserts[key] = stmt.returning(Trial.id)
+        return self._upserts[key]
 
     @staticmethod
     def _study(session: Session, name: str) -> Study:
@@ -317,8 +336,9 @@ class Repository:
         device: str | None = None,
         started_at: When = None,
         finished_at: When = None,
-    ) -> Trial:
-        """Write trial ``trial_number``'s result; writing it again replaces the row (never a second one).
+    ) -> int:
+        """Write trial ``trial_number``'s result and return its row id; writing it again replaces the
+        row (never a second one). :meth:`list_trials` reads rows back.
 
         ``measurement``: a ``Measurement.to_dict()`` dict (or anything with ``to_dict()``).
         ``failure``: ``{"kind", "reason", "log"}`` as the tuner keeps it (log tail kept).
@@ -347,16 +367,25 @@ class Repository:
             "finished_at": _when(finished_at),
         }
 
-        def write(session: Session) -> Trial:
-            study = self._study(session, study_name)
-            trial = session.scalar(select(Trial).where(Trial.study_id == study.id, Trial.trial_number == trial_number))
+        upsert = self._trial_upsert(tuple(values))
+
+        def write(session: Session) -> int:
+            # Touching the study row first also finds its id: one statement for both.
+            touched = update(Study).where(Study.name == study_name).values(updated_at=utcnow()).returning(Study.id)
+            study_id = session.scalar(touched)
+            if study_id is None:
+                self._study(session, study_name)  # raises the clear error
+            row = {"study_id": study_id, "trial_number": trial_number, **values}
+            if upsert is not None:  # one round trip instead of a read and an insert or update
+                return int(session.scalars(upsert, [row]).one())
+            trial = session.scalar(select(Trial).where(Trial.study_id == study_id, Trial.trial_number == trial_number))
             if trial is None:
-                trial = Trial(study_id=study.id, trial_number=trial_number)
+                trial = Trial(study_id=study_id, trial_number=trial_number)
                 session.add(trial)
             for key, value in values.items():
                 setattr(trial, key, value)
-            session.execute(update(Study).where(Study.id == study.id).values(updated_at=utcnow()))
-            return trial
+            session.flush()
+            return trial.id
 
         return self._write(write)
 
