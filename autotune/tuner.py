@@ -569,6 +569,7 @@ class Tuner:
         self._fresh_trials: list[FrozenTrial] | None = None  # read by the last trial's callback
         self._step_trials: list[FrozenTrial] | None = None  # the list the current step checked
         self._asked: int | None = None  # number of the trial the current step's objective was given
+        self._requeued = False  # a stale trial was queued again since the step's read
         self.stop_reason: str | None = None  # set when the study stops before its budget
         self._candidates: list[TrialConfig] | None = None  # the space's runnable configs, for outlook()
 
@@ -592,6 +593,7 @@ class Tuner:
             )
         except Exception as err:
             raise StorageError(f"cannot create study {self.name!r} in {safe_url(self.storage_url)}: {err}") from None
+        self._one_read_per_trial(study, storage)
         self._check_or_record(study)
         from autotune.store import Repository
 
@@ -608,6 +610,37 @@ class Tuner:
         if self.spec.warm_start and not study.get_trials(deepcopy=False):
             self.warm_start(study)
         return study
+
+    def _one_read_per_trial(self, study: optuna.Study, storage: optuna.storages.RDBStorage) -> None:
+        """Let the trial list the step reads just before ``ask()`` stand in for Optuna's own reads.
+
+        Besides the tuner's read, Optuna reads the trial list again in ``ask()`` (for queued
+        trials) and the sampler once more (TPE, NSGA-II, GP): three reads a trial, the largest
+        storage cost of a tiny trial. ``ask()`` now skips its read when the step's list holds no
+        queued trial and this process queued none since (a stale trial's retry, in the stale
+        check between the two), and hands the sampler that list as its per-trial cache; a trial
+        another worker queues or finishes in that moment counts from the next ask, as it would
+        had it come a moment later. Without Optuna's private names Optuna reads as before.
+        """
+        pop = getattr(study, "_pop_waiting_trial_id", None)
+        retry = storage.get_heartbeat_stale_trial_callback()
+        if pop is None or not hasattr(study, "_thread_local"):
+            return
+
+        def requeue(study: optuna.Study, trial: FrozenTrial) -> None:
+            self._requeued = True
+            if retry is not None:
+                retry(study, trial)
+
+        def pop_waiting() -> int | None:
+            trials = self._step_trials
+            if trials is None or self._requeued or any(t.state == TrialState.WAITING for t in trials):
+                return pop()
+            study._thread_local.cached_all_trials = trials  # what the sampler reads (ask() just cleared it)
+            return None
+
+        storage.get_heartbeat_stale_trial_callback = lambda: requeue  # type: ignore[method-assign]
+        study._pop_waiting_trial_id = pop_waiting  # type: ignore[method-assign]
 
     def warm_start(self, study: optuna.Study, top: int = 3) -> list[TrialConfig]:
         """Enqueue the best feasible configs (``top`` per study) of earlier studies in this storage
@@ -918,7 +951,7 @@ class Tuner:
         # One trial per optimize() call: heartbeats and stale-trial recovery run as usual, and the
         # budget check above runs between trials, so several workers stop at exactly the budget.
         remaining = deadline - time.monotonic()
-        self._step_trials, self._asked = trials, None
+        self._step_trials, self._asked, self._requeued = trials, None, False
         study.optimize(
             self.objective,
             n_trials=1,

@@ -451,3 +451,43 @@ def test_the_budget_check_reads_again_when_other_workers_may_hold_the_budget() -
     assert _budget_free_without_reading(other, 5, budget=6)
     pruned = [*measured[:4], trial(4, TrialState.PRUNED)]  # a rejected trial spends nothing
     assert _budget_free_without_reading(pruned, 5, budget=5)
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random"])
+def test_the_trial_list_is_read_once_per_trial(tmp_path: Path, sampler: str) -> None:
+    """The step's read stands in for Optuna's read in ask() and the sampler's own (was three a trial)."""
+    t = tuner(tmp_path, trials=8, spec={"sampler": sampler})
+    study = t.run()
+    reads = int(t.clock.by_method["_get_trials"][0])
+    n = len(study.trials)
+    # TPE's constant liar reads the running trials itself once its 5 startup trials are done.
+    liar = max(0, n - 5) if sampler == "tpe" else 0
+    assert reads <= n + liar + 5  # + the first step's, the budget and stats reads at the ends
+
+
+def test_a_stale_trial_queued_again_is_measured_next(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A trial whose worker died is failed by the stale check inside ask(), queued again, and popped
+    by that same ask(), although the step's read just before saw nothing queued."""
+    import warnings
+
+    import sqlalchemy as sa
+
+    monkeypatch.setenv("AUTOTUNE_HEARTBEAT_S", "1")
+    t = tuner(tmp_path, trials=3, spec={"sampler": "random"})
+    study = t.open_study()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "heartbeat ... used with Study.optimize"
+        dead = study.ask()
+    t.space.suggest(dead)
+    study._storage.record_heartbeat(dead._trial_id)
+    engine = sa.create_engine(f"sqlite:///{tmp_path}/t.db")
+    with engine.begin() as conn:  # its worker stopped beating long ago
+        conn.exec_driver_sql("UPDATE trial_heartbeats SET heartbeat = '2000-01-01 00:00:00'")
+    engine.dispose()
+    t.run(study)
+    trials = sorted(study.get_trials(), key=lambda x: x.datetime_start)
+    assert trials[0].number == dead.number and trials[0].state.name == "FAIL"
+    retry = trials[1]  # the first trial measured after it
+    assert retry.system_attrs.get("failed_trial") == dead.number and retry.state.name == "COMPLETE"
+    assert retry.params == dead.params
+    assert not [x for x in study.get_trials() if x.state.name == "WAITING"]
