@@ -195,8 +195,9 @@ def params_in_one_write(trial: optuna.Trial, timer: Callable[..., Any] | None = 
     trial's in-memory copy, which suggest reads back, is updated as usual); at its end they go
     through the same per-parameter write Optuna uses (its distribution check included) in one
     transaction, called through ``timer`` (``StorageClock.call``) when given. A block that raises
-    stores none of them (and the trial forgets them): the trial fails before it measured. Storages other than Optuna's cached
-    RDB storage, or an Optuna whose private names moved, get the plain per-parameter path.
+    stores none of them (and the trial forgets them): the trial fails before it measured.
+    Storages other than Optuna's cached RDB storage, or an Optuna whose private names moved, get
+    the plain per-parameter path.
     """
     storage = trial.storage
     try:

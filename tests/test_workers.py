@@ -263,16 +263,14 @@ def test_a_trials_parameters_are_stored_in_one_commit(db: str, pg_database: str,
     study.tell(trial, 1.0)
 
     clash = study.ask()
-    with pytest.raises(ValueError, match="[Cc]annot set different distribution"):
-        with params_in_one_write(clash):
-            clash.suggest_categorical("batch_rank", ["a", "b"])
+    with pytest.raises(ValueError, match=r"[Cc]annot set different distribution"), params_in_one_write(clash):
+        clash.suggest_categorical("batch_rank", ["a", "b"])
     assert stored(clash) == {} and clash.params == {}
 
     broken = study.ask()
-    with pytest.raises(RuntimeError, match="sampler"):
-        with params_in_one_write(broken):
-            broken.suggest_int("batch_rank", 0, 7)
-            raise RuntimeError("sampler broke")
+    with pytest.raises(RuntimeError, match="sampler"), params_in_one_write(broken):
+        broken.suggest_int("batch_rank", 0, 7)
+        raise RuntimeError("sampler broke")
     assert stored(broken) == {} and broken.params == {}
     with params_in_one_write(broken):  # and the storage is the trial's own again
         broken.suggest_int("batch_rank", 0, 7)
