@@ -706,6 +706,12 @@ def landscape_replay(
         Path | None,
         typer.Option(help="measure the 3 best configs of this earlier landscape (same model, same hardware) first"),
     ] = None,
+    confirm_runs: Annotated[
+        int,
+        typer.Option(
+            min=0, max=10, help="re-measure would-be winners this many times, as budget.confirm_runs does [default: 0]"
+        ),
+    ] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
 ) -> None:
     """Run search strategies against a recorded landscape (lookups plus recorded noise, no measuring)."""
@@ -724,17 +730,24 @@ def landscape_replay(
         n = budget or max(1, round(0.1 * land.grid_size))
         names = [s.strip() for s in samplers.split(",") if s.strip()]
         warm = warm_configs(land, load_landscape(warm_start), space) if warm_start is not None else []
-        runs = replay(land, space, names, seeds, n, warm)
+        runs = replay(land, space, names, seeds, n, warm, confirm_runs)
         rows = summarize(runs, best.tokens_per_s, n, patience, space, land.spread())
         missing = sum(r["missing"] for r in rows)
         if as_json:
             warm_keys = [c.key() for c in warm]
-            doc = {"best_tokens_per_s": best.tokens_per_s, "budget": n, "warm_start": warm_keys, "rows": rows}
+            doc = {
+                "best_tokens_per_s": best.tokens_per_s,
+                "budget": n,
+                "warm_start": warm_keys,
+                "confirm_runs": confirm_runs,
+                "rows": rows,
+            }
             print(json.dumps(doc, indent=2))
         else:
             t = Table(
                 title=f"{path.name}: {len(land.points)} configs, best feasible {best.tokens_per_s:,.0f} tok/s, "
-                f"budget {n} measured configs, {seeds} seeds, noise {land.spread():.1%}",
+                f"budget {n} measured configs, {seeds} seeds, noise {land.spread():.1%}"
+                + (f", winners re-measured {confirm_runs}x" if confirm_runs else ""),
                 header_style="bold",
             )
             for col in ("strategy", "to 95%: median", "p90", "reached", "to 99%: median", "p90 ", "reached "):
@@ -748,6 +761,8 @@ def landscape_replay(
                 t.add_column("reached 99%", justify="right")
                 t.add_column("+ model: measured", justify="right")
                 t.add_column("reached 99% ", justify="right")
+            if confirm_runs:
+                t.add_column("re-measured (median)", justify="right")
             for r in rows:
                 extra = (
                     [
@@ -759,6 +774,8 @@ def landscape_replay(
                     if patience is not None
                     else []
                 )
+                if confirm_runs:
+                    extra.append(f"{r['median_confirmations']:g}")
                 t.add_row(
                     r["strategy"],
                     cell(r["median_to_95"]),

@@ -202,6 +202,7 @@ class Run:
     missing: int = 0  # suggested configs the table does not hold (never silently skipped)
     observed: list[float] = field(default_factory=list)  # the best *observed* feasible tokens/s so far
     history: list[Observation] = field(default_factory=list)  # each measured config, as observed
+    confirmations: int = 0  # re-measurements of would-be winners (``confirm_runs``), beyond the budget
 
     def patience_stop(
         self,
@@ -235,23 +236,67 @@ class Run:
 
 
 class _Oracle:
-    """Answers 'measure this config' from the table, with the recorded noise."""
+    """Answers 'measure this config' from the table, with the recorded noise.
 
-    def __init__(self, land: Landscape, rng: random.Random, noise: float) -> None:
+    With ``confirm_runs``, the incumbent after each measured config is the config the tuner would
+    export at that point: the best observed feasible one whose ``confirm_runs`` re-measurements
+    (fresh noise, drawn once per config from ``confirm_rng`` so the search's own draws do not
+    change) all meet the SLO; after ``MAX_CONFIRM_CANDIDATES`` passed-over configs the next one
+    unconfirmed, as ``Tuner.confirm`` does.
+    """
+
+    def __init__(
+        self,
+        land: Landscape,
+        rng: random.Random,
+        noise: float,
+        confirm_runs: int = 0,
+        confirm_rng: random.Random | None = None,
+    ) -> None:
         self.land, self.rng, self.noise = land, rng, noise
+        self.confirm_runs, self.confirm_rng = confirm_runs, confirm_rng or random.Random(0)
         self.seen: dict[str, tuple[float, list[float]]] = {}
         self.order: list[str] = []
         self.missing = 0
-        self.best_key: str | None = None
         self.best_observed = -math.inf
         self.incumbent: list[float] = []
         self.observed: list[float] = []
         self.history: list[Observation] = []
+        self.confirmed: dict[str, bool] = {}
+        self.confirmations = 0  # re-measurements spent
 
     def run(self, strategy: str, seed: int, budget: int) -> Run:
         """What the strategy driving this oracle got, up to ``budget`` measured configs."""
         n = budget
-        return Run(strategy, seed, self.incumbent[:n], self.missing, self.observed[:n], self.history[:n])
+        return Run(
+            strategy, seed, self.incumbent[:n], self.missing, self.observed[:n], self.history[:n], self.confirmations
+        )
+
+    def _noisy(self, constraints: list[float], rng: random.Random) -> list[float]:
+        return [c if c >= 1.0 else (1 + c) * (1 + rng.gauss(0, self.noise)) - 1 for c in constraints]
+
+    def _passes(self, key: str) -> bool:
+        if key not in self.confirmed:
+            p = self.land.points[key]
+            ok = True
+            for _ in range(self.confirm_runs):
+                self.confirmations += 1
+                if any(c > 0 for c in self._noisy(p.constraints, self.confirm_rng)):
+                    ok = False
+                    break
+            self.confirmed[key] = ok
+        return self.confirmed[key]
+
+    def exported(self) -> str | None:
+        """The config the tuner would export now (see the class docstring)."""
+        from autotune.tuner import MAX_CONFIRM_CANDIDATES
+
+        feasible = [k for k, (_, cons) in self.seen.items() if all(c <= 0 for c in cons)]
+        feasible.sort(key=lambda k: -self.seen[k][0])
+        for i, key in enumerate(feasible):
+            if not self.confirm_runs or i >= MAX_CONFIRM_CANDIDATES or self._passes(key):
+                return key
+        return None
 
     def measure(self, cfg: TrialConfig) -> tuple[float, list[float]] | None:
         key = cfg.key()
@@ -263,18 +308,23 @@ class _Oracle:
             return None
         jitter = 1 + self.rng.gauss(0, self.noise)
         tps = p.tokens_per_s * jitter
-        cons = [c if c >= 1.0 else (1 + c) * (1 + self.rng.gauss(0, self.noise)) - 1 for c in p.constraints]
+        cons = self._noisy(p.constraints, self.rng)
         if p.failure is not None:
             tps, cons = 0.0, [1.0] * len(p.constraints)
         self.seen[key] = (tps, cons)
         self.order.append(key)
         self.history.append(Observation(cfg, tps, cons, failed=p.failure is not None))
         if all(c <= 0 for c in cons) and tps > self.best_observed:
-            self.best_observed, self.best_key = tps, key
-        true = self.land.points[self.best_key] if self.best_key else None
+            self.best_observed = tps
+        chosen = self.exported()
+        true = self.land.points[chosen] if chosen else None
         self.incumbent.append(true.tokens_per_s if true is not None and true.feasible else 0.0)
         self.observed.append(self.best_observed)
         return tps, cons
+
+
+def _oracle(land: Landscape, seed: int, noise: float, confirm_runs: int) -> _Oracle:
+    return _Oracle(land, random.Random(seed * 7919 + 1), noise, confirm_runs, random.Random(seed * 7919 + 2))
 
 
 def _optuna_run(
@@ -285,13 +335,14 @@ def _optuna_run(
     budget: int,
     noise: float,
     warm: Sequence[TrialConfig] = (),
+    confirm_runs: int = 0,
 ) -> Run:
     import optuna
 
     from autotune.tuner import A_CONSTRAINTS, NATIVE_CONSTRAINTS, make_sampler
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    oracle = _Oracle(land, random.Random(seed * 7919 + 1), noise)
+    oracle = _oracle(land, seed, noise, confirm_runs)
     names = [c.name for c in land.spec.slo]
     study = optuna.create_study(direction="maximize", sampler=make_sampler(strategy, seed, len(names), space))
     for cfg in warm:  # as the tuner's warm start does: earlier winners first, then the sampler
@@ -325,12 +376,18 @@ def _optuna_run(
 
 
 def _hill_climb(
-    land: Landscape, space: SearchSpace, seed: int, budget: int, noise: float, warm: Sequence[TrialConfig] = ()
+    land: Landscape,
+    space: SearchSpace,
+    seed: int,
+    budget: int,
+    noise: float,
+    warm: Sequence[TrialConfig] = (),
+    confirm_runs: int = 0,
 ) -> Run:
     """Coordinate hill-climbing in the style of Model Analyzer's quick search: start at the smallest
     config, measure every neighbour (one knob one step away; any other value for unordered knobs),
     move to the best feasible improvement, stop when none improves."""
-    oracle = _Oracle(land, random.Random(seed * 7919 + 1), noise)
+    oracle = _oracle(land, seed, noise, confirm_runs)
     knobs = [k for k, v in space.values.items() if len(v) > 1]
     rng = random.Random(seed)
     current = {k: v[0] for k, v in space.values.items()}
@@ -377,9 +434,12 @@ def replay(
     seeds: int,
     budget: int,
     warm: Sequence[TrialConfig] = (),
+    confirm_runs: int = 0,
 ) -> list[Run]:
     """Every strategy against the table, ``seeds`` times, up to ``budget`` measured configs each;
-    ``warm`` configs (see :func:`warm_configs`) are measured first, as the tuner's warm start does."""
+    ``warm`` configs (see :func:`warm_configs`) are measured first, as the tuner's warm start does;
+    with ``confirm_runs`` the incumbent is what the tuner would export after re-measuring
+    would-be winners that many times (``budget.confirm_runs``; see ``_Oracle``)."""
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown:
         raise SpecError(f"unknown strategy {unknown[0]!r}; allowed: {', '.join(STRATEGIES)}")
@@ -388,9 +448,9 @@ def replay(
     for strategy in strategies:
         for seed in range(seeds):
             if strategy == "hill-climb":
-                runs.append(_hill_climb(land, space, seed, budget, noise, warm))
+                runs.append(_hill_climb(land, space, seed, budget, noise, warm, confirm_runs))
             else:
-                runs.append(_optuna_run(land, space, strategy, seed, budget, noise, warm))
+                runs.append(_optuna_run(land, space, strategy, seed, budget, noise, warm, confirm_runs))
     return runs
 
 
@@ -429,6 +489,7 @@ def summarize(
     for strategy in dict.fromkeys(r.strategy for r in runs):
         mine = [r for r in runs if r.strategy == strategy]
         row: dict[str, Any] = {"strategy": strategy, "seeds": len(mine), "missing": sum(r.missing for r in mine)}
+        row["median_confirmations"] = statistics.median(r.confirmations for r in mine)
         for target in TARGETS:
             hits = sorted(math.inf if (t := r.trials_to(target, best)) is None else t for r in mine)
             pct = f"{round(target * 100)}"

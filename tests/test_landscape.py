@@ -173,6 +173,21 @@ def test_cli_records_a_real_grid_and_replays_it(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     rows = {r["strategy"]: r for r in json.loads(res.stdout)["rows"]}
     assert rows["random"]["reached_99"] == 1.0 and (tmp_path / "regret.html").stat().st_size > 10_000
+    res = run_cli(
+        "landscape",
+        "replay",
+        "land.json",
+        "--samplers",
+        "random",
+        "--seeds",
+        "2",
+        "--confirm-runs",
+        "2",
+        cwd=tmp_path,
+        env={"COLUMNS": "250"},
+    )
+    assert res.returncode == 0, res.stderr
+    assert "winners re-measured 2x" in res.stdout and "re-measured (median)" in res.stdout
     bad = tmp_path / "bad.json"
     bad.write_text("{")
     res = run_cli("landscape", "replay", str(bad), cwd=tmp_path)
@@ -217,3 +232,34 @@ def test_replay_warm_starts_from_an_earlier_recording_of_the_same_hardware(
     moved.write_text(json.dumps(other))
     with pytest.raises(LandscapeError, match="other hardware"):
         warm_configs(land, load_landscape(moved), space)
+
+
+class _Scripted:
+    """A random.Random stand-in whose gauss() returns scripted draws (then 0)."""
+
+    def __init__(self, *draws: float) -> None:
+        self.draws = list(draws)
+
+    def gauss(self, mu: float, sigma: float) -> float:
+        return self.draws.pop(0) if self.draws else 0.0
+
+
+def test_confirmation_passes_over_a_winner_that_met_the_slo_by_luck() -> None:
+    """A truly infeasible config observed feasible is credited as 0 without confirmation; with
+    confirm_runs its re-measurement misses, and the incumbent is the next config, as the tuner exports."""
+    from autotune.landscape import Landscape, Point, _Oracle
+
+    lucky, solid = TrialConfig(batch_size=16), TrialConfig(batch_size=8)
+    land = Landscape(
+        SPEC,
+        {},
+        {lucky.key(): Point(lucky, 200.0, [0.05], []), solid.key(): Point(solid, 150.0, [-0.3], [])},
+        grid_size=2,
+    )
+    for confirm_runs, credited in ((0, 0.0), (1, 150.0)):
+        # The search's draws: lucky's throughput as recorded, its latency 10% under (feasible by luck).
+        oracle = _Oracle(land, _Scripted(0.0, -0.1), 0.08, confirm_runs, _Scripted(0.0))
+        oracle.measure(lucky)
+        oracle.measure(solid)
+        assert oracle.incumbent[-1] == credited
+        assert oracle.confirmations == (2 if confirm_runs else 0)  # lucky failed, solid passed
