@@ -624,9 +624,11 @@ class Tuner:
         had it come a moment later. Without Optuna's private names Optuna reads as before.
         """
         pop = getattr(study, "_pop_waiting_trial_id", None)
-        retry = storage.get_heartbeat_stale_trial_callback()
-        if pop is None or not hasattr(study, "_thread_local"):
+        names = ("get_heartbeat_stale_trial_callback", "get_failed_trial_callback")
+        getters = [g for g in names if hasattr(storage, g)]
+        if pop is None or not getters or not hasattr(study, "_thread_local"):
             return
+        retry = getattr(storage, getters[0])()  # Optuna < 4.9 has only the second name
 
         def requeue(study: optuna.Study, trial: FrozenTrial) -> None:
             self._requeued = True
@@ -640,7 +642,8 @@ class Tuner:
             study._thread_local.cached_all_trials = trials  # what the sampler reads (ask() just cleared it)
             return None
 
-        storage.get_heartbeat_stale_trial_callback = lambda: requeue  # type: ignore[method-assign]
+        for getter in getters:
+            setattr(storage, getter, lambda: requeue)
         study._pop_waiting_trial_id = pop_waiting  # type: ignore[method-assign]
 
     def warm_start(self, study: optuna.Study, top: int = 3) -> list[TrialConfig]:
