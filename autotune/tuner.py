@@ -343,7 +343,7 @@ def make_sampler(name: str, seed: int, n_constraints: int, space: SearchSpace) -
         from importlib.util import find_spec
 
         if find_spec("scipy") is None:
-            raise SpecError("sampler 'gp' needs scipy (pip install scipy); or use tpe, nsga2, random, grid")
+            raise SpecError("sampler 'gp' needs scipy (pip install 'autotune[gp]'); or use tpe, nsga2, random, grid")
         return optuna.samplers.GPSampler(seed=seed, n_startup_trials=6, **kw)
     if name == "random":
         return DistinctRandomSampler(space.distributions(), seed=seed)  # no repeats of measured configs

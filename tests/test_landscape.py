@@ -112,6 +112,19 @@ def test_replay_is_deterministic_and_every_strategy_finds_the_optimum_eventually
     assert all(len(r["median_regret"]) == 48 for r in rows.values())
 
 
+def test_gp_replay_is_deterministic_and_finds_the_optimum(recorded: Path, space: SearchSpace) -> None:
+    """Optuna's GPSampler (``sampler: gp``, scipy) through the same replay: same seed, same answers."""
+    pytest.importorskip("scipy")
+    land = load_landscape(recorded)
+    best = land.best_feasible()
+    assert best is not None
+    a = replay(land, space, ["gp"], seeds=1, budget=10)
+    b = replay(land, space, ["gp"], seeds=1, budget=10)
+    assert [r.incumbent for r in a] == [r.incumbent for r in b]
+    [row] = summarize(a, best.tokens_per_s, 10)
+    assert row["reached_99"] == 1.0 and row["missing"] == 0
+
+
 def test_hill_climb_stops_at_a_local_optimum_instead_of_spending_the_budget(recorded: Path, space: SearchSpace) -> None:
     land = load_landscape(recorded)
     (run,) = replay(land, space, ["hill-climb"], seeds=1, budget=48)
