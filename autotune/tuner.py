@@ -567,7 +567,7 @@ class Tuner:
         self._unrecorded: dict[int, dict[str, Any]] = {}  # full measurements (with samples) until record()
         self.clock = StorageClock()
         self.spent = 0  # budget spent, as of the last finished trial
-        self._fresh_trials: list[FrozenTrial] | None = None  # read by the last trial's callback
+        self._fresh_trials: list[FrozenTrial] | None = None  # read after the last trial finished
         self._step_trials: list[FrozenTrial] | None = None  # the list the current step checked
         self._asked: int | None = None  # number of the trial the current step's objective was given
         self._requeued = False  # a stale trial was queued again since the step's read
