@@ -6,7 +6,8 @@ copies the earlier measurement) but is still a trial: a sampler step and a dozen
 ``BruteForceSampler`` avoids repeats but reads the trial list from the storage once per parameter.
 This sampler draws one whole config per trial, uniformly among those no trial holds yet (finished
 or running, in any worker), from a trial list already read: the tuner's own read before the trial
-(``known_trials``), else the one Optuna caches for the trial.
+(``known_trials``), else the one Optuna caches for the trial. ``NoRepeatSampler`` puts the same
+rule behind a model-based sampler (``sampler: gp``), after a few repeats in a row.
 """
 
 from __future__ import annotations
@@ -92,3 +93,79 @@ def _choices(d: BaseDistribution) -> list[Any]:
     if isinstance(d, optuna.distributions.IntDistribution):
         return list(range(d.low, d.high + 1, d.step))
     raise TypeError(f"DistinctRandomSampler needs categorical or integer parameters, not {type(d).__name__}")
+
+
+class NoRepeatSampler(optuna.samplers.BaseSampler):
+    """``base``'s proposals, except that after ``allow`` proposals in a row of configs some trial
+    already holds, the next one is replaced by the nearest config none holds (each parameter's
+    position among its choices scaled to 0-1; ties drawn at random).
+
+    A repeat is not measured again (the tuner copies the earlier result), so a model that keeps
+    proposing its incumbent spends trials, model fits and storage calls for nothing, and ends the
+    study at the tuner's attempt cap with its budget unspent. The nearest free config keeps to
+    where the model is looking.
+    """
+
+    def __init__(self, base: optuna.samplers.BaseSampler, distinct: DistinctRandomSampler, allow: int = 2) -> None:
+        self.base, self.distinct, self.allow = base, distinct, allow
+        self._repeats = 0
+
+    def reseed_rng(self) -> None:
+        self.base.reseed_rng()
+        self.distinct.reseed_rng()
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        return self.base.infer_relative_search_space(study, trial)
+
+    def sample_relative(
+        self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
+        params = self.base.sample_relative(study, trial, search_space)
+        names = list(self.distinct._choices)
+        if not set(names) <= set(params):
+            return params  # not a whole config (the base's random start samples per parameter)
+        trials = self.distinct.known_trials()
+        if trials is None:
+            trials = study._get_trials(deepcopy=False, states=_TAKEN, use_cache=True)
+        others = (t for t in trials if t.number != trial.number and t.state in _TAKEN)
+        taken = {tuple(t.params.get(n) for n in names) for t in others}
+        proposal = tuple(params[n] for n in names)
+        if proposal not in taken:
+            self._repeats = 0
+            return params
+        if self._repeats < self.allow:
+            self._repeats += 1
+            return params
+        self._repeats = 0
+        nearest = self._nearest(names, proposal, taken)
+        return params if nearest is None else {**params, **dict(zip(names, nearest, strict=True))}
+
+    def _nearest(self, names: Sequence[str], proposal: tuple[Any, ...], taken: set[tuple[Any, ...]]) -> Any:
+        columns = [self.distinct._choices[n] for n in names]
+        if math.prod(len(c) for c in columns) > ENUMERATE_MAX:
+            return self.distinct._draw(names, taken)
+        where = [c.index(v) / max(len(c) - 1, 1) for c, v in zip(columns, proposal, strict=True)]
+        best: list[tuple[Any, ...]] = []
+        best_d = math.inf
+        for combo in itertools.product(*columns):
+            if combo in taken:
+                continue
+            d = sum(abs(c.index(v) / max(len(c) - 1, 1) - w) for c, v, w in zip(columns, combo, where, strict=True))
+            if d < best_d - 1e-12:
+                best, best_d = [combo], d
+            elif abs(d - best_d) <= 1e-12:
+                best.append(combo)
+        return self.distinct._rng.choice(best) if best else None
+
+    def sample_independent(
+        self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution
+    ) -> Any:
+        return self.base.sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.base.before_trial(study, trial)
+
+    def after_trial(
+        self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Sequence[float] | None
+    ) -> None:
+        self.base.after_trial(study, trial, state, values)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution, IntDistribution
+from optuna.trial import FrozenTrial
 
 from autotune import random_search
 from autotune.random_search import DistinctRandomSampler
@@ -58,3 +61,38 @@ def test_the_same_seed_draws_the_same_order() -> None:
 def test_float_parameters_are_refused() -> None:
     with pytest.raises(TypeError, match="categorical or integer"):
         DistinctRandomSampler({"x": optuna.distributions.FloatDistribution(0, 1)})
+
+
+DISTS = {"rank": IntDistribution(0, 4), "kind": CategoricalDistribution(["a", "b"])}
+
+
+class _Stuck(optuna.samplers.BaseSampler):
+    """A model that has converged: it proposes the same whole config every time."""
+
+    def __init__(self, params: dict[str, Any]) -> None:
+        self.params = params
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
+        return dict(DISTS)
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, Any]) -> dict[str, Any]:
+        return dict(self.params)
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, name: str, dist: Any) -> Any:
+        raise AssertionError("every parameter is relative here")
+
+
+def test_no_repeat_sampler_moves_to_the_nearest_free_config_after_allowed_repeats() -> None:
+    from autotune.random_search import NoRepeatSampler
+
+    sampler = NoRepeatSampler(_Stuck({"rank": 2, "kind": "a"}), DistinctRandomSampler(DISTS, seed=0), allow=2)
+    study = optuna.create_study(sampler=sampler)
+    configs = []
+    for _ in range(6):
+        trial = study.ask()
+        configs.append((trial.suggest_int("rank", 0, 4), trial.suggest_categorical("kind", ["a", "b"])))
+        study.tell(trial, 1.0)
+    # The model's pick, then two repeats allowed, then the nearest free config; and again.
+    assert configs[:3] == [(2, "a")] * 3
+    assert configs[3] in {(1, "a"), (3, "a")}  # one rank step away beats another kind (a full step)
+    assert configs[4:6] == [(2, "a")] * 2
