@@ -60,12 +60,15 @@ class DistinctRandomSampler(optuna.samplers.BaseSampler):
         if not search_space:
             return {}
         names = list(self._choices)
+        return dict(zip(names, self._draw(names, self.taken(study, trial, names)), strict=True))
+
+    def taken(self, study: optuna.Study, trial: FrozenTrial, names: Sequence[str]) -> set[tuple[Any, ...]]:
+        """The configs (values of ``names``) other finished or running trials hold."""
         trials = self.known_trials()
         if trials is None:
             trials = study._get_trials(deepcopy=False, states=_TAKEN, use_cache=True)
         others = (t for t in trials if t.number != trial.number and t.state in _TAKEN)
-        taken = {tuple(t.params.get(n) for n in names) for t in others}
-        return dict(zip(names, self._draw(names, taken), strict=True))
+        return {tuple(t.params.get(n) for n in names) for t in others}
 
     def _draw(self, names: Sequence[str], taken: set[tuple[Any, ...]]) -> tuple[Any, ...]:
         columns = [self._choices[n] for n in names]
@@ -124,11 +127,7 @@ class NoRepeatSampler(optuna.samplers.BaseSampler):
         names = list(self.distinct._choices)
         if not set(names) <= set(params):
             return params  # not a whole config (the base's random start samples per parameter)
-        trials = self.distinct.known_trials()
-        if trials is None:
-            trials = study._get_trials(deepcopy=False, states=_TAKEN, use_cache=True)
-        others = (t for t in trials if t.number != trial.number and t.state in _TAKEN)
-        taken = {tuple(t.params.get(n) for n in names) for t in others}
+        taken = self.distinct.taken(study, trial, names)
         proposal = tuple(params[n] for n in names)
         if proposal not in taken:
             self._repeats = 0
