@@ -139,17 +139,21 @@ class NoRepeatSampler(optuna.samplers.BaseSampler):
         nearest = self._nearest(names, proposal, taken)
         return params if nearest is None else {**params, **dict(zip(names, nearest, strict=True))}
 
-    def _nearest(self, names: Sequence[str], proposal: tuple[Any, ...], taken: set[tuple[Any, ...]]) -> Any:
+    def _nearest(
+        self, names: Sequence[str], proposal: tuple[Any, ...], taken: set[tuple[Any, ...]]
+    ) -> tuple[Any, ...] | None:
         columns = [self.distinct._choices[n] for n in names]
         if math.prod(len(c) for c in columns) > ENUMERATE_MAX:
             return self.distinct._draw(names, taken)
-        where = [c.index(v) / max(len(c) - 1, 1) for c, v in zip(columns, proposal, strict=True)]
+        scale = [max(len(c) - 1, 1) for c in columns]
+        where = [c.index(v) / s for c, v, s in zip(columns, proposal, scale, strict=True)]
         best: list[tuple[Any, ...]] = []
         best_d = math.inf
-        for combo in itertools.product(*columns):
+        for at in itertools.product(*(range(len(c)) for c in columns)):
+            combo = tuple(c[i] for c, i in zip(columns, at, strict=True))
             if combo in taken:
                 continue
-            d = sum(abs(c.index(v) / max(len(c) - 1, 1) - w) for c, v, w in zip(columns, combo, where, strict=True))
+            d = sum(abs(i / s - w) for i, s, w in zip(at, scale, where, strict=True))
             if d < best_d - 1e-12:
                 best, best_d = [combo], d
             elif abs(d - best_d) <= 1e-12:
