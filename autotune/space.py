@@ -8,6 +8,7 @@ record); combinations that conflict, or that would not fit in memory, are reject
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -161,16 +162,40 @@ class SearchSpace:
 
     def suggest(self, trial: optuna.Trial) -> TrialConfig:
         """Ask the sampler for one config. Ranks let TPE/GP/NSGA-II see that batch 8 lies between 4 and 16."""
+        params: dict[str, Any] = {}
+        for knob, values in self.values.items():
+            if len(values) == 1:  # nothing to choose: not a study parameter
+                continue
+            name = self.param_name(knob)
+            if name == knob:
+                params[name] = trial.suggest_categorical(knob, values)
+            else:
+                params[name] = trial.suggest_int(name, 0, len(values) - 1)
+        return self.config_for(params)
+
+    def config_for(self, params: dict[str, Any]) -> TrialConfig:
+        """The config :meth:`suggest` returns for these Optuna parameters (its inverse: :meth:`params_for`)."""
         chosen: dict[str, Any] = {}
         for knob, values in self.values.items():
             name = self.param_name(knob)
-            if len(values) == 1:  # nothing to choose: not a study parameter
+            if len(values) == 1:
                 chosen[knob] = values[0]
-            elif name == knob:
-                chosen[knob] = trial.suggest_categorical(knob, values)
             else:
-                chosen[knob] = values[trial.suggest_int(name, 0, len(values) - 1)]
+                chosen[knob] = params[name] if name == knob else values[params[name]]
         return TrialConfig(**chosen)
+
+    def runnable(self) -> Callable[[dict[str, Any]], bool]:
+        """A cached test of Optuna parameters against :meth:`check`'s rules, for samplers: configs the
+        rules reject are never proposed, so no trial (and no model fit) is spent on them."""
+        seen: dict[tuple[Any, ...], bool] = {}
+
+        def ok(params: dict[str, Any]) -> bool:
+            key = tuple(sorted(params.items()))
+            if key not in seen:
+                seen[key] = self.check(self.config_for(params)) is None
+            return seen[key]
+
+        return ok
 
     def params_for(self, cfg: TrialConfig) -> dict[str, Any] | None:
         """The Optuna parameters that make :meth:`suggest` return ``cfg`` (to enqueue it), or None

@@ -96,3 +96,27 @@ def test_no_repeat_sampler_moves_to_the_nearest_free_config_after_allowed_repeat
     assert configs[:3] == [(2, "a")] * 3
     assert configs[3] in {(1, "a"), (3, "a")}  # one rank step away beats another kind (a full step)
     assert configs[4:6] == [(2, "a")] * 2
+
+
+def test_configs_the_rules_refuse_are_drawn_only_when_nothing_else_is_free() -> None:
+    def unquantized(params: dict[str, Any]) -> bool:
+        return params["quantization"] == "none"
+
+    study = optuna.create_study(sampler=DistinctRandomSampler(SPACE, seed=1, allowed=unquantized))
+    study.optimize(
+        lambda t: (
+            t.suggest_int("batch_size_rank", 0, 2) + (t.suggest_categorical("quantization", ["none", "int8"]) == "int8")
+        ),
+        n_trials=6,
+    )
+    configs = _configs(study)
+    assert {q for _, q in configs[:3]} == {"none"} and {q for _, q in configs[3:]} == {"int8"}
+
+
+def test_no_repeat_sampler_replaces_a_refused_proposal_at_once() -> None:
+    from autotune.random_search import NoRepeatSampler
+
+    distinct = DistinctRandomSampler(DISTS, seed=0, allowed=lambda p: p["kind"] == "b")
+    study = optuna.create_study(sampler=NoRepeatSampler(_Stuck({"rank": 2, "kind": "a"}), distinct, allow=None))
+    trial = study.ask()
+    assert (trial.suggest_int("rank", 0, 4), trial.suggest_categorical("kind", ["a", "b"])) == (2, "b")

@@ -516,3 +516,16 @@ def test_a_sampler_that_only_repeats_ends_with_a_reason(tmp_path: Path, monkeypa
     study = t.run()
     assert t.counted(study) == 1 and len(study.trials) == 3 * 10 + 50
     assert t.stop_reason is not None and "kept proposing configs already measured" in t.stop_reason
+
+
+@pytest.mark.parametrize(("sampler", "startup"), [("random", 0), ("tpe", 5), ("gp", 6)])
+def test_samplers_do_not_propose_configs_the_rules_reject(tmp_path: Path, sampler: str, startup: int) -> None:
+    """The space's rules reject int8 with bf16 here; past Optuna's own random start no sampler
+    proposes such a config (Optuna's GP ignores pruned trials: it proposed them again and again)."""
+    if sampler == "gp":
+        pytest.importorskip("scipy")
+    study = tuner(tmp_path, trials=16, spec={"sampler": sampler}).run()
+    complete = [t.number for t in study.trials if t.state.name == "COMPLETE"]
+    after_start = complete[startup - 1] if startup else -1
+    late = [t.number for t in study.trials if "rejected" in t.user_attrs and t.number > after_start]
+    assert len(complete) >= 12 and late == []
