@@ -763,6 +763,9 @@ def landscape_replay(
                 t.add_column("reached 99% ", justify="right")
             if confirm_runs:
                 t.add_column("re-measured (median)", justify="right")
+            baselines = any("below_baselines_from" in r for r in rows)
+            if baselines:
+                t.add_column("regret <= random & hill-climb from", justify="right")
             for r in rows:
                 extra = (
                     [
@@ -776,6 +779,9 @@ def landscape_replay(
                 )
                 if confirm_runs:
                     extra.append(f"{r['median_confirmations']:g}")
+                if baselines:
+                    first = r.get("below_baselines_from", "")
+                    extra.append("baseline" if first == "" else "never" if first is None else f"config {first}")
                 t.add_row(
                     r["strategy"],
                     cell(r["median_to_95"]),

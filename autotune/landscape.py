@@ -514,7 +514,28 @@ def summarize(
             for i in range(budget)
         ]
         rows.append(row)
+    _compare_with_baselines(rows)
     return rows
+
+
+#: The strategies issue 8's target is judged against: a model-based search must do better than these.
+BASELINES = ("random", "hill-climb")
+
+
+def _compare_with_baselines(rows: list[dict[str, Any]]) -> None:
+    """With both baselines replayed, add to every other row the first budget from which its median
+    regret stays at or below both baselines' (``below_baselines_from``; None: not even at the end)."""
+    base = [r["median_regret"] for r in rows if r["strategy"] in BASELINES]
+    if len(base) < len(BASELINES):
+        return
+    for row in rows:
+        if row["strategy"] in BASELINES:
+            continue
+        ok = [all(v <= b[i] for b in base) for i, v in enumerate(row["median_regret"])]
+        first = len(ok)
+        while first > 0 and ok[first - 1]:
+            first -= 1
+        row["below_baselines_from"] = first + 1 if first < len(ok) else None
 
 
 def _kept(run: Run, stop: int, best: float) -> float:

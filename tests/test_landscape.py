@@ -280,3 +280,24 @@ def test_confirmation_passes_over_a_winner_that_met_the_slo_by_luck() -> None:
         oracle.measure(solid)
         assert oracle.incumbent[-1] == credited
         assert oracle.confirmations == (2 if confirm_runs else 0)  # lucky failed, solid passed
+
+
+def test_the_summary_says_from_which_budget_a_strategy_beats_both_baselines() -> None:
+    from autotune.landscape import _compare_with_baselines
+
+    def row(name: str, regret: list[float]) -> dict[str, object]:
+        return {"strategy": name, "median_regret": regret}
+
+    rows = [
+        row("tpe", [1.0, 0.5, 0.7, 0.0]),  # worse than random at 3: counts from 4 on
+        row("gp", [1.0, 0.5, 0.2, 0.0]),
+        row("grid", [0.5, 0.5, 0.5, 0.5]),
+        row("random", [0.9, 0.6, 0.3, 0.1]),
+        row("hill-climb", [0.8, 0.8, 0.8, 0.8]),
+    ]
+    _compare_with_baselines(rows)
+    got = {r["strategy"]: r.get("below_baselines_from", "-") for r in rows}
+    assert got == {"tpe": 4, "gp": 2, "grid": None, "random": "-", "hill-climb": "-"}
+    alone = [row("tpe", [0.1]), row("random", [0.2])]
+    _compare_with_baselines(alone)  # no hill-climb replayed: nothing to say
+    assert "below_baselines_from" not in alone[0]
