@@ -31,10 +31,14 @@ ARGS = [
 ARTIFACTS = ROOT / "tests" / "artifacts"
 
 
-@pytest.fixture(autouse=True)
-def _chromium() -> None:
+def _require_chromium() -> None:
     if not CHROMIUM.exists():
         skip_unless_required("no /usr/bin/chromium: apt-get install chromium (Debian) to run browser tests")
+
+
+@pytest.fixture(autouse=True)
+def _chromium() -> None:
+    _require_chromium()
 
 
 os.environ.setdefault("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")
@@ -72,6 +76,7 @@ def base(url: str) -> Iterator[str]:  # noqa: F811
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
+    _require_chromium()  # module-scoped, so set up before the autouse check below runs
     playwright = pytest.importorskip("playwright.sync_api")
     with playwright.sync_playwright() as p:
         b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)

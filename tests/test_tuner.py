@@ -14,7 +14,7 @@ from autotune.errors import SpecError, TrialFailure
 from autotune.measure import Measurement
 from autotune.models import resolve_model
 from autotune.spec import StudySpec, parse_spec
-from autotune.tuner import Tuner, best_feasible, closest_to_feasible, constraint_values
+from autotune.tuner import GP_STARTUP_TRIALS, Tuner, best_feasible, closest_to_feasible, constraint_values
 
 from .conftest import make_hw
 
@@ -518,7 +518,7 @@ def test_a_sampler_that_only_repeats_ends_with_a_reason(tmp_path: Path, monkeypa
     assert t.stop_reason is not None and "kept proposing configs already measured" in t.stop_reason
 
 
-@pytest.mark.parametrize(("sampler", "startup"), [("random", 0), ("tpe", 5), ("gp", 6)])
+@pytest.mark.parametrize(("sampler", "startup"), [("random", 0), ("tpe", 5), ("gp", GP_STARTUP_TRIALS)])
 def test_samplers_do_not_propose_configs_the_rules_reject(tmp_path: Path, sampler: str, startup: int) -> None:
     """The space's rules reject int8 with bf16 here; past Optuna's own random start no sampler
     proposes such a config (Optuna's GP ignores pruned trials: it proposed them again and again)."""
