@@ -354,7 +354,7 @@ def make_sampler(name: str, seed: int, n_constraints: int, space: SearchSpace) -
         if find_spec("scipy") is None:
             raise SpecError("sampler 'gp' needs scipy (pip install scipy); or use tpe, nsga2, random, grid")
         # 3 random configs before the model, not Optuna's 10: replayed at 10% of three recorded CPU
-        # landscapes, 3 reached 99% of the best in more seeds than 2 or 6 on every one.
+        # landscapes, 3 reached 99% of the best in as many or more seeds than 2 or 6 on each.
         gp = optuna.samplers.GPSampler(seed=seed, n_startup_trials=GP_STARTUP_TRIALS, **kw)
         # Once converged, GP proposes its incumbent again and again: 170 Optuna trials and 6 of 12
         # measured on the tests' 24-config landscape. Two repeats in a row are allowed (each adds
