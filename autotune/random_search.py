@@ -72,11 +72,25 @@ class DistinctRandomSampler(optuna.samplers.BaseSampler):
 
     def taken(self, study: optuna.Study, trial: FrozenTrial, names: Sequence[str]) -> set[tuple[Any, ...]]:
         """The configs (values of ``names``) other finished or running trials hold."""
-        trials = self.known_trials()
+        return self.holders(study, trial, names)[0]
+
+    def holders(
+        self, study: optuna.Study, trial: FrozenTrial, names: Sequence[str], fresh: bool = False
+    ) -> tuple[set[tuple[Any, ...]], set[tuple[Any, ...]]]:
+        """The configs other trials hold: finished or running, and running only. ``fresh``: read
+        from the storage now, not from the list read before the trial."""
+        trials = None if fresh else self.known_trials()
         if trials is None:
-            trials = study._get_trials(deepcopy=False, states=_TAKEN, use_cache=True)
-        others = (t for t in trials if t.number != trial.number and t.state in _TAKEN)
-        return {tuple(t.params.get(n) for n in names) for t in others}
+            trials = study._get_trials(deepcopy=False, states=_TAKEN, use_cache=not fresh)
+        taken: set[tuple[Any, ...]] = set()
+        running: set[tuple[Any, ...]] = set()
+        for t in trials:
+            if t.number != trial.number and t.state in _TAKEN:
+                combo = tuple(t.params.get(n) for n in names)
+                taken.add(combo)
+                if t.state == TrialState.RUNNING:
+                    running.add(combo)
+        return taken, running
 
     def ok(self, names: Sequence[str], combo: tuple[Any, ...]) -> bool:
         """``combo`` (values of ``names``) passes ``allowed``."""
@@ -121,6 +135,11 @@ class NoRepeatSampler(optuna.samplers.BaseSampler):
     proposing its incumbent spends trials, model fits and storage calls for nothing, and ends the
     study at the tuner's attempt cap with its budget unspent. The nearest free config keeps to
     where the model is looking.
+
+    With other workers measuring (trials RUNNING in other processes), a config one of them holds is
+    replaced at once (it would be measured twice: nothing is copied from an unfinished trial), and
+    the base's random start draws whole free configs from ``distinct`` instead: every worker has
+    the study's seed, so their random starts would otherwise be the same configs.
     """
 
     def __init__(
@@ -128,33 +147,42 @@ class NoRepeatSampler(optuna.samplers.BaseSampler):
     ) -> None:
         self.base, self.distinct, self.allow = base, distinct, allow
         self._repeats = 0
+        self._base_space: dict[str, BaseDistribution] | None = None  # the base's own, for this trial
+        self._shared = False  # other trials are running: draw random starts from ``distinct``
 
     def reseed_rng(self) -> None:
         self.base.reseed_rng()
         self.distinct.reseed_rng()
 
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
-        return self.base.infer_relative_search_space(study, trial)
+        self._base_space = self.base.infer_relative_search_space(study, trial)
+        names = list(self.distinct._choices)
+        self._shared = bool(self.distinct.holders(study, trial, names)[1])
+        # Shared: the whole config may come from ``distinct`` when the base has nothing to propose.
+        return {**self._base_space, **self.distinct._distributions} if self._shared else self._base_space
 
     def sample_relative(
         self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
     ) -> dict[str, Any]:
-        params = self.base.sample_relative(study, trial, search_space)
+        own = self._base_space if self._base_space is not None else search_space
+        self._base_space = None
+        params = self.base.sample_relative(study, trial, own)
         names = list(self.distinct._choices)
-        if not set(names) <= set(params):
-            return params  # not a whole config (the base's random start samples per parameter)
+        # Shared: read again, after the model's fit, for what the other workers took meanwhile.
+        taken, running = self.distinct.holders(study, trial, names, fresh=self._shared)
+        if not set(names) <= set(params):  # the base's random start samples per parameter
+            if self._shared and set(names) <= set(search_space):
+                return dict(zip(names, self.distinct._draw(names, taken), strict=True))
+            return params
         proposal = tuple(params[n] for n in names)
         if self.distinct.ok(names, proposal):
-            taken = self.distinct.taken(study, trial, names)
             if proposal not in taken:
                 self._repeats = 0
                 return params
-            if self.allow is None or self._repeats < self.allow:
+            if proposal not in running and (self.allow is None or self._repeats < self.allow):
                 self._repeats += 1
                 return params
             self._repeats = 0
-        else:
-            taken = self.distinct.taken(study, trial, names)
         nearest = self._nearest(names, proposal, taken)
         return params if nearest is None else {**params, **dict(zip(names, nearest, strict=True))}
 

@@ -120,3 +120,33 @@ def test_no_repeat_sampler_replaces_a_refused_proposal_at_once() -> None:
     study = optuna.create_study(sampler=NoRepeatSampler(_Stuck({"rank": 2, "kind": "a"}), distinct, allow=None))
     trial = study.ask()
     assert (trial.suggest_int("rank", 0, 4), trial.suggest_categorical("kind", ["a", "b"])) == (2, "b")
+
+
+def _suggest(trial: optuna.Trial) -> tuple[int, str]:
+    return trial.suggest_int("rank", 0, 4), trial.suggest_categorical("kind", ["a", "b"])
+
+
+def test_no_repeat_sampler_skips_a_config_another_worker_is_measuring() -> None:
+    """A running trial's config has no result to copy: proposing it again measures it twice."""
+    from autotune.random_search import NoRepeatSampler
+
+    sampler = NoRepeatSampler(_Stuck({"rank": 2, "kind": "a"}), DistinctRandomSampler(DISTS, seed=0), allow=2)
+    study = optuna.create_study(sampler=sampler)
+    assert _suggest(study.ask()) == (2, "a")  # left running, as another worker's trial
+    assert _suggest(study.ask()) in {(1, "a"), (3, "a")}
+
+
+def test_workers_with_the_studys_seed_start_from_different_configs() -> None:
+    """Every worker seeds its sampler with the study's seed; Optuna's random start would then hand
+    each of them the same configs while the others measure them."""
+    from autotune.random_search import NoRepeatSampler
+
+    def worker() -> NoRepeatSampler:
+        tpe = optuna.samplers.TPESampler(seed=0, n_startup_trials=5, multivariate=True)
+        return NoRepeatSampler(tpe, DistinctRandomSampler(DISTS, seed=0), allow=None)
+
+    storage = optuna.storages.InMemoryStorage()
+    one = optuna.create_study(storage=storage, study_name="shared", sampler=worker())
+    two = optuna.load_study(study_name="shared", storage=storage, sampler=worker())
+    running = [_suggest(one.ask()), _suggest(two.ask()), _suggest(one.ask())]
+    assert len(set(running)) == 3
