@@ -253,7 +253,7 @@ def tune(
     storage: StorageOpt = None,
     study: Annotated[str | None, typer.Option(help="study name [default: the spec's name]")] = None,
     export: Annotated[Path | None, typer.Option(help="write the best config's export JSON here")] = None,
-    sampler: Annotated[str | None, typer.Option(help="tpe, nsga2, gp, random or grid")] = None,
+    sampler: Annotated[str | None, typer.Option(help="gp, tpe, nsga2, random, grid [default: the spec's; gp]")] = None,
     seed: Annotated[int | None, typer.Option(help="sampler seed")] = None,
     device: Annotated[str | None, typer.Option(help="run on this device, e.g. cpu, cuda or cuda:1")] = None,
 ) -> None:
@@ -693,7 +693,7 @@ def landscape_record(
 @landscape_app.command("replay")
 def landscape_replay(
     path: Annotated[Path, typer.Argument(metavar="FILE", help="a file from `autotune landscape record`")],
-    samplers: Annotated[str, typer.Option(help="comma-separated strategies")] = "tpe,nsga2,random,grid,hill-climb",
+    samplers: Annotated[str, typer.Option(help="comma-separated strategies")] = "gp,tpe,nsga2,random,grid,hill-climb",
     seeds: Annotated[int, typer.Option(min=1, help="runs per strategy")] = 30,
     budget: Annotated[
         int | None, typer.Option(min=1, help="measured configs per run [default: 10% of the grid]")
