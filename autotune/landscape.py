@@ -339,7 +339,7 @@ def _optuna_run(
 ) -> Run:
     import optuna
 
-    from autotune.tuner import A_CONSTRAINTS, NATIVE_CONSTRAINTS, make_sampler
+    from autotune.tuner import A_CONFIG, A_CONSTRAINTS, A_MEASUREMENT, NATIVE_CONSTRAINTS, make_sampler
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     oracle = _oracle(land, seed, noise, confirm_runs)
@@ -354,8 +354,7 @@ def _optuna_run(
         if NATIVE_CONSTRAINTS:
             for n, v in zip(names, cons, strict=True):
                 trial.set_constraint(n, v)
-        else:
-            trial.set_user_attr(A_CONSTRAINTS, cons)
+        trial.set_user_attr(A_CONSTRAINTS, list(cons))  # as the tuner stores them
 
     def objective(trial: optuna.Trial) -> float:
         cfg = space.suggest(trial)
@@ -364,6 +363,10 @@ def _optuna_run(
             constrain(trial, [1.0] * len(names))
             raise optuna.TrialPruned()
         constrain(trial, got[1])
+        # What the tuner stores and its samplers' tie-break reads (tuner.observations).
+        trial.set_user_attr(A_CONFIG, cfg.model_dump(mode="json"))
+        if not oracle.land.points[cfg.key()].failure:
+            trial.set_user_attr(A_MEASUREMENT, {"output_tokens_per_s": got[0]})
         return got[0]
 
     attempts = 0

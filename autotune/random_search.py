@@ -96,8 +96,11 @@ class DistinctRandomSampler(optuna.samplers.BaseSampler):
         """``combo`` (values of ``names``) passes ``allowed``."""
         return self.allowed is None or self.allowed(dict(zip(names, combo, strict=True)))
 
-    def _draw(self, names: Sequence[str], taken: set[tuple[Any, ...]]) -> tuple[Any, ...]:
-        columns = [self._choices[n] for n in names]
+    def _draw(
+        self, names: Sequence[str], taken: set[tuple[Any, ...]], fixed: dict[str, Any] | None = None
+    ) -> tuple[Any, ...]:
+        """A config at random, free and allowed if one is; ``fixed``: values some parameters keep."""
+        columns = [[fixed[n]] if fixed and n in fixed else self._choices[n] for n in names]
         if math.prod(len(c) for c in columns) <= ENUMERATE_MAX:
             free = [combo for combo in itertools.product(*columns) if combo not in taken]
             runnable = [combo for combo in free if self.ok(names, combo)]
@@ -125,30 +128,45 @@ def _choices(d: BaseDistribution) -> list[Any]:
     raise TypeError(f"DistinctRandomSampler needs categorical or integer parameters, not {type(d).__name__}")
 
 
+#: Scores candidate configs (Optuna parameters) from the study's trials, higher first; None when
+#: it cannot tell yet. See :func:`autotune.tuner.surrogate_rank`.
+Rank = Callable[[Sequence[FrozenTrial], list[dict[str, Any]]], Sequence[float] | None]
+
+
 class NoRepeatSampler(optuna.samplers.BaseSampler):
     """``base``'s proposals, except that after ``allow`` proposals in a row of configs some trial
     already holds (None: any number), the next one is replaced by the nearest config none holds
-    (each parameter's position among its choices scaled to 0-1; ties drawn at random). A proposal
-    ``distinct.allowed`` refuses is replaced at once by the nearest allowed one.
+    (each parameter's position among its choices scaled to 0-1). A proposal ``distinct.allowed``
+    refuses is replaced at once by the nearest allowed one. Ties go to ``rank``'s best, else to
+    chance: on the quickstart's space Optuna's GP, which never sees a refused config measured,
+    kept proposing onnxruntime with int8, and a coin between its two nearest runnable configs
+    (int8 on eager, unquantized on onnxruntime) spent a fifth of the budget on slow int8 ones.
 
     A repeat is not measured again (the tuner copies the earlier result), so a model that keeps
     proposing its incumbent spends trials, model fits and storage calls for nothing, and ends the
     study at the tuner's attempt cap with its budget unspent. The nearest free config keeps to
     where the model is looking.
 
+    What the base leaves to chance (its random start, NSGA-II's mutations) is drawn by
+    ``distinct`` among the free configs the rules allow: Optuna draws each parameter on its own,
+    so half the quickstart's random start on a CPU with bf16 was configs the rules reject, and
+    every worker of a shared study, seeded alike, drew the same ones.
+
     With other workers measuring (trials RUNNING in other processes), a config one of them holds is
-    replaced at once (it would be measured twice: nothing is copied from an unfinished trial), and
-    the base's random start draws whole free configs from ``distinct`` instead: every worker has
-    the study's seed, so their random starts would otherwise be the same configs.
+    replaced at once: it would be measured twice, since nothing is copied from an unfinished trial.
     """
 
     def __init__(
-        self, base: optuna.samplers.BaseSampler, distinct: DistinctRandomSampler, allow: int | None = 2
+        self,
+        base: optuna.samplers.BaseSampler,
+        distinct: DistinctRandomSampler,
+        allow: int | None = 2,
+        rank: Rank | None = None,
     ) -> None:
-        self.base, self.distinct, self.allow = base, distinct, allow
+        self.base, self.distinct, self.allow, self.rank = base, distinct, allow, rank
         self._repeats = 0
         self._base_space: dict[str, BaseDistribution] | None = None  # the base's own, for this trial
-        self._shared = False  # other trials are running: draw random starts from ``distinct``
+        self._shared = False  # other trials are running: read the list again after the base's fit
 
     def reseed_rng(self) -> None:
         self.base.reseed_rng()
@@ -158,8 +176,8 @@ class NoRepeatSampler(optuna.samplers.BaseSampler):
         self._base_space = self.base.infer_relative_search_space(study, trial)
         names = list(self.distinct._choices)
         self._shared = bool(self.distinct.holders(study, trial, names)[1])
-        # Shared: the whole config may come from ``distinct`` when the base has nothing to propose.
-        return {**self._base_space, **self.distinct._distributions} if self._shared else self._base_space
+        # Every parameter is relative: what the base does not propose, ``distinct`` draws.
+        return {**self._base_space, **self.distinct._distributions}
 
     def sample_relative(
         self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
@@ -170,10 +188,11 @@ class NoRepeatSampler(optuna.samplers.BaseSampler):
         names = list(self.distinct._choices)
         # Shared: read again, after the model's fit, for what the other workers took meanwhile.
         taken, running = self.distinct.holders(study, trial, names, fresh=self._shared)
-        if not set(names) <= set(params):  # the base's random start samples per parameter
-            if self._shared and set(names) <= set(search_space):
-                return dict(zip(names, self.distinct._draw(names, taken), strict=True))
-            return params
+        if not set(names) <= set(params):
+            # What the base leaves to chance (its random start; NSGA-II's mutated parameters) is
+            # drawn here among the free configs the rules allow, keeping what the base chose.
+            fixed = {n: params[n] for n in names if n in params}
+            params = {**params, **dict(zip(names, self.distinct._draw(names, taken, fixed), strict=True))}
         proposal = tuple(params[n] for n in names)
         if self.distinct.ok(names, proposal):
             if proposal not in taken:
@@ -183,11 +202,11 @@ class NoRepeatSampler(optuna.samplers.BaseSampler):
                 self._repeats += 1
                 return params
             self._repeats = 0
-        nearest = self._nearest(names, proposal, taken)
+        nearest = self._nearest(names, proposal, taken, study)
         return params if nearest is None else {**params, **dict(zip(names, nearest, strict=True))}
 
     def _nearest(
-        self, names: Sequence[str], proposal: tuple[Any, ...], taken: set[tuple[Any, ...]]
+        self, names: Sequence[str], proposal: tuple[Any, ...], taken: set[tuple[Any, ...]], study: optuna.Study
     ) -> tuple[Any, ...] | None:
         columns = [self.distinct._choices[n] for n in names]
         if math.prod(len(c) for c in columns) > ENUMERATE_MAX:
@@ -205,6 +224,13 @@ class NoRepeatSampler(optuna.samplers.BaseSampler):
                 best, best_d = [combo], d
             elif abs(d - best_d) <= 1e-12:
                 best.append(combo)
+        if len(best) > 1 and self.rank is not None:
+            trials = self.distinct.known_trials()
+            if trials is None:
+                trials = study._get_trials(deepcopy=False, states=_TAKEN, use_cache=True)
+            scores = self.rank(trials, [dict(zip(names, combo, strict=True)) for combo in best])
+            if scores is not None:
+                return best[max(range(len(best)), key=lambda i: scores[i])]
         return self.distinct._rng.choice(best) if best else None
 
     def sample_independent(

@@ -156,6 +156,36 @@ def _norm_pdf(z: np.ndarray) -> np.ndarray:
     return np.exp(-0.5 * z**2) / math.sqrt(2 * math.pi)
 
 
+def constrained_ei(
+    observations: Sequence[Observation],
+    configs: Sequence[TrialConfig],
+    values: dict[str, list[Any]],
+    ordinal: Sequence[str],
+    noise: float = DEFAULT_NOISE,
+) -> np.ndarray:
+    """Expected improvement of each config over the best feasible throughput measured, times the
+    probability that every SLO clause holds there; before anything feasible was measured, that
+    probability alone (the first task is to find a config that meets the SLO)."""
+    encode = Encoder(values, ordinal)
+    xs = encode(configs)
+    ran = [o for o in observations if not o.failed]
+    feasible = [o.tokens_per_s for o in ran if all(c <= 0 for c in o.constraints)]
+    score = np.ones(len(configs))
+    if feasible:
+        best = max(feasible)
+        y = np.array([o.tokens_per_s for o in ran])
+        mu, sd = _GP(encode([o.config for o in ran]), y, noise * float(np.mean(y))).predict(xs)
+        sd = np.maximum(sd, 1e-9)
+        z = (mu - best) / sd
+        score = (mu - best) * _norm_cdf(z) + sd * _norm_pdf(z)
+    x_all = encode([o.config for o in observations])
+    for j in range(len(observations[0].constraints) if observations else 0):
+        c = np.array([min(float(o.constraints[j]), 1.0) for o in observations])
+        c_mu, c_sd = _GP(x_all, c, noise).predict(xs)
+        score = score * _norm_cdf(-c_mu / np.maximum(c_sd, 1e-9))
+    return score
+
+
 def outlook(
     observations: Sequence[Observation],
     candidates: Sequence[TrialConfig],
@@ -168,24 +198,10 @@ def outlook(
     feasible = [o.tokens_per_s for o in observations if not o.failed and all(c <= 0 for c in o.constraints)]
     if not feasible:
         return None
-    best = max(feasible)
     seen = {o.config.key() for o in observations}
     todo = [c for c in candidates if c.key() not in seen]
     if not todo:
         return Outlook(0.0, None, 0)
-    encode = Encoder(values, ordinal)
-    ran = [o for o in observations if not o.failed]
-    x_all, xs = encode([o.config for o in observations]), encode(todo)
-    y = np.array([o.tokens_per_s for o in ran])
-    mu, sd = _GP(encode([o.config for o in ran]), y, noise * float(np.mean(y))).predict(xs)
-    sd = np.maximum(sd, 1e-9)
-    z = (mu - best) / sd
-    ei = (mu - best) * _norm_cdf(z) + sd * _norm_pdf(z)
-    feasible_p = np.ones(len(todo))
-    for j in range(len(observations[0].constraints)):
-        c = np.array([min(float(o.constraints[j]), 1.0) for o in observations])
-        c_mu, c_sd = _GP(x_all, c, noise).predict(xs)
-        feasible_p *= _norm_cdf(-c_mu / np.maximum(c_sd, 1e-9))
-    score = ei * feasible_p
+    score = constrained_ei(observations, todo, values, ordinal, noise)
     i = int(np.argmax(score))
-    return Outlook(float(score[i]) / best * 100, todo[i], len(todo))
+    return Outlook(float(score[i]) / max(feasible) * 100, todo[i], len(todo))

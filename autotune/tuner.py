@@ -37,11 +37,11 @@ from autotune.errors import SpecError, StorageError, TrialFailure
 from autotune.hardware import Hardware
 from autotune.measure import Measurement
 from autotune.models import ModelInfo
-from autotune.random_search import DistinctRandomSampler, NoRepeatSampler
+from autotune.random_search import DistinctRandomSampler, NoRepeatSampler, Rank
 from autotune.space import ORDINAL_KNOBS, SearchSpace
 from autotune.spec import Constraint, StudySpec
 from autotune.store.migrate import safe_url
-from autotune.surrogate import Observation, Outlook, outlook, space_candidates
+from autotune.surrogate import Observation, Outlook, constrained_ei, outlook, space_candidates
 
 # Optuna flags heartbeats and some sampler options as experimental; that is not the user's concern.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -333,6 +333,21 @@ NATIVE_CONSTRAINTS = hasattr(optuna.trial.Trial, "set_constraint")
 GP_STARTUP_TRIALS = 3
 
 
+def surrogate_rank(space: SearchSpace) -> Rank:
+    """Scores configs (Optuna parameters) by the numpy surrogate's constrained expected improvement
+    on the measured trials: which of several equally near configs ``NoRepeatSampler`` measures when
+    the model's own proposal is refused by the rules or already measured. None before 2 trials."""
+
+    def rank(trials: Sequence[FrozenTrial], candidates: list[dict[str, Any]]) -> list[float] | None:
+        seen = observations(trials)
+        if len(seen) < 2:
+            return None
+        configs = [space.config_for(p) for p in candidates]
+        return constrained_ei(seen, configs, space.values, ORDINAL_KNOBS).tolist()
+
+    return rank
+
+
 def make_sampler(name: str, seed: int, n_constraints: int, space: SearchSpace) -> optuna.samplers.BaseSampler:
     def cons(trial: FrozenTrial) -> list[float]:
         values = trial.user_attrs.get(A_CONSTRAINTS)
@@ -343,11 +358,13 @@ def make_sampler(name: str, seed: int, n_constraints: int, space: SearchSpace) -
     # bf16, say): a rejected trial costs no budget, but it is a trial, and Optuna's GP, which ignores
     # pruned trials, proposed 116 of them in the 16-trial quickstart on a CPU with bf16.
     distinct = DistinctRandomSampler(space.distributions(), seed=seed, allowed=space.runnable())
+    rank = surrogate_rank(space)
     if name == "tpe":
         tpe = optuna.samplers.TPESampler(seed=seed, n_startup_trials=5, multivariate=True, **kw)
-        return NoRepeatSampler(tpe, distinct, allow=None)
+        return NoRepeatSampler(tpe, distinct, allow=None, rank=rank)
     if name == "nsga2":
-        return NoRepeatSampler(optuna.samplers.NSGAIISampler(seed=seed, population_size=8, **kw), distinct, allow=None)
+        nsga2 = optuna.samplers.NSGAIISampler(seed=seed, population_size=8, **kw)
+        return NoRepeatSampler(nsga2, distinct, allow=None, rank=rank)
     if name == "gp":
         from importlib.util import find_spec
 
@@ -360,7 +377,7 @@ def make_sampler(name: str, seed: int, n_constraints: int, space: SearchSpace) -
         # measured on the tests' 24-config landscape. Two repeats in a row are allowed (each adds
         # the copied result to its data; replay: 83% of seeds at 99% either way), then the nearest
         # free config.
-        return NoRepeatSampler(gp, distinct, allow=2)
+        return NoRepeatSampler(gp, distinct, allow=2, rank=rank)
     if name == "random":
         return distinct  # no repeats of measured configs
     if name == "grid":

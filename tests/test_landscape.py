@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -123,6 +124,30 @@ def test_gp_replay_is_deterministic_and_finds_the_optimum(recorded: Path, space:
     assert [r.incumbent for r in a] == [r.incumbent for r in b]
     [row] = summarize(a, best.tokens_per_s, 10)
     assert row["reached_99"] == 1.0 and row["missing"] == 0
+
+
+def test_replayed_trials_carry_what_the_samplers_tie_break_reads(
+    recorded: Path, space: SearchSpace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The replay stores each trial as the tuner does, so ``NoRepeatSampler``'s surrogate ranks
+    ties in replay as in a live study (it read nothing before, and chance decided)."""
+    pytest.importorskip("scipy")
+    import autotune.tuner as tuner_module
+
+    real, seen = tuner_module.surrogate_rank, []
+
+    def spy(sp: SearchSpace) -> Any:
+        rank = real(sp)
+
+        def wrapped(trials: Any, candidates: list[dict[str, Any]]) -> Any:
+            seen.append((len(tuner_module.observations(trials)), rank(trials, candidates)))
+            return seen[-1][1]
+
+        return wrapped
+
+    monkeypatch.setattr(tuner_module, "surrogate_rank", spy)
+    replay(load_landscape(recorded), space, ["gp"], seeds=1, budget=24)
+    assert seen and all(n >= 2 and scores is not None for n, scores in seen)
 
 
 def test_hill_climb_stops_at_a_local_optimum_instead_of_spending_the_budget(recorded: Path, space: SearchSpace) -> None:

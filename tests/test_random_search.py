@@ -122,6 +122,28 @@ def test_no_repeat_sampler_replaces_a_refused_proposal_at_once() -> None:
     assert (trial.suggest_int("rank", 0, 4), trial.suggest_categorical("kind", ["a", "b"])) == (2, "b")
 
 
+def test_no_repeat_sampler_breaks_ties_by_its_rank() -> None:
+    """Stuck on a repeat, the nearest free configs are (1, a) and (3, a); the rank picks between
+    them (a coin did before, for every seed)."""
+    from autotune.random_search import NoRepeatSampler
+
+    calls: list[list[dict[str, object]]] = []
+
+    def rank(trials: object, candidates: list[dict[str, object]]) -> list[float]:
+        calls.append(candidates)
+        return [float(c["rank"]) for c in candidates]  # prefers the larger rank
+
+    for seed in range(6):
+        stuck = _Stuck({"rank": 2, "kind": "a"})
+        sampler = NoRepeatSampler(stuck, DistinctRandomSampler(DISTS, seed=seed), allow=0, rank=rank)
+        study = optuna.create_study(sampler=sampler)
+        first = study.ask()
+        assert _suggest(first) == (2, "a")
+        study.tell(first, 1.0)
+        assert _suggest(study.ask()) == (3, "a")
+    assert all(sorted(c["rank"] for c in cands) == [1, 3] for cands in calls) and len(calls) == 6
+
+
 def _suggest(trial: optuna.Trial) -> tuple[int, str]:
     return trial.suggest_int("rank", 0, 4), trial.suggest_categorical("kind", ["a", "b"])
 
