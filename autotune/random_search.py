@@ -138,9 +138,10 @@ class NoRepeatSampler(optuna.samplers.BaseSampler):
     already holds (None: any number), the next one is replaced by the nearest config none holds
     (each parameter's position among its choices scaled to 0-1). A proposal ``distinct.allowed``
     refuses is replaced at once by the nearest allowed one. Ties go to ``rank``'s best, else to
-    chance: on the quickstart's space Optuna's GP, which never sees a refused config measured,
-    kept proposing onnxruntime with int8, and a coin between its two nearest runnable configs
-    (int8 on eager, unquantized on onnxruntime) spent a fifth of the budget on slow int8 ones.
+    chance: Optuna's GP never sees a refused config measured, so on the quickstart's space it kept
+    proposing onnxruntime with int8, whose nearest runnable configs tie (int8 on eager, unquantized
+    on onnxruntime). Replayed over 300 seeds, ranking ties by the surrogate's constrained EI lifted
+    the seeds within 99% of the best after 14 configs from 46% (a coin) to 56%.
 
     A repeat is not measured again (the tuner copies the earlier result), so a model that keeps
     proposing its incumbent spends trials, model fits and storage calls for nothing, and ends the

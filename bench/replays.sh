@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Makes every replay file in bench/landscapes/ that the README quotes, at the checked-out code:
-# `autotune landscape replay` of the committed recordings (no measuring; about 20 minutes on 2 cores).
+# `autotune landscape replay` of the committed recordings (no measuring; about 40 minutes on 2 cores).
 # The replays are deterministic for a given code and recording, so a rerun gives the same files.
 #
 #   bash bench/replays.sh [JOBS]        # JOBS replays at once (default: the number of cores)
@@ -16,6 +16,10 @@ old=tpe,nsga2,random,grid,hill-climb
 {
   echo "$L/cpu-quickstart.json --samplers $all --budget 14 > $L/cpu-quickstart-replay-b14.json"
   echo "$L/cpu-tiny-lm-144.json --samplers $all --budget 14 > $L/cpu-tiny-lm-144-replay-b14.json"
+  # 30 seeds leave a share about +-9 points of sampling noise; 300 seeds for the default and its rivals
+  for f in cpu-quickstart cpu-tiny-lm-144; do
+    echo "$L/$f.json --samplers gp,tpe,random --budget 14 --seeds 300 > $L/$f-replay-b14-300seeds.json"
+  done
   for b in 5 15 48; do
     echo "$L/cpu-tiny-lm-48.json --samplers gp,random,hill-climb --budget $b > $L/cpu-tiny-lm-48-replay-b$b-gp.json"
     echo "$L/cpu-tiny-lm-48.json --samplers gp,tpe,random,hill-climb --budget $b --confirm-runs 1 > $L/cpu-tiny-lm-48-replay-b$b-gp-confirm1.json"
@@ -29,4 +33,4 @@ old=tpe,nsga2,random,grid,hill-climb
     echo "$L/cpu-tiny-lm-48-stable.json --samplers $old --budget $b --warm-start $L/cpu-tiny-lm-48.json > $L/cpu-tiny-lm-48-stable-replay-b$b-warm.json"
   done
   echo "$L/cpu-tiny-lm-48.json --samplers $old --budget 48 --patience 8 > $L/cpu-tiny-lm-48-replay-b48-patience8-model.json"
-} | xargs -P "$jobs" -I{} sh -c 'python -m autotune.cli landscape replay {} --seeds 30 --json && echo "made: {}" >&2'
+} | xargs -P "$jobs" -I{} sh -c 'python -m autotune.cli landscape replay {} --json && echo "made: {}" >&2'
