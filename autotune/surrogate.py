@@ -2,10 +2,12 @@
 
 The stopping rule (``budget.patience``) asks two questions: has the best feasible throughput stalled
 for K measured trials, and does a model of what was measured still expect a worthwhile gain from
-any config not yet measured? This module answers the second with numpy alone (the tuner process
-never imports torch or scipy): one Gaussian process on throughput, one per SLO clause on its
-excess, expected improvement over the best feasible throughput times the probability that every
-clause holds (Gardner et al., 2014), maximised over the unmeasured candidates.
+any config not yet measured? This module answers the second with numpy alone (whatever the
+sampler): one Gaussian process on throughput, one per SLO clause on its excess, expected
+improvement over the best feasible throughput times the probability that every clause holds
+(Gardner et al., 2014), maximised over the unmeasured candidates. The same score
+(:func:`constrained_ei`) decides which of several equally near configs a sampler measures when its
+model's proposal is refused or repeated (:func:`autotune.tuner.surrogate_rank`).
 
 Knobs are encoded the way the samplers see them: ordinal knobs (batch size, streams, queue delay)
 by their position on a log scale in [0, 1], categorical knobs one-hot. Kernel Matern 5/2 with the
