@@ -115,7 +115,6 @@ def test_replay_is_deterministic_and_every_strategy_finds_the_optimum_eventually
 
 def test_gp_replay_is_deterministic_and_finds_the_optimum(recorded: Path, space: SearchSpace) -> None:
     """Optuna's GPSampler (``sampler: gp``, scipy) through the same replay: same seed, same answers."""
-    pytest.importorskip("scipy")
     land = load_landscape(recorded)
     best = land.best_feasible()
     assert best is not None
@@ -131,7 +130,6 @@ def test_replayed_trials_carry_what_the_samplers_tie_break_reads(
 ) -> None:
     """The replay stores each trial as the tuner does, so ``NoRepeatSampler``'s surrogate ranks
     ties in replay as in a live study (it read nothing before, and chance decided)."""
-    pytest.importorskip("scipy")
     import autotune.tuner as tuner_module
 
     real, seen = tuner_module.surrogate_rank, []

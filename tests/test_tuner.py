@@ -497,7 +497,6 @@ def test_a_stale_trial_queued_again_is_measured_next(tmp_path: Path, monkeypatch
 def test_the_gp_sampler_spends_the_budget_on_a_small_space(tmp_path: Path) -> None:
     """Converged, Optuna's GP proposes its incumbent again and again; after two repeats in a row the
     nearest unmeasured config is measured instead (before: 170 proposals, 6 of 12 trials spent)."""
-    pytest.importorskip("scipy")
     t = tuner(tmp_path, trials=12, spec={"sampler": "gp"})
     study = t.run()
     assert t.counted(study) == 12 and t.stop_reason is None
@@ -523,8 +522,6 @@ def test_samplers_do_not_propose_configs_the_rules_reject(tmp_path: Path, sample
     """The space's rules reject int8 with bf16 here; no sampler proposes such a config, in its
     random start either (Optuna's GP ignores pruned trials: it proposed them again and again; the
     random starts drew each parameter on its own)."""
-    if sampler == "gp":
-        pytest.importorskip("scipy")
     for seed in range(3):  # a quarter of the configs are rejected: a 3-config start misses them by chance
         (tmp_path / str(seed)).mkdir()
         study = tuner(tmp_path / str(seed), trials=10, spec={"sampler": sampler, "seed": seed}).run()
