@@ -252,34 +252,81 @@ class _WarmChild:
         self.proc.join()
         self.conn.close()
 
+    def rss_mb(self) -> float | None:
+        """Resident memory of the idle process (Linux), or None where it cannot be read."""
+        try:
+            with open(f"/proc/{self.proc.pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) / 1024
+        except (OSError, ValueError, IndexError):
+            pass
+        return None
 
-_warm: _WarmChild | None = None
+
+#: Warm trial processes, least recently used first (build key -> process).
+_warm: dict[str, _WarmChild] = {}
 #: How long an idle warm trial process gets to exit on its own before it is killed.
 GRACEFUL_EXIT_S = 5.0
+#: How many built engines a CPU study keeps warm. A model-based sampler often alternates between
+#: two builds (fp32 on onnxruntime, bf16 on eager, in the quickstart): with one warm process each
+#: switch rebuilt, and only 1 of 16 trials reused its engine. A GPU keeps one: a second process
+#: holds another CUDA context and copy of the weights in the memory the trials measure against.
+WARM_ENGINES_CPU = 2
+#: An idle engine is kept only while it takes under this share of the memory still available.
+WARM_IDLE_MEMORY_SHARE = 0.25
+
+
+def _available_mb() -> float | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _keep_idle(child: _WarmChild) -> bool:
+    """Whether an idle warm process may stay up beside the one about to run."""
+    if not child.alive():
+        return False
+    rss, available = child.rss_mb(), _available_mb()
+    return rss is not None and available is not None and rss < WARM_IDLE_MEMORY_SHARE * available
 
 
 def _run_warm(job: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-    """Run a trial job in the warm child when its build key matches, else in a new warm child."""
+    """Run a trial job in the warm child holding its build key, else in a new warm child; idle
+    children of other keys stay up while :data:`WARM_ENGINES_CPU` and memory allow."""
     key = build_key(job)
+    capacity = WARM_ENGINES_CPU if job["hardware"].get("device_type") == "cpu" else 1
 
     def run() -> dict[str, Any]:
-        global _warm
-        if _warm is not None and (_warm.key != key or not _warm.alive()):
-            _warm.close(graceful=True)
-            _warm = None
-        if _warm is None:
-            _warm = _WarmChild(key)
-        return _warm.run(job, timeout_s)
+        child = _warm.pop(key, None)
+        if child is not None and not child.alive():
+            child.close()
+            child = None
+        for other in list(_warm):  # least recently used first; the one about to run takes a slot
+            if len(_warm) > capacity - 1 or not _keep_idle(_warm[other]):
+                _warm.pop(other).close(graceful=True)
+        if child is None:
+            child = _WarmChild(key)
+        _warm[key] = child  # most recently used
+        try:
+            return child.run(job, timeout_s)
+        except BaseException:
+            if not child.alive():  # a failed trial ended it (``run`` closes it)
+                _warm.pop(key, None)
+            raise
 
     return _with_spawn_fallback(run)
 
 
 def close_warm_child() -> None:
-    """End the warm trial process (a study's end; also at interpreter exit)."""
-    global _warm
-    if _warm is not None:
-        _warm.close(graceful=True)
-        _warm = None
+    """End the warm trial processes (a study's end; also at interpreter exit)."""
+    while _warm:
+        _warm.pop(next(iter(_warm))).close(graceful=True)
 
 
 atexit.register(close_warm_child)

@@ -153,6 +153,38 @@ def test_runtime_only_changes_reuse_the_built_engine(spec: StudySpec, hw: Hardwa
     close_warm_child()
 
 
+def test_alternating_builds_each_keep_their_engine_on_cpu(
+    spec: StudySpec, hw: Hardware, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sampler alternating between two builds reuses both engines on a CPU (two warm processes);
+    a third build ends the least recently used one, and with WARM_ENGINES_CPU = 1 every switch rebuilds."""
+    from autotune import runner
+
+    runner.close_warm_child()
+    assert hw.device_type == "cpu"
+    a, b, c = (
+        TrialConfig(batch_size=2),
+        TrialConfig(batch_size=2, attention="eager"),
+        TrialConfig(batch_size=2, quantization="int8-dynamic"),
+    )
+    run_trial(spec, a, hw)
+    run_trial(spec, b, hw)
+    again_a = run_trial(spec, a.model_copy(update={"batch_size": 4}), hw)
+    again_b = run_trial(spec, b.model_copy(update={"streams": 2}), hw)
+    assert again_a.timings["engine_reused"] == 1.0 and again_b.timings["engine_reused"] == 1.0
+    assert len(runner._warm) == 2
+    run_trial(spec, c, hw)  # a third build: a (least recently used) goes, b stays
+    assert len(runner._warm) == 2
+    assert run_trial(spec, b, hw).timings["engine_reused"] == 1.0
+    assert "engine_reused" not in run_trial(spec, a, hw).timings
+    runner.close_warm_child()
+    monkeypatch.setattr(runner, "WARM_ENGINES_CPU", 1)
+    run_trial(spec, a, hw)
+    run_trial(spec, b, hw)
+    assert "engine_reused" not in run_trial(spec, a, hw).timings and len(runner._warm) == 1
+    runner.close_warm_child()
+
+
 def test_a_failed_trial_ends_the_warm_process(spec: StudySpec, hw: Hardware, monkeypatch: pytest.MonkeyPatch) -> None:
     from autotune.runner import close_warm_child
 
@@ -194,7 +226,8 @@ def test_an_idle_warm_process_exits_on_its_own_when_closed(spec: StudySpec, hw: 
 
     runner.close_warm_child()
     run_trial(spec, TrialConfig(batch_size=2), hw)
-    proc = runner._warm.proc if runner._warm is not None else None
-    assert proc is not None and proc.is_alive()
+    (child,) = runner._warm.values()
+    proc = child.proc
+    assert proc.is_alive()
     runner.close_warm_child()
     assert proc.exitcode == 0  # not -9 (SIGKILL)
