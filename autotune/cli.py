@@ -394,7 +394,8 @@ def _run_with_progress(tuner: Any) -> Any:
     if share is not None:
         err.print(
             f"time not spent measuring (process start, load, warm-up, fidelity, storage): median "
-            f"{share['median']:.0%} of a trial's wall time (max {share['max']:.0%})",
+            f"{share['median']:.0%} of a trial's wall time (max {share['max']:.0%}), {share['total']:.0%} of all "
+            f"trials' time; {share['reused']:.0f} of {share['trials']:.0f} trials reused an engine built before",
             highlight=False,
         )
     return done

@@ -488,18 +488,29 @@ def observations(trials: Sequence[FrozenTrial]) -> list[Observation]:
 
 def trial_overhead(trials: list[FrozenTrial]) -> dict[str, float] | None:
     """Share of each measured trial's wall time not spent in its measurement window (process start,
-    model load, warm-up, fidelity, sampling, storage): median and max, or None before any trial."""
-    shares = []
+    model load, warm-up, fidelity, sampling, storage): median and max; ``total``, the share of all
+    measured trials' wall time together (one slow export weighs in here, not in the median); and
+    ``reused``, how many trials ran on an engine an earlier trial built. None before any trial."""
+    shares, walls, windows, reused = [], 0.0, 0.0, 0
     for t in trials:
         m = t.user_attrs.get(A_MEASUREMENT)
         if not m or A_DUPLICATE in t.user_attrs or not (t.datetime_start and t.datetime_complete):
             continue
         wall = (t.datetime_complete - t.datetime_start).total_seconds()
         if wall > 0:
-            shares.append(max(0.0, 1 - float(m.get("duration_s", 0.0)) / wall))
+            window = min(float(m.get("duration_s", 0.0)), wall)
+            shares.append(1 - window / wall)
+            walls, windows = walls + wall, windows + window
+            reused += bool((m.get("timings") or {}).get("engine_reused"))
     if not shares:
         return None
-    return {"median": statistics.median(shares), "max": max(shares), "trials": float(len(shares))}
+    return {
+        "median": statistics.median(shares),
+        "max": max(shares),
+        "total": 1 - windows / walls,
+        "trials": float(len(shares)),
+        "reused": float(reused),
+    }
 
 
 def is_feasible(trial: FrozenTrial) -> bool:

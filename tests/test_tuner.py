@@ -340,8 +340,12 @@ def test_trial_overhead_is_the_share_of_wall_time_not_measuring(tmp_path: Path) 
             {"x": IntDistribution(0, 2)}, {"measurement": {"duration_s": window_s}, **attrs}, {}, {}, number,
         )  # fmt: skip
 
-    known = [made(0, 10, 8), made(1, 10, 5), made(2, 10, 0.1, duplicate_of=1)]  # a repeat is not a trial run
-    assert trial_overhead(known) == pytest.approx({"median": 0.35, "max": 0.5, "trials": 2.0})
+    reused = {"duration_s": 15, "timings": {"engine_reused": 1.0}}
+    known = [made(0, 10, 8), made(1, 10, 5), made(2, 10, 0.1, duplicate_of=1), made(3, 20, 0, measurement=reused)]
+    # a repeat is not a trial run; the total weighs each trial by its wall time, the median does not
+    assert trial_overhead(known) == pytest.approx(
+        {"median": 0.25, "max": 0.5, "total": 1 - 28 / 40, "trials": 3.0, "reused": 1.0}
+    )
 
 
 def test_patience_waits_while_the_model_still_expects_a_gain(tmp_path: Path) -> None:
