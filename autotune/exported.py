@@ -101,7 +101,8 @@ def missing_packages(runtime: str) -> list[str]:
 
 def export_key(model: Any, attention: str) -> str:
     """What the exported graph depends on: the weights (every byte), the architecture's config,
-    the attention kernel and the exporter's versions."""
+    the attention kernel and the exporter's versions; not where the weights were read from (the
+    config's ``_name_or_path``: the quickstart from a second checkout exported its graph again)."""
     import onnxscript
     import torch
     import transformers
@@ -109,7 +110,7 @@ def export_key(model: Any, attention: str) -> str:
     h = hashlib.sha256()
     what = {
         "format": EXPORT_FORMAT,
-        "config": model.config.to_dict(),
+        "config": {k: v for k, v in model.config.to_dict().items() if k != "_name_or_path"},
         "attention": attention,
         "torch": torch.__version__,
         "transformers": transformers.__version__,

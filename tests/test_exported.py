@@ -142,6 +142,26 @@ def test_fidelity_is_measured_on_the_exported_graph(export_cache: Path, runtime:
     assert broken["kl"] > 0.1 and broken["top1_agreement"] < 1.0  # the graph's logits are what is scored
 
 
+def test_the_export_cache_key_is_the_weights_not_their_path(tmp_path: Path) -> None:
+    """The same checkpoint in two folders (two checkouts, a moved venv) shares one cached graph;
+    other weights do not."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from autotune.exported import export_key
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "a")
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "other")  # other random weights
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    a, b, other = (AutoModelForCausalLM.from_pretrained(tmp_path / d) for d in ("a", "b", "other"))
+    assert a.config._name_or_path != b.config._name_or_path
+    assert export_key(a, "sdpa") == export_key(b, "sdpa") != export_key(other, "sdpa")
+
+
 def test_a_damaged_cache_entry_is_exported_again(hw: Hardware, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A cached export cut short (a full disk, a partial copy) is noticed by its sizes and redone."""
     monkeypatch.setenv("AUTOTUNE_CACHE_DIR", str(tmp_path))
