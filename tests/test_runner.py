@@ -157,7 +157,8 @@ def test_alternating_builds_each_keep_their_engine_on_cpu(
     spec: StudySpec, hw: Hardware, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A sampler alternating between two builds reuses both engines on a CPU (two warm processes);
-    a third build ends the least recently used one, and with WARM_ENGINES_CPU = 1 every switch rebuilds."""
+    a third build ends the least recently used one; with WARM_ENGINES_CPU = 1, or an idle engine taking
+    more than its share of the available memory, every switch rebuilds."""
     from autotune import runner
 
     runner.close_warm_child()
@@ -177,11 +178,13 @@ def test_alternating_builds_each_keep_their_engine_on_cpu(
     assert len(runner._warm) == 2
     assert run_trial(spec, b, hw).timings["engine_reused"] == 1.0
     assert "engine_reused" not in run_trial(spec, a, hw).timings
-    runner.close_warm_child()
-    monkeypatch.setattr(runner, "WARM_ENGINES_CPU", 1)
-    run_trial(spec, a, hw)
-    run_trial(spec, b, hw)
-    assert "engine_reused" not in run_trial(spec, a, hw).timings and len(runner._warm) == 1
+    for knob, value in (("WARM_ENGINES_CPU", 1), ("WARM_IDLE_MEMORY_SHARE", 0.0)):  # one engine; no memory to spare
+        runner.close_warm_child()
+        with monkeypatch.context() as m:
+            m.setattr(runner, knob, value)
+            run_trial(spec, a, hw)
+            run_trial(spec, b, hw)
+            assert "engine_reused" not in run_trial(spec, a, hw).timings and len(runner._warm) == 1
     runner.close_warm_child()
 
 
