@@ -253,15 +253,13 @@ class _WarmChild:
         self.conn.close()
 
     def rss_mb(self) -> float | None:
-        """Resident memory of the idle process (Linux), or None where it cannot be read."""
+        """Resident memory of the process, or None where it cannot be read."""
+        import psutil
+
         try:
-            with open(f"/proc/{self.proc.pid}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        return int(line.split()[1]) / 1024
-        except (OSError, ValueError, IndexError):
-            pass
-        return None
+            return float(psutil.Process(self.proc.pid).memory_info().rss) / 2**20
+        except (psutil.Error, ValueError):
+            return None
 
 
 #: Warm trial processes, least recently used first (build key -> process).
@@ -277,23 +275,18 @@ WARM_ENGINES_CPU = 2
 WARM_IDLE_MEMORY_SHARE = 0.25
 
 
-def _available_mb() -> float | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) / 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+def _available_mb() -> float:
+    import psutil
+
+    return float(psutil.virtual_memory().available) / 2**20
 
 
 def _keep_idle(child: _WarmChild) -> bool:
     """Whether an idle warm process may stay up beside the one about to run."""
     if not child.alive():
         return False
-    rss, available = child.rss_mb(), _available_mb()
-    return rss is not None and available is not None and rss < WARM_IDLE_MEMORY_SHARE * available
+    rss = child.rss_mb()
+    return rss is not None and rss < WARM_IDLE_MEMORY_SHARE * _available_mb()
 
 
 def _run_warm(job: dict[str, Any], timeout_s: float) -> dict[str, Any]:
