@@ -32,6 +32,17 @@ def start(*args: str, cwd: Path) -> subprocess.Popen[str]:
     )
 
 
+def polled(url: str, name: str) -> optuna.Study:
+    """The study through a storage that closes its connection after each use. Polling every 0.3 s
+    with a new pooled storage each time (``storage=url``) left its connections open until garbage
+    collection (18 after 30 polls), and a slow first trial ran PostgreSQL out of its 100."""
+    from sqlalchemy.pool import NullPool
+
+    return optuna.load_study(
+        study_name=name, storage=optuna.storages.RDBStorage(url, engine_kwargs={"poolclass": NullPool})
+    )
+
+
 def wait_for(pred, timeout: float = 120) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -82,12 +93,7 @@ def test_a_killed_worker_loses_nothing(pg_database: str, tmp_path: Path) -> None
     url = pg_database
     spec = _long_trials(tmp_path, "kill", trials=6, window_s=2.0)  # a trial runs 2 s: long enough to catch
     victim = start("tune", str(spec), "--storage", url, "--study", "kill", cwd=tmp_path)
-    wait_for(
-        lambda: any(
-            t.state.name == "RUNNING" and "worker" in t.user_attrs
-            for t in optuna.load_study(study_name="kill", storage=url).trials
-        )
-    )
+    wait_for(lambda: any(t.state.name == "RUNNING" and "worker" in t.user_attrs for t in polled(url, "kill").trials))
     victim.send_signal(signal.SIGKILL)
     victim.communicate(timeout=30)
     running = [t for t in optuna.load_study(study_name="kill", storage=url).trials if t.state.name == "RUNNING"]
@@ -118,7 +124,7 @@ def test_a_worker_killed_while_others_run_loses_nothing(pg_database: str, tmp_pa
     other = start("worker", "others", "--storage", url, "--trials", "8", cwd=tmp_path)
 
     def victim_running() -> bool:
-        trials = optuna.load_study(study_name="others", storage=url).trials
+        trials = polled(url, "others").trials
         return any(
             t.state.name == "RUNNING" and t.user_attrs.get("worker", "").endswith(f":{victim.pid}") for t in trials
         )
@@ -155,7 +161,7 @@ def test_database_restart_mid_study_is_waited_out(pg_database: str, tmp_path: Pa
     url = pg_database
     spec = _long_trials(tmp_path, "restart", trials=5, window_s=1.0)
     proc = start("tune", str(spec), "--storage", url, "--study", "restart", cwd=tmp_path)
-    wait_for(lambda: len(counted(optuna.load_study(study_name="restart", storage=url))) >= 1)
+    wait_for(lambda: len(counted(polled(url, "restart"))) >= 1)
     try:
         _pg_ctl("stop")
         time.sleep(6)  # longer than a trial, so the tuner meets the outage
