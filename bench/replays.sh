@@ -16,6 +16,7 @@ old=tpe,nsga2,random,grid,hill-climb
 {
   echo "$L/cpu-quickstart.json --samplers $all --budget 14 > $L/cpu-quickstart-replay-b14.json"
   echo "$L/cpu-tiny-lm-144.json --samplers $all --budget 14 > $L/cpu-tiny-lm-144-replay-b14.json"
+  echo "$L/cpu-quickstart-bf16.json --samplers gp,tpe,random,hill-climb > $L/cpu-quickstart-bf16-replay-b19.json"
   # 30 seeds leave a share about +-9 points of sampling noise; 300 seeds for the default and its rivals
   for f in cpu-quickstart cpu-tiny-lm-144; do
     echo "$L/$f.json --samplers gp,tpe,random --budget 14 --seeds 300 > $L/$f-replay-b14-300seeds.json"
