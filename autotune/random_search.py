@@ -39,6 +39,12 @@ class DistinctRandomSampler(optuna.samplers.BaseSampler):
     before each trial), or None; the sampler then spares Optuna's own read of the list.
     ``allowed``: whether a config (parameter name -> value) may be proposed at all; while any
     allowed config is free, no other is drawn.
+    ``spread``: once a config is taken, draw among the free ones farthest from every taken config
+    (maximin: integer parameters by their position scaled to 0-1, categorical ones 0 or 1 apart)
+    instead of uniformly. A model's random start then spans the space: replayed at 10% of four
+    recorded CPU landscapes (``bench/sampler_variants.py``, variant ``gp-maximin``), ``sampler:
+    gp`` with a spread start came within 99% of the best in more seeds on the quickstart's space
+    (62% of 100 against 50%) and the same within the noise on the others.
     """
 
     def __init__(
@@ -47,9 +53,11 @@ class DistinctRandomSampler(optuna.samplers.BaseSampler):
         seed: int | None = None,
         known_trials: Callable[[], Sequence[FrozenTrial] | None] = lambda: None,
         allowed: Callable[[dict[str, Any]], bool] | None = None,
+        spread: bool = False,
     ) -> None:
         self.known_trials = known_trials
         self.allowed = allowed
+        self.spread = spread
         self._distributions = distributions
         self._choices = {name: _choices(d) for name, d in distributions.items()}
         self._rng = random.Random(seed)
@@ -103,15 +111,38 @@ class DistinctRandomSampler(optuna.samplers.BaseSampler):
         columns = [[fixed[n]] if fixed and n in fixed else self._choices[n] for n in names]
         if math.prod(len(c) for c in columns) <= ENUMERATE_MAX:
             free = [combo for combo in itertools.product(*columns) if combo not in taken]
-            runnable = [combo for combo in free if self.ok(names, combo)]
-            if runnable or free:
-                return self._rng.choice(runnable or free)
+            pool = [combo for combo in free if self.ok(names, combo)] or free
+            if pool and self.spread and taken and not fixed:
+                pool = self._farthest(names, pool, taken)
+            if pool:
+                return self._rng.choice(pool)
         else:
             for _ in range(1000):
                 combo = tuple(self._rng.choice(c) for c in columns)
                 if combo not in taken and self.ok(names, combo):
                     return combo
         return tuple(self._rng.choice(c) for c in columns)  # every config taken: a repeat
+
+    def _farthest(
+        self, names: Sequence[str], pool: list[tuple[Any, ...]], taken: set[tuple[Any, ...]]
+    ) -> list[tuple[Any, ...]]:
+        """The configs of ``pool`` whose distance to the nearest taken config is largest."""
+        columns = [self._choices[n] for n in names]
+        ordinal = [isinstance(self._distributions[n], optuna.distributions.IntDistribution) for n in names]
+        span = [max(len(c) - 1, 1) for c in columns]
+        where = [{v: i / s for i, v in enumerate(c)} for c, s in zip(columns, span, strict=True)]
+
+        def apart(a: tuple[Any, ...], b: tuple[Any, ...]) -> float:
+            return sum(
+                abs(w[x] - w[y]) if o else float(x != y) for w, o, x, y in zip(where, ordinal, a, b, strict=True)
+            )
+
+        held = [t for t in taken if all(v in w for v, w in zip(t, where, strict=True))]
+        if not held:
+            return pool
+        far = [min(apart(c, t) for t in held) for c in pool]
+        top = max(far)
+        return [c for c, d in zip(pool, far, strict=True) if d >= top - 1e-12]
 
     def sample_independent(
         self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution

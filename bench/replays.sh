@@ -4,6 +4,7 @@
 # The replays are deterministic for a given code and recording, so a rerun gives the same files.
 #
 #   bash bench/replays.sh [JOBS]        # JOBS replays at once (default: the number of cores)
+#   ONLY=gp bash bench/replays.sh       # only the replays whose command line holds ONLY (here: gp's)
 #
 # Not remade: cpu-tiny-lm-48-replay-b48-patience8.json, the stopping rule before it asked a model
 # (commit ba61d8d); the same command now gives ...-patience8-model.json.
@@ -34,4 +35,4 @@ old=tpe,nsga2,random,grid,hill-climb
     echo "$L/cpu-tiny-lm-48-stable.json --samplers $old --budget $b --warm-start $L/cpu-tiny-lm-48.json > $L/cpu-tiny-lm-48-stable-replay-b$b-warm.json"
   done
   echo "$L/cpu-tiny-lm-48.json --samplers $old --budget 48 --patience 8 > $L/cpu-tiny-lm-48-replay-b48-patience8-model.json"
-} | xargs -P "$jobs" -I{} sh -c 'python -m autotune.cli landscape replay {} --json && echo "made: {}" >&2'
+} | grep -e "${ONLY:-}" | xargs -P "$jobs" -I{} sh -c 'python -m autotune.cli landscape replay {} --json && echo "made: {}" >&2'

@@ -172,3 +172,36 @@ def test_workers_with_the_studys_seed_start_from_different_configs() -> None:
     two = optuna.load_study(study_name="shared", storage=storage, sampler=worker())
     running = [_suggest(one.ask()), _suggest(two.ask()), _suggest(one.ask())]
     assert len(set(running)) == 3
+
+
+def _apart(a: tuple[int, str], b: tuple[int, str]) -> float:
+    return abs(a[0] - b[0]) / 4 + (a[1] != b[1])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_spread_start_draws_far_from_the_configs_taken(seed: int) -> None:
+    """``spread``: each config of a model's random start after the first is one of the free
+    configs farthest from every taken one (uniform draws are, about half the time, not)."""
+    from autotune.random_search import NoRepeatSampler
+
+    sampler = NoRepeatSampler(_Stuck({}), DistinctRandomSampler(DISTS, seed=seed, spread=True), allow=2)
+    study = optuna.create_study(sampler=sampler)  # _Stuck({}): a model in its start proposes nothing
+    drawn: list[tuple[int, str]] = []
+    for _ in range(4):
+        trial = study.ask()
+        drawn.append(_suggest(trial))
+        study.tell(trial, 1.0)
+    assert len(set(drawn)) == 4
+    for i in range(1, 4):
+        free = [(r, k) for r in range(5) for k in "ab" if (r, k) not in drawn[:i]]
+        farthest = max(min(_apart(c, t) for t in drawn[:i]) for c in free)
+        assert min(_apart(drawn[i], t) for t in drawn[:i]) == farthest
+
+
+def test_a_spread_start_from_a_corner_goes_to_the_opposite_corner() -> None:
+    for seed in range(8):
+        sampler = DistinctRandomSampler(DISTS, seed=seed, spread=True)
+        assert sampler._draw(["rank", "kind"], {(0, "a")}) == (4, "b")
+        assert sampler._draw(["rank", "kind"], {(0, "a"), (4, "b")}) in {(4, "a"), (0, "b")}
+    uniform = {DistinctRandomSampler(DISTS, seed=s)._draw(["rank", "kind"], {(0, "a")}) for s in range(8)}
+    assert uniform != {(4, "b")}

@@ -1,0 +1,258 @@
+"""Sampler variants replayed against the recorded landscapes and kept out of the tuner.
+
+The figures behind the README's "Tried on these replays and dropped": each variant below is a
+sampler the tuner could use instead of ``sampler: gp``, replayed seed for seed against the same
+table and noise as the committed one (``gp``, run alongside as the reference). A variant patches
+``autotune.tuner.make_sampler`` in this process only; the replay and its summary are
+``autotune landscape replay``'s own.
+
+    python bench/sampler_variants.py bench/landscapes/cpu-quickstart.json [--variants gp,cei,gp-learn,gp-refine]
+        [--seeds 100] [--budget N]
+
+Variants:
+  cei        after gp's random start, the free runnable config with the largest constrained expected
+             improvement under ``autotune/surrogate.py``'s numpy GP (no Optuna GP at all).
+  gp-learn   gp, but each proposal the rules refuse is shown to Optuna's GP as an infeasible trial at
+             the proposed config (with the throughput of the config measured instead), so its
+             constraint model learns the refused corner instead of proposing it again.
+  gp-refine  gp, but the last REFINE (3) configs of the budget go to the incumbent's unmeasured
+             neighbours (one knob one step away), largest constrained expected improvement first.
+  gp-maximin gp, but each config of the random start after the first is, among the free runnable
+             ones, one farthest from every config measured (a space-filling start; ties at random).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.distributions import BaseDistribution, IntDistribution
+from optuna.trial import FrozenTrial, TrialState, create_trial
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import save
+
+from autotune import landscape as L
+from autotune import tuner as T
+from autotune.hardware import Hardware
+from autotune.random_search import DistinctRandomSampler, NoRepeatSampler
+from autotune.space import ORDINAL_KNOBS, SearchSpace
+from autotune.surrogate import constrained_ei
+
+VARIANTS = ("gp", "cei", "gp-learn", "gp-refine", "gp-maximin")
+#: Measured configs at the end of the budget that gp-refine spends on the incumbent's neighbours.
+REFINE = 3
+
+
+def _free(sampler: DistinctRandomSampler, study: optuna.Study, trial: FrozenTrial) -> tuple[list[str], set]:
+    names = list(sampler._choices)
+    return names, sampler.taken(study, trial, names)
+
+
+class MaximinDraws(DistinctRandomSampler):
+    """Draws as far from the taken configs as possible: ordinal knobs by position (0-1), others 0/1."""
+
+    def _draw(
+        self, names: Sequence[str], taken: set[tuple[Any, ...]], fixed: dict[str, Any] | None = None
+    ) -> tuple[Any, ...]:
+        if fixed or not taken:
+            return super()._draw(names, taken, fixed)
+        columns = [self._choices[n] for n in names]
+        ordinal = [isinstance(self._distributions[n], IntDistribution) for n in names]
+
+        def apart(a: tuple[Any, ...], b: tuple[Any, ...]) -> float:
+            return sum(
+                abs(c.index(x) - c.index(y)) / max(len(c) - 1, 1) if o else float(x != y)
+                for c, o, x, y in zip(columns, ordinal, a, b, strict=True)
+            )
+
+        free = [c for c in itertools.product(*columns) if c not in taken and self.ok(names, c)]
+        if not free:
+            return super()._draw(names, taken, fixed)
+        far = [min(apart(c, t) for t in taken) for c in free]
+        top = max(far)
+        return self._rng.choice([c for c, d in zip(free, far, strict=True) if d >= top - 1e-12])
+
+
+class CeiSampler(DistinctRandomSampler):
+    """Random start as gp's, then the argmax of the numpy surrogate's constrained EI over free configs."""
+
+    def __init__(self, space: SearchSpace, seed: int) -> None:
+        super().__init__(space.distributions(), seed=seed, allowed=space.runnable())
+        self.space = space
+
+    def sample_relative(
+        self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
+        if not search_space:
+            return {}
+        names, taken = _free(self, study, trial)
+        seen = T.observations(study._get_trials(deepcopy=False, use_cache=True))
+        free = [c for c in itertools.product(*self._choices.values()) if c not in taken and self.ok(names, c)]
+        if len(seen) < T.GP_STARTUP_TRIALS or not free:
+            return dict(zip(names, self._draw(names, taken), strict=True))
+        configs = [self.space.config_for(dict(zip(names, c, strict=True))) for c in free]
+        score = constrained_ei(seen, configs, self.space.values, ORDINAL_KNOBS)
+        return dict(zip(names, free[int(np.argmax(score))], strict=True))
+
+
+class _WithRefused:
+    """A study as Optuna's GP reads it, plus one infeasible pseudo-trial per refused proposal."""
+
+    def __init__(self, study: optuna.Study, refused: Sequence[tuple[int, dict[str, Any]]]) -> None:
+        self._study, self._refused = study, refused
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+    def _get_trials(self, deepcopy: bool = False, states: Any = None, use_cache: bool = False) -> list[FrozenTrial]:
+        trials = self._study._get_trials(deepcopy=deepcopy, states=states, use_cache=use_cache)
+        if states is not None and TrialState.COMPLETE not in states:
+            return trials
+        done = {t.number: t for t in trials if t.state == TrialState.COMPLETE}
+        extra = [
+            create_trial(
+                value=t.value,
+                params=params,
+                distributions={k: t.distributions[k] for k in params},
+                constraints={k: max(1.0, v) for k, v in t.constraints.items()},
+            )
+            for number, params in self._refused
+            if (t := done.get(number)) is not None
+        ]
+        return list(trials) + extra
+
+
+class LearnRefused(optuna.samplers.BaseSampler):
+    """``base`` (Optuna's GP) fitted on the trials plus the proposals the rules refused (see module doc)."""
+
+    def __init__(self, base: optuna.samplers.BaseSampler, distinct: DistinctRandomSampler) -> None:
+        self.base, self.distinct = base, distinct
+        self.refused: list[tuple[int, dict[str, Any]]] = []
+
+    def reseed_rng(self) -> None:
+        self.base.reseed_rng()
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        return self.base.infer_relative_search_space(study, trial)
+
+    def sample_relative(
+        self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
+        params = self.base.sample_relative(_WithRefused(study, self.refused), trial, search_space)  # type: ignore[arg-type]
+        names = list(self.distinct._choices)
+        if set(names) <= set(params) and not self.distinct.ok(names, tuple(params[n] for n in names)):
+            self.refused.append((trial.number, {n: params[n] for n in names}))
+        return params
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, name: str, dist: BaseDistribution) -> Any:
+        return self.base.sample_independent(study, trial, name, dist)
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.base.before_trial(study, trial)
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Any) -> None:
+        self.base.after_trial(study, trial, state, values)
+
+
+class RefineSampler(NoRepeatSampler):
+    """gp, except that the last :data:`REFINE` measured configs of ``budget`` are the incumbent's neighbours."""
+
+    def __init__(self, gp: NoRepeatSampler, space: SearchSpace, budget: int) -> None:
+        super().__init__(gp.base, gp.distinct, allow=gp.allow, rank=gp.rank)
+        self.space, self.budget = space, budget
+
+    def sample_relative(
+        self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
+        seen = T.observations(study._get_trials(deepcopy=False, use_cache=True))
+        feasible = [o for o in seen if not o.failed and all(c <= 0 for c in o.constraints)]
+        if len({o.config.key() for o in seen}) >= self.budget - REFINE and feasible:
+            best = self.space.params_for(max(feasible, key=lambda o: o.tokens_per_s).config) or {}
+            names, taken = _free(self.distinct, study, trial)
+            near = []
+            for n in names:
+                values = self.distinct._choices[n]
+                i = values.index(best[n])
+                ordinal = isinstance(self.distinct._distributions[n], IntDistribution)
+                for j in (i - 1, i + 1) if ordinal else range(len(values)):
+                    combo = tuple({**best, n: values[j]}[m] for m in names) if 0 <= j < len(values) else None
+                    if combo and j != i and combo not in taken and self.distinct.ok(names, combo):
+                        near.append(combo)
+            if near:
+                configs = [self.space.config_for(dict(zip(names, c, strict=True))) for c in near]
+                score = constrained_ei(seen, configs, self.space.values, ORDINAL_KNOBS)
+                self._base_space = None
+                return dict(zip(names, near[int(np.argmax(score))], strict=True))
+        return super().sample_relative(study, trial, search_space)
+
+
+def patch(budget: int) -> None:
+    """Teach ``make_sampler`` (and the replay's strategy list) the variants, for this process."""
+    committed = T.make_sampler
+
+    def make_sampler(name: str, seed: int, n_constraints: int, space: SearchSpace) -> optuna.samplers.BaseSampler:
+        if name == "cei":
+            return CeiSampler(space, seed)
+        if name == "gp-maximin":
+            gp = committed("gp", seed, n_constraints, space)
+            assert isinstance(gp, NoRepeatSampler)
+            draws = MaximinDraws(space.distributions(), seed=seed, allowed=space.runnable())
+            return NoRepeatSampler(gp.base, draws, allow=gp.allow, rank=gp.rank)
+        if name in ("gp-learn", "gp-refine"):
+            gp = committed("gp", seed, n_constraints, space)
+            assert isinstance(gp, NoRepeatSampler)
+            if name == "gp-refine":
+                return RefineSampler(gp, space, budget)
+            return NoRepeatSampler(LearnRefused(gp.base, gp.distinct), gp.distinct, allow=gp.allow, rank=gp.rank)
+        return committed(name, seed, n_constraints, space)
+
+    T.make_sampler = make_sampler
+    L.STRATEGIES = tuple(dict.fromkeys(L.STRATEGIES + VARIANTS))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("landscape", type=Path)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--seeds", type=int, default=100)
+    ap.add_argument("--budget", type=int, help="measured configs per run [default: 10%% of the runnable grid]")
+    args = ap.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    land = L.load_landscape(args.landscape)
+    hw = Hardware.model_validate({k: v for k, v in land.hardware.items() if k != "fingerprint"})
+    space = SearchSpace.from_spec(land.spec, hw, None)
+    best = land.best_feasible()
+    assert best is not None, "no feasible config recorded"
+    budget = args.budget or max(1, round(0.1 * land.grid_size))
+    patch(budget)
+    rows = []
+    for variant in args.variants.split(","):
+        start = time.perf_counter()
+        runs = L.replay(land, space, [variant], args.seeds, budget)
+        row = L.summarize(runs, best.tokens_per_s, budget)[0]
+        row["replay_s"] = round(time.perf_counter() - start, 1)
+        rows.append(row)
+        print(
+            f"{args.landscape.name} {variant}: within 99% in {row['reached_99']:.0%} of {args.seeds} seeds "
+            f"(median {row['median_to_99'] or f'>{budget}'}), within 95% in {row['reached_95']:.0%}; "
+            f"median regret at the end {row['median_regret'][-1]:.3f} [{row['replay_s']:.0f} s]",
+            flush=True,
+        )
+    path = save(
+        "sampler-variants",
+        {"landscape": str(args.landscape), "budget": budget, "seeds": args.seeds, "rows": rows},
+    )
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
