@@ -17,8 +17,9 @@ Variants:
              constraint model learns the refused corner instead of proposing it again.
   gp-refine  gp, but the last REFINE (3) configs of the budget go to the incumbent's unmeasured
              neighbours (one knob one step away), largest constrained expected improvement first.
-  gp-maximin gp, but each config of the random start after the first is, among the free runnable
-             ones, one farthest from every config measured (a space-filling start; ties at random).
+  gp-uniform gp with the random start of commit 7bd0783 and before: configs drawn uniformly among
+             the free runnable ones instead of spread out (``DistinctRandomSampler(spread=False)``).
+             At 7bd0783, when that was ``gp``, this script's ``gp-maximin`` variant was the spread start.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from autotune.random_search import DistinctRandomSampler, NoRepeatSampler
 from autotune.space import ORDINAL_KNOBS, SearchSpace
 from autotune.surrogate import constrained_ei
 
-VARIANTS = ("gp", "cei", "gp-learn", "gp-refine", "gp-maximin")
+VARIANTS = ("gp", "gp-uniform", "cei", "gp-learn", "gp-refine")
 #: Measured configs at the end of the budget that gp-refine spends on the incumbent's neighbours.
 REFINE = 3
 
@@ -55,31 +56,6 @@ REFINE = 3
 def _free(sampler: DistinctRandomSampler, study: optuna.Study, trial: FrozenTrial) -> tuple[list[str], set]:
     names = list(sampler._choices)
     return names, sampler.taken(study, trial, names)
-
-
-class MaximinDraws(DistinctRandomSampler):
-    """Draws as far from the taken configs as possible: ordinal knobs by position (0-1), others 0/1."""
-
-    def _draw(
-        self, names: Sequence[str], taken: set[tuple[Any, ...]], fixed: dict[str, Any] | None = None
-    ) -> tuple[Any, ...]:
-        if fixed or not taken:
-            return super()._draw(names, taken, fixed)
-        columns = [self._choices[n] for n in names]
-        ordinal = [isinstance(self._distributions[n], IntDistribution) for n in names]
-
-        def apart(a: tuple[Any, ...], b: tuple[Any, ...]) -> float:
-            return sum(
-                abs(c.index(x) - c.index(y)) / max(len(c) - 1, 1) if o else float(x != y)
-                for c, o, x, y in zip(columns, ordinal, a, b, strict=True)
-            )
-
-        free = [c for c in itertools.product(*columns) if c not in taken and self.ok(names, c)]
-        if not free:
-            return super()._draw(names, taken, fixed)
-        far = [min(apart(c, t) for t in taken) for c in free]
-        top = max(far)
-        return self._rng.choice([c for c, d in zip(free, far, strict=True) if d >= top - 1e-12])
 
 
 class CeiSampler(DistinctRandomSampler):
@@ -202,10 +178,10 @@ def patch(budget: int) -> None:
     def make_sampler(name: str, seed: int, n_constraints: int, space: SearchSpace) -> optuna.samplers.BaseSampler:
         if name == "cei":
             return CeiSampler(space, seed)
-        if name == "gp-maximin":
+        if name == "gp-uniform":
             gp = committed("gp", seed, n_constraints, space)
             assert isinstance(gp, NoRepeatSampler)
-            draws = MaximinDraws(space.distributions(), seed=seed, allowed=space.runnable())
+            draws = DistinctRandomSampler(space.distributions(), seed=seed, allowed=space.runnable())
             return NoRepeatSampler(gp.base, draws, allow=gp.allow, rank=gp.rank)
         if name in ("gp-learn", "gp-refine"):
             gp = committed("gp", seed, n_constraints, space)
