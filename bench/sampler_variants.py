@@ -20,6 +20,8 @@ Variants:
   gp-uniform gp with the random start of commit 7bd0783 and before: configs drawn uniformly among
              the free runnable ones instead of spread out (``DistinctRandomSampler(spread=False)``).
              At 7bd0783, when that was ``gp``, this script's ``gp-maximin`` variant was the spread start.
+  gp-spread-kinds  gp with a start spread over the unordered knobs only (backend, quantization,
+             precision: maximin on those, ordered knobs at random).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from autotune.random_search import DistinctRandomSampler, NoRepeatSampler
 from autotune.space import ORDINAL_KNOBS, SearchSpace
 from autotune.surrogate import constrained_ei
 
-VARIANTS = ("gp", "gp-uniform", "cei", "gp-learn", "gp-refine")
+VARIANTS = ("gp", "gp-uniform", "gp-spread-kinds", "cei", "gp-learn", "gp-refine")
 #: Measured configs at the end of the budget that gp-refine spends on the incumbent's neighbours.
 REFINE = 3
 
@@ -56,6 +58,19 @@ REFINE = 3
 def _free(sampler: DistinctRandomSampler, study: optuna.Study, trial: FrozenTrial) -> tuple[list[str], set]:
     names = list(sampler._choices)
     return names, sampler.taken(study, trial, names)
+
+
+class SpreadKinds(DistinctRandomSampler):
+    """A spread start that counts only unordered knobs apart (see gp-spread-kinds)."""
+
+    def _farthest(
+        self, names: Sequence[str], pool: list[tuple[Any, ...]], taken: set[tuple[Any, ...]]
+    ) -> list[tuple[Any, ...]]:
+        kinds = [i for i, n in enumerate(names) if not isinstance(self._distributions[n], IntDistribution)]
+        if not kinds:
+            return pool
+        far = [min(sum(c[i] != t[i] for i in kinds) for t in taken) for c in pool]
+        return [c for c, d in zip(pool, far, strict=True) if d == max(far)]
 
 
 class CeiSampler(DistinctRandomSampler):
@@ -178,10 +193,11 @@ def patch(budget: int) -> None:
     def make_sampler(name: str, seed: int, n_constraints: int, space: SearchSpace) -> optuna.samplers.BaseSampler:
         if name == "cei":
             return CeiSampler(space, seed)
-        if name == "gp-uniform":
+        if name in ("gp-uniform", "gp-spread-kinds"):
             gp = committed("gp", seed, n_constraints, space)
             assert isinstance(gp, NoRepeatSampler)
-            draws = DistinctRandomSampler(space.distributions(), seed=seed, allowed=space.runnable())
+            kind = DistinctRandomSampler if name == "gp-uniform" else SpreadKinds
+            draws = kind(space.distributions(), seed=seed, allowed=space.runnable(), spread=name != "gp-uniform")
             return NoRepeatSampler(gp.base, draws, allow=gp.allow, rank=gp.rank)
         if name in ("gp-learn", "gp-refine"):
             gp = committed("gp", seed, n_constraints, space)
