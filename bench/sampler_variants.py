@@ -6,8 +6,8 @@ table and noise as the committed one (``gp``, run alongside as the reference). A
 ``autotune.tuner.make_sampler`` in this process only; the replay and its summary are
 ``autotune landscape replay``'s own.
 
-    python bench/sampler_variants.py bench/landscapes/cpu-quickstart.json [--variants gp,cei,gp-learn,gp-refine]
-        [--seeds 100] [--budget N]
+    python bench/sampler_variants.py bench/landscapes/cpu-quickstart.json [--seeds 100] [--budget N]
+        [--variants gp,gp-uniform,gp-spread-kinds,cei,gp-learn,gp-refine]   # the default: all of them
 
 Variants:
   cei        after gp's random start, the free runnable config with the largest constrained expected
