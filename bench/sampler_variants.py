@@ -7,11 +7,13 @@ table and noise as the committed one (``gp``, run alongside as the reference). A
 ``autotune landscape replay``'s own.
 
     python bench/sampler_variants.py bench/landscapes/cpu-quickstart.json [--seeds 100] [--budget N]
-        [--variants gp,gp-uniform,gp-spread-kinds,cei,gp-learn,gp-refine]   # the default: all of them
+        [--variants gp,gp-uniform,...]   # the default: all of the variants below
 
 Variants:
   cei        after gp's random start, the free runnable config with the largest constrained expected
              improvement under ``autotune/surrogate.py``'s numpy GP (no Optuna GP at all).
+  gp-clip    gp, but Optuna's GP sees each infeasible trial's throughput cut to the best feasible
+             one's, so a fast region past the SLO stops looking like a gold mine to its EI.
   gp-learn   gp, but each proposal the rules refuse is shown to Optuna's GP as an infeasible trial at
              the proposed config (with the throughput of the config measured instead), so its
              constraint model learns the refused corner instead of proposing it again.
@@ -20,6 +22,9 @@ Variants:
   gp-uniform gp with the random start of commit 7bd0783 and before: configs drawn uniformly among
              the free runnable ones instead of spread out (``DistinctRandomSampler(spread=False)``).
              At 7bd0783, when that was ``gp``, this script's ``gp-maximin`` variant was the spread start.
+  gp-first-smallest  gp's spread start, but its first config is the space's smallest (every knob's
+             first value, as the hill-climb starts), not drawn at random.
+  gp-first-middle  the same with ordered knobs at their middle value (unordered ones first).
   gp-spread-kinds  gp with a start spread over the unordered knobs only (backend, quantization,
              precision: maximin on those, ordered knobs at random).
 """
@@ -50,7 +55,17 @@ from autotune.random_search import DistinctRandomSampler, NoRepeatSampler
 from autotune.space import ORDINAL_KNOBS, SearchSpace
 from autotune.surrogate import constrained_ei
 
-VARIANTS = ("gp", "gp-uniform", "gp-spread-kinds", "cei", "gp-learn", "gp-refine")
+VARIANTS = (
+    "gp",
+    "gp-uniform",
+    "gp-spread-kinds",
+    "cei",
+    "gp-learn",
+    "gp-refine",
+    "gp-first-smallest",
+    "gp-first-middle",
+    "gp-clip",
+)
 #: Measured configs at the end of the budget that gp-refine spends on the incumbent's neighbours.
 REFINE = 3
 
@@ -71,6 +86,27 @@ class SpreadKinds(DistinctRandomSampler):
             return pool
         far = [min(sum(c[i] != t[i] for i in kinds) for t in taken) for c in pool]
         return [c for c, d in zip(pool, far, strict=True) if d == max(far)]
+
+
+class FirstFixed(DistinctRandomSampler):
+    """gp's spread start, whose first config is fixed instead of drawn (see gp-first-*)."""
+
+    def __init__(self, *args: Any, where: str, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.where = where
+
+    def _draw(
+        self, names: Sequence[str], taken: set[tuple[Any, ...]], fixed: dict[str, Any] | None = None
+    ) -> tuple[Any, ...]:
+        if taken or fixed:
+            return super()._draw(names, taken, fixed)
+        pick = []
+        for n in names:
+            values = self._choices[n]
+            middle = self.where == "middle" and isinstance(self._distributions[n], IntDistribution)
+            pick.append(values[(len(values) - 1) // 2] if middle else values[0])
+        combo = tuple(pick)
+        return combo if self.ok(names, combo) else super()._draw(names, taken, fixed)
 
 
 class CeiSampler(DistinctRandomSampler):
@@ -120,6 +156,60 @@ class _WithRefused:
             if (t := done.get(number)) is not None
         ]
         return list(trials) + extra
+
+
+class _Clipped:
+    """A study as Optuna's GP reads it, each infeasible trial's throughput cut to the best feasible one."""
+
+    def __init__(self, study: optuna.Study) -> None:
+        self._study = study
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+    def _get_trials(self, deepcopy: bool = False, states: Any = None, use_cache: bool = False) -> list[FrozenTrial]:
+        trials = self._study._get_trials(deepcopy=deepcopy, states=states, use_cache=use_cache)
+        done = [t for t in trials if t.state == TrialState.COMPLETE and t.constraints]
+        feasible = [t.value for t in done if all(c <= 0 for c in t.constraints.values())]
+        if not feasible:
+            return trials
+        cap = max(feasible)
+        over = {t.number for t in done if any(c > 0 for c in t.constraints.values())}
+        out = []
+        for t in trials:
+            if t.number in over and t.value > cap:
+                t = create_trial(
+                    value=cap, params=t.params, distributions=t.distributions, constraints=dict(t.constraints)
+                )
+            out.append(t)
+        return out
+
+
+class ClipInfeasible(optuna.samplers.BaseSampler):
+    """``base`` (Optuna's GP) fitted with infeasible throughputs cut to the incumbent's (see gp-clip)."""
+
+    def __init__(self, base: optuna.samplers.BaseSampler) -> None:
+        self.base = base
+
+    def reseed_rng(self) -> None:
+        self.base.reseed_rng()
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        return self.base.infer_relative_search_space(study, trial)
+
+    def sample_relative(
+        self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
+        return self.base.sample_relative(_Clipped(study), trial, search_space)  # type: ignore[arg-type]
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, name: str, dist: BaseDistribution) -> Any:
+        return self.base.sample_independent(study, trial, name, dist)
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.base.before_trial(study, trial)
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Any) -> None:
+        self.base.after_trial(study, trial, state, values)
 
 
 class LearnRefused(optuna.samplers.BaseSampler):
@@ -199,6 +289,17 @@ def patch(budget: int) -> None:
             kind = DistinctRandomSampler if name == "gp-uniform" else SpreadKinds
             draws = kind(space.distributions(), seed=seed, allowed=space.runnable(), spread=name != "gp-uniform")
             return NoRepeatSampler(gp.base, draws, allow=gp.allow, rank=gp.rank)
+        if name.startswith("gp-first-"):
+            gp = committed("gp", seed, n_constraints, space)
+            assert isinstance(gp, NoRepeatSampler)
+            first = FirstFixed(
+                space.distributions(), seed=seed, allowed=space.runnable(), spread=True, where=name.split("-")[-1]
+            )
+            return NoRepeatSampler(gp.base, first, allow=gp.allow, rank=gp.rank)
+        if name == "gp-clip":
+            gp = committed("gp", seed, n_constraints, space)
+            assert isinstance(gp, NoRepeatSampler)
+            return NoRepeatSampler(ClipInfeasible(gp.base), gp.distinct, allow=gp.allow, rank=gp.rank)
         if name in ("gp-learn", "gp-refine"):
             gp = committed("gp", seed, n_constraints, space)
             assert isinstance(gp, NoRepeatSampler)
