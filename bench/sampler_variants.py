@@ -185,22 +185,16 @@ class _Clipped:
         return out
 
 
-class ClipInfeasible(optuna.samplers.BaseSampler):
-    """``base`` (Optuna's GP) fitted with infeasible throughputs cut to the incumbent's (see gp-clip)."""
+class _Wrapped(optuna.samplers.BaseSampler):
+    """Optuna's GP (``base``) behind a variant that changes only what its ``sample_relative`` reads."""
 
-    def __init__(self, base: optuna.samplers.BaseSampler) -> None:
-        self.base = base
+    base: optuna.samplers.BaseSampler
 
     def reseed_rng(self) -> None:
         self.base.reseed_rng()
 
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
         return self.base.infer_relative_search_space(study, trial)
-
-    def sample_relative(
-        self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
-    ) -> dict[str, Any]:
-        return self.base.sample_relative(_Clipped(study), trial, search_space)  # type: ignore[arg-type]
 
     def sample_independent(self, study: optuna.Study, trial: FrozenTrial, name: str, dist: BaseDistribution) -> Any:
         return self.base.sample_independent(study, trial, name, dist)
@@ -212,18 +206,24 @@ class ClipInfeasible(optuna.samplers.BaseSampler):
         self.base.after_trial(study, trial, state, values)
 
 
-class LearnRefused(optuna.samplers.BaseSampler):
+class ClipInfeasible(_Wrapped):
+    """``base`` (Optuna's GP) fitted with infeasible throughputs cut to the incumbent's (see gp-clip)."""
+
+    def __init__(self, base: optuna.samplers.BaseSampler) -> None:
+        self.base = base
+
+    def sample_relative(
+        self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
+        return self.base.sample_relative(_Clipped(study), trial, search_space)  # type: ignore[arg-type]
+
+
+class LearnRefused(_Wrapped):
     """``base`` (Optuna's GP) fitted on the trials plus the proposals the rules refused (see module doc)."""
 
     def __init__(self, base: optuna.samplers.BaseSampler, distinct: DistinctRandomSampler) -> None:
         self.base, self.distinct = base, distinct
         self.refused: list[tuple[int, dict[str, Any]]] = []
-
-    def reseed_rng(self) -> None:
-        self.base.reseed_rng()
-
-    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
-        return self.base.infer_relative_search_space(study, trial)
 
     def sample_relative(
         self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
@@ -233,15 +233,6 @@ class LearnRefused(optuna.samplers.BaseSampler):
         if set(names) <= set(params) and not self.distinct.ok(names, tuple(params[n] for n in names)):
             self.refused.append((trial.number, {n: params[n] for n in names}))
         return params
-
-    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, name: str, dist: BaseDistribution) -> Any:
-        return self.base.sample_independent(study, trial, name, dist)
-
-    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        self.base.before_trial(study, trial)
-
-    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Any) -> None:
-        self.base.after_trial(study, trial, state, values)
 
 
 class RefineSampler(NoRepeatSampler):
