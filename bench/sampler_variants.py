@@ -14,6 +14,8 @@ Variants:
              improvement under ``autotune/surrogate.py``'s numpy GP (no Optuna GP at all).
   gp-clip    gp, but Optuna's GP sees each infeasible trial's throughput cut to the best feasible
              one's, so a fast region past the SLO stops looking like a gold mine to its EI.
+  gp-log     gp, but Optuna's GP is fitted on log throughput: knobs act on throughput by factors
+             (a batch size doubled, a faster backend), which a log scale turns into sums.
   gp-learn   gp, but each proposal the rules refuse is shown to Optuna's GP as an infeasible trial at
              the proposed config (with the throughput of the config measured instead), so its
              constraint model learns the refused corner instead of proposing it again.
@@ -65,6 +67,7 @@ VARIANTS = (
     "gp-first-smallest",
     "gp-first-middle",
     "gp-clip",
+    "gp-log",
 )
 #: Measured configs at the end of the budget that gp-refine spends on the incumbent's neighbours.
 REFINE = 3
@@ -185,6 +188,32 @@ class _Clipped:
         return out
 
 
+class _Logged:
+    """A study as Optuna's GP reads it, each complete trial's throughput on a log scale."""
+
+    def __init__(self, study: optuna.Study) -> None:
+        self._study = study
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+    def _get_trials(self, deepcopy: bool = False, states: Any = None, use_cache: bool = False) -> list[FrozenTrial]:
+        trials = self._study._get_trials(deepcopy=deepcopy, states=states, use_cache=use_cache)
+        done = [t for t in trials if t.state == TrialState.COMPLETE]
+        floor = min((t.value for t in done if t.value > 0), default=1.0) / 2
+        return [
+            create_trial(
+                value=float(np.log(max(t.value, floor))),
+                params=t.params,
+                distributions=t.distributions,
+                constraints=dict(t.constraints),
+            )
+            if t.state == TrialState.COMPLETE
+            else t
+            for t in trials
+        ]
+
+
 class _Wrapped(optuna.samplers.BaseSampler):
     """Optuna's GP (``base``) behind a variant that changes only what its ``sample_relative`` reads."""
 
@@ -216,6 +245,18 @@ class ClipInfeasible(_Wrapped):
         self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
     ) -> dict[str, Any]:
         return self.base.sample_relative(_Clipped(study), trial, search_space)  # type: ignore[arg-type]
+
+
+class LogObjective(_Wrapped):
+    """``base`` (Optuna's GP) fitted on log throughput (see gp-log)."""
+
+    def __init__(self, base: optuna.samplers.BaseSampler) -> None:
+        self.base = base
+
+    def sample_relative(
+        self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
+        return self.base.sample_relative(_Logged(study), trial, search_space)  # type: ignore[arg-type]
 
 
 class LearnRefused(_Wrapped):
@@ -287,10 +328,11 @@ def patch(budget: int) -> None:
                 space.distributions(), seed=seed, allowed=space.runnable(), spread=True, where=name.split("-")[-1]
             )
             return NoRepeatSampler(gp.base, first, allow=gp.allow, rank=gp.rank)
-        if name == "gp-clip":
+        if name in ("gp-clip", "gp-log"):
             gp = committed("gp", seed, n_constraints, space)
             assert isinstance(gp, NoRepeatSampler)
-            return NoRepeatSampler(ClipInfeasible(gp.base), gp.distinct, allow=gp.allow, rank=gp.rank)
+            wrapped = ClipInfeasible(gp.base) if name == "gp-clip" else LogObjective(gp.base)
+            return NoRepeatSampler(wrapped, gp.distinct, allow=gp.allow, rank=gp.rank)
         if name in ("gp-learn", "gp-refine"):
             gp = committed("gp", seed, n_constraints, space)
             assert isinstance(gp, NoRepeatSampler)
