@@ -29,6 +29,7 @@ old=tpe,nsga2,random,grid,hill-climb
     echo "$L/cpu-tiny-lm-48.json --samplers $old --budget $b --confirm-runs 2 > $L/cpu-tiny-lm-48-replay-b$b-confirm2.json"
     echo "$L/cpu-tiny-lm-48.json --samplers $old --budget $b --confirm-runs 1 > $L/cpu-tiny-lm-48-replay-b$b-confirm1.json"
     echo "$L/cpu-tiny-lm-48-stable.json --samplers $old --budget $b > $L/cpu-tiny-lm-48-stable-replay-b$b.json"
+    echo "$L/cpu-tiny-lm-48-stable.json --samplers gp,tpe,random,hill-climb --budget $b > $L/cpu-tiny-lm-48-stable-replay-b$b-gp.json"
     echo "$L/cpu-tiny-lm-48-stable.json --samplers gp,tpe,random,hill-climb --budget $b --confirm-runs 1 > $L/cpu-tiny-lm-48-stable-replay-b$b-gp-confirm1.json"
   done
   for b in 5 15; do
