@@ -37,7 +37,7 @@ import argparse
 import itertools
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -134,14 +134,21 @@ class CeiSampler(DistinctRandomSampler):
         return dict(zip(names, free[int(np.argmax(score))], strict=True))
 
 
-class _WithRefused:
+class _View:
+    """A study as Optuna's GP reads it: everything the study's, except ``_get_trials`` in subclasses."""
+
+    def __init__(self, study: optuna.Study) -> None:
+        self._study = study
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+
+class _WithRefused(_View):
     """A study as Optuna's GP reads it, plus one infeasible pseudo-trial per refused proposal."""
 
     def __init__(self, study: optuna.Study, refused: Sequence[tuple[int, dict[str, Any]]]) -> None:
         self._study, self._refused = study, refused
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._study, name)
 
     def _get_trials(self, deepcopy: bool = False, states: Any = None, use_cache: bool = False) -> list[FrozenTrial]:
         trials = self._study._get_trials(deepcopy=deepcopy, states=states, use_cache=use_cache)
@@ -161,14 +168,8 @@ class _WithRefused:
         return list(trials) + extra
 
 
-class _Clipped:
+class _Clipped(_View):
     """A study as Optuna's GP reads it, each infeasible trial's throughput cut to the best feasible one."""
-
-    def __init__(self, study: optuna.Study) -> None:
-        self._study = study
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._study, name)
 
     def _get_trials(self, deepcopy: bool = False, states: Any = None, use_cache: bool = False) -> list[FrozenTrial]:
         trials = self._study._get_trials(deepcopy=deepcopy, states=states, use_cache=use_cache)
@@ -188,14 +189,8 @@ class _Clipped:
         return out
 
 
-class _Logged:
+class _Logged(_View):
     """A study as Optuna's GP reads it, each complete trial's throughput on a log scale."""
-
-    def __init__(self, study: optuna.Study) -> None:
-        self._study = study
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._study, name)
 
     def _get_trials(self, deepcopy: bool = False, states: Any = None, use_cache: bool = False) -> list[FrozenTrial]:
         trials = self._study._get_trials(deepcopy=deepcopy, states=states, use_cache=use_cache)
@@ -235,28 +230,16 @@ class _Wrapped(optuna.samplers.BaseSampler):
         self.base.after_trial(study, trial, state, values)
 
 
-class ClipInfeasible(_Wrapped):
-    """``base`` (Optuna's GP) fitted with infeasible throughputs cut to the incumbent's (see gp-clip)."""
+class OnView(_Wrapped):
+    """``base`` (Optuna's GP) fitted on ``view(study)`` instead of the study (gp-clip, gp-log)."""
 
-    def __init__(self, base: optuna.samplers.BaseSampler) -> None:
-        self.base = base
-
-    def sample_relative(
-        self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
-    ) -> dict[str, Any]:
-        return self.base.sample_relative(_Clipped(study), trial, search_space)  # type: ignore[arg-type]
-
-
-class LogObjective(_Wrapped):
-    """``base`` (Optuna's GP) fitted on log throughput (see gp-log)."""
-
-    def __init__(self, base: optuna.samplers.BaseSampler) -> None:
-        self.base = base
+    def __init__(self, base: optuna.samplers.BaseSampler, view: Callable[[optuna.Study], Any]) -> None:
+        self.base, self.view = base, view
 
     def sample_relative(
         self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
     ) -> dict[str, Any]:
-        return self.base.sample_relative(_Logged(study), trial, search_space)  # type: ignore[arg-type]
+        return self.base.sample_relative(self.view(study), trial, search_space)
 
 
 class LearnRefused(_Wrapped):
@@ -331,7 +314,7 @@ def patch(budget: int) -> None:
         if name in ("gp-clip", "gp-log"):
             gp = committed("gp", seed, n_constraints, space)
             assert isinstance(gp, NoRepeatSampler)
-            wrapped = ClipInfeasible(gp.base) if name == "gp-clip" else LogObjective(gp.base)
+            wrapped = OnView(gp.base, _Clipped if name == "gp-clip" else _Logged)
             return NoRepeatSampler(wrapped, gp.distinct, allow=gp.allow, rank=gp.rank)
         if name in ("gp-learn", "gp-refine"):
             gp = committed("gp", seed, n_constraints, space)
