@@ -357,7 +357,9 @@ def make_sampler(name: str, seed: int, n_constraints: int, space: SearchSpace) -
     # Every sampler proposes only configs the space's rules accept (onnxruntime takes no int8 or
     # bf16, say): a rejected trial costs no budget, but it is a trial, and Optuna's GP, which ignores
     # pruned trials, proposed 116 of them in the 16-trial quickstart on a CPU with bf16.
-    distinct = DistinctRandomSampler(space.distributions(), seed=seed, allowed=space.runnable())
+    # gp's random start is spread over the space (maximin), the others' uniform: see DistinctRandomSampler.
+    spread = name == "gp"
+    distinct = DistinctRandomSampler(space.distributions(), seed=seed, allowed=space.runnable(), spread=spread)
     rank = surrogate_rank(space)
     if name == "tpe":
         tpe = optuna.samplers.TPESampler(seed=seed, n_startup_trials=5, multivariate=True, **kw)
@@ -373,8 +375,6 @@ def make_sampler(name: str, seed: int, n_constraints: int, space: SearchSpace) -
         # 3 random configs before the model, not Optuna's 10: replayed at 10% of three recorded CPU
         # landscapes, 3 reached 99% of the best in as many or more seeds than 2 or 6 on each.
         gp = optuna.samplers.GPSampler(seed=seed, n_startup_trials=GP_STARTUP_TRIALS, **kw)
-        # The random start spread over the space (maximin), not uniform: see DistinctRandomSampler.
-        distinct = DistinctRandomSampler(space.distributions(), seed=seed, allowed=space.runnable(), spread=True)
         # Once converged, GP proposes its incumbent again and again: 170 Optuna trials and 6 of 12
         # measured on the tests' 24-config landscape. Two repeats in a row are allowed (each adds
         # the copied result to its data; replay: 83% of seeds at 99% either way), then the nearest

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Makes every replay file in bench/landscapes/ that the README quotes, at the checked-out code:
 # `autotune landscape replay` of the committed recordings (no measuring; about 40 minutes on 2 cores).
-# The replays are deterministic for a given code and recording, so a rerun gives the same files.
+# The replays are deterministic for a given code and recording, so a rerun gives the same files on
+# the same CPU. gp's rows can differ by a few seeds on another CPU (its GP fit runs in floating point):
+# cpu-quickstart-replay-b14.json, made on an AMD EPYC VM, came out 63% within 99% for gp on an Intel
+# Xeon VM against the committed 60% (every other row identical).
 #
 #   bash bench/replays.sh [JOBS]        # JOBS replays at once (default: the number of cores)
 #   ONLY=gp bash bench/replays.sh       # only the replays whose command line holds ONLY (here: gp's)
