@@ -8,9 +8,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from autotune.config import TrialConfig
 from autotune.engine import Engine
+from autotune.exported import _Graph
 from autotune.hardware import Hardware, probe
 from autotune.optimize.compile import BACKENDS
 from autotune.space import SearchSpace
@@ -168,13 +170,75 @@ def test_a_damaged_cache_entry_is_exported_again(hw: Hardware, tmp_path: Path, m
     cfg = TrialConfig(batch_size=2, backend="onnxruntime")
     first = Engine.build(TINY, cfg, hw)
     assert first.exported is not None and first.timings.export_cached == 0.0
-    data = next(first.exported.path.parent.glob("step.onnx*.data"))
-    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    entry = first.exported.path.parent
+    files = [f for f in entry.iterdir() if f.name.startswith("step.onnx") and f.suffix in (".onnx", ".data")]
+    data = max(files, key=lambda f: f.stat().st_size)
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])  # the weights, inline or beside the graph
     again = Engine.build(TINY, cfg, hw)
     assert again.timings.export_cached == 0.0  # not trusted: exported again
     with again, Engine.build(TINY, TrialConfig(batch_size=2), hw) as eager:
         assert again.generate(prompts(2), 4)[0].output_ids == eager.generate(prompts(2), 4)[0].output_ids
     assert Engine.build(TINY, cfg, hw).timings.export_cached == 1.0  # and the repaired entry is used
+
+
+def test_the_step_graph_is_traced_and_checked_on_other_shapes(tmp_path: Path) -> None:
+    """The fast exporter (the TorchScript tracer, a second instead of torch.export's ten or more)
+    writes the graph when it gives PyTorch's outputs on inputs of other sizes than it traced."""
+    from autotune.exported import export, export_logits
+    from autotune.models import load_model
+
+    model, _, _ = load_model(TINY)
+    assert export(model, tmp_path / "step.onnx") == "torchscript"
+    assert export_logits(model, tmp_path / "logits.onnx") == "torchscript"
+
+
+def _toy(baked: bool) -> torch.nn.Module:
+    class Toy(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            # int(): a Python number, which the tracer freezes at the example's width
+            return x.sum(1) * (int(x.shape[1]) if baked else x.shape[1])
+
+    return Toy()
+
+
+TOY = _Graph(["x"], ["y"], ({0: torch.export.Dim("rows"), 1: torch.export.Dim("width")},), {"x": {0: "r", 1: "w"}})
+
+
+def test_the_check_catches_a_shape_the_tracer_baked_in(tmp_path: Path) -> None:
+    """A tracer records one run: a size read as a Python number is frozen into the graph, and the
+    probe at other sizes shows it."""
+    from autotune.exported import _agrees
+
+    probe = (torch.randn(4, 5),)
+    for baked in (True, False):
+        path = tmp_path / f"{baked}.onnx"
+        torch.onnx.export(
+            _toy(baked),
+            (torch.ones(2, 3),),
+            str(path),
+            dynamo=False,
+            input_names=["x"],
+            output_names=["y"],
+            dynamic_axes=TOY.dynamic_axes,
+        )
+        assert _agrees(_toy(baked), probe, path, ["x"]) is not baked
+
+
+def test_a_graph_the_check_refuses_is_exported_again_with_torch_export(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the tracer wrote goes, and torch.export writes the graph (external weights and all)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from autotune import exported
+
+    monkeypatch.setattr(exported, "_agrees", lambda *a: False)
+    probe = torch.randn(4, 5)
+    assert exported._onnx_export(_toy(False), (torch.ones(2, 3),), (probe,), tmp_path / "g.onnx", TOY) == "dynamo"
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["g.onnx", "g.onnx.data"]  # nothing traced left
+    got = ort.InferenceSession(str(tmp_path / "g.onnx")).run(None, {"x": probe.numpy()})[0]
+    np.testing.assert_allclose(got, (probe.sum(1) * 5).numpy(), rtol=1e-5)
 
 
 def test_openvino_runs_the_graph_in_fp32_on_every_cpu(export_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
