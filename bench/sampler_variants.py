@@ -9,6 +9,10 @@ table and noise as the committed one (``gp``, run alongside as the reference). A
     python bench/sampler_variants.py bench/landscapes/cpu-quickstart.json [--seeds 100] [--budget N]
         [--variants gp,gp-uniform,...]   # the default: all of the variants below
 
+With ``random`` and ``hill-climb`` among the variants (the replay's own strategies), each other row
+also says from which config on its median regret stays at or below both (issue 8's "better than
+random search and coordinate hill-climbing at every budget").
+
 Variants:
   cei        after gp's random start, the free runnable config with the largest constrained expected
              improvement under ``autotune/surrogate.py``'s numpy GP (no Optuna GP at all).
@@ -27,6 +31,11 @@ Variants:
   gp-first-smallest  gp's spread start, but its first config is the space's smallest (every knob's
              first value, as the hill-climb starts), not drawn at random.
   gp-first-middle  the same with ordered knobs at their middle value (unordered ones first).
+  gp-baseline  gp's start of 3, but its first config is the smallest (the naive baseline: batch 1,
+             no quantization, 1 stream...), and the other two are spread as if the baseline were not
+             there (the second at random, the third far from it): the incumbent starts where the
+             hill-climb's does, without fixing the rest of the start.
+  gp-baseline4  the same with a start of 4: the baseline and three spread configs.
   gp-spread-kinds  gp with a start spread over the unordered knobs only (backend, quantization,
              precision: maximin on those, ordered knobs at random).
 """
@@ -68,6 +77,8 @@ VARIANTS = (
     "gp-first-middle",
     "gp-clip",
     "gp-log",
+    "gp-baseline",
+    "gp-baseline4",
 )
 #: Measured configs at the end of the budget that gp-refine spends on the incumbent's neighbours.
 REFINE = 3
@@ -110,6 +121,20 @@ class FirstFixed(DistinctRandomSampler):
             pick.append(values[(len(values) - 1) // 2] if middle else values[0])
         combo = tuple(pick)
         return combo if self.ok(names, combo) else super()._draw(names, taken, fixed)
+
+
+class BaselineFirst(FirstFixed):
+    """A start whose first config is the smallest (the naive baseline), the rest spread as if it were not
+    there (see gp-baseline): the baseline anchors the incumbent without fixing the other start configs."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, where="smallest", **kw)
+
+    def _farthest(
+        self, names: Sequence[str], pool: list[tuple[Any, ...]], taken: set[tuple[Any, ...]]
+    ) -> list[tuple[Any, ...]]:
+        rest = taken - {tuple(self._choices[n][0] for n in names)}
+        return super()._farthest(names, pool, rest) if rest else pool
 
 
 class CeiSampler(DistinctRandomSampler):
@@ -311,6 +336,16 @@ def patch(budget: int) -> None:
                 space.distributions(), seed=seed, allowed=space.runnable(), spread=True, where=name.split("-")[-1]
             )
             return NoRepeatSampler(gp.base, first, allow=gp.allow, rank=gp.rank)
+        if name in ("gp-baseline", "gp-baseline4"):
+            startup = T.GP_STARTUP_TRIALS
+            T.GP_STARTUP_TRIALS = 4 if name == "gp-baseline4" else startup
+            try:
+                gp = committed("gp", seed, n_constraints, space)
+            finally:
+                T.GP_STARTUP_TRIALS = startup
+            assert isinstance(gp, NoRepeatSampler)
+            first = BaselineFirst(space.distributions(), seed=seed, allowed=space.runnable(), spread=True)
+            return NoRepeatSampler(gp.base, first, allow=gp.allow, rank=gp.rank)
         if name in ("gp-clip", "gp-log"):
             gp = committed("gp", seed, n_constraints, space)
             assert isinstance(gp, NoRepeatSampler)
@@ -356,6 +391,13 @@ def main() -> None:
             f"median regret at the end {row['median_regret'][-1]:.3f} [{row['replay_s']:.0f} s]",
             flush=True,
         )
+    L._compare_with_baselines(rows)  # with random and hill-climb among the variants
+    for row in rows:
+        if "below_baselines_from" in row:
+            print(
+                f"{row['strategy']}: median regret at or below random's and the hill-climb's from config "
+                f"{row['below_baselines_from']}"
+            )
     path = save(
         "sampler-variants",
         {"landscape": str(args.landscape), "budget": budget, "seeds": args.seeds, "rows": rows},
