@@ -227,8 +227,8 @@ def _onnx_export(
     module: Any, example: tuple[Any, ...], probe: tuple[Any, ...], path: Path, graph: _Graph, fast: bool = True
 ) -> str:
     """Export with the TorchScript tracer (``torch.onnx.export(dynamo=False)``), which takes a
-    second where torch.export takes ten or more (tiny-lm's step: 1.4 s against 12-14 s on the
-    2-core CPU, most of a first onnxruntime trial's overhead), if the traced graph gives PyTorch's
+    second where torch.export takes ten (tiny-lm's step: 1.1 s against 9.5 s on the 2-core CPU,
+    ``python bench/exporters.py``; most of a first onnxruntime trial's overhead), if the traced graph gives PyTorch's
     outputs on ``probe`` (other shapes than ``example``: a tracer records one run, so a shape
     baked into the graph shows there); else with torch.export (``dynamo=True``), as every export
     did before. Returns which one wrote ``path``: ``torchscript`` or ``dynamo``."""
@@ -240,37 +240,38 @@ def _onnx_export(
         warnings.simplefilter("ignore")
         if fast and _traced(module, example, probe, path, graph):
             return "torchscript"
-        torch.onnx.export(
-            module,
-            example,
-            str(path),
-            dynamo=True,
-            dynamic_shapes=graph.dynamic_shapes,
-            input_names=graph.inputs,
-            output_names=graph.outputs,
-            external_data=True,
-            verbose=False,
-        )
+        _write(module, example, path, graph, dynamo=True)
     return "dynamo"
+
+
+def _write(module: Any, example: tuple[Any, ...], path: Path, graph: _Graph, dynamo: bool) -> None:
+    """One ``torch.onnx.export`` call: torch.export's (weights in an external file, which models
+    past 2 GB need) or the tracer's."""
+    import torch
+
+    how: dict[str, Any] = (
+        {"dynamic_shapes": graph.dynamic_shapes, "external_data": True}
+        if dynamo
+        else {"dynamic_axes": graph.dynamic_axes}
+    )
+    torch.onnx.export(
+        module,
+        example,
+        str(path),
+        dynamo=dynamo,
+        input_names=graph.inputs,
+        output_names=graph.outputs,
+        verbose=False,
+        **how,
+    )
 
 
 def _traced(module: Any, example: tuple[Any, ...], probe: tuple[Any, ...], path: Path, graph: _Graph) -> bool:
     """Export with the tracer; False (and nothing of it left beside ``path``) if that fails or the
     graph disagrees with ``module`` on ``probe``."""
-    import torch
-
     before = set(path.parent.iterdir())
     try:
-        torch.onnx.export(
-            module,
-            example,
-            str(path),
-            dynamo=False,
-            input_names=graph.inputs,
-            output_names=graph.outputs,
-            dynamic_axes=graph.dynamic_axes,
-            verbose=False,
-        )
+        _write(module, example, path, graph, dynamo=False)
         if _agrees(module, probe, path, graph.inputs):
             return True
     except Exception:  # any failure of the fast path: the caller falls back to torch.export

@@ -204,6 +204,7 @@ def _toy(baked: bool) -> torch.nn.Module:
 TOY = _Graph(["x"], ["y"], ({0: torch.export.Dim("rows"), 1: torch.export.Dim("width")},), {"x": {0: "r", 1: "w"}})
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the warning about the very thing tested
 def test_the_check_catches_a_shape_the_tracer_baked_in(tmp_path: Path) -> None:
     """A tracer records one run: a size read as a Python number is frozen into the graph, and the
     probe at other sizes shows it."""
