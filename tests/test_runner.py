@@ -156,26 +156,26 @@ def test_runtime_only_changes_reuse_the_built_engine(spec: StudySpec, hw: Hardwa
 def test_alternating_builds_each_keep_their_engine_on_cpu(
     spec: StudySpec, hw: Hardware, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A sampler alternating between two builds reuses both engines on a CPU (two warm processes);
-    a third build ends the least recently used one; with WARM_ENGINES_CPU = 1, or an idle engine taking
-    more than its share of the available memory, every switch rebuilds."""
+    """A sampler cycling through three builds reuses all three engines on a CPU (three warm
+    processes); a fourth build ends the least recently used one; with WARM_ENGINES_CPU = 1, or an
+    idle engine taking more than its share of the available memory, every switch rebuilds."""
     from autotune import runner
 
     runner.close_warm_child()
     assert hw.device_type == "cpu"
-    a, b, c = (
+    a, b, c, d = (
         TrialConfig(batch_size=2),
         TrialConfig(batch_size=2, attention="eager"),
         TrialConfig(batch_size=2, quantization="int8-dynamic"),
+        TrialConfig(batch_size=2, attention="eager", quantization="int8-dynamic"),
     )
-    run_trial(spec, a, hw)
-    run_trial(spec, b, hw)
-    again_a = run_trial(spec, a.model_copy(update={"batch_size": 4}), hw)
-    again_b = run_trial(spec, b.model_copy(update={"streams": 2}), hw)
-    assert again_a.timings["engine_reused"] == 1.0 and again_b.timings["engine_reused"] == 1.0
-    assert len(runner._warm) == 2
-    run_trial(spec, c, hw)  # a third build: a (least recently used) goes, b stays
-    assert len(runner._warm) == 2
+    for cfg in (a, b, c):
+        run_trial(spec, cfg, hw)
+    again = [run_trial(spec, cfg.model_copy(update={"batch_size": 4}), hw) for cfg in (a, b, c)]
+    assert all(t.timings.get("engine_reused") == 1.0 for t in again)
+    assert len(runner._warm) == 3
+    run_trial(spec, d, hw)  # a fourth build: a (least recently used) goes, b and c stay
+    assert len(runner._warm) == 3
     assert run_trial(spec, b, hw).timings["engine_reused"] == 1.0
     assert "engine_reused" not in run_trial(spec, a, hw).timings
     for knob, value in (("WARM_ENGINES_CPU", 1), ("WARM_IDLE_MEMORY_SHARE", 0.0)):  # one engine; no memory to spare
