@@ -6,8 +6,8 @@ runs the same graph with one call (``python bench/exported_step.py --batch 4 --c
 Face's exporters (optimum-onnx) pin transformers below 4.58, so the graph is exported here with
 ``torch.onnx.export``'s TorchScript tracer, checked against PyTorch on inputs of other shapes, or
 with its torch.export path where the tracer fails or disagrees (:func:`_onnx_export`): one graph,
-every shape dynamic (batch, new tokens, cached tokens), that takes the token ids, their positions, a 4-D
-additive mask and the key/value cache of every layer, and returns each row's next token (greedy,
+every shape dynamic (batch, new tokens, cached tokens), that takes the token ids, their positions,
+a 4-D additive mask and the key/value cache of every layer, and returns each row's next token (greedy,
 end-of-sequence suppressed like the other loops) and the cache grown by the new tokens. ONNX
 Runtime and OpenVINO both read that file (:data:`RUNTIMES`: one class with one method each).
 
@@ -228,10 +228,11 @@ def _onnx_export(
 ) -> str:
     """Export with the TorchScript tracer (``torch.onnx.export(dynamo=False)``), which takes a
     second where torch.export takes ten (tiny-lm's step: 1.1 s against 9.5 s on the 2-core CPU,
-    ``python bench/exporters.py``; most of a first onnxruntime trial's overhead), if the traced graph gives PyTorch's
-    outputs on ``probe`` (other shapes than ``example``: a tracer records one run, so a shape
-    baked into the graph shows there); else with torch.export (``dynamo=True``), as every export
-    did before. Returns which one wrote ``path``: ``torchscript`` or ``dynamo``."""
+    ``python bench/exporters.py``; most of a first onnxruntime trial's overhead), if the traced
+    graph gives PyTorch's outputs on ``probe`` (other shapes than ``example``: a tracer records
+    one run, so a shape baked into the graph shows there); else with torch.export
+    (``dynamo=True``), as every export did before. Returns which one wrote ``path``:
+    ``torchscript`` or ``dynamo``."""
     import warnings
 
     import torch
