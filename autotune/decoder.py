@@ -19,12 +19,14 @@ the tests check it against ``generate()`` token for token.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import threading
 from typing import Any
 
 #: One capture (or compile) at a time per process: stream workers build their decoders concurrently.
-_CAPTURE_LOCK = threading.Lock()
+#: Re-entrant: a compiled decoder without a graph holds it for all its work (see ``_serial``).
+_CAPTURE_LOCK = threading.RLock()
 
 
 def _allow_recompiles(limit: int = 64) -> None:
@@ -93,18 +95,25 @@ class StaticDecoder:
         self.out = torch.zeros(rows, max_new_tokens, dtype=torch.long, device=device)
         self.graph: Any = None
         self.compiled = compile
-        # dynamic=False: one shape per decoder; the graph (or the next call) replays what Inductor built.
-        self._run_step = torch.compile(self._step, dynamic=False, fullgraph=False) if compile else self._step
-        if compile:
-            _allow_recompiles()
-        # The first forward pass allocates the cache (transformers initialises it lazily).
-        self.prefill(torch.zeros(rows, width, dtype=torch.long), torch.ones(rows, width, dtype=torch.long))
-        if use_graph:
-            with torch.inference_mode():
-                self._capture()
-        elif compile:  # compile now, one thread at a time (Dynamo is not built for concurrent compiles)
-            with _CAPTURE_LOCK, torch.inference_mode():
-                self._run_step()
+        # A compiled step without a graph (only a CPU runs one; in tests, as the backend needs CUDA)
+        # runs Dynamo on every call, over a code object all decoders share, and Dynamo is not built
+        # for one thread compiling while another runs: every stream worker's build, prefill and
+        # decode of such a decoder is serialised (``python bench/decoder_race.py``: 67 of 97
+        # two-stream builds failed in Dynamo without it, 0 of 160 with it; one CI run failed too).
+        self._serial = _CAPTURE_LOCK if compile and not use_graph else contextlib.nullcontext()
+        with self._serial:
+            # dynamic=False: one shape per decoder; the graph (or the next call) replays what Inductor built.
+            self._run_step = torch.compile(self._step, dynamic=False, fullgraph=False) if compile else self._step
+            if compile:
+                _allow_recompiles()
+            # The first forward pass allocates the cache (transformers initialises it lazily).
+            self.prefill(torch.zeros(rows, width, dtype=torch.long), torch.ones(rows, width, dtype=torch.long))
+            if use_graph:
+                with torch.inference_mode():
+                    self._capture()
+            elif compile:  # compile now, one thread at a time (Dynamo is not built for concurrent compiles)
+                with _CAPTURE_LOCK, torch.inference_mode():
+                    self._run_step()
 
     def _next_tokens(self, ids: Any, mask: Any, positions: Any) -> Any:
         kwargs = {self._cache_kw: self.cache}
@@ -144,6 +153,10 @@ class StaticDecoder:
 
     def prefill(self, ids: Any, attention_mask: Any) -> Any:
         """Reset the cache, run the prompts, set the step state; returns the first new tokens."""
+        with self._serial:
+            return self._prefill(ids, attention_mask)
+
+    def _prefill(self, ids: Any, attention_mask: Any) -> Any:
         import torch
 
         rows, width = ids.shape
@@ -174,7 +187,7 @@ class StaticDecoder:
             raise ValueError(f"decoder holds {self.max_new_tokens} new tokens, asked for {new_tokens}")
         import torch
 
-        with torch.inference_mode():
+        with self._serial, torch.inference_mode():
             for _ in range(new_tokens - 1):
                 if self.graph is not None:
                     self.graph.replay()
