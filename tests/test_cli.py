@@ -209,8 +209,11 @@ def test_interrupt_then_resume(tmp_path: Path) -> None:
     while time.time() < deadline and not (db.exists() and "COMPLETE" in trial_states(db)):
         time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "run the same command again to resume" in err
+    out, err = proc.communicate(timeout=60)
+    # -2 (killed by the SIGINT itself: a KeyboardInterrupt that escaped the CLI) happened once in CI
+    # and never since; the output says where the interrupt landed if it does again.
+    why = f"exit {proc.returncode}; stderr: {err[-2000:]}; stdout: {out[-1000:]}"
+    assert proc.returncode == 130 and "run the same command again to resume" in err, why
     assert "Traceback" not in err
     res = run_cli("tune", str(spec), cwd=tmp_path)
     assert res.returncode == 0, res.stderr
