@@ -111,8 +111,8 @@ class StaticDecoder:
             if use_graph:
                 with torch.inference_mode():
                     self._capture()
-            elif compile:  # compile now, one thread at a time (Dynamo is not built for concurrent compiles)
-                with _CAPTURE_LOCK, torch.inference_mode():
+            elif compile:  # compile now, under ``_serial`` (the lock): one thread at a time
+                with torch.inference_mode():
                     self._run_step()
 
     def _next_tokens(self, ids: Any, mask: Any, positions: Any) -> Any:
