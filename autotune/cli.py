@@ -752,7 +752,7 @@ def landscape_replay(
                 header_style="bold",
             )
             for col in ("strategy", "to 95%: median", "p90", "reached", "to 99%: median", "p90 ", "reached "):
-                t.add_column(col, justify="left" if col == "strategy" else "right")
+                t.add_column(col, justify="left" if col == "strategy" else "right", no_wrap=col == "strategy")
 
             def cell(v: float | None) -> str:
                 return f">{n}" if v is None else f"{v:g}"
@@ -766,7 +766,11 @@ def landscape_replay(
                 t.add_column("re-measured (median)", justify="right")
             baselines = any("below_baselines_from" in r for r in rows)
             if baselines:
-                t.add_column("regret <= random & hill-climb from", justify="right")
+                # From which config on the regret stays at or below random's and the hill-climb's
+                # (median, mean over seeds), and where it is worse than either beyond the seeds' spread.
+                t.add_column("<= baselines from: median", justify="right")
+                t.add_column("mean", justify="right")
+                t.add_column("worse at", justify="right")
             for r in rows:
                 extra = (
                     [
@@ -781,8 +785,11 @@ def landscape_replay(
                 if confirm_runs:
                     extra.append(f"{r['median_confirmations']:g}")
                 if baselines:
-                    first = r.get("below_baselines_from", "")
-                    extra.append("baseline" if first == "" else "never" if first is None else f"config {first}")
+                    for key in ("below_baselines_from", "mean_below_baselines_from"):
+                        first = r.get(key, "")
+                        extra.append("-" if first == "" else "never" if first is None else f"{first}")
+                    worse = r.get("worse_than_baselines_at")
+                    extra.append("-" if worse is None else ",".join(map(str, worse)) or "none")
                 t.add_row(
                     r["strategy"],
                     cell(r["median_to_95"]),
@@ -793,13 +800,15 @@ def landscape_replay(
                     f"{r['reached_99']:.0%}",
                     *extra,
                 )
-            out.print(t)
+            # Piped into a log, a console is 80 columns wide and this table's headers would be cut.
+            (out if out.is_terminal else Console(soft_wrap=True, width=132, file=out.file)).print(t)
         if missing:
             err.print(f"[yellow]{missing} suggested config(s) were not in the landscape (counted as rejected)[/yellow]")
         if plot is not None:
             import plotly.io as pio
 
-            pio.write_html(regret_figure(rows, f"{path.name}: median regret"), str(plot), include_plotlyjs=True)
+            figure = regret_figure(rows, f"{path.name}: regret over {seeds} seeds")
+            pio.write_html(figure, str(plot), include_plotlyjs=True)
             err.print(f"wrote {plot}")
 
     _run(body)

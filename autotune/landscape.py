@@ -228,6 +228,12 @@ class Run:
         stop = plateau(self.observed, patience, min_improvement_pct, keep_going)
         return len(self.observed) if stop is None else stop[0] + 1
 
+    def regret(self, best: float, budget: int) -> list[float]:
+        """1 - incumbent / best after each of ``budget`` measured configs (the last one held if the run
+        stopped early; 1 with no run at all)."""
+        held = self.incumbent or [0.0]
+        return [1 - (held[i] if i < len(held) else held[-1]) / best for i in range(budget)]
+
     def trials_to(self, fraction: float, best: float) -> int | None:
         for i, v in enumerate(self.incumbent):
             if v >= fraction * best:
@@ -489,6 +495,7 @@ def summarize(
 
     model = (space_candidates(space), space.values) if space is not None and patience is not None else None
     rows = []
+    curves: dict[str, dict[int, list[float]]] = {}
     for strategy in dict.fromkeys(r.strategy for r in runs):
         mine = [r for r in runs if r.strategy == strategy]
         row: dict[str, Any] = {"strategy": strategy, "seeds": len(mine), "missing": sum(r.missing for r in mine)}
@@ -510,14 +517,12 @@ def summarize(
                 kept = [_kept(r, s, best) for r, s in zip(mine, stops, strict=True)]
                 row["model_median_measured"] = statistics.median(stops)
                 row["model_reached_99"] = sum(k >= 0.99 for k in kept) / len(kept)
-        row["median_regret"] = [
-            statistics.median(1 - (r.incumbent[i] if i < len(r.incumbent) else r.incumbent[-1]) / best for r in mine)
-            if all(r.incumbent for r in mine)
-            else 1.0
-            for i in range(budget)
-        ]
+        curves[strategy] = {r.seed: r.regret(best, budget) for r in mine}
+        row["median_regret"] = [statistics.median(c[i] for c in curves[strategy].values()) for i in range(budget)]
+        row["mean_regret"] = [statistics.fmean(c[i] for c in curves[strategy].values()) for i in range(budget)]
         rows.append(row)
     _compare_with_baselines(rows)
+    _paired_with_baselines(rows, curves)
     return rows
 
 
@@ -532,13 +537,56 @@ def _compare_with_baselines(rows: list[dict[str, Any]]) -> None:
     if len(base) < len(BASELINES):
         return
     for row in rows:
+        if row["strategy"] not in BASELINES:
+            row["below_baselines_from"] = _stays_below(row["median_regret"], base)
+
+
+def _stays_below(values: list[float], bases: list[list[float]]) -> int | None:
+    """The first budget (1-based) from which ``values`` stay at or below every one of ``bases``."""
+    ok = [all(v <= b[i] for b in bases) for i, v in enumerate(values)]
+    first = len(ok)
+    while first > 0 and ok[first - 1]:
+        first -= 1
+    return first + 1 if first < len(ok) else None
+
+
+#: Two-sided z for the paired comparison's 95% interval.
+_Z95 = 1.96
+
+
+def _paired_with_baselines(rows: list[dict[str, Any]], curves: dict[str, dict[int, list[float]]]) -> None:
+    """With both baselines replayed, compare every other row with each, seed for seed (a seed draws the
+    same noise, and the random starts the same first configs, in every strategy): the mean regret
+    difference at each budget and its 95% interval (``vs_<baseline>``: [mean, low, high]), the budgets
+    at which the row is worse than a baseline beyond that interval (``worse_than_baselines_at``), and
+    the first budget from which its mean regret stays at or below both (``mean_below_baselines_from``).
+
+    The median regret of a few configs is a coin: where half the grid misses the SLO, one random
+    config has median regret 1 and the hill-climb's safe first config wins; the mean is the expected
+    regret, and the interval says whether a gap is more than the seeds' spread."""
+    if any(b not in curves for b in BASELINES):
+        return
+    for row in rows:
         if row["strategy"] in BASELINES:
             continue
-        ok = [all(v <= b[i] for b in base) for i, v in enumerate(row["median_regret"])]
-        first = len(ok)
-        while first > 0 and ok[first - 1]:
-            first -= 1
-        row["below_baselines_from"] = first + 1 if first < len(ok) else None
+        mine = curves[row["strategy"]]
+        worse: set[int] = set()
+        for base in BASELINES:
+            theirs = curves[base]
+            seeds = sorted(mine.keys() & theirs.keys())
+            budget = len(row["mean_regret"])
+            diffs = []
+            for i in range(budget):
+                d = [mine[s][i] - theirs[s][i] for s in seeds]
+                mean = statistics.fmean(d)
+                half = _Z95 * statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else math.inf
+                diffs.append([mean, mean - half, mean + half])
+                if mean - half > 0:
+                    worse.add(i + 1)
+            row[f"vs_{base}"] = diffs
+        row["worse_than_baselines_at"] = sorted(worse)
+        base_means = [r["mean_regret"] for r in rows if r["strategy"] in BASELINES]
+        row["mean_below_baselines_from"] = _stays_below(row["mean_regret"], base_means)
 
 
 def _kept(run: Run, stop: int, best: float) -> float:
@@ -551,22 +599,35 @@ def _quantile(sorted_values: list[float], q: float) -> float | None:
     return None if v == math.inf else v
 
 
+#: Plotly's default colours, so a strategy's median and mean lines share one.
+_COLOURS = ("#636efa", "#ef553b", "#00cc96", "#ab63fa", "#ffa15a", "#19d3f3", "#ff6692", "#b6e880")
+
+
 def regret_figure(rows: list[dict[str, Any]], title: str) -> dict[str, Any]:
-    """Plotly figure: median regret (1 - incumbent / best) against measured configs, per strategy."""
+    """Plotly figure: regret (1 - incumbent / best) against measured configs, per strategy: the median
+    over seeds solid, the mean dotted (the two part where a few configs decide feasibility by chance)."""
+    data = []
+    for n, r in enumerate(rows):
+        x = list(range(1, len(r["median_regret"]) + 1))
+        colour = _COLOURS[n % len(_COLOURS)]
+        for stat, dash in (("median", "solid"), ("mean", "dot")):
+            if f"{stat}_regret" in r:
+                data.append(
+                    {
+                        "type": "scatter",
+                        "mode": "lines",
+                        "name": f"{r['strategy']} ({stat})",
+                        "legendgroup": r["strategy"],
+                        "line": {"color": colour, "dash": dash},
+                        "x": x,
+                        "y": r[f"{stat}_regret"],
+                    }
+                )
     return {
-        "data": [
-            {
-                "type": "scatter",
-                "mode": "lines",
-                "name": r["strategy"],
-                "x": list(range(1, len(r["median_regret"]) + 1)),
-                "y": r["median_regret"],
-            }
-            for r in rows
-        ],
+        "data": data,
         "layout": {
             "title": {"text": title},
             "xaxis": {"title": {"text": "measured configs"}},
-            "yaxis": {"title": {"text": "median regret (1 - incumbent / best feasible)"}, "rangemode": "tozero"},
+            "yaxis": {"title": {"text": "regret (1 - incumbent / best feasible)"}, "rangemode": "tozero"},
         },
     }

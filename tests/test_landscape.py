@@ -213,6 +213,7 @@ def test_cli_records_a_real_grid_and_replays_it(tmp_path: Path) -> None:
     assert set(rows) == {"random", "hill-climb"} and all(r["missing"] == 0 for r in rows.values())
     assert len(rows["random"]["median_regret"]) == 4 and 0 <= rows["random"]["median_regret"][-1] < 1
     assert (tmp_path / "regret.html").stat().st_size > 10_000
+    assert "hill-climb (mean)" in (tmp_path / "regret.html").read_text()
     res = run_cli(
         "landscape",
         "replay",
@@ -324,3 +325,30 @@ def test_the_summary_says_from_which_budget_a_strategy_beats_both_baselines() ->
     alone = [row("tpe", [0.1]), row("random", [0.2])]
     _compare_with_baselines(alone)  # no hill-climb replayed: nothing to say
     assert "below_baselines_from" not in alone[0]
+
+
+def test_the_summary_compares_each_strategy_with_the_baselines_seed_for_seed() -> None:
+    from autotune.landscape import Run, summarize
+
+    best = 100.0
+
+    def runs(name: str, per_seed: list[list[float]]) -> list[Run]:
+        return [Run(name, seed, incumbent) for seed, incumbent in enumerate(per_seed)]
+
+    seeds = range(20)
+    # random: 50 tok/s then 60; the hill-climb: 40 throughout.
+    base = runs("random", [[50.0, 60.0, 60.0] for _ in seeds]) + runs("hill-climb", [[40.0] * 3 for _ in seeds])
+    # gp: the same first config as random, then 1 tok/s short of it at config 2 in every seed (a gap
+    # no seed contradicts), then ahead; tpe: a noisy tie at config 2 (the gap changes sign by seed).
+    gp = runs("gp", [[50.0, 59.0, 90.0] for _ in seeds])
+    tpe = runs("tpe", [[50.0, 60.0 + (5.0 if s % 2 else -5.5), 95.0] for s in seeds])
+    rows = {r["strategy"]: r for r in summarize(base + gp + tpe, best, 3)}
+    assert rows["gp"]["mean_regret"] == pytest.approx([0.5, 0.41, 0.1])
+    assert rows["gp"]["worse_than_baselines_at"] == [2]
+    assert rows["gp"]["mean_below_baselines_from"] == 3
+    mean, low, high = rows["gp"]["vs_random"][1]
+    assert mean == pytest.approx(0.01) and low == pytest.approx(0.01) and high == pytest.approx(0.01)
+    assert rows["tpe"]["worse_than_baselines_at"] == []  # 0.0025 worse in the mean, inside the spread
+    assert rows["tpe"]["mean_below_baselines_from"] == 3
+    assert rows["tpe"]["vs_hill-climb"][2][2] < 0  # clearly ahead of the hill-climb at config 3
+    assert "vs_random" not in rows["random"] and "worse_than_baselines_at" not in rows["hill-climb"]
