@@ -357,9 +357,9 @@ def make_sampler(name: str, seed: int, n_constraints: int, space: SearchSpace) -
     # Every sampler proposes only configs the space's rules accept (onnxruntime takes no int8 or
     # bf16, say): a rejected trial costs no budget, but it is a trial, and Optuna's GP, which ignores
     # pruned trials, proposed 116 of them in the 16-trial quickstart on a CPU with bf16.
-    # gp's random start is spread over the space (maximin), the others' uniform: see DistinctRandomSampler.
-    spread = name == "gp"
-    distinct = DistinctRandomSampler(space.distributions(), seed=seed, allowed=space.runnable(), spread=spread)
+    # gp's random start is a Latin hypercube over the space, the others' uniform: see DistinctRandomSampler.
+    stratify = GP_STARTUP_TRIALS if name == "gp" else 0
+    distinct = DistinctRandomSampler(space.distributions(), seed=seed, allowed=space.runnable(), stratify=stratify)
     rank = surrogate_rank(space)
     if name == "tpe":
         tpe = optuna.samplers.TPESampler(seed=seed, n_startup_trials=5, multivariate=True, **kw)

@@ -8,6 +8,7 @@ table and noise as the committed one (``gp``, run alongside as the reference). A
 
     python bench/sampler_variants.py bench/landscapes/cpu-quickstart.json [--seeds 100] [--budget N]
         [--variants gp,gp-uniform,...]   # the default: all of the variants below
+        [--confirm-runs C]               # re-measure would-be winners, as the tuner does (default 1 there)
 
 With ``random`` and ``hill-climb`` among the variants (the replay's own strategies), each other row
 also says from which config on its median regret stays at or below both (issue 8's "better than
@@ -26,17 +27,20 @@ Variants:
   gp-refine  gp, but the last REFINE (3) configs of the budget go to the incumbent's unmeasured
              neighbours (one knob one step away), largest constrained expected improvement first.
   gp-uniform gp with the random start of commit 7bd0783 and before: configs drawn uniformly among
-             the free runnable ones instead of spread out (``DistinctRandomSampler(spread=False)``).
-             At 7bd0783, when that was ``gp``, this script's ``gp-maximin`` variant was the spread start.
-  gp-first-smallest  gp's spread start, but its first config is the space's smallest (every knob's
+             the free runnable ones (``DistinctRandomSampler(stratify=0)``).
+  gp-maximin gp with the spread start of commits 95d6cf0 to e7242bc: after the first random config,
+             each start config is one of the free runnable configs farthest from every config taken
+             (ordered knobs by position scaled to 0-1, the others 0 or 1 apart). The variants below
+             marked (maximin) build on it, as they were tried when it was the default.
+  gp-first-smallest  (maximin) gp's spread start, but its first config is the space's smallest (every knob's
              first value, as the hill-climb starts), not drawn at random.
   gp-first-middle  the same with ordered knobs at their middle value (unordered ones first).
-  gp-baseline  gp's start of 3, but its first config is the smallest (the naive baseline: batch 1,
+  gp-baseline  (maximin) gp's start of 3, but its first config is the smallest (the naive baseline: batch 1,
              no quantization, 1 stream...), and the other two are spread as if the baseline were not
              there (the second at random, the third far from it): the incumbent starts where the
              hill-climb's does, without fixing the rest of the start.
   gp-baseline4  the same with a start of 4: the baseline and three spread configs.
-  gp-spread-kinds  gp with a start spread over the unordered knobs only (backend, quantization,
+  gp-spread-kinds  (maximin) gp with a start spread over the unordered knobs only (backend, quantization,
              precision: maximin on those, ordered knobs at random).
 """
 
@@ -44,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -62,7 +67,7 @@ from common import save
 from autotune import landscape as L
 from autotune import tuner as T
 from autotune.hardware import Hardware
-from autotune.random_search import DistinctRandomSampler, NoRepeatSampler
+from autotune.random_search import ENUMERATE_MAX, DistinctRandomSampler, NoRepeatSampler
 from autotune.space import ORDINAL_KNOBS, SearchSpace
 from autotune.surrogate import constrained_ei
 
@@ -79,6 +84,7 @@ VARIANTS = (
     "gp-log",
     "gp-baseline",
     "gp-baseline4",
+    "gp-maximin",
 )
 #: Measured configs at the end of the budget that gp-refine spends on the incumbent's neighbours.
 REFINE = 3
@@ -89,7 +95,43 @@ def _free(sampler: DistinctRandomSampler, study: optuna.Study, trial: FrozenTria
     return names, sampler.taken(study, trial, names)
 
 
-class SpreadKinds(DistinctRandomSampler):
+class Maximin(DistinctRandomSampler):
+    """The spread start (see gp-maximin), as ``DistinctRandomSampler(spread=True)`` drew it until e7242bc."""
+
+    def _draw(
+        self, names: Sequence[str], taken: set[tuple[Any, ...]], fixed: dict[str, Any] | None = None
+    ) -> tuple[Any, ...]:
+        columns = [[fixed[n]] if fixed and n in fixed else self._choices[n] for n in names]
+        if not fixed and taken and math.prod(len(c) for c in columns) <= ENUMERATE_MAX:
+            free = [combo for combo in itertools.product(*columns) if combo not in taken]
+            pool = [combo for combo in free if self.ok(names, combo)] or free
+            if pool:
+                return self._rng.choice(self._farthest(names, pool, taken))
+        return super()._draw(names, taken, fixed)
+
+    def _farthest(
+        self, names: Sequence[str], pool: list[tuple[Any, ...]], taken: set[tuple[Any, ...]]
+    ) -> list[tuple[Any, ...]]:
+        """The configs of ``pool`` whose distance to the nearest taken config is largest."""
+        columns = [self._choices[n] for n in names]
+        ordinal = [isinstance(self._distributions[n], IntDistribution) for n in names]
+        span = [max(len(c) - 1, 1) for c in columns]
+        where = [{v: i / s for i, v in enumerate(c)} for c, s in zip(columns, span, strict=True)]
+
+        def apart(a: tuple[Any, ...], b: tuple[Any, ...]) -> float:
+            return sum(
+                abs(w[x] - w[y]) if o else float(x != y) for w, o, x, y in zip(where, ordinal, a, b, strict=True)
+            )
+
+        held = [t for t in taken if all(v in w for v, w in zip(t, where, strict=True))]
+        if not held:
+            return pool
+        far = [min(apart(c, t) for t in held) for c in pool]
+        top = max(far)
+        return [c for c, d in zip(pool, far, strict=True) if d >= top - 1e-12]
+
+
+class SpreadKinds(Maximin):
     """A spread start that counts only unordered knobs apart (see gp-spread-kinds)."""
 
     def _farthest(
@@ -102,7 +144,7 @@ class SpreadKinds(DistinctRandomSampler):
         return [c for c, d in zip(pool, far, strict=True) if d == max(far)]
 
 
-class FirstFixed(DistinctRandomSampler):
+class FirstFixed(Maximin):
     """gp's spread start, whose first config is fixed instead of drawn (see gp-first-*)."""
 
     def __init__(self, *args: Any, where: str, **kw: Any) -> None:
@@ -323,18 +365,16 @@ def patch(budget: int) -> None:
     def make_sampler(name: str, seed: int, n_constraints: int, space: SearchSpace) -> optuna.samplers.BaseSampler:
         if name == "cei":
             return CeiSampler(space, seed)
-        if name in ("gp-uniform", "gp-spread-kinds"):
+        if name in ("gp-uniform", "gp-maximin", "gp-spread-kinds"):
             gp = committed("gp", seed, n_constraints, space)
             assert isinstance(gp, NoRepeatSampler)
-            kind = DistinctRandomSampler if name == "gp-uniform" else SpreadKinds
-            draws = kind(space.distributions(), seed=seed, allowed=space.runnable(), spread=name != "gp-uniform")
+            kind = {"gp-uniform": DistinctRandomSampler, "gp-maximin": Maximin, "gp-spread-kinds": SpreadKinds}[name]
+            draws = kind(space.distributions(), seed=seed, allowed=space.runnable())
             return NoRepeatSampler(gp.base, draws, allow=gp.allow, rank=gp.rank)
         if name.startswith("gp-first-"):
             gp = committed("gp", seed, n_constraints, space)
             assert isinstance(gp, NoRepeatSampler)
-            first = FirstFixed(
-                space.distributions(), seed=seed, allowed=space.runnable(), spread=True, where=name.split("-")[-1]
-            )
+            first = FirstFixed(space.distributions(), seed=seed, allowed=space.runnable(), where=name.split("-")[-1])
             return NoRepeatSampler(gp.base, first, allow=gp.allow, rank=gp.rank)
         if name in ("gp-baseline", "gp-baseline4"):
             startup = T.GP_STARTUP_TRIALS
@@ -344,7 +384,7 @@ def patch(budget: int) -> None:
             finally:
                 T.GP_STARTUP_TRIALS = startup
             assert isinstance(gp, NoRepeatSampler)
-            first = BaselineFirst(space.distributions(), seed=seed, allowed=space.runnable(), spread=True)
+            first = BaselineFirst(space.distributions(), seed=seed, allowed=space.runnable())
             return NoRepeatSampler(gp.base, first, allow=gp.allow, rank=gp.rank)
         if name in ("gp-clip", "gp-log"):
             gp = committed("gp", seed, n_constraints, space)
@@ -369,6 +409,7 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--seeds", type=int, default=100)
     ap.add_argument("--budget", type=int, help="measured configs per run [default: 10%% of the runnable grid]")
+    ap.add_argument("--confirm-runs", type=int, default=0, help="as `autotune landscape replay --confirm-runs`")
     args = ap.parse_args()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     land = L.load_landscape(args.landscape)
@@ -378,29 +419,37 @@ def main() -> None:
     assert best is not None, "no feasible config recorded"
     budget = args.budget or max(1, round(0.1 * land.grid_size))
     patch(budget)
-    rows = []
+    runs, took = [], {}
     for variant in args.variants.split(","):
         start = time.perf_counter()
-        runs = L.replay(land, space, [variant], args.seeds, budget)
-        row = L.summarize(runs, best.tokens_per_s, budget)[0]
-        row["replay_s"] = round(time.perf_counter() - start, 1)
-        rows.append(row)
+        mine = L.replay(land, space, [variant], args.seeds, budget, confirm_runs=args.confirm_runs)
+        runs += mine
+        took[variant] = round(time.perf_counter() - start, 1)
+        row = L.summarize(mine, best.tokens_per_s, budget)[0]
         print(
             f"{args.landscape.name} {variant}: within 99% in {row['reached_99']:.0%} of {args.seeds} seeds "
             f"(median {row['median_to_99'] or f'>{budget}'}), within 95% in {row['reached_95']:.0%}; "
-            f"median regret at the end {row['median_regret'][-1]:.3f} [{row['replay_s']:.0f} s]",
+            f"median regret at the end {row['median_regret'][-1]:.3f} [{took[variant]:.0f} s]",
             flush=True,
         )
-    L._compare_with_baselines(rows)  # with random and hill-climb among the variants
+    rows = L.summarize(runs, best.tokens_per_s, budget)  # with random and hill-climb, compared with both
     for row in rows:
+        row["replay_s"] = took[row["strategy"]]
         if "below_baselines_from" in row:
             print(
-                f"{row['strategy']}: median regret at or below random's and the hill-climb's from config "
-                f"{row['below_baselines_from']}"
+                f"{row['strategy']}: regret at or below random's and the hill-climb's from config "
+                f"{row['below_baselines_from']} (median), {row['mean_below_baselines_from']} (mean); "
+                f"worse than one beyond the seeds' spread at configs {row['worse_than_baselines_at'] or 'none'}"
             )
     path = save(
         "sampler-variants",
-        {"landscape": str(args.landscape), "budget": budget, "seeds": args.seeds, "rows": rows},
+        {
+            "landscape": str(args.landscape),
+            "budget": budget,
+            "seeds": args.seeds,
+            "confirm_runs": args.confirm_runs,
+            "rows": rows,
+        },
     )
     print(f"wrote {path}")
 

@@ -174,34 +174,66 @@ def test_workers_with_the_studys_seed_start_from_different_configs() -> None:
     assert len(set(running)) == 3
 
 
-def _apart(a: tuple[int, str], b: tuple[int, str]) -> float:
-    return abs(a[0] - b[0]) / 4 + (a[1] != b[1])
+#: Six ordered values and three kinds: a 3-config Latin hypercube takes ranks from {0, 1}, {2, 3} and
+#: {4, 5}, and every kind once.
+DISTS3 = {"rank": IntDistribution(0, 5), "kind": CategoricalDistribution(["a", "b", "c"])}
 
 
-@pytest.mark.parametrize("seed", range(5))
-def test_a_spread_start_draws_far_from_the_configs_taken(seed: int) -> None:
-    """``spread``: each config of a model's random start after the first is one of the free
-    configs farthest from every taken one (uniform draws are, about half the time, not)."""
+def _start(seed: int, allowed: Any = None, n: int = 3) -> list[tuple[int, str]]:
+    """The first ``n`` configs of a stratified start, as a model in its random start draws them."""
     from autotune.random_search import NoRepeatSampler
 
-    sampler = NoRepeatSampler(_Stuck({}), DistinctRandomSampler(DISTS, seed=seed, spread=True), allow=2)
-    study = optuna.create_study(sampler=sampler)  # _Stuck({}): a model in its start proposes nothing
-    drawn: list[tuple[int, str]] = []
-    for _ in range(4):
+    distinct = DistinctRandomSampler(DISTS3, seed=seed, allowed=allowed, stratify=3)
+    study = optuna.create_study(sampler=NoRepeatSampler(_Stuck({}), distinct, allow=2))
+    drawn = []
+    for _ in range(n):
         trial = study.ask()
-        drawn.append(_suggest(trial))
+        drawn.append((trial.suggest_int("rank", 0, 5), trial.suggest_categorical("kind", ["a", "b", "c"])))
         study.tell(trial, 1.0)
-    assert len(set(drawn)) == 4
-    for i in range(1, 4):
-        free = [(r, k) for r in range(5) for k in "ab" if (r, k) not in drawn[:i]]
-        farthest = max(min(_apart(c, t) for t in drawn[:i]) for c in free)
-        assert min(_apart(drawn[i], t) for t in drawn[:i]) == farthest
+    return drawn
 
 
-def test_a_spread_start_from_a_corner_goes_to_the_opposite_corner() -> None:
-    for seed in range(8):
-        sampler = DistinctRandomSampler(DISTS, seed=seed, spread=True)
-        assert sampler._draw(["rank", "kind"], {(0, "a")}) == (4, "b")
-        assert sampler._draw(["rank", "kind"], {(0, "a"), (4, "b")}) in {(4, "a"), (0, "b")}
-    uniform = {DistinctRandomSampler(DISTS, seed=s)._draw(["rank", "kind"], {(0, "a")}) for s in range(8)}
-    assert uniform != {(4, "b")}
+@pytest.mark.parametrize("seed", range(6))
+def test_a_stratified_start_takes_another_stratum_of_every_knob(seed: int) -> None:
+    drawn = _start(seed)
+    assert sorted(rank // 2 for rank, _ in drawn) == [0, 1, 2]
+    assert sorted(kind for _, kind in drawn) == ["a", "b", "c"]
+
+
+def test_uniform_draws_repeat_strata() -> None:
+    """What the test above guards against: without ``stratify`` some seed's start repeats a stratum."""
+    from autotune.random_search import NoRepeatSampler
+
+    def uniform(seed: int) -> list[int]:
+        study = optuna.create_study(sampler=NoRepeatSampler(_Stuck({}), DistinctRandomSampler(DISTS3, seed=seed)))
+        ranks = []
+        for _ in range(3):
+            trial = study.ask()
+            ranks.append(trial.suggest_int("rank", 0, 5) // 2)
+            trial.suggest_categorical("kind", ["a", "b", "c"])
+            study.tell(trial, 1.0)
+        return sorted(ranks)
+
+    assert any(uniform(seed) != [0, 1, 2] for seed in range(6))
+
+
+def test_each_config_of_a_stratified_start_is_alone_a_uniform_draw() -> None:
+    """The strata are dealt at random, so no start config leans to small or large values: each is,
+    on its own, what random search would draw (600 seeds: every rank 100 times, give or take 40)."""
+    from collections import Counter
+
+    starts = [_start(seed) for seed in range(600)]
+    for k in range(3):
+        counts = Counter(start[k][0] for start in starts)
+        assert sorted(counts) == list(range(6)) and all(60 <= c <= 140 for c in counts.values()), (k, counts)
+
+
+def test_a_stratified_start_keeps_to_the_rules() -> None:
+    """A stratum whose configs the rules all refuse gives way to any allowed config, never a refused one."""
+
+    def allowed(p: dict[str, Any]) -> bool:
+        return p["kind"] != "a"
+
+    for seed in range(6):
+        drawn = _start(seed, allowed)
+        assert all(kind != "a" for _, kind in drawn) and len(set(drawn)) == 3
