@@ -59,7 +59,7 @@ def _commit() -> str:
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=RESULTS.parent, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "autotune", "studies"],
+            ["git", "status", "--porcelain", "--", "autotune", "studies", "bench/*.py"],
             capture_output=True,
             text=True,
             cwd=RESULTS.parents[1],  # the repository root: the pathspecs are relative to it
@@ -73,6 +73,12 @@ def save(name: str, doc: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     now = time.gmtime()
     path = RESULTS / f"{name}-{time.strftime('%Y%m%dT%H%M%SZ', now)}.json"  # keep every run, not the last
-    doc = {"recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", now), "commit": _commit(), **doc}
+    # The code the process started with: a commit made while it ran is not what it ran.
+    at_save = _commit()
+    stamp = {"commit": _STARTED_AT} | ({"commit_at_save": at_save} if at_save != _STARTED_AT else {})
+    doc = {"recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", now), **stamp, **doc}
     path.write_text(json.dumps(doc, indent=2) + "\n")
     return path
+
+
+_STARTED_AT = _commit()
