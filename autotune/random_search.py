@@ -49,7 +49,7 @@ class DistinctRandomSampler(optuna.samplers.BaseSampler):
     quickstart's space, the 144- and 48-config grids and the quickstart's space with bf16,
     against 64% / 87% / 14% / 66% with a maximin start (each config farthest from those taken,
     which put the start in the corners, where the SLO is missed) and 49% / 91% / 10% / 75% with
-    uniform draws.
+    uniform draws; on the 48-config grid at 15 configs it lost (57% against maximin's 63%).
     """
 
     def __init__(
