@@ -152,19 +152,24 @@ def _architecture(model_type: str) -> dict[str, Any]:
     try:
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **sizes)).eval()
-        folder = Path(tempfile.mkdtemp(prefix=f"exporters-{model_type}-"))
-        t = time.perf_counter()
-        row["exporter"] = export(model, folder / "step.onnx")
-        row["export_s"] = time.perf_counter() - t
-        ids = torch.randint(5, 250, (3, 9), generator=torch.Generator().manual_seed(0))
-        mask = torch.ones(3, 9, dtype=torch.long)
-        mask[0, :3] = 0  # one left-padded row
-        with torch.inference_mode():
-            want = model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0
-            )[:, 9:]
-        got = _decode(_Step(folder / "step.onnx", model, torch.get_num_threads()), ids, mask, 8)
-        row["same_tokens_as_generate"] = bool((got == want.numpy()).all())
+        with tempfile.TemporaryDirectory(prefix=f"exporters-{model_type}-") as tmp:
+            t = time.perf_counter()
+            row["exporter"] = export(model, Path(tmp) / "step.onnx")
+            row["export_s"] = time.perf_counter() - t
+            ids = torch.randint(5, 250, (3, 9), generator=torch.Generator().manual_seed(0))
+            mask = torch.ones(3, 9, dtype=torch.long)
+            mask[0, :3] = 0  # one left-padded row
+            with torch.inference_mode():
+                want = model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    max_new_tokens=8,
+                    min_new_tokens=8,
+                    do_sample=False,
+                    pad_token_id=0,
+                )[:, 9:]
+            got = _decode(_Step(Path(tmp) / "step.onnx", model, torch.get_num_threads()), ids, mask, 8)
+            row["same_tokens_as_generate"] = bool((got == want.numpy()).all())
     except Exception as err:  # one architecture's failure is a row, not the end of the check
         row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
     print(row, flush=True)
