@@ -2,7 +2,7 @@
 
 ``generate()`` spends several milliseconds of Python per new token (logits processors,
 stopping criteria, cache bookkeeping) whatever the batch; on an H200 that host time, not the
-GPU, set the step time of every eager and compiled trial (README, GPU check run 2). Here the
+GPU, set the step time of every eager and compiled trial (bench/FIGURES.md, GPU check run 2). Here the
 whole decode step -- the forward pass, the argmax, and the bookkeeping for the next step
 (token, position, cache slot, mask column, output column) -- is device work on tensors at
 fixed addresses, so on CUDA it is captured once as a CUDA graph and each new token costs one

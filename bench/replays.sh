@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Makes every replay file in bench/landscapes/ that the README quotes, at the checked-out code:
+# Makes every replay file in bench/landscapes/ that the README and bench/FIGURES.md quote, at the checked-out code:
 # `autotune landscape replay` of the committed recordings (no measuring; about 40 minutes on 2 cores).
 # The replays are deterministic for a given code and recording, so a rerun gives the same files on
 # the same CPU. gp's rows can differ by a few seeds on another CPU (its GP fit runs in floating point):
