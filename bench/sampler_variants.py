@@ -1,6 +1,6 @@
 """Sampler variants replayed against the recorded landscapes and kept out of the tuner.
 
-The figures behind the README's "Tried on these replays and dropped": each variant below is a
+The figures behind `bench/FIGURES.md`'s "Tried on these replays and dropped": each variant below is a
 sampler the tuner could use instead of ``sampler: gp``, replayed seed for seed against the same
 table and noise as the committed one (``gp``, run alongside as the reference). A variant patches
 ``autotune.tuner.make_sampler`` in this process only; the replay and its summary are
@@ -40,6 +40,9 @@ Variants:
              there (the second at random, the third far from it): the incumbent starts where the
              hill-climb's does, without fixing the rest of the start.
   gp-baseline4  the same with a start of 4: the baseline and three spread configs.
+  gp-lhs-safe  gp's Latin-hypercube start, but its first config is the smallest (every knob's first value, where
+             the hill-climb starts, the config most likely to meet a latency SLO), and it takes the first
+             stratum of every knob: the other two start configs take the other strata.
   gp-spread-kinds  (maximin) gp with a start spread over the unordered knobs only (backend, quantization,
              precision: maximin on those, ordered knobs at random).
 """
@@ -85,6 +88,7 @@ VARIANTS = (
     "gp-baseline",
     "gp-baseline4",
     "gp-maximin",
+    "gp-lhs-safe",
 )
 #: Measured configs at the end of the budget that gp-refine spends on the incumbent's neighbours.
 REFINE = 3
@@ -177,6 +181,22 @@ class BaselineFirst(FirstFixed):
     ) -> list[tuple[Any, ...]]:
         rest = taken - {tuple(self._choices[n][0] for n in names)}
         return super()._farthest(names, pool, rest) if rest else pool
+
+
+class SafeFirst(DistinctRandomSampler):
+    """gp's Latin-hypercube start with the smallest config first, in the first stratum of every knob
+    (see gp-lhs-safe)."""
+
+    def _draw(
+        self, names: Sequence[str], taken: set[tuple[Any, ...]], fixed: dict[str, Any] | None = None
+    ) -> tuple[Any, ...]:
+        if not taken and not fixed and self.stratify:
+            combo = tuple(self._choices[n][0] for n in names)
+            if self.ok(names, combo):
+                for n in names:
+                    self._deal[n] = [0, *self._rng.sample(range(1, self.stratify), self.stratify - 1)]
+                return combo
+        return super()._draw(names, taken, fixed)
 
 
 class CeiSampler(DistinctRandomSampler):
@@ -371,6 +391,11 @@ def patch(budget: int) -> None:
             kind = {"gp-uniform": DistinctRandomSampler, "gp-maximin": Maximin, "gp-spread-kinds": SpreadKinds}[name]
             draws = kind(space.distributions(), seed=seed, allowed=space.runnable())
             return NoRepeatSampler(gp.base, draws, allow=gp.allow, rank=gp.rank)
+        if name == "gp-lhs-safe":
+            gp = committed("gp", seed, n_constraints, space)
+            assert isinstance(gp, NoRepeatSampler)
+            safe = SafeFirst(space.distributions(), seed=seed, allowed=space.runnable(), stratify=gp.distinct.stratify)
+            return NoRepeatSampler(gp.base, safe, allow=gp.allow, rank=gp.rank)
         if name.startswith("gp-first-"):
             gp = committed("gp", seed, n_constraints, space)
             assert isinstance(gp, NoRepeatSampler)
