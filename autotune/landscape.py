@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from autotune.config import TrialConfig
+from autotune.config import MODEL_KNOBS, TrialConfig
 from autotune.errors import AutotuneError, LandscapeError, SpecError, TrialFailure
 from autotune.space import ORDINAL_KNOBS, SearchSpace
 from autotune.spec import StudySpec
@@ -155,9 +155,11 @@ def record(
     on_point: Callable[[int, int, Point], None] = lambda i, n, p: None,
 ) -> Landscape:
     """Measure every runnable grid config once (resuming ``path`` if it holds a partial recording of
-    the same spec on the same hardware), then ``repeats`` more runs of ``repeat_sample`` configs."""
+    the same spec on the same hardware), then ``repeats`` more runs of ``repeat_sample`` configs.
+
+    The configs of one build (the model knobs) are measured one after another (:func:`build_order`)."""
     hw = space.hardware.model_dump(mode="json") | {"fingerprint": space.hardware.fingerprint()}
-    configs = [c for c in space.grid() if space.check(c) is None]
+    configs = build_order(space, [c for c in space.grid() if space.check(c) is None])
     if path.exists():
         land = load_landscape(path, fingerprint=space.hardware.fingerprint())
         if land.spec.model_dump(exclude={"name", "budget"}) != spec.model_dump(exclude={"name", "budget"}):
@@ -189,6 +191,22 @@ def record(
             land.recorded_s = time.perf_counter() - t0
             land.save(path)
     return land
+
+
+def build_order(space: SearchSpace, configs: list[TrialConfig]) -> list[TrialConfig]:
+    """``configs`` with those of one build (same model knobs) together, in grid order otherwise.
+
+    A trial process keeps its built engine across configs that change only runtime knobs, and a GPU
+    keeps one engine warm. Grid order varies the model knobs innermost, so a recording in that order
+    rebuilt (loaded, quantized, compiled) the model for nearly every config.
+    """
+    return sorted(configs, key=lambda c: tuple(space.values[k].index(getattr(c, k)) for k in MODEL_KNOBS))
+
+
+def builds(configs: Sequence[TrialConfig]) -> int:
+    """How many engines measuring ``configs`` in this order builds with one kept warm."""
+    keys = [tuple(getattr(c, k) for k in MODEL_KNOBS) for c in configs]
+    return sum(1 for i, k in enumerate(keys) if i == 0 or k != keys[i - 1])
 
 
 # -- replay -------------------------------------------------------------------------------------------

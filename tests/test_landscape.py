@@ -10,7 +10,7 @@ import pytest
 
 from autotune.config import TrialConfig
 from autotune.errors import LandscapeError, TrialFailure
-from autotune.landscape import load_landscape, record, replay, summarize
+from autotune.landscape import builds, load_landscape, record, replay, summarize
 from autotune.space import SearchSpace
 from autotune.spec import StudySpec, parse_spec
 
@@ -78,6 +78,22 @@ def test_record_measures_the_grid_once_and_resumes(tmp_path: Path, space: Search
     assert len(oom) == 4 and all(not p.feasible and "out of memory" in (p.failure or "") for p in oom)
     assert sum(len(p.repeats) == 2 for p in land.points.values()) == 3
     assert fresh == [False] * 49 + [True] * 6  # the spread's repeats each run in a new process
+
+
+def test_record_measures_the_configs_of_one_build_together(tmp_path: Path, space: SearchSpace) -> None:
+    order: list[TrialConfig] = []
+
+    def measure(spec: StudySpec, cfg: TrialConfig) -> tuple[float, list[float]]:
+        order.append(cfg)
+        return synthetic(spec, cfg)
+
+    record(SPEC, space, tmp_path / "land.json", measure, repeat_sample=0)
+    grid = [c for c in space.grid() if space.check(c) is None]
+    assert sorted(c.key() for c in order) == sorted(c.key() for c in grid)
+    # Two builds (unquantized and int8): one engine each, where grid order changed it at every config.
+    assert builds(order) == 2 and builds(grid) == 48
+    assert [c.quantization for c in order[:24]] == ["none"] * 24
+    assert [c.batch_size for c in order[:8]] == [1] * 4 + [2] * 4  # grid order within a build
 
 
 def test_bad_landscape_files_are_one_clear_error(tmp_path: Path, recorded: Path) -> None:
