@@ -5,7 +5,8 @@
 #   GPU_DIAG=1 bash bench/gpu_check.sh             # first bench/gpu_diag.py (at most 75 s more):
 #                                                  # time per new token by precision, batch and attention kernel
 #
-# The check itself (bench/gpu_check.py) fits in 8 minutes with the install.
+# The check itself (bench/gpu_check.py) fits in 8 minutes with the install. With device time left
+# after it, `bash bench/gpu_landscape.sh SECONDS` records (or resumes) issue 8's GPU landscape.
 #
 # Packages the machine lacks (optuna, SQLAlchemy, Alembic, pydantic, torchao, ...) are installed
 # from wheel files in .whl/ (see bench/README.md for the download command), never from a network.

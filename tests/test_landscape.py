@@ -10,11 +10,11 @@ import pytest
 
 from autotune.config import TrialConfig
 from autotune.errors import LandscapeError, TrialFailure
-from autotune.landscape import builds, load_landscape, record, replay, summarize
+from autotune.landscape import build_order, builds, load_landscape, record, replay, summarize
 from autotune.space import SearchSpace
-from autotune.spec import StudySpec, parse_spec
+from autotune.spec import StudySpec, load_spec, parse_spec
 
-from .conftest import make_hw
+from .conftest import ROOT, make_hw
 
 SPEC = parse_spec(
     {
@@ -368,3 +368,11 @@ def test_the_summary_compares_each_strategy_with_the_baselines_seed_for_seed() -
     assert rows["tpe"]["mean_below_baselines_from"] == 3
     assert rows["tpe"]["vs_hill-climb"][2][2] < 0  # clearly ahead of the hill-climb at config 3
     assert "vs_random" not in rows["random"] and "worse_than_baselines_at" not in rows["hill-climb"]
+
+
+def test_the_gpu_landscape_spec_is_48_configs_in_two_builds() -> None:
+    """studies/landscape-gpu.yaml, which bench/gpu_landscape.sh records on a GPU machine."""
+    spec = load_spec(ROOT / "studies" / "landscape-gpu.yaml")
+    space = SearchSpace.from_spec(spec, make_hw("cuda", cc=(9, 0), memory_mb=80_000))
+    runnable = [c for c in space.grid() if space.check(c) is None]
+    assert len(runnable) == 48 and builds(build_order(space, runnable)) == 2

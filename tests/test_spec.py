@@ -93,3 +93,8 @@ def test_name_defaults_to_file_stem(tmp_path: Path) -> None:
     p = tmp_path / "my-study.yaml"
     p.write_text("model: preset:llama-tiny\nslo: {e2e_ms: {p95: 100}}\n")
     assert load_spec(p).name == "my-study"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "studies").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_study_spec_loads(path: Path) -> None:
+    assert load_spec(path).name
