@@ -12,10 +12,11 @@ import os
 import signal
 import sys
 import warnings
+from collections.abc import Iterator
 
 
 @contextlib.contextmanager
-def _quiet_fds() -> object:
+def _quiet_fds() -> Iterator[None]:
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)

@@ -506,7 +506,7 @@ def _early_stop(spec: StudySpec) -> Any:
     def check(m: Measurement) -> str | None:
         for c in spec.latency_constraints:
             v = m.value(c.name)
-            if v > EARLY_STOP_FACTOR * c.max:
+            if c.max is not None and v > EARLY_STOP_FACTOR * c.max:
                 return f"warm-up {c.percentile} {c.metric} {v:,.0f} > {EARLY_STOP_FACTOR:g} x {c.max:g}"
         return None
 

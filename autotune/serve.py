@@ -343,7 +343,7 @@ def serve(
         host=host,
         port=port,
         log_level=log_level,
-        timeout_graceful_shutdown=graceful_timeout_s,
+        timeout_graceful_shutdown=graceful_timeout_s,  # type: ignore[arg-type]  # a float works (asyncio.wait_for)
         backlog=2048,
         lifespan="on",
     )

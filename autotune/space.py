@@ -124,9 +124,9 @@ class SearchSpace:
             if knob in REGISTRIES:
                 kept = []
                 for v in candidates:
-                    reason = REGISTRIES[knob][v].unsupported(hw)
-                    if reason:
-                        dropped[f"{knob}={v}"] = reason
+                    why = REGISTRIES[knob][v].unsupported(hw)
+                    if why:
+                        dropped[f"{knob}={v}"] = why
                     else:
                         kept.append(v)
                 candidates = kept

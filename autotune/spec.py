@@ -81,8 +81,8 @@ class WorkloadSpec(_Strict):
     """The request stream every trial replays. Output length is forced, so all configs do equal work."""
 
     requests: int = Field(256, ge=1, le=1_000_000)
-    prompt_tokens: Annotated[LengthDist, Field(default_factory=lambda: LengthDist(value=64))]
-    output_tokens: Annotated[LengthDist, Field(default_factory=lambda: LengthDist(value=32))]
+    prompt_tokens: LengthDist = Field(default_factory=lambda: LengthDist(value=64))
+    output_tokens: LengthDist = Field(default_factory=lambda: LengthDist(value=32))
     arrival: Arrival = Field(default_factory=Arrival)
     max_duration_s: float = Field(
         30.0, gt=0, description="stop issuing requests after this long; in-flight ones still finish"

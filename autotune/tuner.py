@@ -146,6 +146,7 @@ def write_trial_attrs(
         for name, value in constraints.items():
             trial.set_constraint(name, value)
         return
+    assert isinstance(backend, optuna.storages.RDBStorage)  # what a dialect implies
     from sqlalchemy.dialects import postgresql, sqlite
 
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
@@ -199,7 +200,7 @@ def params_in_one_write(trial: optuna.Trial, timer: Callable[..., Any] | None = 
     Storages other than Optuna's cached RDB storage, or an Optuna whose private names moved, get
     the plain per-parameter path.
     """
-    storage = trial.storage
+    storage: Any = trial.storage  # its private names are checked here
     try:
         from optuna.storages._rdb.storage import _create_scoped_session  # noqa: F401 (checked here)
 

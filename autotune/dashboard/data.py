@@ -184,7 +184,7 @@ def trial_row(
     With the study's SLO ``clauses``, ``missed`` says why an infeasible trial is infeasible."""
     if not isinstance(t, Mapping):
         t = {c.key: getattr(t, c.key) for c in ROW_COLUMNS}
-    row = {c: _num(t[c]) for c in LATENCY_COLUMNS}
+    row: dict[str, Any] = {c: _num(t[c]) for c in LATENCY_COLUMNS}
     cfg = dict(t["config"] or {})
     row.update(
         number=t["trial_number"],

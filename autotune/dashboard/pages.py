@@ -62,6 +62,7 @@ def trial_rows(study: str, rows: list[dict[str, Any]], latency_col: str, best: i
     base = "/studies/" + quote(study, safe="") + "/trials/"
     out = []
     for t in rows:
+        note: str
         if t["failure_reason"]:
             note = escape(f"{t['failure_kind'] or 'failed'}: {t['failure_reason']}")
         elif t["duplicate_of"] is not None:

@@ -62,7 +62,7 @@ def packed_sdpa_attention(
 
     groups = int(getattr(module, "num_key_value_groups", 1))
     if query.shape[2] != 1 or groups == 1 or dropout:
-        return sdpa_attention_forward(  # type: ignore[no-any-return]
+        return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
     import torch.nn.functional as F
