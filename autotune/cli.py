@@ -312,6 +312,9 @@ def _run_with_progress(tuner: Any) -> Any:
         TimeElapsedColumn(),
         console=err,
         transient=False,
+        # A log (not a terminal) gets the per-trial lines only: a bar there is one last line,
+        # squeezed to 80 columns.
+        disable=not err.is_terminal,
     )
     task = progress.add_task("trials", total=tuner.budget)
     state = {"best": "none yet"}
@@ -325,7 +328,8 @@ def _run_with_progress(tuner: Any) -> Any:
     def on_trial_end(study: Any, trial: Any, best: Any) -> None:
         if best is not None:
             state["best"] = f"{best.values[0]:,.0f} tok/s"
-        progress.update(task, completed=min(tuner.spent, tuner.budget))
+        done = min(tuner.spent, tuner.budget)
+        progress.update(task, completed=done, description=f"{done} trials measured | best feasible {state['best']}")
         m = trial_measurement(trial)
         if "duplicate_of" in trial.user_attrs:
             progress.console.print(

@@ -53,7 +53,14 @@ def tuned(tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp_path_factory.mktemp("tuned")
     res = run_cli("tune", str(TINY_SPEC), "--export", "best.json", cwd=work)
     assert res.returncode == 0, res.stderr
+    (work / "tune.log").write_text(res.stderr)
     return work
+
+
+def test_a_log_gets_a_line_per_trial_and_no_progress_bar(tuned: Path) -> None:
+    log = (tuned / "tune.log").read_text()
+    assert all(f"  trial {n}: " in log for n in range(4))
+    assert "━" not in log and "best feasible config" not in log  # the bar; the config table is stdout's
 
 
 def test_tune_measures_stores_and_exports(tuned: Path) -> None:
