@@ -5,6 +5,8 @@ The package root stays torch-free: importing it never loads torch or a model.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 __version__ = "0.1.0"
 
 from autotune.config import BASELINE, TrialConfig
@@ -18,6 +20,9 @@ from autotune.errors import (
     TrialFailure,
 )
 from autotune.spec import StudySpec, load_spec, parse_spec
+
+if TYPE_CHECKING:  # imported lazily at run time (``__getattr__``); typed for checkers all the same
+    from autotune.deploy import ExportDocument, load_config, load_engine
 
 _LAZY = {"load_engine": "autotune.deploy", "load_config": "autotune.deploy", "ExportDocument": "autotune.deploy"}
 

@@ -160,7 +160,7 @@ class SearchSpace:
         """Ordinal knobs with 3+ values are searched by rank (``batch_size_rank``), others by value."""
         return f"{knob}_rank" if knob in ORDINAL_KNOBS and len(self.values[knob]) > 2 else knob
 
-    def suggest(self, trial: optuna.Trial) -> TrialConfig:
+    def suggest(self, trial: optuna.trial.BaseTrial) -> TrialConfig:
         """Ask the sampler for one config. Ranks let TPE/GP/NSGA-II see that batch 8 lies between 4 and 16."""
         params: dict[str, Any] = {}
         for knob, values in self.values.items():

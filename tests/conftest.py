@@ -45,7 +45,7 @@ def make_hw(
     """A synthetic hardware description for rule tests (no probing)."""
     return Hardware(
         device="cuda:0" if device_type == "cuda" else "cpu",
-        device_type=device_type,  # type: ignore[arg-type]
+        device_type=device_type,
         device_name="NVIDIA H100 80GB HBM3" if device_type == "cuda" else "Test CPU",
         device_memory_mb=memory_mb,
         compute_capability=cc,

@@ -39,7 +39,7 @@ def test_rate_search_brackets_the_knee(start: float) -> None:
     assert cap.rate is not None and 36.0 <= cap.rate <= 40.0
     assert cap.goodput_tokens_per_s == pytest.approx(cap.rate * 16)
     assert all(p["ok"] == (p["e2e_ms.p95"] <= 100) for p in cap.probes)
-    assert len(measure.calls) <= 20  # type: ignore[attr-defined]
+    assert len(measure.calls) <= 20
 
 
 def test_a_config_that_never_breaks_reports_a_lower_bound() -> None:

@@ -254,7 +254,7 @@ def test_openvino_runs_the_graph_in_fp32_on_every_cpu(export_cache: Path, monkey
 
     def spy(self: object, model: object, device: str, config: dict[str, object]) -> object:
         seen.append(dict(config))
-        return compile_model(self, model, device, config)  # type: ignore[arg-type]
+        return compile_model(self, model, device, config)
 
     monkeypatch.setattr(ov.Core, "compile_model", spy)
     model, _, _ = load_model(TINY)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 from typing import Any
 
@@ -291,13 +292,14 @@ def test_replay_warm_starts_from_an_earlier_recording_of_the_same_hardware(
         warm_configs(land, load_landscape(moved), space)
 
 
-class _Scripted:
-    """A random.Random stand-in whose gauss() returns scripted draws (then 0)."""
+class _Scripted(random.Random):
+    """A random.Random whose gauss() returns scripted draws (then 0)."""
 
     def __init__(self, *draws: float) -> None:
+        super().__init__(0)
         self.draws = list(draws)
 
-    def gauss(self, mu: float, sigma: float) -> float:
+    def gauss(self, mu: float = 0.0, sigma: float = 1.0) -> float:
         return self.draws.pop(0) if self.draws else 0.0
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import optuna
 import pytest
-from optuna.distributions import CategoricalDistribution, IntDistribution
+from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
 from optuna.trial import FrozenTrial
 
 from autotune import random_search
@@ -36,7 +36,7 @@ def test_every_config_once_before_any_twice(monkeypatch: pytest.MonkeyPatch, enu
 
 @pytest.mark.parametrize("seed", range(5))
 def test_a_config_another_worker_is_measuring_or_that_failed_is_taken(seed: int) -> None:
-    space = {"quantization": CategoricalDistribution(["none", "int8", "int4"])}
+    space: dict[str, BaseDistribution] = {"quantization": CategoricalDistribution(["none", "int8", "int4"])}
     study = optuna.create_study(sampler=DistinctRandomSampler(space, seed=seed))
     for value in ("int8", "int4"):
         study.enqueue_trial({"quantization": value})
@@ -127,9 +127,9 @@ def test_no_repeat_sampler_breaks_ties_by_its_rank() -> None:
     them (a coin did before, for every seed)."""
     from autotune.random_search import NoRepeatSampler
 
-    calls: list[list[dict[str, object]]] = []
+    calls: list[list[dict[str, Any]]] = []
 
-    def rank(trials: object, candidates: list[dict[str, object]]) -> list[float]:
+    def rank(trials: object, candidates: list[dict[str, Any]]) -> list[float]:
         calls.append(candidates)
         return [float(c["rank"]) for c in candidates]  # prefers the larger rank
 

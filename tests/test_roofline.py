@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 
@@ -106,7 +107,13 @@ def test_prefill_fraction_only_against_a_ceiling_of_the_same_dtype() -> None:
 
     def run(trial_dtype: str, ceiling_dtype: str) -> dict[str, float]:
         ceilings = Ceilings(100.0, 1.0, ceiling_dtype, 0, 0)
-        kw = {"weights": weights, "info": info, "kv_element_size": 2, "prompt_tokens": 100, "output_tokens": 20}
+        kw: dict[str, Any] = {
+            "weights": weights,
+            "info": info,
+            "kv_element_size": 2,
+            "prompt_tokens": 100,
+            "output_tokens": 20,
+        }
         return roofline(m, ceilings, matmul_dtype=trial_dtype, **kw)
 
     same = run("float32", "float32")

@@ -11,12 +11,12 @@ from autotune.config import TrialConfig
 from autotune.errors import SpaceError
 from autotune.models import resolve_model
 from autotune.space import SearchSpace
-from autotune.spec import parse_spec
+from autotune.spec import StudySpec, parse_spec
 
 from .conftest import ROOT, make_hw
 
 
-def spec(**space: object) -> object:
+def spec(**space: object) -> StudySpec:
     return parse_spec({"model": "preset:llama-small", "slo": {"e2e_ms": {"p95": 2000}}, "space": space})
 
 
@@ -67,7 +67,8 @@ def test_memory_estimate_rejects_configs_that_cannot_fit() -> None:
     assert s.check(small) is None
     reason = s.check(huge)
     assert reason is not None and "exceeds 90% of the device's 8,000 MB" in reason
-    assert s.estimate_memory_mb(huge) > s.estimate_memory_mb(small) * 3
+    big, little = s.estimate_memory_mb(huge), s.estimate_memory_mb(small)
+    assert big is not None and little is not None and big > little * 3
 
 
 def test_user_values_that_cannot_run_leave_an_empty_space() -> None:

@@ -174,7 +174,7 @@ def test_step_upgrade_from_the_first_revision_keeps_rows(url: str) -> None:
     engine = sa.create_engine(url, poolclass=NullPool)
     with engine.begin() as conn:  # a row written by the older autotune
         row = {"name": "old", "spec": {}, "hardware": {}, "fingerprint": "f", "model_ref": "preset:x"}
-        conn.execute(sa.insert(Study.__table__).values(**row))
+        conn.execute(sa.insert(Study).values(**row))
     engine.dispose()
     with pytest.raises(StorageError, match="autotune db upgrade"):
         Repository.open(url)  # the newer code refuses the older schema, saying what to run
@@ -459,7 +459,7 @@ def test_histogram() -> None:
     assert h == {"edges": [1.0, 2.0, 3.0, 4.0, 5.0], "counts": [1, 1, 1, 2]}
     assert histogram([]) == {"edges": [], "counts": []}
     assert histogram([7.0, 7.0, 7.0]) == {"edges": [7.0, 7.0], "counts": [3]}
-    assert sum(histogram([float(i % 13) for i in range(1000)], bins=20)["counts"]) == 1000  # type: ignore[arg-type]
+    assert sum(histogram([float(i % 13) for i in range(1000)], bins=20)["counts"]) == 1000
 
 
 def test_store_stays_torch_free() -> None:

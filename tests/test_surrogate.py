@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from autotune.config import TrialConfig
 from autotune.surrogate import Observation, outlook
 
-VALUES = {"batch_size": [1, 2, 4, 8, 16, 32], "quantization": ["none", "int8-dynamic"]}
+VALUES: dict[str, list[Any]] = {"batch_size": [1, 2, 4, 8, 16, 32], "quantization": ["none", "int8-dynamic"]}
 CANDIDATES = [TrialConfig(batch_size=b, quantization=q) for b in VALUES["batch_size"] for q in VALUES["quantization"]]
 
 

@@ -3,6 +3,7 @@ duplicates, rejections, resume and hardware checks. (Real trials are covered in 
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from autotune.tuner import Tuner, best_feasible, closest_to_feasible, constraint
 
 from .conftest import make_hw
 
-SPEC = {
+SPEC: dict[str, Any] = {
     "name": "synthetic",
     "model": "preset:llama-tiny",
     "slo": {"e2e_ms": {"p95": 1000}},
@@ -54,8 +55,8 @@ def landscape(spec: object, cfg: TrialConfig, hw: object) -> Measurement:
     )
 
 
-def tuner(tmp_path: Path, **kw: object) -> Tuner:
-    spec = parse_spec({**SPEC, **kw.pop("spec", {})})  # type: ignore[dict-item]
+def tuner(tmp_path: Path, **kw: Any) -> Tuner:
+    spec = parse_spec({**SPEC, **kw.pop("spec", {})})
     return Tuner(
         spec,
         kw.pop("hw", make_hw()),
@@ -63,7 +64,7 @@ def tuner(tmp_path: Path, **kw: object) -> Tuner:
         storage_url=f"sqlite:///{tmp_path}/t.db",
         runner=kw.pop("runner", landscape),
         **kw,
-    )  # type: ignore[arg-type]
+    )
 
 
 def test_constraint_values_are_normalized_violations() -> None:
@@ -314,7 +315,8 @@ def test_warm_start_measures_earlier_studies_best_configs_first(tmp_path: Path) 
     study = warm.run()
     assert calls[0].key() == best.user_attrs["config_key"]  # A's winner is B's first measurement
     assert study.trials[0].user_attrs["warm_start_from"] == f"a#{best.number}"
-    assert best_feasible(study) is not None and best_feasible(study).values[0] == best.values[0]
+    found = best_feasible(study)
+    assert found is not None and found.values[0] == best.values[0]
     other_hw = tuner(tmp_path, spec={"warm_start": True}, study_name="c", hw=make_hw(cc=None, memory_mb=8_000))
     other_hw.open_study()
     assert other_hw.warm_start(optuna.load_study(study_name="c", storage=f"sqlite:///{tmp_path}/t.db")) == []
@@ -484,13 +486,14 @@ def test_a_stale_trial_queued_again_is_measured_next(tmp_path: Path, monkeypatch
         warnings.simplefilter("ignore")  # "heartbeat ... used with Study.optimize"
         dead = study.ask()
     t.space.suggest(dead)
-    study._storage.record_heartbeat(dead._trial_id)
+    storage: Any = study._storage  # the RDB storage, whose heartbeat Optuna's base class leaves out
+    storage.record_heartbeat(dead._trial_id)
     engine = sa.create_engine(f"sqlite:///{tmp_path}/t.db")
     with engine.begin() as conn:  # its worker stopped beating long ago
         conn.exec_driver_sql("UPDATE trial_heartbeats SET heartbeat = '2000-01-01 00:00:00'")
     engine.dispose()
     t.run(study)
-    trials = sorted(study.get_trials(), key=lambda x: x.datetime_start)
+    trials = sorted(study.get_trials(), key=lambda x: x.datetime_start or datetime.max)
     assert trials[0].number == dead.number and trials[0].state.name == "FAIL"
     retry = trials[1]  # the first trial measured after it
     assert retry.system_attrs.get("failed_trial") == dead.number and retry.state.name == "COMPLETE"

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
@@ -43,7 +44,7 @@ def polled(url: str, name: str) -> optuna.Study:
     )
 
 
-def wait_for(pred, timeout: float = 120) -> None:
+def wait_for(pred: Callable[[], object], timeout: float = 120) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import itertools
 import statistics
 
-from autotune.spec import parse_spec
+from autotune.spec import WorkloadSpec, parse_spec
 from autotune.workload import build_requests, concurrency
 
 
-def wl(**kw: object):
+def wl(**kw: object) -> WorkloadSpec:
     return parse_spec({"model": "preset:llama-tiny", "slo": {"e2e_ms": {"p95": 1}}, "workload": kw}).workload
 
 
