@@ -28,7 +28,7 @@ from autotune.spec import StudySpec
 from autotune.surrogate import DEFAULT_NOISE, Observation, outlook
 
 SCHEMA_VERSION = 1
-STRATEGIES = ("tpe", "nsga2", "gp", "random", "grid", "hill-climb")
+STRATEGIES: tuple[str, ...] = ("tpe", "nsga2", "gp", "random", "grid", "hill-climb")
 TARGETS = (0.95, 0.99)
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 TINY_SPEC = Path(__file__).resolve().parents[1] / "tests" / "data" / "tiny.yaml"
-SPACE = {
+SPACE: dict[str, list[Any]] = {
     "batch_size": [1, 2, 4, 8, 12, 16, 24, 32],
     "precision": ["fp32", "bf16"],
     "quantization": ["none", "int8-dynamic"],
@@ -100,7 +100,7 @@ def fill(url: str, name: str, trials: int, *, seed: int = 0, slo_ms: float = 150
     upgrade(url)
     rng = random.Random(seed)
     slo = [{"metric": "e2e_ms", "percentile": "p95", "max": slo_ms}]
-    spec = {
+    spec: dict[str, Any] = {
         "name": name,
         "model": "preset:llama-small",
         "device": "cpu",
@@ -185,17 +185,18 @@ def main() -> int:
         print(f"filled {args.trials} synthetic trials in {time.perf_counter() - t0:.1f} s")
         client = TestClient(create_app(url))
         results: dict[str, Any] = {}
-        for path in ("/studies/render-bench", "/", "/api/studies/render-bench/trials?limit=500"):
-            client.get(path)  # first request: template compile, connection pool
+        for page_url in ("/studies/render-bench", "/", "/api/studies/render-bench/trials?limit=500"):
+            client.get(page_url)  # first request: template compile, connection pool
             times = []
             for _ in range(args.runs):
                 t = time.perf_counter()
-                r = client.get(path)
+                r = client.get(page_url)
                 times.append((time.perf_counter() - t) * 1000)
                 assert r.status_code == 200, r.text[:200]
-            results[path] = {**spread(times), "bytes": len(r.content)}
-            s = results[path]
-            print(f"{path}: median {s['median']:.1f} ms (min {s['min']:.1f}, max {s['max']:.1f}), {s['bytes']:,} bytes")
+            results[page_url] = {**spread(times), "bytes": len(r.content)}
+            s = results[page_url]
+            took = f"median {s['median']:.1f} ms (min {s['min']:.1f}, max {s['max']:.1f})"
+            print(f"{page_url}: {took}, {s['bytes']:,} bytes")
     page = results["/studies/render-bench"]["median"]
     print(f"study page, {args.trials} trials: {page:.1f} ms median of {args.runs} (target < 300 ms)")
     path = save(

@@ -45,8 +45,8 @@ def main() -> None:
     info = machine()
     if args.architectures:
         header("ONNX export of other architectures", info)
-        doc = {"machine": info, "architectures": [_architecture(a) for a in args.architectures.split(",")]}
-        print(f"written to {save('exporters-architectures', doc)}")
+        archs = {"machine": info, "architectures": [_architecture(a) for a in args.architectures.split(",")]}
+        print(f"written to {save('exporters-architectures', archs)}")
         return
     header(f"ONNX exporters: {args.model}", info)
 

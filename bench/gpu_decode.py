@@ -84,7 +84,7 @@ def main() -> int:
                     kv = rows * (prompt + new) * info.num_layers * 2 * info.num_kv_heads * info.head_dim * 2
                     bound = None
                     if ceilings is not None:  # the same bound a trial's roofline uses
-                        bound = 1000 * (weight_bytes(model) + kv) / (ceilings.memory_gb_s * 1e9)
+                        bound = 1000 * (weight_bytes(model)["decode_read"] + kv) / (ceilings.memory_gb_s * 1e9)
                     row = {
                         "compiled": compiled,
                         "attention": attention,

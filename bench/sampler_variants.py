@@ -261,14 +261,14 @@ class _Clipped(_View):
     def _get_trials(self, deepcopy: bool = False, states: Any = None, use_cache: bool = False) -> list[FrozenTrial]:
         trials = self._study._get_trials(deepcopy=deepcopy, states=states, use_cache=use_cache)
         done = [t for t in trials if t.state == TrialState.COMPLETE and t.constraints]
-        feasible = [t.value for t in done if all(c <= 0 for c in t.constraints.values())]
+        feasible = [t.value for t in done if t.value is not None and all(c <= 0 for c in t.constraints.values())]
         if not feasible:
             return trials
         cap = max(feasible)
         over = {t.number for t in done if any(c > 0 for c in t.constraints.values())}
         out = []
         for t in trials:
-            if t.number in over and t.value > cap:
+            if t.number in over and t.value is not None and t.value > cap:
                 t = create_trial(
                     value=cap, params=t.params, distributions=t.distributions, constraints=dict(t.constraints)
                 )
@@ -281,11 +281,11 @@ class _Logged(_View):
 
     def _get_trials(self, deepcopy: bool = False, states: Any = None, use_cache: bool = False) -> list[FrozenTrial]:
         trials = self._study._get_trials(deepcopy=deepcopy, states=states, use_cache=use_cache)
-        done = [t for t in trials if t.state == TrialState.COMPLETE]
-        floor = min((t.value for t in done if t.value > 0), default=1.0) / 2
+        values = [t.value for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+        floor = min((v for v in values if v > 0), default=1.0) / 2
         return [
             create_trial(
-                value=float(np.log(max(t.value, floor))),
+                value=float(np.log(max(t.value or 0.0, floor))),
                 params=t.params,
                 distributions=t.distributions,
                 constraints=dict(t.constraints),

@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -81,7 +82,8 @@ def main() -> None:
             )
     ratios = [b["tokens_per_s"] / a["tokens_per_s"] for a, b in zip(runs["baseline"], runs["best"], strict=True)]
     limit = next(c.max for c in spec.slo if c.name == slo)
-    summary = {
+    assert limit is not None  # the SLO latency clause is an upper bound
+    summary: dict[str, Any] = {
         "ratio": spread(ratios),
         "baseline_tokens_per_s": spread([r["tokens_per_s"] for r in runs["baseline"]]),
         "best_tokens_per_s": spread([r["tokens_per_s"] for r in runs["best"]]),

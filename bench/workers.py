@@ -73,11 +73,12 @@ def run(admin_url: str, n: int, spec: Path) -> dict[str, Any]:
             p.wait()
         wall = time.perf_counter() - t0
         study = optuna.load_study(study_name="workers", storage=url)
-        timed = [t for t in study.trials if "trial_process_s" in t.user_attrs and t.datetime_complete]
-        overhead = [
-            1 - t.user_attrs["trial_process_s"] / (t.datetime_complete - t.datetime_start).total_seconds()
-            for t in timed
+        spans = [
+            (t.user_attrs["trial_process_s"], (t.datetime_complete - t.datetime_start).total_seconds())
+            for t in study.trials
+            if "trial_process_s" in t.user_attrs and t.datetime_complete and t.datetime_start
         ]
+        overhead = [1 - inside / wall_s for inside, wall_s in spans]
         stats = [v for k, v in study.user_attrs.items() if k.startswith("worker_stats.")]
         storage_s = sum(v["storage_s"] for v in stats)
         background_s = sum(v.get("storage_background_s", 0.0) for v in stats)
@@ -98,11 +99,11 @@ def run(admin_url: str, n: int, spec: Path) -> dict[str, Any]:
             "blocking_storage_overhead_pct": 100 * (storage_s - background_s) / measuring_s
             if measuring_s
             else float("nan"),
-            "storage_ms_per_trial": 1000 * storage_s / max(len(timed), 1),
+            "storage_ms_per_trial": 1000 * storage_s / max(len(spans), 1),
             "workers": n,
             "wall_s": wall,
-            "trials": len(timed),
-            "trials_per_hour": len(timed) / wall * 3600,
+            "trials": len(spans),
+            "trials_per_hour": len(spans) / wall * 3600,
             "overhead_median_pct": 100 * statistics.median(overhead),
             "overhead_max_pct": 100 * max(overhead),
             "storage_by_method": dict(sorted(by_method.items(), key=lambda kv: -kv[1][1])),
