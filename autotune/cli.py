@@ -683,7 +683,20 @@ def landscape_record(
             what = p.failure or f"{p.tokens_per_s:,.0f} tok/s, {'feasible' if p.feasible else 'infeasible'}"
             err.print(f"  [{i + 1}/{n}] {p.config.label()}: {escape(what)}", highlight=False)
 
-        land = record(spec, space, output, measure, repeat_sample=repeat_sample, repeats=repeats, on_point=on_point)
+        def on_start(n: int, builds: int, done: int) -> None:
+            what = f"resuming {output}: {n - done} of {n} runnable configs left" if done else f"{n} runnable configs"
+            err.print(f"{what}, measured build by build ({builds} model build{'s' * (builds != 1)})", highlight=False)
+
+        land = record(
+            spec,
+            space,
+            output,
+            measure,
+            repeat_sample=repeat_sample,
+            repeats=repeats,
+            on_point=on_point,
+            on_start=on_start,
+        )
         best = land.best_feasible()
         out.print(
             f"{output}: {len(land.points)} configs of {land.grid_size} recorded in {land.recorded_s:,.0f} s; "

@@ -153,11 +153,13 @@ def record(
     repeats: int = 2,
     seed: int = 0,
     on_point: Callable[[int, int, Point], None] = lambda i, n, p: None,
+    on_start: Callable[[int, int, int], None] = lambda n, builds, done: None,
 ) -> Landscape:
     """Measure every runnable grid config once (resuming ``path`` if it holds a partial recording of
     the same spec on the same hardware), then ``repeats`` more runs of ``repeat_sample`` configs.
 
-    The configs of one build (the model knobs) are measured one after another (:func:`build_order`)."""
+    The configs of one build (the model knobs) are measured one after another (:func:`build_order`).
+    ``on_start``: the runnable configs, the builds they take, and how many are recorded already."""
     hw = space.hardware.model_dump(mode="json") | {"fingerprint": space.hardware.fingerprint()}
     configs = build_order(space, [c for c in space.grid() if space.check(c) is None])
     if path.exists():
@@ -166,6 +168,8 @@ def record(
             raise LandscapeError(f"{path}: recorded from another spec; pass a new --output")
     else:
         land = Landscape(spec, hw, {}, len(configs))
+    todo = [c for c in configs if c.key() not in land.points]
+    on_start(len(configs), builds(todo), len(configs) - len(todo))
     t0 = time.perf_counter() - land.recorded_s
     for i, cfg in enumerate(configs):
         if cfg.key() in land.points:

@@ -73,7 +73,9 @@ def test_record_measures_the_grid_once_and_resumes(tmp_path: Path, space: Search
     with pytest.raises(KeyboardInterrupt):
         record(SPEC, space, path, flaky, repeat_sample=0)
     assert len(load_landscape(path).points) == 9  # everything before the interruption was kept
-    land = record(SPEC, space, path, flaky, repeat_sample=3, repeats=2)
+    started: list[tuple[int, int, int]] = []
+    land = record(SPEC, space, path, flaky, repeat_sample=3, repeats=2, on_start=lambda *a: started.append(a))
+    assert started == [(48, 2, 9)]  # 39 left, in the two builds (unquantized and int8)
     assert len(land.points) == 48 == land.grid_size and len(calls) == 48 + 1 + 3 * 2  # nothing measured twice
     oom = [p for p in land.points.values() if p.failure]
     assert len(oom) == 4 and all(not p.feasible and "out of memory" in (p.failure or "") for p in oom)
@@ -203,6 +205,7 @@ def test_cli_records_a_real_grid_and_replays_it(tmp_path: Path) -> None:
     )
     assert res.returncode == 0, res.stderr
     assert "4 configs of 4 recorded" in res.stdout
+    assert "4 runnable configs, measured build by build (1 model build)" in res.stderr
     land = load_landscape(tmp_path / "land.json")
     assert (
         all(p.tokens_per_s > 0 for p in land.points.values())
