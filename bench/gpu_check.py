@@ -283,6 +283,8 @@ def main() -> int:
         }
     check.doc["verdict"] = verdict
     check.doc["total_s"] = round(time.monotonic() - check.t0, 1)
+    for leftover in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm"), db.with_suffix(".yaml")):
+        leftover.unlink(missing_ok=True)  # the study's trials are in the JSON
     check.save()
     _print_table(check.doc)
     print(f"wrote {check.path}")
