@@ -43,6 +43,10 @@ Variants:
   gp-lhs-safe  gp's Latin-hypercube start, but its first config is the smallest (every knob's first value, where
              the hill-climb starts, the config most likely to meet a latency SLO), and it takes the first
              stratum of every knob: the other two start configs take the other strata.
+  gp-rank-mean  gp, but a refused or repeated proposal's equally near replacements are ranked by the numpy
+             surrogate's predicted throughput times the probability that the SLO holds (exploit) instead
+             of its constrained expected improvement (which favours the uncertain ones: on a CPU with bf16
+             the quickstart spent 4 of 16 trials on bf16 eager configs, each half as fast as the incumbent).
   gp-spread-kinds  (maximin) gp with a start spread over the unordered knobs only (backend, quantization,
              precision: maximin on those, ordered knobs at random).
 """
@@ -72,7 +76,7 @@ from autotune import tuner as T
 from autotune.hardware import Hardware
 from autotune.random_search import ENUMERATE_MAX, DistinctRandomSampler, NoRepeatSampler
 from autotune.space import ORDINAL_KNOBS, SearchSpace
-from autotune.surrogate import constrained_ei
+from autotune.surrogate import _GP, DEFAULT_NOISE, Encoder, Observation, _norm_cdf, constrained_ei
 
 VARIANTS = (
     "gp",
@@ -89,6 +93,7 @@ VARIANTS = (
     "gp-baseline4",
     "gp-maximin",
     "gp-lhs-safe",
+    "gp-rank-mean",
 )
 #: Measured configs at the end of the budget that gp-refine spends on the incumbent's neighbours.
 REFINE = 3
@@ -197,6 +202,37 @@ class SafeFirst(DistinctRandomSampler):
                     self._deal[n] = [0, *self._rng.sample(range(1, self.stratify), self.stratify - 1)]
                 return combo
         return super()._draw(names, taken, fixed)
+
+
+def predicted_feasible_throughput(
+    seen: Sequence[Observation], configs: Sequence[Any], space: SearchSpace
+) -> np.ndarray:
+    """The numpy surrogate's mean throughput at ``configs`` times the probability every SLO clause holds."""
+    encode = Encoder(space.values, ORDINAL_KNOBS)
+    xs = encode(configs)
+    ran = [o for o in seen if not o.failed]
+    y = np.array([o.tokens_per_s for o in ran])
+    mu, _ = _GP(encode([o.config for o in ran]), y, DEFAULT_NOISE * float(np.mean(y))).predict(xs)
+    score = np.maximum(mu, 0.0)
+    x_all = encode([o.config for o in seen])
+    for j in range(len(seen[0].constraints)):
+        c = np.array([min(float(o.constraints[j]), 1.0) for o in seen])
+        c_mu, c_sd = _GP(x_all, c, DEFAULT_NOISE).predict(xs)
+        score = score * _norm_cdf(-c_mu / np.maximum(c_sd, 1e-9))
+    return score
+
+
+def mean_rank(space: SearchSpace) -> Callable[[Sequence[FrozenTrial], list[dict[str, Any]]], list[float] | None]:
+    """``tuner.surrogate_rank`` with :func:`predicted_feasible_throughput` in place of constrained EI."""
+
+    def rank(trials: Sequence[FrozenTrial], candidates: list[dict[str, Any]]) -> list[float] | None:
+        seen = T.observations(trials)
+        if len(seen) < 2 or not [o for o in seen if not o.failed]:
+            return None
+        configs = [space.config_for(p) for p in candidates]
+        return predicted_feasible_throughput(seen, configs, space).tolist()
+
+    return rank
 
 
 class CeiSampler(DistinctRandomSampler):
@@ -391,6 +427,10 @@ def patch(budget: int) -> None:
             kind = {"gp-uniform": DistinctRandomSampler, "gp-maximin": Maximin, "gp-spread-kinds": SpreadKinds}[name]
             draws = kind(space.distributions(), seed=seed, allowed=space.runnable())
             return NoRepeatSampler(gp.base, draws, allow=gp.allow, rank=gp.rank)
+        if name == "gp-rank-mean":
+            gp = committed("gp", seed, n_constraints, space)
+            assert isinstance(gp, NoRepeatSampler)
+            return NoRepeatSampler(gp.base, gp.distinct, allow=gp.allow, rank=mean_rank(space))
         if name == "gp-lhs-safe":
             gp = committed("gp", seed, n_constraints, space)
             assert isinstance(gp, NoRepeatSampler)
