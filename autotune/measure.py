@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import resource
+import statistics
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -102,6 +103,29 @@ class Measurement:
         """Inverse of ``to_dict``; keys from newer versions are ignored so old and new records both load."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def overhead(spans: Iterable[tuple[float, float, bool]]) -> dict[str, float] | None:
+    """Time not spent measuring, from each measured trial's (wall seconds, window seconds, ran on a
+    reused engine): the median and max share of a trial's wall time, ``total`` (all trials' wall time
+    together: one slow export weighs in here, not in the median), and how many trials reused an
+    engine. None before any trial. `autotune tune` prints it; the dashboard shows it."""
+    shares, walls, windows, reused, n = [], 0.0, 0.0, 0, 0
+    for wall, window, was_reused in spans:
+        if wall <= 0:
+            continue
+        window = min(window, wall)
+        shares.append(1 - window / wall)
+        walls, windows, reused, n = walls + wall, windows + window, reused + was_reused, n + 1
+    if not shares:
+        return None
+    return {
+        "median": statistics.median(shares),
+        "max": max(shares),
+        "total": 1 - windows / walls,
+        "trials": float(n),
+        "reused": float(reused),
+    }
 
 
 def summarize(

@@ -16,7 +16,6 @@ import math
 import os
 import resource
 import socket
-import statistics
 import threading
 import time
 import warnings
@@ -35,7 +34,7 @@ from autotune import __version__
 from autotune.config import TrialConfig
 from autotune.errors import SpecError, StorageError, TrialFailure
 from autotune.hardware import Hardware
-from autotune.measure import Measurement
+from autotune.measure import Measurement, overhead
 from autotune.models import ModelInfo
 from autotune.random_search import DistinctRandomSampler, NoRepeatSampler, Rank
 from autotune.space import ORDINAL_KNOBS, SearchSpace
@@ -490,30 +489,16 @@ def observations(trials: Sequence[FrozenTrial]) -> list[Observation]:
 
 
 def trial_overhead(trials: list[FrozenTrial]) -> dict[str, float] | None:
-    """Share of each measured trial's wall time not spent in its measurement window (process start,
-    model load, warm-up, fidelity, sampling, storage): median and max; ``total``, the share of all
-    measured trials' wall time together (one slow export weighs in here, not in the median); and
-    ``reused``, how many trials ran on an engine an earlier trial built. None before any trial."""
-    shares, walls, windows, reused = [], 0.0, 0.0, 0
+    """:func:`autotune.measure.overhead` of the measured trials (repeats left out): time not spent
+    in the measurement window (process start, model load, warm-up, fidelity, sampling, storage)."""
+    spans = []
     for t in trials:
         m = t.user_attrs.get(A_MEASUREMENT)
         if not m or A_DUPLICATE in t.user_attrs or not (t.datetime_start and t.datetime_complete):
             continue
         wall = (t.datetime_complete - t.datetime_start).total_seconds()
-        if wall > 0:
-            window = min(float(m.get("duration_s", 0.0)), wall)
-            shares.append(1 - window / wall)
-            walls, windows = walls + wall, windows + window
-            reused += bool((m.get("timings") or {}).get("engine_reused"))
-    if not shares:
-        return None
-    return {
-        "median": statistics.median(shares),
-        "max": max(shares),
-        "total": 1 - windows / walls,
-        "trials": float(len(shares)),
-        "reused": float(reused),
-    }
+        spans.append((wall, float(m.get("duration_s", 0.0)), bool((m.get("timings") or {}).get("engine_reused"))))
+    return overhead(spans)
 
 
 def is_feasible(trial: FrozenTrial) -> bool:

@@ -173,6 +173,21 @@ def test_best_download_equals_cli(client: TestClient, dash_db: Path, url: str) -
         assert f"study: tiny  trial: {ours['trial']}" in res.text and "PLACEHOLDER" in res.text
 
 
+def test_the_study_page_says_how_much_time_went_to_measuring_as_the_cli_does(client: TestClient, url: str) -> None:
+    import html
+
+    import optuna
+
+    from autotune.tuner import trial_overhead
+
+    want = trial_overhead(optuna.load_study(study_name="tiny", storage=url).get_trials())
+    assert want is not None and want["trials"] >= 1
+    page = html.unescape(client.get("/studies/tiny").text)
+    shares = f"median {100 * want['median']:.0f}% of a trial (max {100 * want['max']:.0f}%)"
+    assert f"{shares}, {100 * want['total']:.0f}% of all measured trials' time" in page
+    assert f"{want['reused']:.0f} of {want['trials']:.0f} trials reused a built engine" in page
+
+
 def test_trials_pages_sort_and_filter(client: TestClient) -> None:
     page = client.get(f"/api/studies/{XSS_Q}/trials", params={"limit": 5, "offset": 2}).json()
     assert page["total"] == 30 and [t["number"] for t in page["items"]] == [2, 3, 4, 5, 6]

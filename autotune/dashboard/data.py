@@ -20,6 +20,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 from autotune.errors import StorageError
+from autotune.measure import overhead
 from autotune.store import Repository, check_schema, make_engine
 from autotune.store.migrate import safe_url
 from autotune.store.models import LATENCY_METRICS, LATENCY_STATS, Study, Trial
@@ -240,6 +241,7 @@ class StudyView:
     hardware: dict[str, Any]
     trials: list[dict[str, Any]]
     best: dict[str, Any] | None
+    overhead: dict[str, float] | None = None  # :func:`autotune.measure.overhead` of its measured trials
 
 
 def best_row(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -419,14 +421,24 @@ class Store:
         s = self._study_row(name)
         failed = self.failed_confirmations(name)
         query = select(*ROW_COLUMNS).where(Trial.study_id == s.id).order_by(Trial.trial_number)
+        times = (Trial.started_at, Trial.finished_at, Trial.duration_s, Trial.timings)
+        measured = select(*times).where(
+            Trial.study_id == s.id, Trial.duration_s.is_not(None), Trial.duplicate_of.is_(None)
+        )
         with self.engine.connect() as conn:  # Core rows: a third of the ORM's cost for 1,000 trials
             clauses = slo_clauses(dict(s.spec or {}))
             rows = [trial_row(t, failed, clauses) for t in conn.execute(query).mappings()]
+            spans = [
+                ((end - start).total_seconds(), float(window), bool((timings or {}).get("engine_reused")))
+                for start, end, window, timings in conn.execute(measured)
+                if start is not None and end is not None
+            ]
         counts: dict[str, int] = {}
         for r in rows:
             counts[r["state"]] = counts.get(r["state"], 0) + 1
         best = best_row(rows)
-        return StudyView(self._summary(s, counts, best), dict(s.spec or {}), dict(s.hardware or {}), rows, best)
+        summary = self._summary(s, counts, best)
+        return StudyView(summary, dict(s.spec or {}), dict(s.hardware or {}), rows, best, overhead(spans))
 
     def status(self, name: str) -> dict[str, Any]:
         """What a page polls: cheap, and it changes whenever a trial lands or the study ends."""

@@ -153,6 +153,7 @@ def study_page(request: Request, name: StudyName) -> HTMLResponse:
         trial_rows=trial_rows(name, view.trials, latency_column(latency), best["number"] if best else None),
         figs=figs,
         n_points=len(figures.plotted(view.trials, latency)),
+        overhead=view.overhead,
     )
 
 
