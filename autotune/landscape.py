@@ -204,13 +204,22 @@ def build_order(space: SearchSpace, configs: list[TrialConfig]) -> list[TrialCon
     keeps one engine warm. Grid order varies the model knobs innermost, so a recording in that order
     rebuilt (loaded, quantized, compiled) the model for nearly every config.
     """
-    return sorted(configs, key=lambda c: tuple(space.values[k].index(getattr(c, k)) for k in MODEL_KNOBS))
+
+    def position(c: TrialConfig) -> tuple[int, ...]:
+        return tuple(space.values[k].index(v) for k, v in zip(MODEL_KNOBS, _build(c), strict=True))
+
+    return sorted(configs, key=position)
 
 
 def builds(configs: Sequence[TrialConfig]) -> int:
     """How many engines measuring ``configs`` in this order builds with one kept warm."""
-    keys = [tuple(getattr(c, k) for k in MODEL_KNOBS) for c in configs]
+    keys = [_build(c) for c in configs]
     return sum(1 for i, k in enumerate(keys) if i == 0 or k != keys[i - 1])
+
+
+def _build(cfg: TrialConfig) -> tuple[Any, ...]:
+    """The values of ``cfg``'s model knobs: what its engine's build depends on."""
+    return tuple(getattr(cfg, k) for k in MODEL_KNOBS)
 
 
 # -- replay -------------------------------------------------------------------------------------------
@@ -588,15 +597,16 @@ def _paired_with_baselines(rows: list[dict[str, Any]], curves: dict[str, dict[in
     regret, and the interval says whether a gap is more than the seeds' spread."""
     if any(b not in curves for b in BASELINES):
         return
+    base_means = [r["mean_regret"] for r in rows if r["strategy"] in BASELINES]
     for row in rows:
         if row["strategy"] in BASELINES:
             continue
         mine = curves[row["strategy"]]
+        budget = len(row["mean_regret"])
         worse: set[int] = set()
         for base in BASELINES:
             theirs = curves[base]
             seeds = sorted(mine.keys() & theirs.keys())
-            budget = len(row["mean_regret"])
             diffs = []
             for i in range(budget):
                 d = [mine[s][i] - theirs[s][i] for s in seeds]
@@ -607,7 +617,6 @@ def _paired_with_baselines(rows: list[dict[str, Any]], curves: dict[str, dict[in
                     worse.add(i + 1)
             row[f"vs_{base}"] = diffs
         row["worse_than_baselines_at"] = sorted(worse)
-        base_means = [r["mean_regret"] for r in rows if r["strategy"] in BASELINES]
         row["mean_below_baselines_from"] = _stays_below(row["mean_regret"], base_means)
 
 

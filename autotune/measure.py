@@ -110,20 +110,20 @@ def overhead(spans: Iterable[tuple[float, float, bool]]) -> dict[str, float] | N
     reused engine): the median and max share of a trial's wall time, ``total`` (all trials' wall time
     together: one slow export weighs in here, not in the median), and how many trials reused an
     engine. None before any trial. `autotune tune` prints it; the dashboard shows it."""
-    shares, walls, windows, reused, n = [], 0.0, 0.0, 0, 0
+    shares, walls, windows, reused = [], 0.0, 0.0, 0
     for wall, window, was_reused in spans:
         if wall <= 0:
             continue
         window = min(window, wall)
         shares.append(1 - window / wall)
-        walls, windows, reused, n = walls + wall, windows + window, reused + was_reused, n + 1
+        walls, windows, reused = walls + wall, windows + window, reused + was_reused
     if not shares:
         return None
     return {
         "median": statistics.median(shares),
         "max": max(shares),
         "total": 1 - windows / walls,
-        "trials": float(n),
+        "trials": float(len(shares)),
         "reused": float(reused),
     }
 

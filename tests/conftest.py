@@ -66,6 +66,16 @@ def cpu_hw() -> Hardware:
     return make_hw()
 
 
+def four_config_grid(folder: Path) -> Path:
+    """The tiny spec shrunk to a 4-config grid (batch 1/4 x 2 queue delays, unquantized) with 0.5-s
+    windows, written to ``folder``/grid.yaml: a landscape recording in seconds."""
+    text = TINY_SPEC.read_text().replace("batch_size: [1, 4, 8]", "batch_size: [1, 4]")
+    text = text.replace("quantization: [none, int8-dynamic]", "quantization: [none]")
+    spec = folder / "grid.yaml"
+    spec.write_text(text.replace("max_duration_s: 1.5", "max_duration_s: 0.5"))
+    return spec
+
+
 def run_cli(
     *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 240
 ) -> subprocess.CompletedProcess[str]:

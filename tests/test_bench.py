@@ -31,11 +31,9 @@ def test_the_gpu_check_runs_its_whole_flow_on_a_cpu(tmp_path: Path) -> None:
 
 def test_the_gpu_landscape_script_records_and_resumes(tmp_path: Path) -> None:
     """bench/gpu_landscape.sh, on the tests' tiny spec shrunk to 4 configs (LANDSCAPE_SPEC)."""
-    from .conftest import TINY_SPEC
+    from .conftest import four_config_grid
 
-    spec = tmp_path / "grid.yaml"
-    text = TINY_SPEC.read_text().replace("batch_size: [1, 4, 8]", "batch_size: [1, 4]")
-    spec.write_text(text.replace("quantization: [none, int8-dynamic]", "quantization: [none]"))
+    spec = four_config_grid(tmp_path)
     out = tmp_path / "out"
     path = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
     env = {**os.environ, "PATH": path, "LANDSCAPE_SPEC": str(spec), "OUT": str(out)}

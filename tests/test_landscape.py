@@ -182,15 +182,9 @@ def test_unknown_strategy_is_refused(recorded: Path, space: SearchSpace) -> None
 
 
 def test_cli_records_a_real_grid_and_replays_it(tmp_path: Path) -> None:
-    from .conftest import TINY_SPEC, run_cli
+    from .conftest import four_config_grid, run_cli
 
-    spec = tmp_path / "grid.yaml"
-    text = TINY_SPEC.read_text().replace("batch_size: [1, 4, 8]", "batch_size: [1, 4]")
-    spec.write_text(
-        text.replace("quantization: [none, int8-dynamic]", "quantization: [none]").replace(
-            "max_duration_s: 1.5", "max_duration_s: 0.5"
-        )
-    )
+    spec = four_config_grid(tmp_path)
     res = run_cli(
         "landscape",
         "record",
