@@ -912,8 +912,13 @@ def serve(
     port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port")] = 8001,
     device: Annotated[str | None, typer.Option(help="override the exported device (cpu, cuda:1)")] = None,
     strict: Annotated[bool, typer.Option(help="refuse to serve on hardware other than the tuned one")] = False,
+    max_context: Annotated[
+        int | None,
+        typer.Option(min=2, help="most tokens (prompt + max_tokens) per request [default: the model's context]"),
+    ] = None,
 ) -> None:
-    """Serve the exported config: OpenAI-style POST /v1/completions, GET /health, Prometheus GET /metrics."""
+    """Serve the exported config: OpenAI-style /v1/completions, /v1/chat/completions, /v1/models, GET /health,
+    Prometheus GET /metrics."""
 
     def body() -> None:
         from autotune.serve import check_port
@@ -925,7 +930,7 @@ def serve(
         with err.status(f"loading {doc['model']} with {TrialConfig.model_validate(doc['config']).label()}…"):
             engine = build_engine(doc, device=device, strict=strict)
         err.print(f"serving {doc['model']} on http://{host}:{port} (greedy decoding; Ctrl-C drains and stops)")
-        run_server(engine, host=host, port=port, model_name=doc["model"])
+        run_server(engine, host=host, port=port, model_name=doc["model"], max_context=max_context)
 
     _run(body)
 

@@ -23,12 +23,14 @@ PAGE_SIZE = 64
 MAX_BATCH_TOKENS = 16384
 
 
-def _cb_sizes(batch_size: int, max_context: int, prompt_tokens: int) -> dict[str, int]:
+def _cb_sizes(batch_size: int, max_context: int, prompt_tokens: int, longest: int = 0) -> dict[str, int]:
     pages_per_request = math.ceil(max_context / PAGE_SIZE) + 1
+    # A request longer than the tuned shape (up to ``longest`` tokens, a server's limit) must fit the pool
+    # on its own, or the manager stops with "No requests can be scheduled" and fails every request.
     return {
         "max_requests_per_batch": batch_size,
         "page_size": PAGE_SIZE,
-        "num_blocks": batch_size * pages_per_request,
+        "num_blocks": max(batch_size * pages_per_request, math.ceil(longest / PAGE_SIZE) + 1),
         "max_batch_tokens": max(min(batch_size * prompt_tokens, MAX_BATCH_TOKENS), prompt_tokens + batch_size),
     }
 
@@ -36,9 +38,11 @@ def _cb_sizes(batch_size: int, max_context: int, prompt_tokens: int) -> dict[str
 class ContinuousScheduler:
     """Owns one ``ContinuousBatchingManager`` for the engine's model."""
 
-    def __init__(self, model: Any, batch_size: int, max_context: int, prompt_tokens: int, pad_id: int) -> None:
+    def __init__(
+        self, model: Any, batch_size: int, max_context: int, prompt_tokens: int, pad_id: int, longest: int = 0
+    ) -> None:
         self.model = model
-        self.sizes = _cb_sizes(batch_size, max_context, prompt_tokens)
+        self.sizes = _cb_sizes(batch_size, max_context, prompt_tokens, longest)
         self.pad_id = pad_id
         self._mgr: Any = None
         self._pending: dict[str, _Pending] = {}

@@ -212,6 +212,10 @@ class Engine:
         self.fixed_shapes = needs_fixed_shapes(config.backend)
         self.prompt_pad_to = prompt_pad_to
         self.max_context = max_context or info.max_context or 2048
+        #: The most tokens (prompt + output) one request may hold. ``max_context`` is the shape the caches are
+        #: sized for (a trial's workload); a server that takes longer requests raises this (up to the model's
+        #: positions) before start(), so the continuous scheduler's page pool can hold one such request.
+        self.request_context = self.max_context
         self._continuous: ContinuousScheduler | None = None
         self._decoders: dict[int, StaticDecoder] = {}  # per stream worker (cuda-graphs backend)
         self.exported: ExportedStep | None = None  # the exported-graph backends' graph (set by build())
@@ -288,7 +292,7 @@ class Engine:
         if self.config.scheduler == "continuous":
             prompt = self.prompt_pad_to or min(self.max_context // 2, 512)
             self._continuous = ContinuousScheduler(
-                self.model, self.config.batch_size, self.max_context, prompt, self.pad_id
+                self.model, self.config.batch_size, self.max_context, prompt, self.pad_id, self.request_context
             )
             self._continuous.start()
             return self
