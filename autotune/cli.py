@@ -46,26 +46,34 @@ def _default_spec_path() -> Path:
     return Path(str(resources.files("autotune") / "data" / "quickstart.yaml"))
 
 
+#: The storage URL this command uses, for naming it (and the fix) in a database error.
+_storage_in_use: str | None = None
+
+
 def _storage_url(storage: str | None, *, for_write: bool) -> str:
+    """``--storage`` or the default SQLite file; ``for_write`` creates the default's folder."""
+    global _storage_in_use
     from autotune.tuner import DEFAULT_STORAGE
 
     if storage:
+        _storage_in_use = storage
         return storage
     if for_write:
         Path("studies").mkdir(exist_ok=True)
+    _storage_in_use = DEFAULT_STORAGE
     return DEFAULT_STORAGE
 
 
 def _load_study(name: str, storage: str | None) -> Any:
     import optuna
 
+    from autotune.store.failures import sqlite_path
     from autotune.tuner import open_storage, safe_url
 
     url = _storage_url(storage, for_write=False)
-    if url.startswith("sqlite:///") and not url.endswith(":memory:"):
-        path = Path(url.removeprefix("sqlite:///"))
-        if not path.exists():  # reading must not create an empty database as a side effect
-            raise StorageError(f"no database file at {path}; run `autotune tune` first or pass --storage")
+    path = sqlite_path(url)
+    if path is not None and not path.exists():  # reading must not create an empty database as a side effect
+        raise StorageError(f"no database file at {path}; run `autotune tune` first or pass --storage")
     st = open_storage(url)
     from autotune.store import check_schema
 
@@ -196,32 +204,57 @@ def _config_table(cfg: dict[str, Any], title: str) -> Table:
     return t
 
 
-def _run(fn: Callable[[], None]) -> None:
-    """Run a command body, mapping our errors to one line and an exit code."""
-    from sqlalchemy.exc import SQLAlchemyError
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is: the trial in flight is stopped and marked failed (it is
+    measured again on resume), its process is killed, and the command exits 143."""
 
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM while stopping ends at once
+    raise Terminated()
+
+
+def _run(fn: Callable[[], None], *, study: bool = True) -> None:
+    """Run a command body, mapping our errors to one line and an exit code (``study``: the command
+    works on a study, which an interruption leaves resumable)."""
     try:
         fn()
     except AutotuneError as e:
         err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
         raise typer.Exit(e.exit_code) from None
-    except SQLAlchemyError as e:  # the database failed under us, past the tuner's own retries
-        from autotune.tuner import storage_error
-
-        err.print(f"[red]error:[/red] {escape(str(storage_error(e)))}", highlight=False)
-        raise typer.Exit(2) from None
+    except Terminated:
+        if study:
+            err.print("terminated (SIGTERM); the trial in flight, if any, is marked failed and will be measured "
+                      "again: run the same command again to resume the study")  # fmt: skip
+        else:
+            err.print("stopped (SIGTERM)")
+        raise typer.Exit(143) from None
     except KeyboardInterrupt:
-        err.print("interrupted; run the same command again to resume the study")
+        err.print("interrupted; run the same command again to resume the study" if study else "stopped")
         raise typer.Exit(130) from None
+    except Exception as e:  # the database failed under us (past the tuner's own retries), or a bug
+        from autotune.store.failures import is_storage_failure, storage_error
+
+        if not is_storage_failure(e):
+            raise
+        err.print(f"[red]error:[/red] {escape(str(storage_error(e, _storage_in_use)))}", highlight=False)
+        raise typer.Exit(2) from None
 
 
 def _preflight(spec: StudySpec) -> tuple[Any, Any, Any]:
-    """Hardware, the model's info and each variant's (checked against the model)."""
+    """Hardware, the model's info and each variant's (checked against the model), and every file
+    the spec names read once: bad input fails here, before any storage is touched."""
     from autotune.errors import ModelError
     from autotune.models import classify_model_ref
     from autotune.runner import preflight_with_variants
 
     classify_model_ref(spec.model)  # unknown preset or missing path: fail before starting a child
+    if spec.quality.enabled and spec.quality.eval_text is not None:
+        from autotune.quality import read_eval_text
+
+        read_eval_text(spec.quality)
     for v in spec.variants:
         try:
             classify_model_ref(v)
@@ -260,15 +293,24 @@ def tune(
     """Search the spec's space, measuring every trial for real, and report the best feasible config."""
 
     def body() -> None:
-        from autotune.export import export_dict, write_export
-        from autotune.tuner import Tuner, open_storage, safe_url
+        from autotune.export import check_export_path, export_dict, write_export
+        from autotune.spec import check_study_name
+        from autotune.store.failures import check_storage
+        from autotune.tuner import Tuner, safe_url
 
+        # Everything the command line and the spec name is checked before the storage is written
+        # to: bad input never leaves tables, a study or an empty database file behind.
         spec = _with_device(load_spec(spec_path or _default_spec_path()), device)
         if sampler is not None and sampler not in ("tpe", "nsga2", "gp", "random", "grid"):
             raise SpecError(f"--sampler: unknown sampler {sampler!r}; allowed: tpe, nsga2, gp, random, grid")
-        url = _storage_url(storage, for_write=True)
-        open_storage(url)  # fail fast on an unreachable storage, before the slow preflight
+        if study is not None:
+            check_study_name(study)
+        if export is not None:
+            check_export_path(export)
+        url = _storage_url(storage, for_write=False)
+        check_storage(url, folder_may_be_created=storage is None)  # fail fast, before the slow preflight
         hw, info, variants = _preflight(spec)
+        url = _storage_url(storage, for_write=True)
         out.print(f"[bold]{spec.name}[/bold]: {info.ref} ({info.num_parameters / 1e6:,.1f}M params) on {hw.summary()}")
         tuner = Tuner(
             spec,
@@ -575,10 +617,12 @@ def capacity(
 def export_cmd(
     study: Annotated[str, typer.Argument(help="study name")],
     storage: StorageOpt = None,
-    output: Annotated[Path | None, typer.Option(help="file to write [default: stdout]")] = None,
+    output: Annotated[
+        Path | None, typer.Option(help="file to write; for triton, the model repository directory [default: stdout]")
+    ] = None,
     fmt: Annotated[str, typer.Option("--format", help="json | vllm | tgi | triton")] = "json",
 ) -> None:
-    """Export the best feasible config: versioned JSON, or a vLLM command, TGI env file or Triton config.pbtxt."""
+    """Export the best feasible config: versioned JSON, or a vLLM command, TGI env file or Triton model."""
 
     def body() -> None:
         from autotune.export import export_dict, write_export
@@ -588,10 +632,23 @@ def export_cmd(
             raise SpecError(f"--format: unknown format {fmt!r}; allowed: {', '.join(FORMATS)}")
         s = _load_study(study, storage)
         doc = export_dict(s)
+        if fmt == "triton" and output is not None:  # a whole model repository entry, not one file
+            from autotune.translate import TRITON_EXPORT_FILE, write_triton_repository
+
+            try:
+                model_dir = write_triton_repository(doc, output)
+            except OSError as e:
+                raise SpecError(f"--output {output}: cannot write the Triton model repository there: {e}") from None
+            files = f"config.pbtxt, 1/model.py, 1/{TRITON_EXPORT_FILE}"
+            serve = f"tritonserver --model-repository {output}"
+            out.print(f"wrote {escape(str(model_dir))} ({files}); serve it with: {escape(serve)}", highlight=False)
+            return
         if fmt != "json":  # a translation: self-describing text, not recorded as an export version
             text = FORMATS[fmt](doc)
             if output is None:
                 sys.stdout.write(text)
+                if fmt == "triton":
+                    err.print("config.pbtxt only: --output DIR writes the whole Triton model repository into DIR")
             else:
                 out.print(f"wrote {write_text_atomic(text, output)} ({fmt})")
             return
@@ -599,10 +656,20 @@ def export_cmd(
             print(json.dumps(doc, indent=2))
         else:
             from autotune.store import Repository
+            from autotune.store.failures import permanent_cause, storage_error
 
-            with Repository.open(_storage_url(storage, for_write=False)) as repo:
-                version = repo.record_export(study, doc["trial"], doc)
-            out.print(f"wrote {write_export(doc, output)} (export version {version})")
+            path = write_export(doc, output)  # what was asked for, even where the database is read-only
+            try:
+                with Repository.open(_storage_url(storage, for_write=False)) as repo:
+                    version = repo.record_export(study, doc["trial"], doc)
+            except Exception as e:
+                if permanent_cause(e) is None:
+                    raise
+                out.print(f"wrote {path}")
+                why = escape(str(storage_error(e, _storage_in_use)))
+                err.print(f"warning: not recorded as an export version: {why}", highlight=False)
+                return
+            out.print(f"wrote {path} (export version {version})")
 
     _run(body)
 
@@ -628,6 +695,9 @@ def worker(
                 "workers share a study through a database server: SQLite lets one process write at a time; "
                 "use --storage postgresql+psycopg://USER@HOST/DB (or run `autotune tune` alone on SQLite)"
             )
+        from autotune.spec import check_study_name
+
+        check_study_name(study, "STUDY")
         s = _load_study(study, storage)
         if "spec" not in s.user_attrs:
             raise SpecError(f"study {study!r} was not created by `autotune tune`: nothing to join")
@@ -893,16 +963,22 @@ def dashboard(
         import uvicorn
 
         from autotune.dashboard import create_app
+        from autotune.serve import check_port
         from autotune.store.migrate import safe_url
 
         url = _storage_url(storage, for_write=False)
         web_app = create_app(url)  # refuses a missing SQLite file or an old schema before binding
+        check_port(host, port)  # a port in use: one line and exit 2, before saying it serves
         if host not in ("127.0.0.1", "localhost", "::1"):
             err.print(f"warning: serving on {host}: anyone who can reach it can read these studies", highlight=False)
         err.print(f"autotune dashboard on http://{host}:{port}/ reading {safe_url(url)} (read-only)", highlight=False)
-        uvicorn.run(web_app, host=host, port=port, log_level="warning")
+        try:
+            uvicorn.run(web_app, host=host, port=port, log_level="warning")
+        except SystemExit as e:  # uvicorn exits 1 when it cannot bind (a port taken in between)
+            if e.code:
+                raise AutotuneError(f"the dashboard stopped: cannot serve on {host}:{port} (see above)") from None
 
-    _run(body)
+    _run(body, study=False)
 
 
 @app.command()
@@ -932,7 +1008,7 @@ def serve(
         err.print(f"serving {doc['model']} on http://{host}:{port} (greedy decoding; Ctrl-C drains and stops)")
         run_server(engine, host=host, port=port, model_name=doc["model"], max_context=max_context)
 
-    _run(body)
+    _run(body, study=False)
 
 
 @app.command()
@@ -991,8 +1067,14 @@ def schema() -> None:
 
 
 def main() -> None:
+    import signal
+
     # Must be set before torch is imported anywhere in this process (see runner.py).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    signal.signal(signal.SIGTERM, _on_sigterm)  # `kill`, a scheduler, a container stop: as Ctrl-C
+    from autotune import devicelock
+
+    devicelock.notify = lambda message: err.print(escape(message), highlight=False)
     try:
         app()
     except SystemExit as e:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from optuna.trial import FrozenTrial
 
 from autotune import __version__
 from autotune.deploy import SCHEMA_VERSION
-from autotune.errors import NoFeasibleConfig
+from autotune.errors import NoFeasibleConfig, SpecError
 from autotune.tuner import A_CONFIG, best_feasible, confirmation, trial_measurement
 
 _LATENCY_KEYS = ("p50", "p90", "p95", "p99")
@@ -52,11 +53,26 @@ def export_dict(study: optuna.Study, trial: FrozenTrial | None = None) -> dict[s
     }
 
 
+def check_export_path(path: str | Path) -> Path:
+    """Refuse, before a study spends its budget, an export path that could not be written at its end."""
+    p = Path(path)
+    if p.is_dir():
+        raise SpecError(f"--export {p}: is a folder; give a file name, e.g. {p / 'best.json'}")
+    folder = p.parent
+    while not folder.exists() and folder != folder.parent:  # write_export creates the missing folders
+        folder = folder.parent
+    if not folder.is_dir():
+        raise SpecError(f"--export {p}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise SpecError(f"--export {p}: not writable here (folder {folder})")
+    return p
+
+
 def write_export(doc: dict[str, Any], path: str | Path) -> Path:
     """Write atomically (temp file + rename) so a crash never leaves half a config behind."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(p.suffix + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(p)
-    return p
+    from autotune.translate import write_text_atomic
+
+    try:
+        return write_text_atomic(json.dumps(doc, indent=2) + "\n", path)
+    except OSError as err:
+        raise SpecError(f"cannot write the export to {path}: {err.strerror or err}") from None

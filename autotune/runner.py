@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from autotune.config import TrialConfig
+from autotune.devicelock import measuring_on
 from autotune.errors import AutotuneError, ModelError, SpecError, TrialFailure
 from autotune.hardware import Hardware
 from autotune.measure import Measurement
@@ -150,9 +151,15 @@ def preflight_with_variants(
     spec: StudySpec, timeout_s: float = 300.0
 ) -> tuple[Hardware, ModelInfo, dict[str, ModelInfo]]:
     """:func:`preflight`, plus each model variant's info once it is checked against the reference."""
-    res = _setup_job({"mode": "preflight", "spec": spec.model_dump(mode="json")}, timeout_s, "hardware/model preflight")
+    job = {"mode": "preflight", "spec": spec.model_dump(mode="json")}
+    res = _setup_job(job, timeout_s, "hardware/model preflight")
     variants = {ref: ModelInfo.from_dict(v) for ref, v in res.get("variants", {}).items()}
-    return Hardware.model_validate(res["hardware"]), ModelInfo.from_dict(res["model"]), variants
+    hw = Hardware.model_validate(res["hardware"])
+    # The ceilings are a measurement: in their own child, once the device is known and free.
+    with measuring_on(hw.device, f"{spec.name}: measuring the device's ceilings"):
+        c = _setup_job({"mode": "ceilings", "device": hw.device}, timeout_s, "measuring the device's ceilings")
+    hw = hw.model_copy(update={k: c[k] for k in ("memory_gb_s", "matmul_tflops", "matmul_dtype")})
+    return hw, ModelInfo.from_dict(res["model"]), variants
 
 
 def run_trial(
@@ -173,7 +180,8 @@ def run_trial(
         "reference": reference,
     }
     limit = timeout_s or spec.budget.trial_timeout_s
-    res = _run_warm(job, limit) if spec.budget.reuse_engine else run_child(job, limit)
+    with measuring_on(hardware.device, f"study {spec.name}, {config.label()}"):
+        res = _run_warm(job, limit) if spec.budget.reuse_engine else run_child(job, limit)
     return Measurement.from_dict(res["measurement"])
 
 
@@ -345,7 +353,8 @@ def compute_reference(spec: StudySpec, hardware: Hardware, timeout_s: float | No
     """The reference outputs (base64 payload) of the spec's model at its reference precision, eager,
     unquantized, on the spec's evaluation set; bad eval input raises SpecError before any trial."""
     job = {"mode": "reference", "spec": spec.model_dump(mode="json"), "hardware": hardware.model_dump(mode="json")}
-    res = _setup_job(job, timeout_s or max(spec.budget.trial_timeout_s, 300.0), "computing the quality reference")
+    with measuring_on(hardware.device, f"study {spec.name}, quality reference"):
+        res = _setup_job(job, timeout_s or max(spec.budget.trial_timeout_s, 300.0), "computing the quality reference")
     return str(res["reference"])
 
 
@@ -449,13 +458,12 @@ def _child_trial(job: dict[str, Any]) -> dict[str, Any]:
     ceilings = hw.ceilings()
     if ceilings is not None and m.requests:
         from autotune.optimize.precision import torch_dtype
-        from autotune.roofline import compute_dtype, roofline, weight_bytes
+        from autotune.roofline import compute_dtype, count_model, roofline
 
         m.roofline = roofline(
             m,
             ceilings,
-            weights=weight_bytes(engine.model),
-            info=engine.info,
+            counts=count_model(engine.model),
             kv_element_size=torch_dtype(config.precision).itemsize,
             prompt_tokens=m.mean_prompt_tokens,
             output_tokens=m.output_tokens / m.requests,
@@ -522,19 +530,24 @@ def _child_preflight(job: dict[str, Any]) -> dict[str, Any]:
         hw = probe(spec.device)
     except RuntimeError as err:
         return {"status": "error", "kind": "device", "reason": str(err)}
-    if job.get("ceilings", True):
-        from autotune.roofline import measure_ceilings
-
-        c = measure_ceilings(hw.device)
-        hw = hw.model_copy(
-            update={"memory_gb_s": c.memory_gb_s, "matmul_tflops": c.matmul_tflops, "matmul_dtype": c.matmul_dtype}
-        )
     try:
         info = resolve_model(spec.model)
         variants = {v: check_variant(spec.model, v).to_dict() for v in spec.variants}
     except ModelError as err:
         return {"status": "error", "kind": "model", "reason": str(err)}
     return {"status": "ok", "hardware": hw.model_dump(mode="json"), "model": info.to_dict(), "variants": variants}
+
+
+def _child_ceilings(job: dict[str, Any]) -> dict[str, Any]:
+    from autotune.roofline import measure_ceilings
+
+    c = measure_ceilings(job["device"])
+    return {
+        "status": "ok",
+        "memory_gb_s": c.memory_gb_s,
+        "matmul_tflops": c.matmul_tflops,
+        "matmul_dtype": c.matmul_dtype,
+    }
 
 
 def _niceness() -> int:
@@ -580,7 +593,7 @@ def _child_entry(job_json: str) -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it kills this process
     job = json.loads(job_json)
-    lower_priority(job["spec"]["budget"].get("trial_niceness", 0))  # before torch starts its threads
+    lower_priority(job.get("spec", {}).get("budget", {}).get("trial_niceness", 0))  # before torch starts threads
     log_fd = os.open(job["log_path"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -590,7 +603,12 @@ def _child_entry(job_json: str) -> None:
     logging.getLogger("torchao").setLevel(logging.ERROR)
     out = Path(job["result_path"])
     try:
-        modes = {"preflight": _child_preflight, "reference": _child_reference, "trial": _child_trial}
+        modes = {
+            "preflight": _child_preflight,
+            "ceilings": _child_ceilings,
+            "reference": _child_reference,
+            "trial": _child_trial,
+        }
         result = modes[job["mode"]](job)
     except BaseException as err:
         traceback.print_exc()

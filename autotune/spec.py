@@ -393,15 +393,84 @@ def parse_spec(data: Any, source: str = "spec") -> StudySpec:
         raise SpecError(f"{source}: {_format_validation_error(err)}") from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error.
+
+    YAML 1.2 requires unique keys, but PyYAML keeps the last one silently: ``seed: 0`` early in a
+    spec and ``seed: 5`` further down would tune with 5 and nobody would know.
+    """
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # merged keys (<<) may be overridden: their purpose
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    first = seen.get(key)
+                    seen[key] = line
+                except TypeError:  # an unhashable key: construct_mapping reports it
+                    continue
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} on lines {first} and {line}", key_node.start_mark
+                    )
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_error(err: yaml.YAMLError) -> str:
+    """The first line PyYAML gives, or its problem text (for duplicate keys the line is the context)."""
+    problem = getattr(err, "problem", None)
+    if problem and str(problem).startswith("duplicate key"):
+        return str(problem)
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def load_spec(path: str | os.PathLike[str]) -> StudySpec:
     """Read and validate a YAML study spec file."""
     p = Path(path)
     if not p.is_file():
         raise SpecError(f"spec file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise SpecError(f"{p}: not valid YAML ({first})") from None
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # a SafeLoader subclass
+    except UnicodeDecodeError as err:
+        raise SpecError(f"{p}: not valid YAML ({err})") from None
+    except yaml.YAMLError as err:
+        raise SpecError(f"{p}: not valid YAML ({_yaml_error(err)})") from None
     spec = parse_spec(data, str(p))
-    return spec if spec.name else spec.model_copy(update={"name": p.stem})
+    if spec.name:
+        return spec
+    return spec.model_copy(update={"name": check_study_name(p.stem, f"{p}: the study name (the file's name)")})
+
+
+#: Optuna's ``studies.study_name`` (and autotune's own name column) hold at most this many characters.
+MAX_STUDY_NAME = 512
+
+
+def check_study_name(name: str, source: str = "--study") -> str:
+    """``name`` if a study may carry it, else one SpecError line.
+
+    A study name travels into the database, the dashboard's URLs, log lines and the comments of
+    exported shell scripts, env files and protobuf text: control characters (a newline ends a
+    comment and starts a command), invisible format characters (bidi overrides make text read
+    differently than it runs) and line/paragraph separators are refused where a name is made,
+    and so are names longer than the database column, which SQLite would take and PostgreSQL not.
+    """
+    import unicodedata
+
+    if not name or not name.strip():
+        raise SpecError(f"{source}: a study name cannot be empty")
+    if len(name) > MAX_STUDY_NAME:
+        raise SpecError(f"{source}: a study name has at most {MAX_STUDY_NAME} characters, this one {len(name)}")
+    for i, ch in enumerate(name):
+        if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"):
+            raise SpecError(
+                f"{source}: a study name cannot contain control or invisible characters "
+                f"({unicodedata.name(ch, f'U+{ord(ch):04X}')!s} at position {i + 1}); use letters, digits, ._-"
+            )
+    if name != name.strip():
+        raise SpecError(f"{source}: a study name cannot start or end with whitespace")
+    return name

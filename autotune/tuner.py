@@ -38,7 +38,15 @@ from autotune.measure import Measurement, overhead
 from autotune.models import ModelInfo
 from autotune.random_search import DistinctRandomSampler, NoRepeatSampler, Rank
 from autotune.space import ORDINAL_KNOBS, SearchSpace
-from autotune.spec import Constraint, StudySpec
+from autotune.spec import Constraint, StudySpec, check_study_name
+from autotune.store.failures import (
+    engine_kwargs,
+    error_chain,
+    first_line,
+    permanent_cause,
+    sqlite_path,
+    storage_error,
+)
 from autotune.store.migrate import safe_url
 from autotune.surrogate import Observation, Outlook, constrained_ei, outlook, space_candidates
 
@@ -67,30 +75,16 @@ A_WORKER_STATS = "worker_stats"
 
 def _lost_connection(exc: BaseException) -> BaseException | None:
     """The database connection error behind ``exc``, if any (Optuna may raise another error while
-    handling it, e.g. when it cannot record a trial's state), else None."""
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
+    handling it, e.g. when it cannot record a trial's state), else None. A read-only database or a
+    full disk is not a lost connection: waiting for it cannot help."""
+    if permanent_cause(exc) is not None:
+        return None
+    for cur in error_chain(exc):
         if isinstance(cur, (sa_exc.OperationalError, sa_exc.InterfaceError)):
             return cur
         if isinstance(cur, sa_exc.DBAPIError) and cur.connection_invalidated:
             return cur
-        cur = cur.__cause__ or cur.__context__
     return None
-
-
-def _first_line(err: BaseException) -> str:
-    orig = getattr(err, "orig", None) or err
-    return (str(orig).strip().splitlines() or [type(orig).__name__])[0]
-
-
-def storage_error(err: BaseException) -> StorageError:
-    """A one-line StorageError for a database failure, saying the study is safe to resume."""
-    return StorageError(
-        f"lost the study database ({_first_line(err)}); finished trials are stored: "
-        "run the same command again to resume"
-    )
 
 
 def _spent(t: FrozenTrial) -> bool:
@@ -170,6 +164,36 @@ def write_trial_attrs(
     if cached is not None:
         cached.user_attrs.update(user)
         cached.system_attrs.update(system)
+
+
+def write_study_attrs(study: optuna.Study, attrs: dict[str, Any]) -> None:
+    """Set several study user attributes in one transaction: all of them are stored, or none.
+
+    Optuna's ``set_user_attr`` commits each on its own. Through Optuna's RDB models the same rows
+    are written in one session; a storage other than Optuna's RDB storage, or an Optuna whose private
+    modules moved, gets the public calls in the dict's order (a creation record puts ``spec`` last).
+    """
+    storage: Any = study._storage
+    backend = getattr(storage, "_backend", storage)
+    try:
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+    except ImportError:
+        backend = None
+    if not isinstance(backend, optuna.storages.RDBStorage):
+        for key, value in attrs.items():
+            study.set_user_attr(key, value)
+        return
+    with _create_scoped_session(backend.scoped_session, True) as session:
+        row = models.StudyModel.find_or_raise_by_id(study._study_id, session)
+        for key, value in attrs.items():
+            attr = models.StudyUserAttributeModel.find_by_study_and_key(row, key, session)
+            if attr is None:
+                session.add(
+                    models.StudyUserAttributeModel(study_id=row.study_id, key=key, value_json=json.dumps(value))
+                )
+            else:
+                attr.value_json = json.dumps(value)
 
 
 class _KeptParams:
@@ -390,17 +414,11 @@ def make_sampler(name: str, seed: int, n_constraints: int, space: SearchSpace) -
 def open_storage(url: str) -> optuna.storages.RDBStorage:
     """Open (creating tables if needed) an RDB storage, with a clear error when it cannot be reached."""
     kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
-        if path and path != ":memory:":
-            from pathlib import Path
-
-            parent = Path(path).expanduser().parent
-            if not parent.is_dir():
-                raise StorageError(f"cannot open storage {safe_url(url)}: folder {parent} does not exist")
-        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 30}}
-    elif url.startswith("postgresql"):
-        kwargs["engine_kwargs"] = {"connect_args": {"connect_timeout": 5}, "pool_pre_ping": True}
+    path = sqlite_path(url)
+    if path is not None and not path.parent.is_dir():
+        raise StorageError(f"cannot open storage {safe_url(url)}: folder {path.parent} does not exist")
+    if url.startswith(("sqlite", "postgresql")):
+        kwargs["engine_kwargs"] = engine_kwargs(url)
     try:
         beat = int(os.environ.get("AUTOTUNE_HEARTBEAT_S", HEARTBEAT_S))
         # A trial whose worker died (no heartbeat for 4 beats) is failed and queued again.
@@ -410,6 +428,8 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
             kwargs["failed_trial_callback"] = optuna.storages.RetryFailedTrialCallback(max_retry=2)
         return optuna.storages.RDBStorage(url, heartbeat_interval=beat, grace_period=beat * 4, **kwargs)
     except Exception as err:  # sqlalchemy/driver errors vary; all mean "cannot use this storage"
+        if permanent_cause(err) is not None:
+            raise storage_error(err, url) from None
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise StorageError(f"cannot open storage {safe_url(url)}: {first}") from None
 
@@ -592,7 +612,7 @@ class Tuner:
     variants: dict[str, ModelInfo] = field(default_factory=dict)  # model variants' infos (preflight)
 
     def __post_init__(self) -> None:
-        self.name = self.study_name or self.spec.name or "study"
+        self.name = check_study_name(self.study_name or self.spec.name or "study")
         self.budget = self.trials or self.spec.budget.trials
         self.space = SearchSpace.from_spec(self.spec, self.hardware, self.model, self.variants)
         self.slo = list(self.spec.slo)
@@ -626,6 +646,8 @@ class Tuner:
                 directions=["maximize", "minimize"] if self.spec.objective == "pareto" else ["maximize"],
             )
         except Exception as err:
+            if permanent_cause(err) is not None:
+                raise storage_error(err, self.storage_url) from None
             raise StorageError(f"cannot create study {self.name!r} in {safe_url(self.storage_url)}: {err}") from None
         self._one_read_per_trial(study, storage)
         self._check_or_record(study)
@@ -726,21 +748,21 @@ class Tuner:
         )
 
     def _check_or_record(self, study: optuna.Study) -> None:
+        """Check this run against the study's spec and hardware, or record them for a new study.
+
+        The record is written in one transaction, so a study is either created whole or not at
+        all (a full disk or a crash in between used to leave a spec without its hardware, refused
+        on every later run). A study an older autotune left half-recorded is completed here.
+        """
         attrs = study.user_attrs
         spec_json = self.spec.model_dump(mode="json")
+        record = self._creation_record(spec_json)
+        if "spec" in attrs and "fingerprint" not in attrs:  # half-recorded: check the spec, then complete it
+            self._check_spec(attrs["spec"], spec_json)
+            write_study_attrs(study, {k: v for k, v in record.items() if k not in attrs})
+            return
         if "spec" in attrs:
-            free = ("budget", "name", "sampler", "device", "warm_start")  # may differ per run or per worker
-            try:  # a spec stored by an older version, with today's defaults for fields added since
-                stored_spec = StudySpec.model_validate(attrs["spec"]).model_dump(mode="json")
-            except ValueError:
-                stored_spec = attrs["spec"]
-            stored = {k: v for k, v in stored_spec.items() if k not in free}
-            mine = {k: v for k, v in spec_json.items() if k not in free}
-            if stored != mine:
-                raise SpecError(
-                    f"study {self.name!r} already exists with a different spec; pass --study NEW_NAME "
-                    "to start a new study (nothing was changed)"
-                )
+            self._check_spec(attrs["spec"], spec_json)
             if attrs.get("fingerprint") != self.hardware.fingerprint() and not self.allow_heterogeneous:
                 stored = {**attrs.get("hardware", {}), "fingerprint": attrs.get("fingerprint")}
                 differ = self.hardware.differences(stored)
@@ -750,19 +772,37 @@ class Tuner:
                     "(or --allow-heterogeneous for a worker)"
                 )
             return
-        study.set_user_attr("spec", spec_json)
-        study.set_user_attr("hardware", self.hardware.model_dump(mode="json"))
-        study.set_user_attr("fingerprint", self.hardware.fingerprint())
-        study.set_user_attr("model", self.model.to_dict())
-        study.set_user_attr("space", self.space.values)
-        study.set_user_attr("space_dropped", self.space.dropped)
-        study.set_user_attr("objectives", ["output_tokens_per_s", self.spec.second_objective])
-        # A clause names its one bound: "max" (the unused "min" is left out), or "min" for fidelity floors.
-        study.set_user_attr(
-            "slo", [c.model_dump(mode="json", exclude={"min"} if c.min is None else {"max"}) for c in self.slo]
-        )
-        study.set_user_attr("autotune_version", __version__)
-        study.set_user_attr("created_at", time.time())
+        write_study_attrs(study, record)
+
+    def _check_spec(self, stored_raw: dict[str, Any], spec_json: dict[str, Any]) -> None:
+        free = ("budget", "name", "sampler", "device", "warm_start")  # may differ per run or per worker
+        try:  # a spec stored by an older version, with today's defaults for fields added since
+            stored_spec = StudySpec.model_validate(stored_raw).model_dump(mode="json")
+        except ValueError:
+            stored_spec = stored_raw
+        stored = {k: v for k, v in stored_spec.items() if k not in free}
+        mine = {k: v for k, v in spec_json.items() if k not in free}
+        if stored != mine:
+            raise SpecError(
+                f"study {self.name!r} already exists with a different spec; pass --study NEW_NAME "
+                "to start a new study (nothing was changed)"
+            )
+
+    def _creation_record(self, spec_json: dict[str, Any]) -> dict[str, Any]:
+        """The study attributes a new study is created with (``spec`` last: it marks a recorded study)."""
+        return {
+            "hardware": self.hardware.model_dump(mode="json"),
+            "fingerprint": self.hardware.fingerprint(),
+            "model": self.model.to_dict(),
+            "space": self.space.values,
+            "space_dropped": self.space.dropped,
+            "objectives": ["output_tokens_per_s", self.spec.second_objective],
+            # A clause names its one bound: "max" (the unused "min" is left out), or "min" for fidelity floors.
+            "slo": [c.model_dump(mode="json", exclude={"min"} if c.min is None else {"max"}) for c in self.slo],
+            "autotune_version": __version__,
+            "created_at": time.time(),
+            "spec": spec_json,
+        }
 
     # -- the loop -------------------------------------------------------------------------------
     def _measure(self, cfg: TrialConfig, *, fresh: bool = False) -> Measurement:
@@ -953,8 +993,8 @@ class Tuner:
                     raise
                 lost_since = lost_since or time.monotonic()
                 if time.monotonic() - lost_since > STORAGE_RETRY_S:
-                    raise storage_error(err) from None
-                self.events.on_storage_lost(f"{_first_line(err)} (retrying for up to {STORAGE_RETRY_S:g} s)")
+                    raise storage_error(err, self.storage_url) from None
+                self.events.on_storage_lost(f"{first_line(err)} (retrying for up to {STORAGE_RETRY_S:g} s)")
                 time.sleep(STORAGE_RETRY_PAUSE_S)
         if attempts[0] >= max_attempts and self.spent < self.budget and self.stop_reason is None:
             self.stop_reason = (

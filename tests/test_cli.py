@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import signal
 import sqlite3
@@ -251,6 +252,11 @@ BAD_INPUTS = [
     (["measure", str(TINY_SPEC)], "give exactly one of --config FILE or --baseline"),
     (["tune", str(TINY_SPEC), "--device", "gpu0"], "--device: device: String should match pattern"),
     (["tune", str(TINY_SPEC), "--device", "cuda:1"], "device cuda:1 requested but"),
+    (["tune", "{duplicate_key}"], "duplicate key 'output_tokens' on lines 8 and 9"),
+    (["tune", str(TINY_SPEC), "--study", "nl\ntouch PWNED\n#"], "cannot contain control or invisible characters"),
+    (["tune", str(TINY_SPEC), "--study", "x" * 600], "at most 512 characters, this one 600"),
+    (["tune", str(TINY_SPEC), "--export", "studies"], "--export studies: is a folder"),
+    (["worker", "tiny\x1b[2J", "--storage", "postgresql+psycopg://u@127.0.0.1:1/db"], "control or invisible"),
 ]
 
 
@@ -268,6 +274,7 @@ def test_bad_input_is_one_line_exit_2_and_leaves_the_db_alone(
         "batch0": text.replace("batch_size: [1, 4, 8]", "batch_size: [0, 4]"),
         "negative_slo": text.replace("{p95: 2000}", "{p95: -1}"),
         "other_spec": text.replace("output_tokens: 8", "output_tokens: 9"),
+        "duplicate_key": text.replace("output_tokens: 8", "output_tokens: 8\n  output_tokens: 9"),
     }
     for name, body in files.items():
         (tmp_path / f"{name}.yaml").write_text(body)
@@ -345,3 +352,173 @@ def test_capacity_finds_a_rate_that_keeps_the_slo(tuned: Path, tmp_path: Path) -
     assert cap["rate"] == (max(kept) if kept else None)
     res = run_cli("capacity", "nope", cwd=tmp_path)
     assert res.returncode == 2 and "Traceback" not in res.stderr
+
+
+NEW_DB_BAD_INPUTS = [
+    ("{missing_path}", [], "model path does not exist"),
+    ("{unknown_preset}", [], "unknown model preset"),
+    ("{offline_hub_id}", [], "nosuch-org/nosuch-model"),
+    ("{missing_eval_text}", [], "quality.eval_text: file not found"),
+    (str(TINY_SPEC), ["--export", "."], "is a folder"),
+    (str(TINY_SPEC), ["--study", "a\rb"], "control or invisible characters"),
+]
+
+
+@pytest.mark.parametrize(("spec", "extra", "message"), NEW_DB_BAD_INPUTS)
+def test_bad_input_creates_no_database(tmp_path: Path, spec: str, extra: list[str], message: str) -> None:
+    """Everything a spec names is checked before any storage is touched: no file, no tables."""
+    text = TINY_SPEC.read_text()
+    files = {
+        "missing_path": text.replace("preset:llama-tiny", "./no/such/model"),
+        "unknown_preset": text.replace("preset:llama-tiny", "preset:llama-huge"),
+        "offline_hub_id": text.replace("preset:llama-tiny", "nosuch-org/nosuch-model"),
+        "missing_eval_text": text + "quality: {eval_text: no-such-file.txt}\n",
+    }
+    for name, body in files.items():
+        (tmp_path / f"{name}.yaml").write_text(body)
+    res = run_cli("tune", spec.format(**{k: f"{k}.yaml" for k in files}), *extra, cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    assert message in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert not (tmp_path / "studies").exists()
+
+
+def test_bad_input_creates_no_tables_in_an_empty_postgres_database(tmp_path: Path, pg_database: str) -> None:
+    import sqlalchemy as sa
+
+    (tmp_path / "missing.yaml").write_text(TINY_SPEC.read_text().replace("preset:llama-tiny", "./no/such/model"))
+    res = run_cli("tune", "missing.yaml", "--storage", pg_database, cwd=tmp_path)
+    assert res.returncode == 2 and "model path does not exist" in res.stderr, res.stderr
+    engine = sa.create_engine(pg_database)
+    try:
+        assert sa.inspect(engine).get_table_names() == []
+    finally:
+        engine.dispose()
+
+
+def test_sigterm_stops_cleanly_marks_the_trial_and_resumes(tmp_path: Path) -> None:
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(TINY_SPEC.read_text().replace("trials: 4", "trials: 8"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "autotune.cli", "tune", str(spec)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    db = tmp_path / "studies" / "autotune.db"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (db.exists() and "COMPLETE" in trial_states(db)):
+        time.sleep(0.5)
+    while time.time() < deadline and "RUNNING" not in trial_states(db):  # a trial in flight
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, (proc.returncode, err[-2000:])
+    assert "terminated (SIGTERM)" in err and "run the same command again to resume" in err
+    assert "Traceback" not in err
+    states = trial_states(db)
+    assert "RUNNING" not in states and "FAIL" in states  # marked at once, not left to the heartbeat check
+    res = run_cli("tune", str(spec), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert measured(db) >= 8 and "RUNNING" not in trial_states(db)
+
+
+def test_a_read_only_database_is_named_with_the_fix(tuned: Path, tmp_path: Path) -> None:
+    shutil.copytree(tuned / "studies", tmp_path / "studies")
+    db = tmp_path / "studies" / "autotune.db"
+    before = digest(db)
+    read_only = f"sqlite:///file:{db}?mode=ro&uri=true"
+    res = run_cli("tune", str(TINY_SPEC), "--trials", "6", "--storage", read_only, cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    assert "the database is read-only" in res.stderr and "writable" in res.stderr
+    assert "run the same command again" not in res.stderr and "invalid data" not in res.stderr
+    assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) <= 3, res.stderr
+    res = run_cli("export", "tiny", "--storage", read_only, "--output", "best.json", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr  # the file is what was asked for; the version is not recorded
+    assert json.loads((tmp_path / "best.json").read_text())["study"] == "tiny"
+    assert "not recorded" in res.stderr and "read-only" in res.stderr
+    assert digest(db) == before
+
+
+def test_a_read_only_folder_is_refused_before_measuring(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from autotune.errors import StorageError
+    from autotune.store.failures import check_storage
+
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == tmp_path else real(p, mode))
+    with pytest.raises(StorageError, match=f"the database is read-only.*make .* and its folder {tmp_path} writable"):
+        check_storage(f"sqlite:///{tmp_path}/x.db")
+    assert not (tmp_path / "x.db").exists()
+
+
+def test_dashboard_on_a_taken_port_is_one_line_exit_2(tuned: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        res = run_cli("dashboard", "--port", str(port), cwd=tuned, timeout=60)
+    assert res.returncode == 2, res.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in res.stderr and "autotune dashboard on" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_two_tunes_on_one_machine_take_turns_measuring(tmp_path: Path) -> None:
+    """Two studies on the same CPU: the second waits for the first's trial instead of measuring beside it."""
+    env = {"AUTOTUNE_LOCK_DIR": str(tmp_path / "locks")}
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(TINY_SPEC.read_text().replace("trials: 4", "trials: 2"))
+    cmd = [sys.executable, "-m", "autotune.cli", "tune", str(spec)]
+    procs = [
+        subprocess.Popen(
+            [*cmd, "--storage", f"sqlite:///{tmp_path}/{i}.db"],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **env},
+        )
+        for i in range(2)
+    ]
+    errs = [p.communicate(timeout=240)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    assert any("waiting for cpu: another autotune process is measuring on it" in e for e in errs), errs
+
+
+def test_export_triton_writes_a_model_repository(tuned: Path, tmp_path: Path) -> None:
+    """``--format triton --output DIR`` writes DIR/NAME/{config.pbtxt, 1/model.py, 1/autotune-export.json};
+    without --output, config.pbtxt goes to stdout and stderr says how to get the whole repository."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from autotune.translate import TRITON_EXPORT_FILE, TRITON_MODEL_SOURCE
+
+    shutil.copytree(tuned / "studies", tmp_path / "studies")
+    res = run_cli("export", "tiny", "--format", "triton", "--output", "models", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    model_dir = tmp_path / "models" / "tiny"
+    assert str(model_dir.relative_to(tmp_path)) in res.stdout and "tritonserver --model-repository models" in res.stdout
+    files = {p.relative_to(model_dir).as_posix() for p in model_dir.rglob("*") if p.is_file()}
+    assert files == {"config.pbtxt", "1/model.py", f"1/{TRITON_EXPORT_FILE}"}
+    assert [p.name for p in (tmp_path / "models").iterdir()] == ["tiny"]  # no staging directory left
+    cfg = text_format.Parse((model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert cfg.name == "tiny" and cfg.backend == "python" and cfg.max_batch_size >= 1
+    assert (model_dir / "1" / "model.py").read_text() == TRITON_MODEL_SOURCE.read_text()
+    best = run_cli("best", "tiny", "--json", cwd=tmp_path)
+    assert best.returncode == 0, best.stderr
+    exported = json.loads((model_dir / "1" / TRITON_EXPORT_FILE).read_text())
+    want = json.loads(best.stdout)
+    assert exported.pop("exported_at") and want.pop("exported_at")
+    assert json.dumps(exported, sort_keys=True) == json.dumps(want, sort_keys=True)  # NaN (not measured) too
+    res = run_cli("export", "tiny", "--format", "triton", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+
+    def undated(text: str) -> list[str]:
+        return [ln for ln in text.splitlines() if "  exported: " not in ln]
+
+    assert undated(res.stdout) == undated((model_dir / "config.pbtxt").read_text())
+    assert "--output DIR writes the whole Triton model repository" in res.stderr
+    (tmp_path / "afile").write_text("")
+    res = run_cli("export", "tiny", "--format", "triton", "--output", "afile", cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr and "--output afile" in res.stderr

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import time
+from pathlib import Path
+
 import pytest
 
 from autotune.config import TrialConfig
@@ -234,3 +238,22 @@ def test_an_idle_warm_process_exits_on_its_own_when_closed(spec: StudySpec, hw: 
     assert proc.is_alive()
     runner.close_warm_child()
     assert proc.exitcode == 0  # not -9 (SIGKILL)
+
+
+def test_a_trial_waits_while_another_process_measures_on_its_device(
+    spec: StudySpec, hw: Hardware, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from autotune import devicelock
+
+    from .test_devicelock import hold, started
+
+    holder = hold("cpu", 3.0, tmp_path / "held.json", tmp_path)
+    started(holder)
+    monkeypatch.setenv(devicelock.LOCK_DIR_ENV, str(tmp_path))
+    said: list[str] = []
+    monkeypatch.setattr(devicelock, "notify", said.append)
+    run_trial(spec, TrialConfig(batch_size=4), hw)
+    done = time.time()
+    holder.communicate(timeout=30)
+    _, released = json.loads((tmp_path / "held.json").read_text())
+    assert released <= done and said and said[0].startswith("waiting for cpu")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from autotune.errors import SpecError
-from autotune.spec import load_spec, parse_spec
+from autotune.spec import MAX_STUDY_NAME, check_study_name, load_spec, parse_spec
 
 from .conftest import ROOT, TINY_SPEC
 
@@ -98,3 +98,58 @@ def test_name_defaults_to_file_stem(tmp_path: Path) -> None:
 @pytest.mark.parametrize("path", sorted((ROOT / "studies").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_study_spec_loads(path: Path) -> None:
     assert load_spec(path).name
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "seed: 0\nmodel: preset:llama-tiny\nslo: {e2e_ms: {p95: 100}}\nseed: 5\n",
+            "duplicate key 'seed' on lines 1 and 4",
+        ),
+        (
+            "model: preset:llama-tiny\nslo:\n  e2e_ms: {p95: 100}\nworkload:\n  requests: 4\n  requests: 8\n",
+            "duplicate key 'requests' on lines 5 and 6",
+        ),
+        ("model: preset:llama-tiny\nslo: {e2e_ms: {p95: 100, p95: 200}}\n", "duplicate key 'p95' on lines 2 and 2"),
+    ],
+)
+def test_a_key_given_twice_is_refused_naming_both_lines(tmp_path: Path, text: str, message: str) -> None:
+    spec = tmp_path / "dup.yaml"
+    spec.write_text(text)
+    with pytest.raises(SpecError, match=message):
+        load_spec(spec)
+
+
+def test_yaml_merge_keys_may_still_override(tmp_path: Path) -> None:
+    spec = tmp_path / "merge.yaml"
+    spec.write_text(
+        "base: &b {requests: 4, max_duration_s: 1}\nmodel: preset:llama-tiny\nslo: {e2e_ms: {p95: 100}}\n"
+        "workload: {<<: *b, requests: 8}\n"
+    )
+    with pytest.raises(SpecError, match="base"):  # the unknown field, not a duplicate key
+        load_spec(spec)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["nl\ntouch PWNED\n#", "cr\rx", "nul\x00", "esc\x1b[31m", "ls\u2028x", "nel\x85x", "bidi\u202ex", "", "  ", " pad"],
+)
+def test_study_names_with_control_characters_are_refused(name: str) -> None:
+    with pytest.raises(SpecError) as exc:
+        check_study_name(name)
+    assert "\n" not in str(exc.value)
+
+
+def test_study_names_longer_than_the_database_column_are_refused() -> None:
+    assert check_study_name("a" * MAX_STUDY_NAME) == "a" * MAX_STUDY_NAME
+    assert check_study_name("größe test/β-2 (x)") == "größe test/β-2 (x)"  # any printable text is fine
+    with pytest.raises(SpecError, match=f"at most {MAX_STUDY_NAME} characters, this one 600"):
+        check_study_name("a" * 600)
+
+
+def test_a_spec_file_named_with_a_newline_is_refused(tmp_path: Path) -> None:
+    spec = tmp_path / "x\ntouch PWNED.yaml"
+    spec.write_text("model: preset:llama-tiny\nslo: {e2e_ms: {p95: 100}}\n")
+    with pytest.raises(SpecError, match="the study name"):
+        load_spec(spec)

@@ -548,3 +548,51 @@ def test_samplers_do_not_propose_configs_the_rules_reject(tmp_path: Path, sample
         study = tuner(tmp_path / str(seed), trials=10, spec={"sampler": sampler, "seed": seed}).run()
         complete = [t for t in study.trials if t.state.name == "COMPLETE"]
         assert len(complete) >= 8 and [t.number for t in study.trials if "rejected" in t.user_attrs] == []
+
+
+def test_a_study_name_with_control_characters_is_refused_before_any_storage(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="control or invisible characters"):
+        tuner(tmp_path, study_name="nl\ntouch PWNED\n#")
+    assert not (tmp_path / "t.db").exists()
+
+
+def test_a_write_failing_at_any_step_of_creating_a_study_leaves_it_resumable(tmp_path: Path) -> None:
+    """A full disk while a study is created: whichever write fails (Optuna's tables, the study row,
+    its spec and hardware record, autotune's tables, its study row), the error names the full disk
+    and, once there is room, the same run creates or completes the study and measures it."""
+    import sqlite3
+
+    import sqlalchemy as sa
+
+    from autotune.store.failures import storage_error
+
+    fail = {"at": 0, "writes": 0}
+
+    def disk_full(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if fail["at"] and statement.lstrip().split()[0].upper() in ("INSERT", "UPDATE", "CREATE", "DELETE", "ALTER"):
+            fail["writes"] += 1
+            if fail["writes"] == fail["at"]:
+                raise sqlite3.OperationalError("database or disk is full")
+
+    sa.event.listen(sa.engine.Engine, "before_cursor_execute", disk_full)
+    steps = 0
+    try:
+        for at in range(1, 200):
+            work = tmp_path / str(at)
+            work.mkdir()
+            fail.update(at=at, writes=0)
+            try:
+                tuner(work, spec={"budget": {"trials": 1}}).open_study()
+            except Exception as err:
+                assert "the disk holding the database is full" in str(storage_error(err)), err
+            else:
+                break
+            finally:
+                fail["at"] = 0
+            steps += 1
+            study = tuner(work, spec={"budget": {"trials": 1}}).run()  # room again: the same run goes on
+            assert study.user_attrs["fingerprint"] == make_hw().fingerprint()
+            assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE]
+    finally:
+        sa.event.remove(sa.engine.Engine, "before_cursor_execute", disk_full)
+    assert steps > 20  # every write of the creation was failed once (Optuna's tables alone take ~20)

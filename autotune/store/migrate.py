@@ -130,6 +130,10 @@ def _storage_errors(url: str | URL, doing: str) -> Iterator[None]:
     try:
         yield
     except (SQLAlchemyError, CommandError) as err:
+        from autotune.store.failures import permanent_cause, storage_error
+
+        if permanent_cause(err) is not None:  # a read-only file, a full disk: say so, and the fix
+            raise storage_error(err, str(url)) from err
         text = str(getattr(err, "orig", None) or err).strip()
         first = text.splitlines()[0] if text else type(err).__name__
         raise StorageError(f"cannot {doing} storage {safe_url(url)}: {first}") from err
