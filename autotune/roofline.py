@@ -4,7 +4,9 @@ The ceilings are measured on the device itself (a large device-to-device copy an
 matmul), never taken from a datasheet. A decode step must read every weight once plus the KV
 cache of each row in flight, so its floor is ``bytes / copy bandwidth``; the fraction a trial
 reaches is that floor over its measured time per output token. Prefill is compute-bound, so
-its fraction is its linear-layer FLOPs over (prefill time x matmul rate).
+its fraction is its matmul and attention FLOPs over (prefill time x matmul rate). Bytes and FLOPs
+are counted from the model's own modules and config (:func:`count_model`), so GPT-2's Conv1D,
+OPT's learned positions or Qwen2's grouped KV heads count as what they are.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from autotune.measure import Measurement
-    from autotune.models import ModelInfo
 
 
 @dataclass(frozen=True)
@@ -86,49 +87,161 @@ def _tensor_bytes(t: Any) -> int:
     flatten = getattr(type(t), "__tensor_flatten__", None)
     if flatten is not None and type(t).__name__ not in ("Tensor", "Parameter"):
         names, _ = t.__tensor_flatten__()
-        return sum(_tensor_bytes(getattr(t, n)) for n in names)
+        return sum(_tensor_bytes(inner) for n in names if (inner := getattr(t, n, None)) is not None)
     return int(t.numel() * t.element_size())
 
 
-def weight_bytes(model: Any) -> dict[str, int]:
-    """What a forward pass reads and multiplies: weight bytes and matmul parameter counts.
+@dataclass(frozen=True)
+class ModelCounts:
+    """What one token costs a model, counted from its modules and its config (never a Llama formula).
 
-    ``decode_read`` is every unique weight except the input embedding table, which is a lookup
-    (one row per token) unless it is tied to the output head, which reads all of it.
-    Dynamic-quantized (fbgemm) modules keep packed int8 weights outside ``parameters()``; they
-    count one byte per weight.
+    ``decode_read_bytes`` is every unique weight a decode step multiplies or applies: all parameters
+    and buffers at their storage size, except embedding tables that are only looked up (one row per
+    token; a table tied to the output head is read whole and counted once) and boolean masks.
+    ``matmul_params`` is the multiply-add count of one token through every matmul module (nn.Linear,
+    GPT-2's Conv1D, quantized linears, the output head), at the logical weight shape whatever the
+    storage; ``head_params`` is the output head's share, which a prefill runs for one token per row.
     """
-    seen: set[int] = set()
-    total = params = 0
-    for p in list(model.parameters()) + list(model.buffers()):
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        total += _tensor_bytes(p)
-        params += int(p.numel()) if p.dim() >= 2 else 0
+
+    total_bytes: int
+    decode_read_bytes: int
+    matmul_params: int
+    head_params: int
+    kv_elements_per_token: int  # K and V across all layers: 2 x layers x kv heads x head dim
+    attention_width: int  # layers x query heads x head dim (a query's score and value FLOPs are 4 x this x keys)
+
+    def kv_bytes_per_token(self, kv_element_size: int) -> int:
+        """Bytes of K and V one token of context holds across all layers."""
+        return self.kv_elements_per_token * kv_element_size
+
+
+def _matmul_elements(mod: Any) -> int | None:
+    """Weight elements one token multiplies through ``mod`` if it is a matmul module, else None.
+
+    nn.Linear and the modules that replace it (torch.ao's dynamic-quantized Linear, bitsandbytes',
+    GPTQ's ``infeatures``) say their logical shape; transformers' Conv1D (GPT-2) says ``nx``/``nf``.
+    """
+    ins = getattr(mod, "in_features", None) or getattr(mod, "infeatures", None)
+    outs = getattr(mod, "out_features", None) or getattr(mod, "outfeatures", None)
+    if isinstance(ins, int) and isinstance(outs, int):
+        return ins * outs
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return None
+    if isinstance(mod, Conv1D):
+        return int(mod.nx) * int(mod.nf)
+    return None
+
+
+def _matmul_modules(model: Any) -> list[tuple[Any, int]]:
+    """Each outermost matmul module with its weight elements (a wrapper's inner Linear is not counted again)."""
+    found: list[tuple[Any, int]] = []
+
+    def walk(mod: Any) -> None:
+        n = _matmul_elements(mod)
+        if n is not None:
+            found.append((mod, n))
+            return
+        for child in mod.children():
+            walk(child)
+
+    walk(model)
+    return found
+
+
+def _attention_shape(config: Any) -> tuple[int, int, int, int]:
+    """Layers, query heads, KV heads and head dim from a transformers config (GPT-2's ``n_head``, OPT, GQA).
+
+    Zeros where the config does not say (the KV cache and attention FLOPs then count as nothing:
+    the fractions err low, never above the bound).
+    """
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+
+    def first(*names: str) -> Any:
+        for name in names:
+            value = getattr(text, name, None)
+            if value is not None:
+                return value
+        return None
+
+    layers = int(first("num_hidden_layers", "n_layer", "num_layers") or 0)
+    heads = int(first("num_attention_heads", "n_head", "num_heads") or 0)
+    hidden = int(first("hidden_size", "n_embd", "d_model") or 0)
+    if getattr(text, "multi_query", False) and not getattr(text, "new_decoder_architecture", False):
+        kv_heads = 1  # GPT-BigCode, Falcon-7B: one K/V head whatever else the config says
+    else:
+        kv_heads = first("num_key_value_heads", "num_kv_heads", "n_head_kv", "multi_query_group_num") or heads
+    head_dim = int(first("head_dim") or (hidden // heads if heads else 0))
+    return layers, heads, int(kv_heads), head_dim
+
+
+def count_model(model: Any) -> ModelCounts:
+    """Bytes and FLOPs per token of ``model``, from its modules and ``model.config``."""
+    import torch
+
+    tensors: dict[int, Any] = {}
+    for p in model.parameters():
+        tensors.setdefault(id(p), p)
+    masks: set[int] = set()
+    for b in model.buffers():
+        tensors.setdefault(id(b), b)
+        if b.dtype == torch.bool:
+            masks.add(id(b))
+    total = sum(_tensor_bytes(t) for t in tensors.values())
+    # Dynamic-quantized (fbgemm) modules keep packed int8 weights outside parameters(): count them here.
     for mod in model.modules():
-        packed = getattr(mod, "_packed_params", None)
-        if packed is not None and callable(getattr(mod, "weight", None)):
-            n = int(mod.weight().numel())
-            total, params = total + n, params + n
-    emb = model.get_input_embeddings().weight
-    head = model.get_output_embeddings()
-    tied = head is not None and getattr(head, "weight", None) is emb
-    emb_bytes, emb_params = (0, 0) if tied else (_tensor_bytes(emb), int(emb.numel()))
-    return {"total": total, "decode_read": total - emb_bytes, "matmul_params": params - emb_params}
+        if getattr(mod, "_packed_params", None) is not None and callable(getattr(mod, "weight", None)):
+            total += _tensor_bytes(mod.weight())
+            bias = mod.bias() if callable(getattr(mod, "bias", None)) else None
+            total += _tensor_bytes(bias) if bias is not None else 0
+    matmuls = _matmul_modules(model)
+    multiplied = {id(t) for mod, _ in matmuls for t in mod.parameters()}
+    lookups = {
+        id(mod.weight)
+        for mod in model.modules()
+        if isinstance(mod, torch.nn.Embedding) and id(mod.weight) not in multiplied
+    }
+    skipped = sum(_tensor_bytes(tensors[i]) for i in (lookups | masks) if i in tensors)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    layers, heads, kv_heads, head_dim = _attention_shape(model.config)
+    return ModelCounts(
+        total_bytes=total,
+        decode_read_bytes=total - skipped,
+        matmul_params=sum(n for _, n in matmuls),
+        head_params=sum(n for mod, n in matmuls if mod is head),
+        kv_elements_per_token=2 * layers * kv_heads * head_dim,
+        attention_width=layers * heads * head_dim,
+    )
 
 
-def kv_bytes_per_token(info: ModelInfo, kv_element_size: int) -> int:
-    """Bytes of K and V one token of context holds across all layers."""
-    return 2 * info.num_layers * info.num_kv_heads * info.head_dim * kv_element_size
+def weight_bytes(model: Any) -> dict[str, int]:
+    """:func:`count_model`'s weight figures as a dict (``total``, ``decode_read``, ``matmul_params``)."""
+    c = count_model(model)
+    return {"total": c.total_bytes, "decode_read": c.decode_read_bytes, "matmul_params": c.matmul_params}
+
+
+def prefill_flops(counts: ModelCounts, prompt_tokens: float, rows: float) -> float:
+    """FLOPs of a prefill of ``rows`` prompts of ``prompt_tokens`` real tokens.
+
+    Each prompt token runs every matmul but the output head (2 FLOPs per weight element); the head
+    runs for the last token only (transformers' ``logits_to_keep=1``, as generate() and the static
+    decoder call it); and token ``i`` of the prompt scores and weights ``i`` keys, causally:
+    ``4 x attention_width x i`` FLOPs, summed to ``2 x attention_width x P x (P + 1)``. Padding
+    is not useful work and is not counted.
+    """
+    p = prompt_tokens
+    body = 2.0 * (counts.matmul_params - counts.head_params) * p
+    head = 2.0 * counts.head_params
+    attention = 2.0 * counts.attention_width * p * (p + 1)
+    return (body + head + attention) * rows
 
 
 def roofline(
     m: Measurement,
     ceilings: Ceilings,
     *,
-    weights: dict[str, int],
-    info: ModelInfo,
+    counts: ModelCounts,
     kv_element_size: int,
     prompt_tokens: float,
     output_tokens: float,
@@ -138,19 +251,18 @@ def roofline(
 
     Decode: the bytes one step must read (weights + the KV cache of the mean batch at the
     mean context) at the measured copy bandwidth, over the median time per output token.
-    Prefill: 2 x matmul parameters x prompt tokens x rows FLOPs (attention scores left out,
-    small at these prompt lengths) over the median prefill time, as a rate (``prefill_tflops``)
+    Prefill: :func:`prefill_flops` over the median prefill time, as a rate (``prefill_tflops``)
     and, when the trial multiplies in the dtype the ceiling was measured in (``matmul_dtype``,
     see :func:`compute_dtype`), as a fraction of it: an int8 or fp32 trial measured against a
     bf16 ceiling would read as a meaningless fraction (even above 100%), so it gets NaN.
     """
     rows = max(m.mean_batch_rows, 1.0)
     context = prompt_tokens + output_tokens / 2
-    step_bytes = weights["decode_read"] + kv_bytes_per_token(info, kv_element_size) * context * rows
+    step_bytes = counts.decode_read_bytes + counts.kv_bytes_per_token(kv_element_size) * context * rows
     bound_ms = step_bytes / (ceilings.memory_gb_s * 1e9) * 1e3
     step_ms = m.tpot_ms.get("p50", math.nan)
     prefill_ms = (m.prefill_ms or {}).get("p50", math.nan)
-    flops = 2.0 * weights["matmul_params"] * prompt_tokens * rows
+    flops = prefill_flops(counts, prompt_tokens, rows)
     tflops = flops / (prefill_ms / 1e3) / 1e12 if prefill_ms > 0 else math.nan
     comparable = matmul_dtype is None or _same_rate(matmul_dtype, ceilings.matmul_dtype)
     return {
