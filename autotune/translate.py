@@ -27,11 +27,16 @@ Mappings follow these documentation pages (checked 2026-11):
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
 import math
 import os
 import re
 import shlex
+import shutil
+import tarfile
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +61,69 @@ class Knob:
         return f"{self.name}={value}: {self.status}: {self.note}"
 
 
+# -- escaping: every free-text value is hostile until written for its language ----------------------------
+_NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_char(ch: str) -> str:
+    if ch in _NAMED_ESCAPES:
+        return _NAMED_ESCAPES[ch]
+    o = ord(ch)
+    return f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}"
+
+
+def escape_text(value: Any) -> str:
+    """``value`` as text that stays on one line in any file: backslashes doubled, and every character
+    ``str.isprintable`` rejects written as a Python-style escape (``\\n``, ``\\x1b``, ``\\u2028``): line
+    breaks of every kind (LF, CR, VT, FF, NEL, U+2028/U+2029), NUL and the other C0/C1 controls,
+    format characters (bidi overrides), lone surrogates, non-space blanks. What is left cannot end a
+    ``#`` comment in sh, an env file or protobuf text, nor hide text from a reader (U+202E)."""
+    return "".join("\\\\" if ch == "\\" else ch if ch.isprintable() else _escape_char(ch) for ch in str(value))
+
+
+def comment(line: str, prefix: str = "# ") -> str:
+    """One ``#`` comment line (sh, env files and protobuf text share the syntax) whose text is escaped."""
+    return prefix + escape_text(line) if line else prefix.rstrip()
+
+
+def pbtxt_string(value: Any) -> str:
+    """A protobuf text-format string literal: double-quoted, ``"`` and ``\\`` backslashed, printable
+    characters as UTF-8, everything else (controls, line separators, NUL) as octal escapes of its
+    UTF-8 bytes, which protobuf's C++ and Python parsers both read back to the same string. A lone
+    surrogate (not encodable) becomes U+FFFD."""
+    out = []
+    for ch in str(value):
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ch.isprintable():
+            out.append(ch)
+        elif 0xD800 <= ord(ch) <= 0xDFFF:
+            out.append("\ufffd")
+        else:
+            out.append("".join(f"\\{b:03o}" for b in ch.encode("utf-8")))
+    return '"' + "".join(out) + '"'
+
+
+#: Characters that make an env-file value read differently by docker's ``--env-file`` (no quoting at all,
+#: the value runs to the end of the line), docker compose and python-dotenv (quotes, ``#`` comments,
+#: ``$`` interpolation, backslash escapes): a value holding one of them has no spelling all three agree on.
+_ENV_UNSAFE = frozenset("\"'`\\$#")
+
+
+def env_value_ok(value: str) -> bool:
+    """Whether ``value`` can be written unquoted after ``KEY=`` and be read back as-is by docker
+    ``--env-file``, docker compose and python-dotenv: printable, no quote, backslash, ``$`` or ``#``,
+    no blank at either end, not empty."""
+    return bool(value) and value == value.strip() and value.isprintable() and not (_ENV_UNSAFE & set(value))
+
+
+def model_ref_ok(value: str) -> bool:
+    """Whether ``value`` can be a model reference (hub id or path) at all: printable, no blank at either
+    end, not empty, not starting with ``-`` (a command line would read it as an option). A reference
+    that fails this is never a real model: the translations put a loud placeholder in its place."""
+    return bool(value) and value == value.strip() and value.isprintable() and not value.startswith("-")
+
+
 # -- shared helpers --------------------------------------------------------------------------------------
 def is_preset(doc: dict[str, Any]) -> bool:
     """Presets are built in-process with random weights: no serving stack can load them."""
@@ -63,26 +131,34 @@ def is_preset(doc: dict[str, Any]) -> bool:
 
 
 def placeholder(doc: dict[str, Any]) -> str:
-    """A model name that fails loudly if deployed as-is, yet says which preset it stands for."""
+    """A model name that fails loudly if deployed as-is, yet says which model it stands for
+    (only ``[A-Za-z0-9._-]``: safe in every target)."""
     name = str(doc.get("model") or "model").removeprefix(PRESET_PREFIX)
-    return "PLACEHOLDER-" + re.sub(r"[^A-Za-z0-9._-]", "-", name)
+    return "PLACEHOLDER-" + re.sub(r"[^A-Za-z0-9._-]", "-", name)[:80]
 
 
 def _length_upper(value: Any) -> int | None:
     """The longest length a workload length (int or distribution dict) can produce."""
+    if isinstance(value, bool):
+        return None
     if isinstance(value, int):
         return value
     if isinstance(value, dict):
-        if value.get("distribution", "fixed") == "fixed" and value.get("value") is not None:
-            return int(value["value"])
-        if value.get("max") is not None:
-            return int(value["max"])
+        try:
+            if value.get("distribution", "fixed") == "fixed" and value.get("value") is not None:
+                return int(value["value"])
+            if value.get("max") is not None:
+                return int(value["max"])
+        except (TypeError, ValueError):
+            return None
     return None
 
 
 def token_limits(doc: dict[str, Any]) -> tuple[int | None, int | None]:
     """(longest prompt, longest prompt + output) of the tuned workload: serving limits sized to what was measured."""
     wl = doc.get("workload") or {}
+    if not isinstance(wl, dict):
+        return None, None
     prompt, output = _length_upper(wl.get("prompt_tokens")), _length_upper(wl.get("output_tokens"))
     total = prompt + output if prompt is not None and output is not None else None
     return prompt, total
@@ -92,24 +168,61 @@ def _num(x: Any, digits: int = 1) -> str:
     return f"{x:.{digits}f}" if isinstance(x, int | float) and math.isfinite(x) else "n/a"
 
 
-def header(doc: dict[str, Any], tool: str, what: str, knobs: list[Knob], extra: list[str] | None = None) -> list[str]:
-    """Comment lines (``# ``-prefixed; all three targets use ``#``) that make the output self-describing."""
-    hw = doc.get("hardware") or {}
-    m = doc.get("metrics") or {}
-    slo = ", ".join(
-        f"{c.get('percentile') or ''} {c.get('metric')} <= {c.get('max')}".strip() for c in doc.get("slo") or []
-    )
+def _bound(x: Any) -> str:
+    return f"{x:g}" if isinstance(x, int | float) and not isinstance(x, bool) else str(x)
+
+
+def slo_text(slo: Any) -> str:
+    """The SLO clauses as the spec reads them: ``p95 e2e_ms <= 500`` for a ceiling (``max``),
+    ``top1_agreement >= 0.9`` for a fidelity floor (``min``)."""
+    parts = []
+    for c in slo if isinstance(slo, list) else []:
+        if not isinstance(c, dict):
+            continue
+        what = f"{c.get('percentile') or ''} {c.get('metric')}".strip()
+        if c.get("min") is not None:
+            parts.append(f"{what} >= {_bound(c['min'])}")
+        elif c.get("max") is not None:
+            parts.append(f"{what} <= {_bound(c['max'])}")
+        else:
+            parts.append(f"{what} (no bound)")
+    return ", ".join(parts) or "none"
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _on_gpu(doc: dict[str, Any]) -> bool:
+    """Tuned on a CUDA device (CUDA graphs and GPU-only knobs were part of what was measured)."""
+    hw = doc.get("hardware")
+    return isinstance(hw, dict) and hw.get("device_type") == "cuda"
+
+
+def header(
+    doc: dict[str, Any],
+    tool: str,
+    what: str,
+    knobs: list[Knob],
+    extra: list[str] | None = None,
+    preset_note: list[str] | None = None,
+) -> list[str]:
+    """Comment lines (``# ``-prefixed; all three targets use ``#``) that make the output self-describing.
+    Every line is escaped (:func:`comment`): a value from the document cannot end its comment."""
+    hw = _mapping(doc.get("hardware"))
+    m = _mapping(doc.get("metrics"))
+    e2e = _mapping(m.get("e2e_ms"))
     lines = [
         f"autotune {doc.get('autotune_version')} export (schema {doc.get('schema_version')}) as {what}",
         f"study: {doc.get('study')}  trial: {doc.get('trial')}  exported: {doc.get('exported_at')}",
         f"model: {doc.get('model')}",
         f"hardware: {hw.get('device_name')} ({hw.get('device_type')}), fingerprint {hw.get('fingerprint')}",
         f"measured: {_num(m.get('output_tokens_per_s'))} output tokens/s, "
-        f"p95 e2e {_num((m.get('e2e_ms') or {}).get('p95'))} ms; SLO: {slo or 'none'}",
+        f"p95 e2e {_num(e2e.get('p95'))} ms; SLO: {slo_text(doc.get('slo'))}",
         "The numbers were measured on autotune's engine (transformers + PyTorch), not on this tool: re-measure.",
     ]
     if is_preset(doc):
-        lines += [
+        lines += preset_note or [
             f"WARNING: {doc.get('model')} is an autotune preset (random weights built in-process); {tool} cannot",
             "load it. The model below is a clearly marked PLACEHOLDER: replace it with the hub id or local path",
             "of the real model you tuned for.",
@@ -117,7 +230,7 @@ def header(doc: dict[str, Any], tool: str, what: str, knobs: list[Knob], extra: 
     lines += extra or []
     lines.append("Knobs (maps / approximate: why / no equivalent: why):")
     lines += [f"  {k.line()}" for k in knobs]
-    return ["# " + line if line else "#" for line in lines]
+    return [comment(line) for line in lines]
 
 
 def _config(doc: dict[str, Any]) -> dict[str, Any]:
@@ -145,6 +258,9 @@ def _attention_knob(attention: str, server: str, kernels: str) -> Knob:
 
 # -- vLLM ------------------------------------------------------------------------------------------------
 _VLLM_DTYPE = {"fp32": "float32", "tf32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+#: ``--compilation-config`` value that keeps vLLM from capturing CUDA graphs (its optimization levels
+#: document user-set compilation fields as taking precedence over the level's defaults).
+VLLM_NO_CUDA_GRAPHS = '{"cudagraph_mode": "NONE"}'
 
 
 def vllm_knobs(doc: dict[str, Any]) -> tuple[list[Knob], list[str]]:
@@ -200,6 +316,17 @@ def vllm_knobs(doc: dict[str, Any]) -> tuple[list[Knob], list[str]]:
     if be == "eager":
         args.append("--enforce-eager")
         knobs.append(Knob("backend", be, "maps", "--enforce-eager (no compilation, no CUDA graphs)"))
+    elif not _on_gpu(doc):  # tuned on a CPU: CUDA graphs were never measured, so none are switched on
+        cpu = "tuned on a CPU, where no CUDA graphs were measured"
+        if be == "inductor":
+            args += ["-O1", "--compilation-config", VLLM_NO_CUDA_GRAPHS]
+            note = f"-O1 (torch.compile, Inductor) with cudagraph_mode NONE: {cpu}"
+            knobs.append(Knob("backend", be, "approximate", note + "; vLLM compiles its own model code"))
+        else:
+            args.append("--enforce-eager")
+            status: Status = "no equivalent" if be in ("onnxruntime", "openvino", "tensorrt") else "approximate"
+            note = f"vLLM has no {be} backend" if status == "no equivalent" else f"{be} needs CUDA"
+            knobs.append(Knob("backend", be, status, f"{note}; --enforce-eager: {cpu}"))
     elif be == "inductor":
         args.append("-O1")
         knobs.append(
@@ -294,16 +421,24 @@ def vllm_knobs(doc: dict[str, Any]) -> tuple[list[Knob], list[str]]:
 
 
 def to_vllm(doc: dict[str, Any]) -> str:
-    """A runnable ``vllm serve`` command (shell script) with the verdicts as comments."""
+    """A runnable ``vllm serve`` command (shell script) with the verdicts as comments. Values are
+    single-quoted sh words; the model reference is written only if it can be one (see
+    :func:`model_ref_ok`), else the script asks for ``MODEL`` and refuses to run without it."""
     knobs, args = vllm_knobs(doc)
     _, total = token_limits(doc)
     extra = [f"--max-model-len {total}: from the workload (longest prompt + longest output)"] if total else []
-    if is_preset(doc):
-        why = f"set MODEL to the hub id or path of the real model ({doc.get('model')} is an autotune preset)"
-        model = f'"${{MODEL:?{why}}}"'
+    ref = str(doc.get("model") or "")
+    if is_preset(doc) or not model_ref_ok(ref):
+        if is_preset(doc):
+            why = "set MODEL to the hub id or path of the real model: the config was tuned on an autotune preset"
+        else:
+            why = "set MODEL to the hub id or path of the model: the exported model reference is not one"
+            extra.append(f"the exported model reference '{ref}' cannot be a model (control characters, blank")
+            extra.append("ends, or a leading -): the script takes the model from MODEL instead")
+        model = f'"${{MODEL:?{why}}}"'  # fixed text: nothing from the document is expanded by sh
         extra.append("MODEL: PLACEHOLDER, run as  MODEL=org/name sh this-file")
     else:
-        model = shlex.quote(str(doc.get("model")))
+        model = shlex.quote(ref)
     lines = header(doc, "vLLM", "a `vllm serve` command", knobs, extra)
     cmd = [f"vllm serve {model}"]
     i = 0
@@ -373,7 +508,15 @@ def tgi_knobs(doc: dict[str, Any]) -> tuple[list[Knob], dict[str, str]]:
             )
 
     be = c["backend"]
-    if be == "eager":
+    if not _on_gpu(doc):  # tuned on a CPU: no CUDA graph sizes were measured, so none are emitted
+        cpu = "no CUDA_GRAPHS: tuned on a CPU, where no CUDA graphs were measured (on a GPU, TGI's default applies)"
+        if be in ("onnxruntime", "openvino", "tensorrt"):
+            knobs.append(Knob("backend", be, "no equivalent", f"TGI has no {be} backend; {cpu}"))
+        elif be == "eager":
+            knobs.append(Knob("backend", be, "maps", f"TGI runs eagerly, never torch.compiles; {cpu}"))
+        else:
+            knobs.append(Knob("backend", be, "approximate", f"TGI runs its own kernels, no torch.compile; {cpu}"))
+    elif be == "eager":
         env["CUDA_GRAPHS"] = "0"
         knobs.append(Knob("backend", be, "maps", "CUDA_GRAPHS=0 (no CUDA graphs; TGI never torch.compiles)"))
     elif be == "inductor":
@@ -444,116 +587,131 @@ def tgi_knobs(doc: dict[str, Any]) -> tuple[list[Knob], dict[str, str]]:
 
 
 def to_tgi(doc: dict[str, Any]) -> str:
-    """An env file for ``docker run --env-file`` (``KEY=value`` lines, ``#`` comments)."""
+    """An env file for ``docker run --env-file`` (``KEY=value`` lines, ``#`` comments). docker reads a
+    value raw to the end of its line (no quoting), so a model reference that docker, compose and
+    python-dotenv would not all read back as-is (:func:`env_value_ok`) becomes a PLACEHOLDER."""
     knobs, env = tgi_knobs(doc)
     prompt, total = token_limits(doc)
     extra = []
     if prompt is not None and total is not None:
         extra.append(f"MAX_INPUT_TOKENS / MAX_TOTAL_TOKENS: from the workload ({prompt} prompt, {total} in all)")
+    ref = str(doc.get("model") or "")
     lines = header(doc, "TGI", "a text-generation-launcher env file (docker run --env-file)", knobs, extra)
     if is_preset(doc):
         lines += ["# PLACEHOLDER: replace MODEL_ID with the hub id or local path of the real model"]
         model = placeholder(doc)
+    elif not (model_ref_ok(ref) and env_value_ok(ref)):
+        lines.append(comment(f"PLACEHOLDER: the exported model reference '{ref}' cannot be written into an env"))
+        lines.append("# file (control characters, quotes, backslash, $ or #, blank ends): set MODEL_ID to the model")
+        model = placeholder(doc)
     else:
-        model = str(doc.get("model"))
+        model = ref
     out = {"MODEL_ID": model, **env}
     if prompt is not None and total is not None:
         out["MAX_INPUT_TOKENS"] = str(prompt)
         out["MAX_TOTAL_TOKENS"] = str(total)
+    assert all(env_value_ok(v) for v in out.values()), out  # the rest are numbers and fixed names
     return "\n".join([*lines, *(f"{k}={v}" for k, v in out.items())]) + "\n"
 
 
 # -- Triton ----------------------------------------------------------------------------------------------
+#: The export document's name inside the model's version directory, beside model.py (which reads it).
+TRITON_EXPORT_FILE = "autotune-export.json"
+#: The Python-backend model written as ``NAME/1/model.py`` (a module of this package, copied verbatim).
+TRITON_MODEL_SOURCE = Path(__file__).with_name("triton_model.py")
+
+
+def triton_name(doc: dict[str, Any]) -> str:
+    """The Triton model name (and its directory in the repository): the study name reduced to
+    ``[A-Za-z0-9._-]``, never hidden, ``.`` or ``..``."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", str(doc.get("study") or ""))[:100].lstrip(".")
+    return name or "model"
+
+
 def triton_knobs(doc: dict[str, Any]) -> tuple[list[Knob], dict[str, Any]]:
-    """Knob verdicts and the config.pbtxt fields they produce."""
+    """Knob verdicts and the config.pbtxt fields they produce. model.py runs autotune's own engine
+    (``autotune.load_engine`` on the export beside it), so the model knobs apply exactly; Triton's
+    dynamic batcher and instance groups take over the queue window and the streams."""
     c = _config(doc)
-    hw = doc.get("hardware") or {}
-    kind = "KIND_GPU" if hw.get("device_type") == "cuda" else "KIND_CPU"
+    kind = "KIND_GPU" if _on_gpu(doc) else "KIND_CPU"
     b, s = int(c["batch_size"]), int(c["streams"])
     delay_us = round(float(c["max_queue_delay_ms"]) * 1000)
     fields = {"max_batch_size": b, "max_queue_delay_microseconds": delay_us, "count": s, "kind": kind}
-    param = "passed to model.py as a parameter; Triton itself does not apply it, the Python backend model must"
+    engine = "applied by model.py: autotune.load_engine builds the engine the trials measured"
     knobs = [
         Knob("batch_size", b, "maps", f"max_batch_size: {b} (the dynamic batcher fills batches up to it)"),
-        Knob("max_queue_delay_ms", float(c["max_queue_delay_ms"]), "maps", f"max_queue_delay_microseconds: {delay_us}"),
-        Knob("streams", s, "maps", f"instance_group count: {s} ({kind}): model instances run batches concurrently"),
-        Knob("precision", c["precision"], "approximate", param),
-        Knob("quantization", c["quantization"], "approximate", param),
-    ]
-    if c["backend"] in ("inductor-cudagraphs", "cuda-graphs"):
-        note = param + "; optimization.cuda.graphs is documented for TensorRT models only"
-    else:
-        note = param
-    knobs.append(Knob("backend", c["backend"], "approximate", note))
-    if c["scheduler"] == "static":
-        knobs.append(Knob("scheduler", "static", "maps", "dynamic_batching runs whole batches to completion"))
-    elif c["scheduler"] == "bucketed":
-        knobs.append(
-            Knob(
-                "scheduler",
-                "bucketed",
-                "no equivalent",
-                "the dynamic batcher forms batches in arrival order; grouping by prompt length is left to "
-                "model.py (passed as a parameter)",
-            )
-        )
-    else:
-        knobs.append(
-            Knob(
-                "scheduler",
-                "continuous",
-                "no equivalent",
-                "the dynamic batcher forms whole batches; iteration-level batching is the vLLM / TensorRT-LLM "
-                "backends' job (passed to model.py as a parameter)",
-            )
-        )
-    knobs.append(
         Knob(
-            "pipeline_depth",
-            c["pipeline_depth"],
-            "approximate",
-            "the dynamic batcher forms the next batch while an instance runs; how far model.py prepares "
-            "ahead is " + param,
+            "max_queue_delay_ms",
+            float(c["max_queue_delay_ms"]),
+            "maps",
+            f"max_queue_delay_microseconds: {delay_us} (model.py's engine adds no window of its own)",
+        ),
+        Knob(
+            "streams",
+            s,
+            "maps",
+            f"instance_group count: {s} ({kind}): each instance is one engine running one batch at a time"
+            + ("" if kind == "KIND_GPU" else ", with the CPU cores split between the instances"),
+        ),
+        Knob("precision", c["precision"], "maps", engine),
+        Knob("quantization", c["quantization"], "maps", engine),
+        Knob("backend", c["backend"], "maps", engine),
+        Knob("attention", c["attention"], "maps", engine),
+    ]
+    if c["scheduler"] == "static":
+        note = "dynamic_batching hands whole batches; model.py runs each as one batch, to the end"
+        knobs.append(Knob("scheduler", "static", "maps", note))
+    elif c["scheduler"] == "continuous":
+        note = (
+            "the engine in model.py batches continuously, but only among the rows of the batch Triton hands "
+            "it: execute() answers that batch before the instance takes the next"
         )
-    )
-    knobs.append(Knob("attention", c["attention"], "approximate", param))
-    knobs.append(_model_knob(doc, c, 'the "model" parameter'))
+        knobs.append(Knob("scheduler", "continuous", "approximate", note))
+    else:
+        note = "model.py runs the batch Triton hands it as one batch, not regrouped by prompt length"
+        knobs.append(Knob("scheduler", c["scheduler"], "approximate", note))
+    if int(c["pipeline_depth"]) > 1:
+        note = "Triton hands an instance one batch per execute() call: model.py has nothing to prepare ahead"
+        knobs.append(Knob("pipeline_depth", c["pipeline_depth"], "no equivalent", note))
+    else:
+        knobs.append(Knob("pipeline_depth", c["pipeline_depth"], "maps", "one batch at a time per instance"))
+    knobs.append(_model_knob(doc, c, 'the "model" parameter (model.py loads it with the exported knobs)'))
     return knobs, fields
 
 
-def _pbtxt_str(value: Any) -> str:
-    return json.dumps(str(value))  # protobuf text format accepts C-style double-quoted strings
-
-
 def to_triton(doc: dict[str, Any]) -> str:
-    """A ``config.pbtxt`` (protobuf text format) for the Python backend, with ``#`` comments."""
+    """The ``config.pbtxt`` (protobuf text format) of :func:`triton_repository`, with ``#`` comments."""
     knobs, f = triton_knobs(doc)
-    c = _config(doc)
-    name = re.sub(r"[^A-Za-z0-9._-]", "_", str(doc.get("study") or "model")) or "model"
-    model = placeholder(doc) if is_preset(doc) else str(doc.get("model"))
+    name = triton_name(doc)
+    if is_preset(doc) or not model_ref_ok(str(doc.get("model") or "")):
+        model = placeholder(doc)
+    else:
+        model = str(doc.get("model"))
+    prompt, total = token_limits(doc)
     extra = [
         f'name "{name}": the model repository directory must carry this name: model_repository/{name}/config.pbtxt',
-        "backend python: model_repository/NAME/1/model.py loads the model with transformers and honours the",
-        "parameters below; the text_input / text_output tensors follow the vLLM backend's naming",
+        f"backend python: model_repository/{name}/1/model.py serves the export in 1/{TRITON_EXPORT_FILE} with",
+        "autotune's engine (autotune must be importable by the Python backend: pip install it in the image);",
+        "`autotune export STUDY --format triton --output model_repository` writes all three files.",
+        "text_input (TYPE_STRING, one prompt per row) -> text_output; optional max_tokens (TYPE_INT32) per row,",
+        f"default {total - prompt if prompt is not None and total is not None else 16} (the workload's longest output)",
     ]
-    lines = header(doc, "Triton", "a Triton Inference Server config.pbtxt", knobs, extra)
-    if is_preset(doc):
-        lines.append('# PLACEHOLDER: replace the "model" parameter with the hub id or local path of the real model')
-    params = {
-        "model": model,
-        "precision": c["precision"],
-        "quantization": c["quantization"],
-        "torch_backend": c["backend"],
-        "scheduler": c["scheduler"],
-        "pipeline_depth": c["pipeline_depth"],
-        "attention": c["attention"],
-    }
+    preset_note = [
+        f'WARNING: {doc.get("model")} is an autotune preset (random weights built in-process). The "model"',
+        "parameter below is a clearly marked PLACEHOLDER (model.py refuses it): replace it with the hub id or",
+        "local path of the real model you tuned for.",
+    ]
+    lines = header(doc, "Triton", "a Triton Inference Server model (config.pbtxt)", knobs, extra, preset_note)
+    if not is_preset(doc) and model != doc.get("model"):
+        lines.append(comment(f"PLACEHOLDER: the exported model reference '{doc.get('model')}' cannot be a model:"))
+        lines.append('# set the "model" parameter to the hub id or path of the model')
     body = [
-        f"name: {_pbtxt_str(name)}",
+        f"name: {pbtxt_string(name)}",
         'backend: "python"',
         f"max_batch_size: {f['max_batch_size']}",
         "input [",
-        '  { name: "text_input" data_type: TYPE_STRING dims: [ 1 ] }',
+        '  { name: "text_input" data_type: TYPE_STRING dims: [ 1 ] },',
+        '  { name: "max_tokens" data_type: TYPE_INT32 dims: [ 1 ] optional: true }',
         "]",
         "output [",
         '  { name: "text_output" data_type: TYPE_STRING dims: [ 1 ] }',
@@ -564,12 +722,75 @@ def to_triton(doc: dict[str, Any]) -> str:
         "instance_group [",
         f"  {{ count: {f['count']} kind: {f['kind']} }}",
         "]",
-        *(
-            f"parameters {{ key: {_pbtxt_str(k)} value: {{ string_value: {_pbtxt_str(v)} }} }}"
-            for k, v in params.items()
-        ),
+        f'parameters {{ key: "model" value: {{ string_value: {pbtxt_string(model)} }} }}',
     ]
     return "\n".join([*lines, *body]) + "\n"
+
+
+def triton_repository(doc: dict[str, Any]) -> dict[str, str]:
+    """A complete Triton model repository entry for the export, as relative path -> file text:
+    ``NAME/config.pbtxt``, ``NAME/1/model.py`` (Python backend, autotune's engine) and
+    ``NAME/1/autotune-export.json`` (the export document model.py loads)."""
+    name = triton_name(doc)
+    return {
+        f"{name}/config.pbtxt": to_triton(doc),
+        f"{name}/1/model.py": TRITON_MODEL_SOURCE.read_text(encoding="utf-8"),
+        f"{name}/1/{TRITON_EXPORT_FILE}": to_json(doc),
+    }
+
+
+def write_triton_repository(doc: dict[str, Any], repository: str | Path) -> Path:
+    """Write :func:`triton_repository` into the model repository directory ``repository`` (created if
+    missing) and return the model's directory. The files are written to a hidden staging directory
+    beside it first: a new model directory appears whole by one rename; an existing one gets each file
+    replaced by a rename (other files in it, e.g. other versions, are left alone)."""
+    files = triton_repository(doc)
+    root = Path(repository)
+    root.mkdir(parents=True, exist_ok=True)
+    name = triton_name(doc)
+    target = root / name
+    stage = root / f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    stage.mkdir()
+    try:
+        for rel, text in files.items():
+            path = stage.joinpath(*rel.split("/")[1:])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+        try:
+            stage.rename(target)  # POSIX: succeeds when target is missing (or an empty directory)
+        except OSError:
+            if not target.is_dir():
+                raise
+            for rel in files:
+                parts = rel.split("/")[1:]
+                dest = target.joinpath(*parts)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                stage.joinpath(*parts).replace(dest)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return target
+
+
+def triton_archive(doc: dict[str, Any]) -> bytes:
+    """:func:`triton_repository` as a gzipped tar (what a download serves; unpack it into the model
+    repository: ``tar -xzf FILE -C model_repository``). Reproducible: fixed times, owners and modes."""
+    buf = io.BytesIO()
+    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as gz, tarfile.open(fileobj=gz, mode="w") as tar:
+        dirs: set[str] = set()
+        for rel, text in triton_repository(doc).items():
+            parts = rel.split("/")
+            for i in range(1, len(parts)):
+                d = "/".join(parts[:i])
+                if d not in dirs:
+                    dirs.add(d)
+                    info = tarfile.TarInfo(d)
+                    info.type, info.mode = tarfile.DIRTYPE, 0o755
+                    tar.addfile(info)
+            data = text.encode("utf-8")
+            info = tarfile.TarInfo(rel)
+            info.size, info.mode = len(data), 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
 
 
 # -- registry --------------------------------------------------------------------------------------------
@@ -588,6 +809,8 @@ FORMATS: dict[str, Callable[[dict[str, Any]], str]] = {
 #: Download file names per format (the dashboard's Content-Disposition).
 FILENAMES: dict[str, str] = {"json": "best-{name}.json", "vllm": "best-{name}-vllm.sh", "tgi": "best-{name}-tgi.env"}
 FILENAMES["triton"] = "config.pbtxt"  # Triton only reads this name
+#: Download file name of :func:`triton_archive` (the whole model repository entry).
+TRITON_ARCHIVE_FILENAME = "{name}-triton-repository.tar.gz"
 
 
 def write_text_atomic(text: str, path: str | Path) -> Path:

@@ -1,21 +1,49 @@
-"""Deployment translations (vLLM command, TGI env file, Triton config.pbtxt) checked against the fields
-those tools document, for every knob value, plus ``autotune export --format`` end to end."""
+"""Deployment translations (vLLM command, TGI env file, Triton model repository) checked against the fields
+those tools document, for every knob value, on GPU- and CPU-tuned exports; hostile text in every field of the
+export document run through each target's own parser (sh, docker's env-file rules, protobuf text format with
+Triton's model_config.proto); the Triton Python-backend model run against a stand-in of its API on tiny-lm;
+plus ``autotune export --format`` end to end."""
 
 from __future__ import annotations
 
 import copy
+import importlib.util
+import io
 import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
+import sys
+import tarfile
+import types
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from google.protobuf import json_format, text_format
+from tritonclient.grpc import model_config_pb2
 
 from autotune.config import ATTENTIONS, BACKENDS, PRECISIONS, QUANTIZATIONS, SCHEDULERS
-from autotune.translate import FORMATS, token_limits
+from autotune.translate import (
+    FORMATS,
+    TRITON_EXPORT_FILE,
+    TRITON_MODEL_SOURCE,
+    VLLM_NO_CUDA_GRAPHS,
+    escape_text,
+    pbtxt_string,
+    placeholder,
+    tgi_knobs,
+    token_limits,
+    triton_archive,
+    triton_name,
+    triton_repository,
+    vllm_knobs,
+    write_triton_repository,
+)
 
 from .conftest import TINY_SPEC, run_cli
 
@@ -29,6 +57,7 @@ VLLM_FLAGS: dict[str, set[str] | None] = {
     "--scheduling-policy": {"fcfs", "priority"},
     "--async-scheduling": None,
     "--enforce-eager": None,
+    "--compilation-config": {VLLM_NO_CUDA_GRAPHS},
     "-O0": None,
     "-O1": None,
     "-O2": None,
@@ -50,71 +79,18 @@ TGI_KEYS: dict[str, set[str]] = {
     "WAITING_SERVED_RATIO": set(),
     "MAX_WAITING_TOKENS": set(),
 }  # fmt: skip
-#: Triton ModelConfig fields (model_config.proto) we may emit, and the nested ones we check.
+#: Triton ModelConfig fields (model_config.proto) we may set.
 TRITON_FIELDS = {
-    "name", "platform", "backend", "max_batch_size", "input", "output", "dynamic_batching",
-    "instance_group", "parameters", "optimization", "sequence_batching", "model_transaction_policy",
-}  # fmt: skip
-TRITON_DYNAMIC = {"max_queue_delay_microseconds", "preferred_batch_size", "preserve_ordering"}
-TRITON_INSTANCE = {"count", "kind", "gpus", "name"}
-TRITON_KINDS = {"KIND_AUTO", "KIND_GPU", "KIND_CPU", "KIND_MODEL"}
-TRITON_TENSOR = {"name", "data_type", "dims"}
-
+    "name",
+    "backend",
+    "max_batch_size",
+    "input",
+    "output",
+    "dynamic_batching",
+    "instance_group",
+    "parameters",
+}
 VERDICT = re.compile(r"^#\s+(\w+)=(\S+): (maps|approximate|no equivalent): \S")
-
-
-# -- a minimal protobuf text-format reader (enough for config.pbtxt) -------------------------------------------
-_TOKEN = re.compile(r'\s*(?:(#[^\n]*)|("(?:[^"\\]|\\.)*")|([A-Za-z_][\w.]*)|(-?\d+(?:\.\d+)?)|([{}\[\]:,]))')
-
-
-def _tokens(text: str) -> list[str]:
-    out, pos = [], 0
-    while pos < len(text.rstrip()):
-        m = _TOKEN.match(text, pos)
-        assert m, f"unparseable config.pbtxt at {text[pos : pos + 40]!r}"
-        pos = m.end()
-        if m.group(1) is None:
-            out.append(next(g for g in m.groups()[1:] if g is not None))
-    return out
-
-
-def parse_pbtxt(text: str) -> dict[str, list[Any]]:
-    """Fields to lists of values (messages as dicts): raises on unbalanced braces or stray tokens."""
-    toks = _tokens(text)
-    i = 0
-
-    def value() -> Any:
-        nonlocal i
-        t = toks[i]
-        i += 1
-        if t == "{":
-            return message("}")
-        if t == "[":
-            items = []
-            while toks[i] != "]":
-                items.append(value())
-                if toks[i] == ",":
-                    i += 1
-            i += 1
-            return items
-        return json.loads(t) if t.startswith('"') or t[0].isdigit() or t[0] == "-" else t
-
-    def message(end: str | None) -> dict[str, list[Any]]:
-        nonlocal i
-        fields: dict[str, list[Any]] = {}
-        while i < len(toks) and toks[i] != end:
-            name = toks[i]
-            assert re.fullmatch(r"[A-Za-z_]\w*", name), f"expected a field name, got {name!r}"
-            i += 1
-            if toks[i] == ":":
-                i += 1
-            v = value()
-            fields.setdefault(name, []).extend(v if isinstance(v, list) else [v])
-        assert (i < len(toks)) == (end is not None), "unbalanced braces"
-        i += 1
-        return fields
-
-    return message(None)
 
 
 # -- documents -----------------------------------------------------------------------------------------------
@@ -163,9 +139,11 @@ BASE_DOC: dict[str, Any] = {
 }
 
 
-def crafted(**config: Any) -> dict[str, Any]:
+def crafted(device_type: str = "cuda", **config: Any) -> dict[str, Any]:
     doc = copy.deepcopy(BASE_DOC)
     doc["config"].update(config)
+    if device_type != "cuda":
+        doc["hardware"] = {"device": "cpu", "device_type": "cpu", "device_name": "Test CPU", "fingerprint": "cpu0"}
     return doc
 
 
@@ -188,10 +166,15 @@ KNOB_CASES = [
 
 
 # -- per-format checks against the documented fields ----------------------------------------------------------
-def check_vllm(text: str, doc: dict[str, Any]) -> dict[str, str | None]:
+def vllm_argv(text: str) -> list[str]:
+    """The command's words as sh would split them (comment lines dropped)."""
     assert text.startswith("#!/bin/sh\n")
-    body = [ln for ln in text.splitlines() if ln and not ln.startswith("#")]
-    argv = shlex.split(" ".join(ln.removesuffix("\\") for ln in body))
+    body = [ln for ln in text.split("\n") if ln and not ln.startswith("#")]
+    return shlex.split(" ".join(ln.removesuffix("\\") for ln in body))
+
+
+def check_vllm(text: str, doc: dict[str, Any]) -> dict[str, str | None]:
+    argv = vllm_argv(text)
     assert argv[:2] == ["vllm", "serve"]
     flags: dict[str, str | None] = {}
     i = 3
@@ -210,48 +193,73 @@ def check_vllm(text: str, doc: dict[str, Any]) -> dict[str, str | None]:
     assert flags["--max-num-seqs"] == str(doc["config"]["batch_size"])
     assert flags["--max-model-len"] == str(token_limits(doc)[1])
     assert len({"--enforce-eager", "-O1", "-O2"} & set(flags)) == 1
+    if doc["hardware"].get("device_type") != "cuda":  # nothing that captures CUDA graphs
+        assert "-O2" not in flags and ("-O1" not in flags or flags["--compilation-config"] == VLLM_NO_CUDA_GRAPHS)
     return flags
 
 
-def check_tgi(text: str, doc: dict[str, Any]) -> dict[str, str]:
+def parse_env_file(text: str, lines: Callable[[str], list[str]] = lambda t: t.split("\n")) -> dict[str, str]:
+    """docker run --env-file's rules: a variable per line (a trailing CR dropped), leading blanks trimmed,
+    blank and ``#`` lines skipped, KEY=value split at the first ``=``, the value raw to the end of the line.
+    ``lines=str.splitlines`` reads it as Python-based parsers do (CR, VT, FF, NEL, U+2028... end lines)."""
     env: dict[str, str] = {}
-    for ln in text.splitlines():
-        if not ln or ln.startswith("#"):
+    for raw in lines(text):
+        line = raw.removesuffix("\r").lstrip()
+        if not line or line.startswith("#"):
             continue
-        m = re.fullmatch(r"([A-Z_]+)=(\S+)", ln)
-        assert m, f"not a KEY=value line: {ln!r}"
-        key, val = m.groups()
-        assert key in TGI_KEYS, f"undocumented TGI variable {key}"
-        assert not TGI_KEYS[key] or val in TGI_KEYS[key], f"{key}={val} not among {sorted(TGI_KEYS[key])}"
+        key, sep, value = line.partition("=")
+        assert sep and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key), f"not a KEY=value line: {raw!r}"
         assert key not in env, f"{key} twice"
-        env[key] = val
-    assert not ({"DTYPE", "QUANTIZE"} <= set(env)), "TGI documents that DTYPE cannot be used with QUANTIZE"
-    assert int(env["MAX_INPUT_TOKENS"]) < int(env["MAX_TOTAL_TOKENS"])
-    assert env["MAX_BATCH_SIZE"] == str(doc["config"]["batch_size"])
-    assert re.fullmatch(r"0|\d+(,\d+)*", env["CUDA_GRAPHS"])
+        env[key] = value
     return env
 
 
-def check_triton(text: str, doc: dict[str, Any]) -> dict[str, list[Any]]:
+def check_tgi(text: str, doc: dict[str, Any]) -> dict[str, str]:
+    env = parse_env_file(text)
+    assert parse_env_file(text, str.splitlines) == env  # no line break docker misses and Python sees
+    for key, val in env.items():
+        assert key in TGI_KEYS, f"undocumented TGI variable {key}"
+        assert re.fullmatch(r"\S+", val), f"{key}={val!r}"
+        assert not TGI_KEYS[key] or val in TGI_KEYS[key], f"{key}={val} not among {sorted(TGI_KEYS[key])}"
+    assert not ({"DTYPE", "QUANTIZE"} <= set(env)), "TGI documents that DTYPE cannot be used with QUANTIZE"
+    assert int(env["MAX_INPUT_TOKENS"]) < int(env["MAX_TOTAL_TOKENS"])
+    assert env["MAX_BATCH_SIZE"] == str(doc["config"]["batch_size"])
+    if doc["hardware"].get("device_type") == "cuda":
+        assert re.fullmatch(r"0|\d+(,\d+)*", env["CUDA_GRAPHS"])
+    else:
+        assert "CUDA_GRAPHS" not in env, "a config tuned on a CPU measured no CUDA graphs"
+    return env
+
+
+def parse_pbtxt(text: str) -> Any:
+    """config.pbtxt read by protobuf's own text-format parser against Triton's model_config.proto."""
+    return text_format.Parse(text, model_config_pb2.ModelConfig())
+
+
+def check_triton(text: str, doc: dict[str, Any]) -> Any:
     cfg = parse_pbtxt(text)
-    assert set(cfg) <= TRITON_FIELDS, set(cfg) - TRITON_FIELDS
+    assert {f.name for f, _ in cfg.ListFields()} == TRITON_FIELDS
     c = doc["config"]
-    assert cfg["max_batch_size"] == [c["batch_size"]]
-    (dyn,) = cfg["dynamic_batching"]
-    assert set(dyn) <= TRITON_DYNAMIC
-    assert dyn["max_queue_delay_microseconds"] == [round(c["max_queue_delay_ms"] * 1000)]
-    (group,) = cfg["instance_group"]
-    assert set(group) <= TRITON_INSTANCE and group["count"] == [c["streams"]]
-    assert group["kind"][0] in TRITON_KINDS
-    assert group["kind"] == ["KIND_GPU" if doc["hardware"]["device_type"] == "cuda" else "KIND_CPU"]
-    for tensor in cfg["input"] + cfg["output"]:
-        assert set(tensor) <= TRITON_TENSOR
-    for p in cfg["parameters"]:
-        assert set(p) == {"key", "value"} and set(p["value"][0]) == {"string_value"}
+    assert cfg.name == triton_name(doc) and cfg.backend == "python"
+    assert cfg.max_batch_size == c["batch_size"]
+    assert cfg.dynamic_batching.max_queue_delay_microseconds == round(c["max_queue_delay_ms"] * 1000)
+    (group,) = cfg.instance_group
+    assert group.count == c["streams"]
+    kind = "KIND_GPU" if doc["hardware"].get("device_type") == "cuda" else "KIND_CPU"
+    assert group.kind == model_config_pb2.ModelInstanceGroup.Kind.Value(kind)
+    types_ = model_config_pb2.DataType
+    assert [(t.name, t.data_type, list(t.dims), t.optional) for t in cfg.input] == [
+        ("text_input", types_.Value("TYPE_STRING"), [1], False),
+        ("max_tokens", types_.Value("TYPE_INT32"), [1], True),
+    ]
+    assert [(t.name, t.data_type, list(t.dims)) for t in cfg.output] == [
+        ("text_output", types_.Value("TYPE_STRING"), [1])
+    ]
+    assert set(cfg.parameters) == {"model"}
     return cfg
 
 
-CHECKS = {"vllm": check_vllm, "tgi": check_tgi, "triton": check_triton}
+CHECKS: dict[str, Callable[[str, dict[str, Any]], Any]] = {"vllm": check_vllm, "tgi": check_tgi, "triton": check_triton}
 
 
 def verdicts(text: str) -> dict[str, tuple[str, str]]:
@@ -263,17 +271,22 @@ def verdicts(text: str) -> dict[str, tuple[str, str]]:
     return out
 
 
+def comments(text: str) -> str:
+    return "\n".join(ln for ln in text.split("\n") if ln.startswith("#"))
+
+
 # -- tests ---------------------------------------------------------------------------------------------------
 def test_registry() -> None:
     assert list(FORMATS) == ["json", "vllm", "tgi", "triton"]
     assert json.loads(FORMATS["json"](BASE_DOC | {"metrics": {}})) == BASE_DOC | {"metrics": {}}
 
 
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
 @pytest.mark.parametrize("fmt", ["vllm", "tgi", "triton"])
 @pytest.mark.parametrize(("knob", "value"), KNOB_CASES)
-def test_every_knob_value_gets_a_verdict(fmt: str, knob: str, value: Any) -> None:
+def test_every_knob_value_gets_a_verdict(fmt: str, knob: str, value: Any, device: str) -> None:
     """Each knob value is mapped or explained in a comment, and the output stays within documented fields."""
-    doc = crafted(**{knob: value})
+    doc = crafted(device, **{knob: value})
     text = FORMATS[fmt](doc)
     CHECKS[fmt](text, doc)
     found = verdicts(text)
@@ -295,9 +308,40 @@ def test_known_mappings() -> None:
     text = FORMATS["tgi"](crafted(precision="fp32", quantization="none"))
     assert verdicts(text)["precision"] == ("fp32", "no equivalent") and "DTYPE=" not in text
     cfg = check_triton(FORMATS["triton"](d := crafted(streams=4, max_queue_delay_ms=0.25)), d)
-    assert cfg["instance_group"][0]["count"] == [4] and cfg["dynamic_batching"][0]["max_queue_delay_microseconds"] == [
-        250
+    assert cfg.instance_group[0].count == 4 and cfg.dynamic_batching.max_queue_delay_microseconds == 250
+    assert cfg.parameters["model"].string_value == "meta-llama/Llama-3.2-1B-Instruct"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_config_tuned_on_a_cpu_gets_no_cuda_graphs(backend: str) -> None:
+    """Only what was tuned: no CUDA_GRAPHS sizes / -O2 for a CPU-tuned config, and the comment says why;
+    the same config tuned on a GPU keeps them."""
+    cpu, gpu = crafted("cpu", backend=backend, batch_size=8), crafted("cuda", backend=backend, batch_size=8)
+    tgi_cpu, tgi_gpu = FORMATS["tgi"](cpu), FORMATS["tgi"](gpu)
+    assert "CUDA_GRAPHS" not in check_tgi(tgi_cpu, cpu) and "CUDA_GRAPHS" in check_tgi(tgi_gpu, gpu)
+    assert "no CUDA_GRAPHS: tuned on a CPU" in comments(tgi_cpu)
+    vllm_cpu, vllm_gpu = check_vllm(FORMATS["vllm"](cpu), cpu), check_vllm(FORMATS["vllm"](gpu), gpu)
+    assert "-O2" not in vllm_cpu and ("-O1" in vllm_cpu) == (backend == "inductor")
+    assert ("--compilation-config" in vllm_cpu) == (backend == "inductor")
+    if backend not in ("eager", "inductor"):
+        assert "-O2" in vllm_gpu
+    if backend != "eager":
+        assert "tuned on a CPU" in comments(FORMATS["vllm"](cpu))
+
+
+def test_slo_clauses_read_as_the_spec_wrote_them() -> None:
+    """A fidelity floor is stored with ``min`` and reads ``>=``; a ceiling with ``max`` reads ``<=``."""
+    doc = crafted()
+    doc["slo"] = [
+        {"metric": "e2e_ms", "percentile": "p95", "max": 500.0},
+        {"metric": "top1_agreement", "min": 0.9},
+        {"metric": "kl", "max": 0.05},
+        {"metric": "peak_memory_mb", "max": 4000},
     ]
+    want = "SLO: p95 e2e_ms <= 500, top1_agreement >= 0.9, kl <= 0.05, peak_memory_mb <= 4000"
+    for fmt in ("vllm", "tgi", "triton"):
+        head = comments(FORMATS[fmt](doc))
+        assert want in head and "None" not in head, head
 
 
 @pytest.mark.parametrize("fmt", ["vllm", "tgi", "triton"])
@@ -305,36 +349,378 @@ def test_real_export_of_a_preset(real_doc: dict[str, Any], fmt: str) -> None:
     """The tiny study's real export: header names study/trial/model/fingerprint, the preset is a placeholder."""
     text = FORMATS[fmt](real_doc)
     CHECKS[fmt](text, real_doc)
-    head = [ln for ln in text.splitlines() if ln.startswith("#")]
-    blob = "\n".join(head)
+    blob = comments(text)
     assert f"study: {real_doc['study']}  trial: {real_doc['trial']}" in blob
     assert real_doc["hardware"]["fingerprint"] in blob and "preset:llama-tiny" in blob
     assert "WARNING" in blob and "PLACEHOLDER" in text
     assert set(verdicts(text)) == set(real_doc["config"])
+    assert "<= None" not in blob and ">= None" not in blob
+
+
+def _stub_vllm(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    """A ``vllm`` on PATH that writes its arguments (NUL-terminated) to a file outside the run directory."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    argv = tmp_path / "argv"
+    fake = bin_dir / "vllm"
+    fake.write_text(f"#!/bin/sh\nfor a in \"$@\"; do printf '%s\\0' \"$a\"; done > '{argv}'\n")
+    fake.chmod(0o755)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}"}, argv
 
 
 def test_vllm_script_runs(real_doc: dict[str, Any], tmp_path: Path) -> None:
     """The vLLM output is a runnable script: refuses to run on the preset placeholder, passes its flags."""
     script = tmp_path / "serve.sh"
     script.write_text(FORMATS["vllm"](real_doc))
-    fake = tmp_path / "bin" / "vllm"
-    fake.parent.mkdir()
-    fake.write_text('#!/bin/sh\nfor a in "$@"; do echo "$a"; done\n')
-    fake.chmod(0o755)
-    env = {"PATH": f"{fake.parent}:{os.environ['PATH']}"}
+    env, argv = _stub_vllm(tmp_path)
     res = subprocess.run(["sh", str(script)], env=env, capture_output=True, text=True, timeout=10)
-    assert res.returncode != 0 and "autotune preset" in res.stderr
+    assert res.returncode != 0 and "autotune preset" in res.stderr and not argv.exists()
     res = subprocess.run(["sh", str(script)], env={**env, "MODEL": "org/m"}, capture_output=True, text=True, timeout=10)
     assert res.returncode == 0, res.stderr
-    argv = res.stdout.splitlines()
-    assert argv[:2] == ["serve", "org/m"] and "--max-num-seqs" in argv
+    args = argv.read_text().split("\0")[:-1]
+    assert args[:2] == ["serve", "org/m"] and args[2:] == vllm_knobs(real_doc)[1]
+
+
+# -- hostile text in every field of the export document -------------------------------------------------------
+HOSTILE = [
+    "nl\ntouch PWNED\n#",
+    "cr\rtouch PWNED\r#",
+    "crlf\r\ntouch PWNED\r\n",
+    "nul\x00esc\x1b[2J\x07bel",
+    "ls\u2028touch PWNED\u2029ps",
+    "nel\u0085touch PWNED",
+    "vt\x0bff\x0cfs\x1cgs\x1drs\x1e",
+    "bidi\u202etxt.exe\u200b",
+    "it's \"quoted\" 'twice'",
+    "back\\slash\\n\\",
+    "$(touch PWNED)",
+    "`touch PWNED`",
+    "${HOME} $PATH",
+    "#hash ; touch PWNED #",
+    "KEY=value",
+    "x\nMODEL_ID=evil\nQUANTIZE=fp8",
+    'x"\n}\nparameters { key: "evil" value: { string_value: "1" } }\n#',
+    "' ; touch PWNED ; '",
+    "lone \ud800 surrogate",
+    "  blank ends  ",
+    "-rf",
+]
+IDS = [f"h{i}" for i in range(len(HOSTILE))]
+
+
+def hostile_doc(h: str, device_type: str = "cuda") -> dict[str, Any]:
+    """BASE_DOC with ``h`` in every free-text field: study, model, variant, hardware, SLO, times, versions."""
+    doc = crafted(device_type)
+    doc.update(study=f"s{h}", model=f"org/m{h}", exported_at=h, autotune_version=h, schema_version=h, trial=h)
+    doc["config"]["model"] = f"org/v{h}"
+    doc["hardware"].update(device=h, device_name=h, fingerprint=h, cpu_model=h)
+    doc["slo"] = [{"metric": h, "percentile": h, "max": h}, {"metric": "top1_agreement", "min": h}, {"metric": h}]
+    doc["metrics"] = {"output_tokens_per_s": h, "e2e_ms": {"p95": h}}
+    return doc
+
+
+def only_printable(text: str) -> bool:
+    """No line break but LF, no control, format or separator character anywhere in the output."""
+    return all(ch == "\n" or ch.isprintable() for ch in text)
+
+
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+@pytest.mark.parametrize("h", HOSTILE, ids=IDS)
+def test_hostile_text_stays_inert_in_every_format(h: str, device: str) -> None:
+    """Each target's own parser finds exactly the intended settings, and hostile text only inside comments."""
+    doc = hostile_doc(h, device)
+    ref = doc["model"]
+    for fmt in ("vllm", "tgi", "triton"):
+        text = FORMATS[fmt](doc)
+        assert only_printable(text), (fmt, text)
+        CHECKS[fmt](text, doc)
+        assert escape_text(doc["study"]) in comments(text)  # shown, escaped, in a comment
+    argv = vllm_argv(FORMATS["vllm"](doc))
+    printable = ref == ref.strip() and ref.isprintable()
+    assert argv[2] == (ref if printable else '${MODEL:?set MODEL to the hub id or path of the model: the exported '
+                                             "model reference is not one}")  # fmt: skip
+    assert argv[3:] == vllm_knobs(doc)[1]
+    env = check_tgi(FORMATS["tgi"](doc), doc)
+    env_safe = printable and not set("\"'`\\$#") & set(ref)  # what docker, compose and dotenv all read as-is
+    assert env == {
+        "MODEL_ID": ref if env_safe else placeholder(doc),
+        **tgi_knobs(doc)[1],
+        "MAX_INPUT_TOKENS": "512",
+        "MAX_TOTAL_TOKENS": "576",
+    }
+    cfg = check_triton(FORMATS["triton"](doc), doc)
+    assert cfg.parameters["model"].string_value == (ref if printable else placeholder(doc))
+    assert re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", cfg.name)
+
+
+@pytest.mark.parametrize("h", HOSTILE, ids=IDS)
+def test_hostile_vllm_script_runs_nothing_but_vllm(h: str, tmp_path: Path) -> None:
+    """Every sh on the machine parses the script (``-n``) and runs it without creating a file; ``vllm`` gets
+    the exact model reference as one argument, or the script asks for MODEL instead of guessing."""
+    doc = hostile_doc(h)
+    script = tmp_path / "serve.sh"
+    script.write_text(FORMATS["vllm"](doc), encoding="utf-8")
+    env, argv = _stub_vllm(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    shells = [s for s in ("sh", "dash", "bash") if shutil.which(s)]
+    for shell in shells:
+        res = subprocess.run([shell, "-n", str(script)], capture_output=True, text=True, timeout=10)
+        assert res.returncode == 0 and not res.stderr, (shell, res.stderr)
+        for model in (None, "org/chosen"):
+            argv.unlink(missing_ok=True)
+            extra = {"MODEL": model} if model else {}
+            res = subprocess.run(
+                [shell, str(script)], cwd=run, env={**env, **extra}, capture_output=True, text=True, timeout=10
+            )
+            assert not list(run.iterdir()) and not list(tmp_path.rglob("PWNED")), (shell, h)
+            ref = doc["model"]
+            if ref == ref.strip() and ref.isprintable() and not ref.startswith("-"):
+                assert res.returncode == 0, res.stderr
+                assert argv.read_text().split("\0")[:-1] == ["serve", ref, *vllm_knobs(doc)[1]]
+            elif model is None:
+                assert res.returncode != 0 and "set MODEL" in res.stderr and not argv.exists()
+            else:
+                assert argv.read_text().split("\0")[1] == "org/chosen"
+
+
+@pytest.mark.parametrize("h", HOSTILE, ids=IDS)
+def test_pbtxt_strings_and_escaped_comments_read_back(h: str) -> None:
+    """A pbtxt string literal parses back to the very string (protobuf's parser); an escaped comment is one line
+    of printable text and different texts stay different."""
+    cfg = parse_pbtxt(f"# {escape_text(h)}\nname: {pbtxt_string(h)} # {escape_text(h)}\nmax_batch_size: 3\n")
+    assert cfg.name == h.replace("\ud800", "\ufffd") and cfg.max_batch_size == 3
+    assert only_printable(escape_text(h) + pbtxt_string(h)) and "\n" not in escape_text(h)
+    assert escape_text("a\\nb") != escape_text("a\nb")
+
+
+def test_model_references_that_fit_are_written_exactly(tmp_path: Path) -> None:
+    """Printable references with quotes, ``$``, backslash, ``#``, ``=``: sh gets the exact word, pbtxt the exact
+    string; the env file takes ``=`` and blanks inside, but not what docker and dotenv read differently."""
+    for ref, env_ok in (
+        ("org/m=1 with spaces", True),
+        ('/models/it\'s "q" \\ $x `y` #z', False),
+        ("org/ünïcode-模型", True),
+    ):
+        doc = crafted()
+        doc["model"] = ref
+        assert vllm_argv(FORMATS["vllm"](doc))[2] == ref
+        assert check_triton(FORMATS["triton"](doc), doc).parameters["model"].string_value == ref
+        assert check_tgi_model(FORMATS["tgi"](doc), doc) == (ref if env_ok else placeholder(doc))
+
+
+def check_tgi_model(text: str, doc: dict[str, Any]) -> str:
+    env = parse_env_file(text)
+    assert parse_env_file(text, str.splitlines) == env
+    return env["MODEL_ID"]
+
+
+# -- the Triton model repository -----------------------------------------------------------------------------
+def test_triton_repository_is_complete() -> None:
+    doc = crafted()
+    files = triton_repository(doc)
+    assert set(files) == {"crafted/config.pbtxt", "crafted/1/model.py", f"crafted/1/{TRITON_EXPORT_FILE}"}
+    check_triton(files["crafted/config.pbtxt"], doc)
+    assert files["crafted/config.pbtxt"] == FORMATS["triton"](doc)
+    assert json.loads(files[f"crafted/1/{TRITON_EXPORT_FILE}"]) == json.loads(FORMATS["json"](doc))
+    assert files["crafted/1/model.py"] == TRITON_MODEL_SOURCE.read_text()
+    compile(files["crafted/1/model.py"], "model.py", "exec")
+    with tarfile.open(fileobj=io.BytesIO(triton_archive(doc)), mode="r:gz") as tar:
+        names = tar.getnames()
+        assert set(names) == {*files, "crafted", "crafted/1"}
+        for rel, text in files.items():
+            member = tar.extractfile(rel)
+            assert member is not None and member.read().decode() == text
+    assert triton_archive(doc) == triton_archive(doc)  # reproducible download
+
+
+@pytest.mark.parametrize("study", ["..", "../../etc", "/abs/path", ".hidden", "a/b\\c", "", "nl\nx", "ok-name_1.2"])
+def test_triton_repository_writes_only_inside_its_directory(study: str, tmp_path: Path) -> None:
+    """Whatever the study is called, the model lands in one directory directly under the repository, written
+    whole; a rewrite replaces our files and leaves other files (another version) alone; no staging remains."""
+    doc = crafted()
+    doc["study"] = study
+    root = tmp_path / "sandbox" / "models"
+    model_dir = write_triton_repository(doc, root)
+    assert model_dir.parent == root and model_dir.name == triton_name(doc) and not model_dir.name.startswith(".")
+    assert {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()} == set(triton_repository(doc))
+    assert [p.name for p in (tmp_path / "sandbox").iterdir()] == ["models"]  # nothing beside the repository
+    check_triton((model_dir / "config.pbtxt").read_text(), doc)
+    (model_dir / "2").mkdir()
+    (model_dir / "2" / "keep.txt").write_text("another version")
+    (model_dir / "config.pbtxt").write_text("stale")
+    assert write_triton_repository(doc, root) == model_dir
+    assert (model_dir / "2" / "keep.txt").read_text() == "another version"
+    assert (model_dir / "config.pbtxt").read_text() == FORMATS["triton"](doc)
+    assert [p.name for p in root.iterdir()] == [model_dir.name]  # no staging directory left behind
+
+
+# -- model.py against a stand-in of the Python backend's API ---------------------------------------------------
+class StubTensor:
+    """pb_utils.Tensor: a name and a numpy array (TYPE_STRING as np.object_ of bytes; np.str_ refused)."""
+
+    def __init__(self, name: str, numpy_array: np.ndarray) -> None:
+        if not isinstance(numpy_array, np.ndarray) or numpy_array.dtype.type in (np.str_, np.void):
+            raise TypeError("Tensor dtype used for numpy_array is not supported by Python backend; use np.object_")
+        self._name, self._array = name, numpy_array
+
+    def name(self) -> str:
+        return self._name
+
+    def as_numpy(self) -> np.ndarray:
+        return self._array
+
+
+class StubRequest:
+    def __init__(self, inputs: list[StubTensor]) -> None:
+        self._inputs = inputs
+
+    def inputs(self) -> list[StubTensor]:
+        return self._inputs
+
+
+class StubError:
+    def __init__(self, msg: str, code: int | None = None) -> None:
+        self._msg = msg
+
+    def message(self) -> str:
+        return self._msg
+
+
+class StubResponse:
+    def __init__(self, output_tensors: list[StubTensor] | None = None, error: StubError | None = None) -> None:
+        if not isinstance(output_tensors, list):
+            raise TypeError('"output_tensors" must be a list.')
+        self._outputs, self._error = output_tensors, error
+
+    def output_tensors(self) -> list[StubTensor]:
+        return self._outputs
+
+    def has_error(self) -> bool:
+        return self._error is not None
+
+    def error(self) -> StubError | None:
+        return self._error
+
+
+def _get_input_tensor_by_name(request: StubRequest, name: str) -> StubTensor | None:
+    return next((t for t in request.inputs() if t.name() == name), None)
+
+
+@pytest.fixture
+def pb_utils(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
+    """The slice of ``triton_python_backend_utils`` model.py uses, installed where its import finds it."""
+    mod = types.ModuleType("triton_python_backend_utils")
+    mod.Tensor = StubTensor  # type: ignore[attr-defined]
+    mod.InferenceRequest = StubRequest  # type: ignore[attr-defined]
+    mod.InferenceResponse = StubResponse  # type: ignore[attr-defined]
+    mod.TritonError = StubError  # type: ignore[attr-defined]
+    mod.get_input_tensor_by_name = _get_input_tensor_by_name  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", mod)
+    return mod
+
+
+def load_model_py(path: Path) -> Any:
+    spec = importlib.util.spec_from_file_location("autotune_triton_model_under_test", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.TritonPythonModel()
+
+
+def strings(rows: list[str]) -> np.ndarray:
+    return np.array([[r.encode("utf-8")] for r in rows], dtype=np.object_)
+
+
+def triton_args(model_dir: Path, cfg: Any) -> dict[str, str]:
+    """What Triton hands initialize(): the model config as JSON, the instance and where the model lives."""
+    return {
+        "model_config": json_format.MessageToJson(cfg, preserving_proto_field_name=True),
+        "model_instance_kind": "CPU",
+        "model_instance_device_id": "0",
+        "model_repository": str(model_dir),
+        "model_version": "1",
+        "model_name": cfg.name,
+    }
+
+
+def test_triton_model_py_generates_text_in_batches(
+    real_doc: dict[str, Any], tmp_path: Path, pb_utils: types.ModuleType
+) -> None:
+    """The written model.py loads the export of the shipped tiny-lm beside it with autotune's engine, answers a
+    batch of requests (several rows, a max_tokens, two bad requests) in one engine call per batch_size rows with
+    the text that engine generates, and stops on finalize."""
+    from autotune.deploy import load_engine
+
+    doc = copy.deepcopy(real_doc) | {"model": "builtin:tiny-lm"}
+    model_dir = write_triton_repository(doc, tmp_path / "models")
+    cfg = check_triton((model_dir / "config.pbtxt").read_text(), doc)
+    model = load_model_py(model_dir / "1" / "model.py")
+    model.initialize(triton_args(model_dir, cfg))
+    try:
+        calls: list[tuple[int, int]] = []
+        run_batch = model.engine.run_batch
+
+        def counted(prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+            calls.append((len(prompts), max_new_tokens))
+            return run_batch(prompts, max_new_tokens)
+
+        model.engine.run_batch = counted
+        prompts = ["def add(a, b):", "The os module", "Return the"]
+        requests = [
+            StubRequest([StubTensor("text_input", strings(prompts[:2]))]),
+            StubRequest([StubTensor("text_input", strings(prompts[2:])), StubTensor("max_tokens", np.array([[3]]))]),
+            StubRequest([StubTensor("text_input", strings([""]))]),
+            StubRequest([StubTensor("text_input", strings(["x"])), StubTensor("max_tokens", np.array([[0]]))]),
+        ]
+        responses = model.execute(requests)
+    finally:
+        model.finalize()
+    assert len(responses) == len(requests)
+    assert [r.has_error() for r in responses] == [False, False, True, True]
+    assert "no tokens" in responses[2].error().message() and "max_tokens" in responses[3].error().message()
+    got = []
+    for r in responses[:2]:
+        (out,) = r.output_tensors()
+        assert out.name() == "text_output" and out.as_numpy().dtype == np.object_ and out.as_numpy().shape[1] == 1
+        got += [b.decode("utf-8") for b in out.as_numpy().reshape(-1)]
+    assert len(got) == 3 and all(got)
+    _, total = token_limits(doc)
+    default = total - token_limits(doc)[0]  # type: ignore[operator]
+    b = doc["config"]["batch_size"]
+    limits = [default, default, 3]
+    assert calls == [(len(limits[i : i + b]), max(limits[i : i + b])) for i in range(0, 3, b)]
+    # the same rows through the same engine config, outside Triton: the very same text
+    ref = load_engine(doc | {"config": {**doc["config"], "streams": 1, "max_queue_delay_ms": 0.0}}, start=False)
+    try:
+        want = []
+        for i in range(0, 3, b):
+            ids = [ref.encode(p) for p in prompts[i : i + b]]
+            outs = ref.run_batch(ids, max(limits[i : i + b]))
+            want += [
+                ref.tokenizer.decode(o[:n], skip_special_tokens=True)
+                for o, n in zip(outs, limits[i : i + b], strict=True)
+            ]
+            assert all(len(o[:n]) == n for o, n in zip(outs, limits[i : i + b], strict=True))
+    finally:
+        ref.stop()
+    assert got == want
+
+
+def test_triton_model_py_refuses_a_placeholder(real_doc: dict[str, Any], tmp_path: Path, pb_utils: Any) -> None:
+    """A preset's export names a PLACEHOLDER model: model.py says what to replace instead of loading anything."""
+    model_dir = write_triton_repository(real_doc, tmp_path / "models")
+    cfg = check_triton((model_dir / "config.pbtxt").read_text(), real_doc)
+    assert cfg.parameters["model"].string_value.startswith("PLACEHOLDER-")
+    with pytest.raises(ValueError, match=r'the "model" parameter is .PLACEHOLDER-llama-tiny'):
+        load_model_py(model_dir / "1" / "model.py").initialize(triton_args(model_dir, cfg))
 
 
 def test_cli_export_formats(tuned: Path, real_doc: dict[str, Any]) -> None:
     res = run_cli("export", "tiny", "--format", "triton", cwd=tuned)
     assert res.returncode == 0, res.stderr
     cfg = check_triton(res.stdout, real_doc)
-    assert cfg["name"] == ["tiny"]
+    assert cfg.name == "tiny" and "--output DIR" in res.stderr
     res = run_cli("export", "tiny", "--format", "tgi", "--output", "deploy/tiny.env", cwd=tuned)
     assert res.returncode == 0, res.stderr
     check_tgi((tuned / "deploy" / "tiny.env").read_text(), real_doc)
