@@ -2,8 +2,17 @@
 
 autotune measures its own engine (transformers + PyTorch); serving stacks expose different knobs. Each
 translation therefore says, knob by knob, whether it *maps*, maps *approximately* (and why), or has *no
-equivalent* (and why), as comments in the output: nothing is dropped silently. Torch-free, so the CLI and
-the dashboard can call it without importing the engine.
+equivalent* (and why), as comments in the output: nothing is dropped silently. Only what was tuned is
+emitted: a config tuned on a CPU gets no CUDA graph flags. Torch-free, so the CLI and the dashboard can
+call it without importing the engine.
+
+Every field of the export document may be hostile (a study name, model path or device name with line
+breaks, quotes, ``$(...)``): each value is written in its target's own quoting, or not at all. Comment
+lines are escaped to one printable line (:func:`escape_text`); the vLLM model is one single-quoted sh
+word; env-file values are only written where docker, compose and python-dotenv read them back as-is
+(:func:`env_value_ok`); pbtxt strings are escaped literals (:func:`pbtxt_string`); the Triton name is
+reduced to ``[A-Za-z0-9._-]``. A model reference that cannot be one (:func:`model_ref_ok`) becomes a
+PLACEHOLDER that fails loudly, like an autotune preset's.
 
 Mappings follow these documentation pages (checked 2026-11):
 
@@ -21,8 +30,11 @@ Mappings follow these documentation pages (checked 2026-11):
   (https://docs.nvidia.com/deeplearning/triton-inference-server/user-guide/docs/user_guide/model_configuration.html:
   ``max_batch_size``, ``instance_group [{count, kind: KIND_GPU|KIND_CPU}]``, ``parameters``, ``optimization``),
   the dynamic batcher (.../user_guide/batcher.html: ``dynamic_batching { max_queue_delay_microseconds }``),
-  and the Python backend (https://github.com/triton-inference-server/python_backend) that runs a
-  transformers model from ``model.py`` and reads ``parameters`` from its model config.
+  and the Python backend (https://github.com/triton-inference-server/python_backend: ``TritonPythonModel``
+  with ``initialize(args)`` / ``execute(requests)`` / ``finalize()``, ``pb_utils.get_input_tensor_by_name``,
+  ``Tensor``, ``InferenceResponse``, TYPE_STRING as numpy object arrays of bytes). The Triton export is a
+  model repository entry (:func:`triton_repository`): config.pbtxt, and ``1/model.py``
+  (``autotune/triton_model.py``) which serves the export beside it with autotune's own engine.
 """
 
 from __future__ import annotations

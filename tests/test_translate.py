@@ -632,6 +632,11 @@ def strings(rows: list[str]) -> np.ndarray:
     return np.array([[r.encode("utf-8")] for r in rows], dtype=np.object_)
 
 
+def int32s(name: str, *rows: int) -> StubTensor:
+    """A TYPE_INT32 input of shape [rows, 1], as Triton hands it to the Python backend."""
+    return StubTensor(name, np.array([[r] for r in rows], dtype=np.int32))
+
+
 def triton_args(model_dir: Path, cfg: Any) -> dict[str, str]:
     """What Triton hands initialize(): the model config as JSON, the instance and where the model lives."""
     return {
@@ -650,8 +655,11 @@ def test_triton_model_py_generates_text_in_batches(
     """The written model.py loads the export of the shipped tiny-lm beside it with autotune's engine, answers a
     batch of requests (several rows, a max_tokens, two bad requests) in one engine call per batch_size rows with
     the text that engine generates, and stops on finalize."""
+    import torch
+
     from autotune.deploy import load_engine
 
+    threads = torch.get_num_threads()  # initialize() splits the cores between the instances: restored below
     doc = copy.deepcopy(real_doc) | {"model": "builtin:tiny-lm"}
     model_dir = write_triton_repository(doc, tmp_path / "models")
     cfg = check_triton((model_dir / "config.pbtxt").read_text(), doc)
@@ -669,13 +677,14 @@ def test_triton_model_py_generates_text_in_batches(
         prompts = ["def add(a, b):", "The os module", "Return the"]
         requests = [
             StubRequest([StubTensor("text_input", strings(prompts[:2]))]),
-            StubRequest([StubTensor("text_input", strings(prompts[2:])), StubTensor("max_tokens", np.array([[3]]))]),
+            StubRequest([StubTensor("text_input", strings(prompts[2:])), int32s("max_tokens", 3)]),
             StubRequest([StubTensor("text_input", strings([""]))]),
-            StubRequest([StubTensor("text_input", strings(["x"])), StubTensor("max_tokens", np.array([[0]]))]),
+            StubRequest([StubTensor("text_input", strings(["x"])), int32s("max_tokens", 0)]),
         ]
         responses = model.execute(requests)
     finally:
         model.finalize()
+        torch.set_num_threads(threads)
     assert len(responses) == len(requests)
     assert [r.has_error() for r in responses] == [False, False, True, True]
     assert "no tokens" in responses[2].error().message() and "max_tokens" in responses[3].error().message()
