@@ -257,7 +257,7 @@ def test_unexpected_errors_are_json_without_traceback(url: str, monkeypatch: pyt
 
     app = create_app(url)
     with TestClient(app, raise_server_exceptions=False) as c:
-        monkeypatch.setattr(app.state.store, "study", lambda name: 1 / 0)
+        monkeypatch.setattr(app.state.store, "summary", lambda name: 1 / 0)
         res = c.get("/api/studies/tiny")
         assert res.status_code == 500 and res.json() == {"error": "internal error (ZeroDivisionError)"}
 
@@ -466,3 +466,260 @@ def test_quality_clauses_and_why_a_trial_is_infeasible(tmp_path: Path) -> None:
         trial = c.get("/studies/q/trials/1").text
         assert 'id="missed"' in trial and "fidelity kl" in trial
         assert c.get("/api/studies/q/trials/1").json()["quality"]["kl"] == 0.31
+
+
+# -- hardening (issue 25) ------------------------------------------------------------------------------------
+def test_security_headers_on_every_response(client: TestClient, url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pages, API answers, static files and errors all carry the CSP (this origin only, no framing)."""
+    from autotune.dashboard import create_app
+
+    paths = ["/", "/studies/tiny", "/studies/tiny/trials/0", "/compare?study=tiny", "/docs", "/api/studies",
+             "/api/studies/tiny/best", "/static/dashboard.js", "/static/plotly.css", "/openapi.json",
+             "/api/studies/nope", "/studies/nope", "/api/studies/tiny/trials?limit=0"]  # fmt: skip
+    responses = [client.get(p) for p in paths]
+    app = create_app(url)
+    with TestClient(app, raise_server_exceptions=False) as c:  # a 500 is answered outside the middleware
+        monkeypatch.setattr(app.state.store, "summary", lambda name: 1 / 0)
+        responses.append(c.get("/api/studies/tiny"))
+    assert sorted({r.status_code for r in responses}) == [200, 404, 422, 500]
+    for r in responses:
+        csp = {d.split()[0]: d.split()[1:] for d in r.headers["content-security-policy"].split("; ")}
+        assert csp["default-src"] == ["'self'"] and csp["script-src"] == ["'self'"], r.url
+        assert csp["style-src"] == ["'self'"] and csp["frame-ancestors"] == ["'none'"], r.url
+        assert all("http" not in v and "*" not in v for vs in csp.values() for v in vs), csp
+        assert r.headers["x-content-type-options"] == "nosniff" and r.headers["x-frame-options"] == "DENY", r.url
+
+
+def _local_refs(html: str) -> list[str]:
+    import re
+
+    return re.findall(r'<(?:script|link|img|iframe)\b[^>]*?\s(?:src|href)="([^"]*)"', html)
+
+
+def test_pages_load_nothing_from_another_host(client: TestClient) -> None:
+    """Every script, stylesheet and icon a page names is this server's (offline machines, and no
+    third-party code on pages that read the study database); /docs is Swagger UI from an installed
+    package, its files served here; ReDoc is gone. No page has inline script or style."""
+    import re
+
+    for path in ("/", "/studies/tiny", "/studies/tiny/trials/0", "/compare?study=tiny", "/docs", "/nope"):
+        html = client.get(path, headers={"accept": "text/html"}).text
+        refs = _local_refs(html)
+        assert refs and all((r.startswith("/") and not r.startswith("//")) or r == "data:," for r in refs), (path, refs)
+        for ref in refs:
+            if ref.startswith("/"):
+                assert client.get(ref).status_code == 200, ref
+        assert not re.search(r"<script(?![^>]*\bsrc=)(?![^>]*application/json)[^>]*>", html), path  # inline JS
+        assert "<style" not in html and " style=" not in html and " onclick=" not in html, path
+        assert 'href="/docs"' in html or path == "/nope"
+    docs = client.get("/docs").text
+    assert "/static/swagger-ui/swagger-ui-bundle.js" in docs and "/static/docs.js" in docs
+    assert client.get("/static/swagger-ui/swagger-ui-bundle.js").headers["content-type"].startswith("text/javascript")
+    assert client.get("/redoc").status_code == 404
+    css = client.get("/static/plotly.css").text  # plotly.js's own rules, which it would otherwise inline
+    assert ".js-plotly-plot .plotly .modebar {position:absolute;" in css
+
+
+def _killed_worker_study(db_url: str) -> None:
+    """A study whose worker died mid-trial: Optuna's heartbeat check failed trial 5 and queued it
+    again as trial 6, which another worker measured; trial 7 runs now. autotune's table has no row
+    for 5 or 7 (the dead worker never recorded 5; 7 is not finished)."""
+    import random
+
+    import optuna
+
+    from autotune.store import Repository
+
+    bench = load_bench()
+    bench.fill(db_url, "lost", 5, seed=7, status="running")
+    import inspect
+
+    retry_kwargs: dict[str, Any] = {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=2)}
+    if "heartbeat_stale_trial_callback" in inspect.signature(optuna.storages.RDBStorage).parameters:  # as the tuner
+        retry_kwargs = {"heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)}
+    storage = optuna.storages.RDBStorage(db_url, heartbeat_interval=1, grace_period=1, **retry_kwargs)
+    study = optuna.load_study(study_name="lost", storage=storage)
+    cfg = {"batch_size": 8, "precision": "fp32", "quantization": "none", "streams": 1, "backend": "eager",
+           "max_queue_delay_ms": 0.0, "scheduler": "static"}  # fmt: skip
+    trial = study.ask()
+    trial.set_user_attr("config", cfg)
+    trial.set_user_attr("config_key", "lostkey")
+    storage.record_heartbeat(trial._trial_id)
+    time.sleep(2.2)
+    assert optuna.storages.fail_stale_trials(study) is None
+    frozen = study.get_trials()
+    assert [t.state.name for t in frozen[5:]] == ["FAIL", "WAITING"]
+    retry = study.ask()  # the retry, picked up by a live worker and measured
+    assert retry.number == 6 and storage.get_trial(retry._trial_id).system_attrs["failed_trial"] == 5
+    m = bench.synthetic_measurement(cfg, random.Random(1))
+    with Repository.open(db_url) as repo:
+        repo.record_trial("lost", 6, config=cfg, config_key="lostkey", state="measured", feasible=True,
+                          measurement=m, constraints=[-0.5])  # fmt: skip
+    study.tell(retry, m["output_tokens_per_s"])
+    running = study.ask()
+    running.set_user_attr("config", cfg)
+    assert running.number == 7
+
+
+def test_a_trial_failed_by_a_killed_worker_is_shown(tmp_path: Path) -> None:
+    """Every trial Optuna holds appears with its state: the lost one (failed, retried as 6) and the
+    running one, though autotune's table has no row for either; counts, pages and API agree."""
+    from autotune.dashboard import create_app
+
+    db_url = f"sqlite:///{tmp_path}/lost.db"
+    _killed_worker_study(db_url)
+    with TestClient(create_app(db_url), raise_server_exceptions=False) as c:
+        items = c.get("/api/studies/lost/trials", params={"limit": 500}).json()["items"]
+        assert [t["number"] for t in items] == list(range(8))
+        lost, running = items[5], items[7]
+        assert lost["state"] == "failed" and lost["failure_kind"] == "lost" and lost["label"].startswith("b8 fp32")
+        assert "retried as trial 6" in lost["failure_reason"]
+        assert running["state"] == "running" and items[6]["state"] == "measured"
+        summary = {s["name"]: s for s in c.get("/api/studies").json()}["lost"]
+        before = {k: v for k, v in summary["trials_by_state"].items() if k not in ("running",)}
+        assert summary["trials_failed"] == before.get("failed", 0) >= 1 and summary["trials_by_state"]["running"] == 1
+        assert summary["trials_done"] == 8 == c.get("/api/studies/lost/status").json()["trials_done"]
+        assert c.get("/api/studies/lost").json()["trials_failed"] == summary["trials_failed"]
+        failed = c.get("/api/studies/lost/trials", params={"state": "failed"}).json()["items"]
+        assert 5 in [t["number"] for t in failed]
+        page = c.get("/studies/lost").text
+        assert '<a href="/studies/lost/trials/5">5</a>' in page and "retried as trial 6" in page
+        assert f"{summary['trials_failed']} failed;" in page and "running 1" in page
+        trial = c.get("/studies/lost/trials/5")
+        assert trial.status_code == 200 and "retried as trial 6" in trial.text and 'id="optuna-only"' in trial.text
+        assert c.get("/api/studies/lost/trials/7").json()["state"] == "running"
+        assert c.get("/studies/lost", params={"q": "retried"}).text.count('<tr data-state="failed"') == 1
+
+
+def _plain_optuna(db_url: str, name: str = "plain") -> None:
+    """A study made by Optuna alone: floats, ints and categories, one pruned and one failed trial."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    def objective(trial: optuna.Trial) -> float:
+        x = trial.suggest_float("x", -4, 4)
+        k = trial.suggest_categorical("kind", ["<b>a</b>", "b"])
+        n = trial.suggest_int("n", 1, 5)
+        if trial.number == 3:
+            raise optuna.TrialPruned()
+        if trial.number == 4:
+            raise ValueError("boom")
+        return (x - 1) ** 2 + n + (0.5 if k == "b" else 0.0)
+
+    study = optuna.create_study(study_name=name, storage=db_url, sampler=optuna.samplers.RandomSampler(seed=3))
+    study.optimize(objective, n_trials=12, catch=(ValueError,))
+
+
+def test_a_database_only_optuna_wrote_is_shown_read_only(tmp_path: Path) -> None:
+    """No autotune tables: the dashboard opens it as it is (nothing written, no `db upgrade` asked
+    for) and shows the study from Optuna's own data: values, params, states, best trial."""
+    import optuna
+    import sqlalchemy as sa
+
+    from autotune.dashboard import create_app
+
+    db = tmp_path / "optuna.db"
+    db_url = f"sqlite:///{db}"
+    _plain_optuna(db_url)
+    study = optuna.load_study(study_name="plain", storage=db_url)
+    before = digest(db)
+    with TestClient(create_app(db_url), raise_server_exceptions=False) as c:
+        [s] = c.get("/api/studies").json()
+        assert s["name"] == "plain" and s["kind"] == "optuna" and s["directions"] == ["minimize"]
+        assert s["trials_done"] == 12 and s["trials_by_state"] == {"complete": 10, "pruned": 1, "failed": 1}
+        assert s["best_trial"] == study.best_trial.number and s["best_values"] == [study.best_value]
+        items = c.get("/api/studies/plain/trials", params={"limit": 500}).json()["items"]
+        assert [t["number"] for t in items] == list(range(12))
+        for t, ft in zip(items, study.trials, strict=True):
+            assert t["params"] == ft.params and t["values"] == ft.values
+            assert t["state"] == {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed"}[ft.state.name]
+        by_value = c.get("/api/studies/plain/trials", params={"sort": "value", "limit": 3}).json()["items"]
+        assert [t["values"][0] for t in by_value] == sorted(t.value for t in study.trials if t.value is not None)[:3]
+        page = c.get("/studies/plain")
+        assert page.status_code == 200 and 'id="fig-history"' in page.text and "&lt;b&gt;a&lt;/b&gt;" in page.text
+        assert "<b>a</b>" not in page.text and f"trial {study.best_trial.number}</a>" in page.text
+        assert c.get("/").text.count("Optuna</span>") == 1
+        trial = c.get(f"/studies/plain/trials/{study.best_trial.number}")
+        assert trial.status_code == 200 and f"{study.best_value:.6g}" in trial.text
+        assert c.get("/api/studies/plain/best").status_code == 404  # no export: not autotune's
+        assert c.get("/api/studies/plain/status").json() == {
+            "name": "plain", "status": "idle", "trials_done": 12, "updated_at": s["updated_at"]
+        }  # fmt: skip
+        assert c.get("/api/studies/plain/trials/99").status_code == 404
+    assert digest(db) == before
+    assert not [t for t in sa.inspect(sa.create_engine(db_url)).get_table_names() if t.startswith("autotune_")]
+
+
+def test_plain_optuna_studies_beside_autotune_ones(tmp_path: Path) -> None:
+    """One database, one autotune study and one plain Optuna study: both listed, each its own page."""
+    from autotune.dashboard import create_app
+
+    db_url = f"sqlite:///{tmp_path}/mixed.db"
+    load_bench().fill(db_url, "ours", 6, seed=5)
+    _plain_optuna(db_url, "theirs")
+    with TestClient(create_app(db_url), raise_server_exceptions=False) as c:
+        kinds = {s["name"]: s["kind"] for s in c.get("/api/studies").json()}
+        assert kinds == {"ours": "autotune", "theirs": "optuna"}
+        assert 'id="fig-pareto"' in c.get("/studies/ours").text
+        assert "Made by Optuna, not by autotune" in c.get("/studies/theirs").text
+        assert c.get("/api/studies/theirs/pareto").status_code == 404
+        assert [s for s in c.get("/compare").text.split() if "theirs" in s] == []  # nothing to compare
+
+
+@pytest.fixture(scope="module")
+def big_and_small(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One database with a 600-trial and a 120-trial synthetic study."""
+    work = tmp_path_factory.mktemp("big")
+    db_url = f"sqlite:///{work}/big.db"
+    bench = load_bench()
+    bench.fill(db_url, "big", 600, seed=11)
+    bench.fill(db_url, "small", 120, seed=11)
+    return db_url
+
+
+def test_page_weight_does_not_grow_with_the_study(big_and_small: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The study page carries one page of the trials table and at most MAX_POINTS points per plot:
+    five times the trials, about the same page; the table says where it is and pages on."""
+    from autotune.dashboard import create_app, figures
+
+    monkeypatch.setattr(figures, "MAX_POINTS", 60)
+    with TestClient(create_app(big_and_small)) as c:
+        big, small = c.get("/studies/big").text, c.get("/studies/small").text
+        assert len(big) < 1.15 * len(small), (len(big), len(small))
+        assert big.count("<tr data-state=") == 100 and "trials 1–100 of 600" in big
+        assert 'href="/studies/big?offset=100" rel="next"' in big
+        second = c.get("/studies/big", params={"offset": 100}).text
+        assert "trials 101–200 of 600" in second and '<a href="/studies/big/trials/100">100</a>' in second
+        desc = c.get("/studies/big", params={"sort": "output_tokens_per_s", "order": "desc", "part": "table"}).text
+        assert desc.startswith("{#") is False and 'id="trials-part"' in desc and "<html" not in desc
+        api = c.get("/api/studies/big/trials", params={"sort": "output_tokens_per_s", "order": "desc"}).json()
+        first_rows = [f'<a href="/studies/big/trials/{t["number"]}">' for t in api["items"][:5]]
+        assert [desc.index(r) for r in first_rows] == sorted(desc.index(r) for r in first_rows)
+        fig = json.loads(big.split('<script type="application/json" id="figs">')[1].split("</script>")[0])
+        assert len(fig["pareto"]["data"][0]["x"]) + len(fig["pareto"]["data"][1]["x"]) <= 60 + 30
+        assert "drawn: every trial on the front" in big
+
+
+def test_best_and_pages_never_read_every_trial_through_optuna(
+    big_and_small: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Optuna's get_all_trials decodes every attribute of every trial (seconds at 10,000 trials):
+    the export reads its one trial, the pages read columns."""
+    import optuna
+
+    from autotune.dashboard import create_app
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("read every trial through Optuna")
+
+    monkeypatch.setattr(optuna.storages.RDBStorage, "get_all_trials", refuse)
+    with TestClient(create_app(big_and_small), raise_server_exceptions=False) as c:
+        best = c.get("/api/studies/big/best")
+        assert best.status_code == 200, best.text
+        doc = best.json()
+        summary = c.get("/api/studies/big").json()
+        assert doc["trial"] == summary["best_trial"]
+        assert doc["metrics"]["output_tokens_per_s"] == pytest.approx(summary["best_output_tokens_per_s"])
+        for path in ("/", "/studies/big", "/studies/big/trials/3", "/api/studies/big/pareto", "/compare?study=big"):
+            assert c.get(path).status_code == 200, path

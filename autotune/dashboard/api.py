@@ -9,12 +9,24 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, Field
 
 from autotune.dashboard import figures
-from autotune.dashboard.data import Store, clean_json, latency_column, latency_names, slo_latency
+from autotune.dashboard.data import (
+    SORT_KEYS,
+    TABLE_STATES,
+    NotFound,
+    Store,
+    TableQuery,
+    clean_json,
+    latency_column,
+    latency_names,
+    slo_latency,
+)
 from autotune.translate import FILENAMES, FORMATS
 
 #: Page size cap: a client asking for a million rows gets at most this many.
 MAX_PAGE = 500
-StudyName = Annotated[str, Path(min_length=1, max_length=512, description="study name")]
+#: No minimum length: Starlette's ``{name:path}`` matches an empty name before a trailing newline
+#: (``/api/studies/%0A``), which is then a study that does not exist (404), not a bad request.
+StudyName = Annotated[str, Path(max_length=512, description="study name")]
 TrialNumber = Annotated[int, Path(ge=0, le=10_000_000, description="trial number")]
 Latency = Literal[
     "e2e_ms.p50", "e2e_ms.p90", "e2e_ms.p95", "e2e_ms.p99",
@@ -23,8 +35,16 @@ Latency = Literal[
     "queue_ms.p50", "queue_ms.p90", "queue_ms.p95", "queue_ms.p99",
 ]  # fmt: skip
 assert set(Latency.__args__) == set(latency_names())  # type: ignore[attr-defined]
-SortKey = Literal["number", "output_tokens_per_s", "e2e_p95_ms", "ttft_p95_ms", "tpot_p95_ms", "peak_memory_mb"]
-State = Literal["measured", "infeasible", "failed", "rejected", "duplicate"]
+SortKey = Literal[
+    "number", "value", "output_tokens_per_s", "e2e_p95_ms", "ttft_p95_ms", "tpot_p95_ms", "peak_memory_mb"
+]
+#: autotune's trial states, then Optuna's for trials autotune holds no row of (running now, queued
+#: for a retry) and for studies autotune did not make (complete, pruned).
+State = Literal[
+    "measured", "infeasible", "failed", "rejected", "duplicate", "running", "waiting", "complete", "pruned"
+]  # fmt: skip
+assert set(State.__args__) == set(TABLE_STATES)  # type: ignore[attr-defined]
+assert set(SortKey.__args__) == set(SORT_KEYS)  # type: ignore[attr-defined]
 
 
 class Error(BaseModel):
@@ -35,6 +55,7 @@ class Error(BaseModel):
 
 class StudySummary(BaseModel):
     name: str
+    kind: Literal["autotune", "optuna"] = Field(description="optuna: a study plain Optuna made in this database")
     model: str
     hardware: str
     device: str | None
@@ -47,6 +68,8 @@ class StudySummary(BaseModel):
     trials_by_state: dict[str, int]
     best_trial: int | None
     best_output_tokens_per_s: float | None
+    directions: list[str] = Field(default_factory=list, description="an Optuna study's objective directions")
+    best_values: list[float | None] | None = Field(None, description="an Optuna study's best trial's values")
     status: str
     created_at: str | None
     updated_at: str | None
@@ -68,7 +91,7 @@ class StudyStatus(BaseModel):
 
 class TrialRow(BaseModel):
     number: int
-    state: str
+    state: State
     feasible: bool | None
     config: dict[str, Any]
     label: str
@@ -86,6 +109,8 @@ class TrialRow(BaseModel):
     constraints: list[float | None] = Field(default_factory=list, description="(measured - bound) / bound per clause")
     quality: dict[str, float | None] = Field(default_factory=dict, description="fidelity against the reference")
     missed: str = Field("", description="the SLO clauses an infeasible trial broke, with what it measured")
+    values: list[float | None] | None = Field(None, description="an Optuna study's trial values")
+    params: dict[str, Any] = Field(default_factory=dict, description="an Optuna study's trial params")
     e2e_p50_ms: float | None
     e2e_p90_ms: float | None
     e2e_p95_ms: float | None
@@ -125,6 +150,7 @@ class TrialDetail(TrialRow):
     e2e_samples_ms: list[float | None]
     log_excerpt: str | None
     started_at: str | None
+    user_attrs: dict[str, Any] = Field(default_factory=dict, description="an Optuna study's trial attributes")
 
 
 class ParetoPoint(BaseModel):
@@ -151,18 +177,6 @@ def store(request: Request) -> Store:
     return st
 
 
-def study_detail(st: Store, name: str) -> dict[str, Any]:
-    view = st.study(name)
-    latency, limit = slo_latency(view.spec)
-    return {
-        **view.summary,
-        "spec": view.spec,
-        "hardware_info": view.hardware,
-        "pareto_latency": latency,
-        "slo_limit_ms": limit,
-    }
-
-
 router = APIRouter(prefix="/api", tags=["api"])
 
 
@@ -184,22 +198,20 @@ def list_trials(
     name: StudyName,
     state: Annotated[State | None, Query(description="only trials in this state")] = None,
     feasible: Annotated[bool | None, Query(description="only (in)feasible trials")] = None,
-    sort: Annotated[SortKey, Query()] = "number",
+    sort: Annotated[
+        SortKey, Query(description="value: Optuna's first objective (autotune's: output tokens/s)")
+    ] = "number",
     order: Annotated[Literal["asc", "desc"], Query()] = "asc",
     offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description=f"page size, at most {MAX_PAGE}")] = 100,
+    q: Annotated[
+        str, Query(max_length=200, description="only trials whose config, state or failure has this text")
+    ] = "",
 ) -> dict[str, Any]:
-    """A page of the study's trials, filtered and sorted (missing values last)."""
-    rows = store(request).study(name).trials
-    if state is not None:
-        rows = [r for r in rows if r["state"] == state]
-    if feasible is not None:
-        rows = [r for r in rows if bool(r["feasible"]) == feasible]
-    present = [r for r in rows if r[sort] is not None]
-    missing = [r for r in rows if r[sort] is None]
-    present.sort(key=lambda r: r[sort], reverse=order == "desc")
-    rows = present + missing
-    return {"total": len(rows), "offset": offset, "limit": limit, "items": rows[offset : offset + limit]}
+    """A page of the study's trials, filtered and sorted (missing values last): every trial Optuna
+    holds, with its state, including one running now or failed by a worker that stopped."""
+    query = TableQuery(state=state, feasible=feasible, sort=sort, order=order, offset=offset, limit=limit, q=q.strip())
+    return store(request).trials(name, query)
 
 
 @router.get("/studies/{name:path}/trials/{number}", response_model=TrialDetail, responses=NOT_FOUND)
@@ -215,11 +227,15 @@ def get_pareto(
     latency: Annotated[Latency | None, Query(description="default: the study's SLO latency")] = None,
 ) -> dict[str, Any]:
     """Measured trials no other beats on both output tokens/s and the latency, by latency."""
-    view = store(request).study(name)
-    slo_name, limit = slo_latency(view.spec)
+    st = store(request)
+    summary = st.summary(name)
+    if summary["kind"] != "autotune":
+        raise NotFound(f"study {name!r} was not made by autotune: it has no latency to plot")
+    slo_name, limit = slo_latency(summary["spec"])
+    view = st.study(name, latency or slo_name)
     lat = latency or slo_name
     col = latency_column(lat)
-    pts = figures.front(figures.plotted(view.trials, lat), lat)
+    pts = figures.front(figures.plotted(view.points, lat), lat)
     return {
         "study": name,
         "latency": lat,
@@ -264,7 +280,7 @@ def get_best(
 @router.get("/studies/{name:path}", response_model=StudyDetail, responses=NOT_FOUND)
 def get_study(request: Request, name: StudyName) -> dict[str, Any]:
     """One study: its summary, spec and hardware (registered last: names may contain '/')."""
-    return study_detail(store(request), name)
+    return store(request).summary(name)
 
 
 def _safe_filename(name: str) -> str:

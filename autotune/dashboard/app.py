@@ -1,9 +1,13 @@
-"""The dashboard's FastAPI app: pages, the JSON API, static files; read-only, never imports torch."""
+"""The dashboard's FastAPI app: pages, the JSON API, static files; read-only, never imports torch.
+
+Everything a page loads comes from this server: plotly.js from the installed plotly package, Swagger
+UI (``/docs``) from the installed fastapi-offline package. Every response carries the security
+headers of :mod:`autotune.dashboard.security` (a Content-Security-Policy allowing only this origin).
+"""
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -14,17 +18,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from autotune import __version__
 from autotune.dashboard import api, pages
+from autotune.dashboard.assets import plotly_css, plotly_js, swagger_ui
 from autotune.dashboard.data import NotFound, Store
+from autotune.dashboard.security import SecurityHeaders, security_headers
 from autotune.errors import StorageError
 
 log = logging.getLogger("autotune.dashboard")
-
-
-def plotly_js() -> Path:
-    """plotly.js from the installed plotly package: these machines are offline, no CDN."""
-    import plotly
-
-    return Path(plotly.__file__).resolve().parent / "package_data" / "plotly.min.js"
 
 
 def _wants_html(request: Request) -> bool:
@@ -36,8 +35,12 @@ def create_app(storage_url: str) -> FastAPI:
     app = FastAPI(
         title="autotune dashboard",
         version=__version__,
-        description="Read-only view of autotune studies: best configs, Pareto fronts, trials.",
+        description="Read-only view of autotune studies (and plain Optuna studies in the same database): "
+        "best configs, Pareto fronts, trials.",
+        docs_url=None,  # /docs is a page of ours (no CDN, no inline script); no ReDoc
+        redoc_url=None,
     )
+    app.add_middleware(SecurityHeaders)
     app.state.store = Store(storage_url)
     app.state.templates = pages.make_templates()
 
@@ -70,13 +73,21 @@ def create_app(storage_url: str) -> FastAPI:
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception) -> Response:
         log.exception("dashboard error on %s", request.url.path)  # the server log has it; the client never does
-        return JSONResponse({"error": f"internal error ({type(exc).__name__})"}, status_code=500)
+        # Answered outside the middleware stack (Starlette's ServerErrorMiddleware): headers set here.
+        return JSONResponse(
+            {"error": f"internal error ({type(exc).__name__})"}, status_code=500, headers=security_headers()
+        )
 
     @app.get("/static/plotly.min.js", include_in_schema=False)
     def plotly_bundle() -> FileResponse:
         return FileResponse(plotly_js(), media_type="text/javascript")
 
+    @app.get("/static/plotly.css", include_in_schema=False)
+    def plotly_stylesheet() -> Response:
+        return Response(plotly_css(), media_type="text/css")
+
     app.include_router(api.router)
     app.include_router(pages.router)
+    app.mount("/static/swagger-ui", StaticFiles(directory=str(swagger_ui())), name="swagger-ui")
     app.mount("/static", StaticFiles(directory=str(pages.WEB / "static")), name="static")
     return app

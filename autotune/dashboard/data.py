@@ -1,29 +1,36 @@
 """Read-only access to a study store for the dashboard: plain dicts out, nothing written, no torch.
 
-Trials come from autotune's own tables (one query per study, explicit percentile columns), which is
-what keeps a 1,000-trial page fast; only the confirmations (which winners held up when re-measured)
-and the export document come from Optuna's tables, so "best" here is the trial ``autotune best`` names.
+Trials come from autotune's own tables (explicit percentile columns), and from Optuna's for what
+autotune's do not hold: a trial running now, one failed by a worker that stopped before recording
+it, and every study made by plain Optuna in the same database. The confirmations (which winners
+held up when re-measured) and the export document come from Optuna's tables, so "best" here is the
+trial ``autotune best`` names.
+
+Pages stay fast at 10,000 trials by never reading every column of every trial: the plots read a
+few scalar columns per trial (configs once per distinct config), the table reads one page of rows,
+the summary counts in SQL.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, event, func, select
+from sqlalchemy import Connection, Engine, event, func, inspect, or_, select
 from sqlalchemy.engine import make_url
-from sqlalchemy.orm import Session
 
+from autotune.dashboard import optuna_db as odb
 from autotune.errors import StorageError
 from autotune.measure import overhead
-from autotune.store import Repository, check_schema, make_engine
+from autotune.store import VERSION_TABLE, check_schema, make_engine, measurement_columns
 from autotune.store.migrate import safe_url
-from autotune.store.models import LATENCY_METRICS, LATENCY_STATS, Study, Trial
+from autotune.store.models import LATENCY_METRICS, LATENCY_STATS, TRIAL_STATES, Study, Trial
 
 KNOBS = (
     "batch_size",
@@ -176,20 +183,58 @@ ROW_COLUMNS = [
     *(getattr(Trial, f"{m}_{s}_ms") for m in LATENCY_METRICS for s in ("p50", "p90", "p95", "p99")),
 ]
 LATENCY_COLUMNS = [f"{m}_{s}_ms" for m in LATENCY_METRICS for s in ("p50", "p90", "p95", "p99")]
+#: States in the trials table: autotune's own, then Optuna's for trials autotune has no row of
+#: (a trial running now, queued, or failed by a worker that stopped before it could record it), and
+#: Optuna's plain ``complete`` / ``pruned`` for studies autotune did not make.
+TABLE_STATES = (*TRIAL_STATES, "running", "waiting", "complete", "pruned")
+#: Rows of the trials table a page carries; the rest come a page at a time.
+PAGE_ROWS = 100
+#: Sortable table columns (``value``: Optuna's first objective, autotune's output tokens/s).
+SORT_KEYS = ("number", "value", "output_tokens_per_s", "e2e_p95_ms", "ttft_p95_ms", "tpot_p95_ms", "peak_memory_mb")
+
+
+def blank_row(number: int, state: str) -> dict[str, Any]:
+    """A table row with nothing measured: what a trial autotune holds no row of starts from."""
+    row: dict[str, Any] = dict.fromkeys(LATENCY_COLUMNS)
+    row.update(
+        number=number,
+        state=state,
+        feasible=None,
+        config={},
+        label="-",
+        config_key="",
+        output_tokens_per_s=None,
+        requests_per_s=None,
+        peak_memory_mb=None,
+        failure_kind=None,
+        failure_reason=None,
+        duplicate_of=None,
+        worker=None,
+        device=None,
+        finished_at=None,
+        confirmed_failed=False,
+        constraints=[],
+        quality={},
+        missed="",
+        values=None,
+        params={},
+        kind="autotune",
+    )
+    return row
 
 
 def trial_row(
-    t: Any, failed_keys: set[str] | frozenset[str] = frozenset(), clauses: list[dict[str, Any]] | None = None
+    t: Mapping[Any, Any],
+    failed_keys: set[str] | frozenset[str] = frozenset(),
+    clauses: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """A trial as the table and the plots need it (no samples, no log); ``t``: a row mapping or a Trial.
-    With the study's SLO ``clauses``, ``missed`` says why an infeasible trial is infeasible."""
-    if not isinstance(t, Mapping):
-        t = {c.key: getattr(t, c.key) for c in ROW_COLUMNS}
-    row: dict[str, Any] = {c: _num(t[c]) for c in LATENCY_COLUMNS}
+    """A trial as the table and the plots need it (no samples, no log); ``t``: a row mapping with
+    :data:`ROW_COLUMNS`. With the study's SLO ``clauses``, ``missed`` says why an infeasible trial is
+    infeasible."""
+    row = blank_row(t["trial_number"], t["state"])
+    row.update({c: _num(t[c]) for c in LATENCY_COLUMNS})
     cfg = dict(t["config"] or {})
     row.update(
-        number=t["trial_number"],
-        state=t["state"],
         feasible=t["feasible"],
         config=cfg,
         label=config_label(cfg),
@@ -211,51 +256,47 @@ def trial_row(
     return row
 
 
-def trial_detail(t: Trial, clauses: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Everything stored about one trial: every metric, the latency histogram and samples, the log."""
-    row = trial_row(t, clauses=clauses)
-    row["latency"] = {m: {s: _num(getattr(t, f"{m}_{s}_ms")) for s in LATENCY_STATS} for m in LATENCY_METRICS}
+def blank_detail(row: dict[str, Any]) -> dict[str, Any]:
+    """The trial page's fields beyond a table row, empty."""
+    return {
+        **row,
+        "latency": {m: dict.fromkeys(LATENCY_STATS) for m in LATENCY_METRICS},
+        "requests": None,
+        "output_tokens": None,
+        "duration_s": None,
+        "mean_batch_rows": None,
+        "stopped_by": None,
+        "memory_kind": None,
+        "timings": {},
+        "metrics": {},
+        "latency_histogram": {},
+        "e2e_samples_ms": [],
+        "log_excerpt": None,
+        "started_at": None,
+        "user_attrs": {},
+    }
+
+
+def trial_detail(t: Mapping[Any, Any], clauses: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Everything stored about one trial (``t``: its full autotune_trials row): every metric, the
+    latency histogram and samples, the log."""
+    row = blank_detail(trial_row(t, clauses=clauses))
+    row["latency"] = {m: {s: _num(t[f"{m}_{s}_ms"]) for s in LATENCY_STATS} for m in LATENCY_METRICS}
     row.update(
-        requests=t.requests,
-        output_tokens=t.output_tokens,
-        duration_s=_num(t.duration_s),
-        mean_batch_rows=_num(t.mean_batch_rows),
-        stopped_by=t.stopped_by,
-        memory_kind=t.memory_kind,
-        timings=clean_json(dict(t.timings or {})),
-        metrics=clean_json(dict(t.metrics or {})),
-        latency_histogram=clean_json(dict(t.latency_histogram or {})),
-        e2e_samples_ms=clean_json(list(t.e2e_samples or [])),
-        log_excerpt=t.log_excerpt,
-        started_at=_iso(t.started_at),
+        requests=t["requests"],
+        output_tokens=t["output_tokens"],
+        duration_s=_num(t["duration_s"]),
+        mean_batch_rows=_num(t["mean_batch_rows"]),
+        stopped_by=t["stopped_by"],
+        memory_kind=t["memory_kind"],
+        timings=clean_json(dict(t["timings"] or {})),
+        metrics=clean_json(dict(t["metrics"] or {})),
+        latency_histogram=clean_json(dict(t["latency_histogram"] or {})),
+        e2e_samples_ms=clean_json(list(t["e2e_samples"] or [])),
+        log_excerpt=t["log_excerpt"],
+        started_at=_iso(t["started_at"]),
     )
     return row
-
-
-@dataclass
-class StudyView:
-    """One study's header and its trial rows, read in one go."""
-
-    summary: dict[str, Any]
-    spec: dict[str, Any]
-    hardware: dict[str, Any]
-    trials: list[dict[str, Any]]
-    best: dict[str, Any] | None
-    overhead: dict[str, float] | None = None  # :func:`autotune.measure.overhead` of its measured trials
-
-
-def best_row(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The highest-throughput trial that met every SLO clause and was not refuted when re-measured.
-
-    Same rule as :func:`autotune.tuner.best_feasible` (first of equals by trial number).
-    """
-    ok = [
-        r
-        for r in rows
-        if r["feasible"] and r["state"] in ("measured", "duplicate") and r["output_tokens_per_s"] is not None
-    ]
-    ok = [r for r in ok if not r["confirmed_failed"]]
-    return max(ok, key=lambda r: r["output_tokens_per_s"], default=None)
 
 
 def hardware_summary(hw: dict[str, Any]) -> str:
@@ -269,11 +310,78 @@ def hardware_summary(hw: dict[str, Any]) -> str:
     return f"{hw.get('cpu_model')}, {cores} cores, {mem} MB, torch {hw.get('torch_version')}"
 
 
+def params_label(params: Mapping[str, Any]) -> str:
+    """``x=0.25 kind=a`` for a trial of a study autotune did not make."""
+    return " ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()) or "-"
+
+
+@dataclass
+class TableQuery:
+    """What the trials table shows: a filter, an order and a page."""
+
+    state: str | None = None
+    feasible: bool | None = None
+    sort: str = "number"
+    order: str = "asc"
+    offset: int = 0
+    limit: int = PAGE_ROWS
+    q: str = ""
+
+
+@dataclass
+class StudyRef:
+    """A study found by name: autotune's (its ``autotune_studies`` row) or one only Optuna holds."""
+
+    name: str
+    kind: str  # "autotune" | "optuna"
+    row: Mapping[Any, Any] | None
+    osid: int | None  # Optuna's study id, when Optuna holds the study
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return dict((self.row or {}).get("spec") or {})
+
+
+@dataclass
+class StudyView:
+    """What a study page draws: its summary, best trial and the points of its plots.
+
+    ``points``: for autotune's studies every trial with a throughput (number, state, feasible, tokens/s,
+    the latency asked for, its config); for Optuna's, every complete trial's number and values.
+    """
+
+    kind: str
+    summary: dict[str, Any]
+    spec: dict[str, Any]
+    hardware: dict[str, Any]
+    best: dict[str, Any] | None
+    points: list[dict[str, Any]]
+    overhead: dict[str, float] | None = None  # :func:`autotune.measure.overhead` of its measured trials
+    directions: list[str] = field(default_factory=list)
+
+
+def _sorted_page(lean: list[tuple[int, Any, bool]], query: TableQuery) -> tuple[int, list[tuple[int, bool]]]:
+    """``lean``: (number, sort value, from Optuna only) of every row that passed the filters: the
+    total and the requested page, sorted (missing values last, ties by number)."""
+    lean.sort(key=lambda r: r[0])
+    if query.sort != "number":
+        present = [r for r in lean if r[1] is not None and not (isinstance(r[1], float) and math.isnan(r[1]))]
+        missing = [r for r in lean if r[1] is None or (isinstance(r[1], float) and math.isnan(r[1]))]
+        present.sort(key=lambda r: r[1], reverse=query.order == "desc")
+        lean = present + missing
+    elif query.order == "desc":
+        lean.reverse()
+    page = lean[query.offset : query.offset + query.limit]
+    return len(lean), [(n, extra) for n, _, extra in page]
+
+
 class Store:
     """The dashboard's read-only window on one database (SQLite or PostgreSQL).
 
     Every connection is put in read-only mode by the database itself (SQLite ``query_only``,
     PostgreSQL ``default_transaction_read_only``), so no code path here can write, whatever it calls.
+    It reads autotune's tables and Optuna's, whichever the database has: a database only Optuna
+    wrote is shown as it is (no ``autotune db upgrade`` needed, nothing written).
     """
 
     def __init__(self, url: str) -> None:
@@ -285,27 +393,45 @@ class Store:
                 raise StorageError("the dashboard reads a database file: pass a sqlite:///PATH or PostgreSQL URL")
             if not db.startswith("file:") and not Path(db).expanduser().exists():
                 raise StorageError(f"no database file at {db}; run `autotune tune` first or pass --storage")
-        check_schema(url)
         kwargs: dict[str, Any] = {}
         if u.get_backend_name() == "postgresql":
             kwargs["connect_args"] = {"options": "-c default_transaction_read_only=on"}
         self.engine: Engine = make_engine(url, **kwargs)
         if u.get_backend_name() == "sqlite":
             event.listen(self.engine, "connect", _sqlite_read_only)
-        self.repo = Repository(self.engine)
-        self._optuna: Any = None
+        self._optuna_storage: Any = None
         self._lock = threading.Lock()
+        self.has_autotune = self.has_optuna = False
+        self.tables()
+        if not (self.has_autotune or self.has_optuna):
+            raise StorageError(
+                f"{safe_url(url)} holds no study: neither autotune's nor Optuna's tables (run `autotune tune` first)"
+            )
 
     def close(self) -> None:
         self.engine.dispose()
-        if self._optuna is not None:
-            self._optuna.engine.dispose()
+        if self._optuna_storage is not None:
+            self._optuna_storage.engine.dispose()
 
-    # -- Optuna side (confirmations, export) ----------------------------------------------------
+    def tables(self) -> None:
+        """Find which of autotune's and Optuna's tables the database has (again, until both are there:
+        a study starting up creates them while the dashboard runs). autotune's tables at another
+        revision than this code's are refused (:func:`check_schema` says what to run)."""
+        if self.has_autotune and self.has_optuna:
+            return
+        with self.engine.connect() as conn:
+            names = set(inspect(conn).get_table_names())
+        if not self.has_autotune and VERSION_TABLE in names:
+            check_schema(self.url)
+            self.has_autotune = True
+        if not self.has_optuna and set(odb.REQUIRED) <= names:
+            self.has_optuna = True
+
     def optuna_storage(self) -> Any:
-        """Optuna's RDB storage on the same database, never creating tables, read-only connections."""
+        """Optuna's RDB storage on the same database, never creating tables, read-only connections
+        (single trials and the export document go through Optuna's own decoding)."""
         with self._lock:
-            if self._optuna is None:
+            if self._optuna_storage is None:
                 import optuna
 
                 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -319,141 +445,575 @@ class Store:
                 if u.get_backend_name() == "sqlite":
                     event.listen(st.engine, "connect", _sqlite_read_only)
                     st.engine.dispose()  # drop the connection made before the listener
-                self._optuna = st
-            return self._optuna
+                self._optuna_storage = st
+            return self._optuna_storage
 
-    def study_attrs(self, name: str) -> dict[str, Any]:
-        """Optuna's user attributes of the study ({} when Optuna does not know it)."""
-        st = self.optuna_storage()
-        try:
-            return st.get_study_user_attrs(st.get_study_id_from_name(name))
-        except KeyError:
-            return {}
+    # -- finding a study ----------------------------------------------------------------------------
+    def _ref(self, conn: Connection, name: str) -> StudyRef:
+        self.tables()
+        row = None
+        if self.has_autotune:
+            row = conn.execute(select(Study.__table__).where(Study.name == name)).mappings().first()
+        osid = odb.study_id(conn, name) if self.has_optuna else None
+        if row is None and osid is None:
+            raise NotFound(f"no study named {name!r}")
+        return StudyRef(name, "autotune" if row is not None else "optuna", row, osid)
 
-    def failed_confirmations(self, name: str) -> set[str]:
+    def _failed_keys(self, conn: Connection, ref: StudyRef) -> set[str]:
         """Config keys whose re-measurement broke the SLO: never 'best', as in ``autotune best``."""
-        conf = self.study_attrs(name).get("confirmations") or {}
+        conf = (odb.study_attr(conn, ref.osid, "confirmations") if ref.osid is not None else None) or {}
         return {k for k, v in conf.items() if isinstance(v, dict) and not v.get("ok", True)}
 
-    def export(self, name: str) -> dict[str, Any]:
-        """The export document, built by the same function as ``autotune best --json``."""
-        import optuna
-
-        from autotune.errors import NoFeasibleConfig
-        from autotune.export import export_dict
-
-        self._study_row(name)
-        try:
-            study = optuna.load_study(
-                study_name=name, storage=self.optuna_storage(), sampler=optuna.samplers.RandomSampler()
-            )
-        except KeyError:
-            raise NotFound(f"study {name!r} has no Optuna record in {safe_url(self.url)}") from None
-        try:
-            return export_dict(study)
-        except NoFeasibleConfig as err:
-            raise NotFound(str(err)) from None
-
-    # -- autotune's tables --------------------------------------------------------------------------
-    def _study_row(self, name: str) -> Study:
-        study = self.repo.get_study(name)
-        if study is None:
-            raise NotFound(f"no study named {name!r}")
-        return study
-
-    def study_summaries(self) -> list[dict[str, Any]]:
-        """One row per study for the list page: counts and best throughput from one grouped query each."""
-        with Session(self.engine) as session:
-            studies = list(session.scalars(select(Study).order_by(Study.created_at.desc(), Study.id)))
-            counts: dict[int, dict[str, int]] = {}
-            for sid, state, n in session.execute(
-                select(Trial.study_id, Trial.state, func.count()).group_by(Trial.study_id, Trial.state)
+    # -- trials only Optuna holds ---------------------------------------------------------------------
+    def _extras(
+        self, conn: Connection, ref: StudyRef, clauses: list[dict[str, Any]], number: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Rows for the trials of an autotune study that Optuna holds and autotune's table does not:
+        one running or queued now, or one failed by a worker that stopped before recording it."""
+        if ref.osid is None or ref.row is None:
+            return []
+        ot = odb.trials
+        q = select(ot.c.trial_id, ot.c.number, ot.c.state, ot.c.datetime_start, ot.c.datetime_complete).where(
+            ot.c.study_id == ref.osid,
+            ~select(Trial.id).where(Trial.study_id == ref.row["id"], Trial.trial_number == ot.c.number).exists(),
+        )
+        if number is not None:
+            q = q.where(ot.c.number == number)
+        found = conn.execute(q.order_by(ot.c.number)).all()
+        if not found:
+            return []
+        ids = [t.trial_id for t in found]
+        keys = ("config", "config_key", "failure", "rejected", "duplicate_of", "feasible", "constraints", "worker")
+        attrs = odb.trial_attrs(conn, ids, keys)
+        done = [t.trial_id for t in found if t.state == "COMPLETE"]
+        measured = odb.trial_attrs(conn, done, ("measurement",))
+        retried_as: dict[int, int] = {}
+        if any(t.state in ("FAIL", "WAITING") for t in found):
+            sa = odb.trial_system_attributes
+            for n, raw in conn.execute(
+                select(ot.c.number, sa.c.value_json)
+                .join(sa, sa.c.trial_id == ot.c.trial_id)
+                .where(ot.c.study_id == ref.osid, sa.c.key == "retry_history")
             ):
-                counts.setdefault(sid, {})[state] = n
+                history = json.loads(raw or "[]")
+                if history:
+                    retried_as[int(history[-1])] = n
+        retry_of = {new: old for old, new in retried_as.items()}
+        rows = []
+        for t in found:
+            a = attrs.get(t.trial_id, {})
+            m = measured.get(t.trial_id, {}).get("measurement")
+            row = blank_row(t.number, _extra_state(t.state, a, m is not None))
+            cfg = dict(a.get("config") or {})
+            row.update(
+                config=cfg,
+                label=config_label(cfg) if cfg else "-",
+                config_key=str(a.get("config_key") or ""),
+                feasible=a.get("feasible"),
+                duplicate_of=a.get("duplicate_of"),
+                worker=a.get("worker"),
+                finished_at=_iso(odb.utc(t.datetime_complete)),
+                constraints=clean_json(list(a.get("constraints") or [])),
+                started_at=_iso(odb.utc(t.datetime_start)),
+                optuna_only=True,
+            )
+            if m:
+                cols = measurement_columns(m)
+                row.update({c: _num(cols[c]) for c in (*LATENCY_COLUMNS, "output_tokens_per_s", "requests_per_s")})
+                row["peak_memory_mb"] = _num(cols["peak_memory_mb"])
+                row["quality"] = clean_json(dict(m.get("quality") or {}))
+                row["measurement"] = m
+            failure = a.get("failure") or {}
+            if row["state"] == "failed":
+                row["failure_kind"] = failure.get("kind") or "lost"
+                reason = failure.get("reason") or "no result recorded: Optuna failed the trial (its worker stopped)"
+                if t.number in retried_as:
+                    reason += f"; retried as trial {retried_as[t.number]}"
+                row["failure_reason"] = reason
+                row["log"] = failure.get("log")
+            elif t.number in retry_of:
+                row["failure_reason"] = None
+                row["retry_of"] = retry_of[t.number]
+            row["spent"] = row["state"] in ("measured", "infeasible") or (row["state"] == "failed" and bool(failure))
+            row["missed"] = missed_clauses(row, clauses)
+            rows.append(row)
+        return rows
+
+    # -- summaries ------------------------------------------------------------------------------------------
+    def study_summaries(self) -> list[dict[str, Any]]:
+        """One row per study for the list page, autotune's newest first, then those only Optuna holds."""
+        self.tables()
         out = []
-        for s in studies:
-            failed = self.failed_confirmations(s.name)
-            # rare: a winner refuted when re-measured; then rank the rows as `autotune best` does
-            best = self.study(s.name).best if failed else self._best_quick(s.id)
-            out.append(self._summary(s, counts.get(s.id, {}), best))
+        with self.engine.connect() as conn:
+            if self.has_autotune:
+                for row in conn.execute(select(Study.__table__).order_by(Study.created_at.desc(), Study.id)).mappings():
+                    osid = odb.study_id(conn, row["name"]) if self.has_optuna else None
+                    out.append(self._autotune_summary(conn, StudyRef(row["name"], "autotune", row, osid))[0])
+            if self.has_optuna:
+                ours = {s["name"] for s in out}
+                st = odb.studies
+                for sid, name in conn.execute(select(st.c.study_id, st.c.study_name).order_by(st.c.study_id.desc())):
+                    if name not in ours:
+                        out.append(self._optuna_summary(conn, StudyRef(name, "optuna", None, sid)))
         return out
 
-    def _best_quick(self, study_id: int) -> dict[str, Any] | None:
-        with Session(self.engine) as session:
-            t = session.scalar(
-                select(Trial)
-                .where(
-                    Trial.study_id == study_id,
-                    Trial.feasible.is_(True),
-                    Trial.state.in_(("measured", "duplicate")),
-                    Trial.output_tokens_per_s.is_not(None),
-                )
-                .order_by(Trial.output_tokens_per_s.desc(), Trial.trial_number)
-                .limit(1)
-            )
-            return trial_row(t) if t is not None else None
-
-    @staticmethod
-    def _summary(s: Study, counts: dict[str, int], best: dict[str, Any] | None) -> dict[str, Any]:
-        spec = dict(s.spec or {})
+    def summary(self, name: str) -> dict[str, Any]:
+        """One study's summary, spec and hardware (the API's study detail)."""
+        with self.engine.connect() as conn:
+            ref = self._ref(conn, name)
+            summary = self._optuna_summary(conn, ref) if ref.row is None else self._autotune_summary(conn, ref)[0]
+        latency, limit = slo_latency(ref.spec)
+        hardware = dict((ref.row or {}).get("hardware") or {})
         return {
-            "name": s.name,
-            "model": s.model_ref,
-            "hardware": hardware_summary(dict(s.hardware or {})),
-            "device": (s.hardware or {}).get("device"),
-            "slo": [c["text"] for c in slo_clauses(spec)],
-            "objective": spec.get("objective"),
-            "budget_trials": (spec.get("budget") or {}).get("trials"),
-            "trials_done": sum(counts.values()),
-            # What the budget counts: measured, infeasible and failed trials (not repeats or rejected configs).
-            "trials_spent": sum(counts.get(k, 0) for k in ("measured", "infeasible", "failed")),
-            "trials_failed": counts.get("failed", 0),
-            "trials_by_state": dict(counts),
-            "best_trial": best["number"] if best else None,
-            "best_output_tokens_per_s": best["output_tokens_per_s"] if best else None,
-            "status": s.status,
-            "created_at": _iso(s.created_at),
-            "updated_at": _iso(s.updated_at),
+            **summary,
+            "spec": ref.spec,
+            "hardware_info": hardware,
+            "pareto_latency": latency,
+            "slo_limit_ms": limit,
         }
 
-    def study(self, name: str) -> StudyView:
-        """A study's header, its trial rows and its best feasible trial."""
-        s = self._study_row(name)
-        failed = self.failed_confirmations(name)
-        query = select(*ROW_COLUMNS).where(Trial.study_id == s.id).order_by(Trial.trial_number)
-        times = (Trial.started_at, Trial.finished_at, Trial.duration_s, Trial.timings)
-        measured = select(*times).where(
-            Trial.study_id == s.id, Trial.duration_s.is_not(None), Trial.duplicate_of.is_(None)
+    def _best(self, conn: Connection, study_id: int, failed: set[str]) -> dict[str, Any] | None:
+        """The highest-throughput trial that met every SLO clause and was not refuted when re-measured.
+
+        Same rule as :func:`autotune.tuner.best_feasible` (first of equals by trial number).
+        """
+        q = select(*ROW_COLUMNS).where(
+            Trial.study_id == study_id,
+            Trial.feasible.is_(True),
+            Trial.state.in_(("measured", "duplicate")),
+            Trial.output_tokens_per_s.is_not(None),
         )
-        with self.engine.connect() as conn:  # Core rows: a third of the ORM's cost for 1,000 trials
-            clauses = slo_clauses(dict(s.spec or {}))
-            rows = [trial_row(t, failed, clauses) for t in conn.execute(query).mappings()]
-            spans = [
-                ((end - start).total_seconds(), float(window), bool((timings or {}).get("engine_reused")))
-                for start, end, window, timings in conn.execute(measured)
-                if start is not None and end is not None
-            ]
-        counts: dict[str, int] = {}
-        for r in rows:
+        if failed:
+            q = q.where(Trial.config_key.not_in(sorted(failed)))
+        t = conn.execute(q.order_by(Trial.output_tokens_per_s.desc(), Trial.trial_number).limit(1)).mappings().first()
+        return trial_row(t, failed) if t is not None else None
+
+    def _autotune_summary(
+        self, conn: Connection, ref: StudyRef
+    ) -> tuple[dict[str, Any], dict[str, Any] | None, set[str], list[dict[str, Any]]]:
+        """(summary, best trial, refuted config keys, the rows only Optuna holds) of an autotune study."""
+        assert ref.row is not None
+        s = ref.row
+        counts: dict[str, int] = dict(
+            conn.execute(select(Trial.state, func.count()).where(Trial.study_id == s["id"]).group_by(Trial.state)).all()
+        )
+        spent = sum(counts.get(k, 0) for k in ("measured", "infeasible", "failed"))
+        clauses = slo_clauses(ref.spec)
+        extras = self._extras(conn, ref, clauses)
+        for r in extras:
             counts[r["state"]] = counts.get(r["state"], 0) + 1
-        best = best_row(rows)
-        summary = self._summary(s, counts, best)
-        return StudyView(summary, dict(s.spec or {}), dict(s.hardware or {}), rows, best, overhead(spans))
+            spent += r["spent"]
+        failed = self._failed_keys(conn, ref)
+        best = self._best(conn, s["id"], failed)
+        if best is not None:
+            best["missed"] = missed_clauses(best, clauses)
+        spec = ref.spec
+        summary = {
+            "name": s["name"],
+            "kind": "autotune",
+            "model": s["model_ref"],
+            "hardware": hardware_summary(dict(s["hardware"] or {})),
+            "device": (s["hardware"] or {}).get("device"),
+            "slo": [c["text"] for c in clauses],
+            "objective": spec.get("objective"),
+            "directions": [],
+            "budget_trials": (spec.get("budget") or {}).get("trials"),
+            "trials_done": sum(counts.values()),
+            # What the budget counts: measured, infeasible and failed trials (not repeats, rejected configs
+            # or a trial whose worker stopped: Optuna runs it again).
+            "trials_spent": spent,
+            "trials_failed": counts.get("failed", 0),
+            "trials_by_state": counts,
+            "best_trial": best["number"] if best else None,
+            "best_output_tokens_per_s": best["output_tokens_per_s"] if best else None,
+            "best_values": None,
+            "status": s["status"],
+            "created_at": _iso(s["created_at"]),
+            "updated_at": _iso(s["updated_at"]),
+        }
+        return summary, best, failed, extras
+
+    def _optuna_summary(self, conn: Connection, ref: StudyRef) -> dict[str, Any]:
+        """The summary of a study only Optuna holds: its trial states, directions and best values."""
+        assert ref.osid is not None
+        ot = odb.trials
+        counts: dict[str, int] = {}
+        for state, n in conn.execute(
+            select(ot.c.state, func.count()).where(ot.c.study_id == ref.osid).group_by(ot.c.state)
+        ):
+            counts[odb.PLAIN_STATES.get(str(state), str(state).lower())] = n
+        first, last = conn.execute(
+            select(
+                func.min(ot.c.datetime_start), func.max(func.coalesce(ot.c.datetime_complete, ot.c.datetime_start))
+            ).where(ot.c.study_id == ref.osid)
+        ).one()
+        directions = odb.directions(conn, ref.osid)
+        best = self._optuna_best(conn, ref.osid, directions)
+        return {
+            "name": ref.name,
+            "kind": "optuna",
+            "model": "",
+            "hardware": "",
+            "device": None,
+            "slo": [],
+            "objective": ", ".join(directions) or None,
+            "directions": directions,
+            "budget_trials": None,
+            "trials_done": sum(counts.values()),
+            "trials_spent": sum(counts.get(k, 0) for k in ("complete", "pruned", "failed")),
+            "trials_failed": counts.get("failed", 0),
+            "trials_by_state": counts,
+            "best_trial": best[0] if best else None,
+            "best_output_tokens_per_s": None,
+            "best_values": [best[1]] if best else None,
+            "status": "running" if counts.get("running") or counts.get("waiting") else "idle",
+            "created_at": _iso(odb.utc(first)),
+            "updated_at": _iso(odb.utc(last)),
+        }
+
+    def _optuna_best(self, conn: Connection, osid: int, directions: list[str]) -> tuple[int, float] | None:
+        """(number, value) of a single-objective study's best complete trial (first of equals)."""
+        if len(directions) != 1 or directions[0] not in ("maximize", "minimize"):
+            return None
+        ot, tv = odb.trials, odb.trial_values
+        order = tv.c.value.desc() if directions[0] == "maximize" else tv.c.value.asc()
+        found = conn.execute(
+            select(ot.c.number, tv.c.value)
+            .join(tv, (tv.c.trial_id == ot.c.trial_id) & (tv.c.objective == 0))
+            .where(ot.c.study_id == osid, ot.c.state == "COMPLETE", tv.c.value_type == "FINITE")
+            .order_by(order, ot.c.number)
+            .limit(1)
+        ).first()
+        return (int(found[0]), float(found[1])) if found else None
+
+    # -- a study's page ----------------------------------------------------------------------------------------
+    def study(self, name: str, latency: str | None = None) -> StudyView:
+        """A study's summary, best trial and plot points (``latency``: default the study's SLO latency)."""
+        with self.engine.connect() as conn:
+            ref = self._ref(conn, name)
+            if ref.kind == "optuna":
+                assert ref.osid is not None
+                summary = self._optuna_summary(conn, ref)
+                best = None
+                if summary["best_trial"] is not None:
+                    best = self._optuna_rows(conn, ref.osid, [summary["best_trial"]])[0]
+                return StudyView(
+                    "optuna", summary, {}, {}, best, self._optuna_points(conn, ref.osid), None, summary["directions"]
+                )
+            assert ref.row is not None
+            summary, best, failed, extras = self._autotune_summary(conn, ref)
+            col = latency_column(latency or slo_latency(ref.spec)[0])
+            points = self._points(conn, ref.row["id"], col, failed)
+            points += [r for r in extras if r["output_tokens_per_s"] is not None]
+            points.sort(key=lambda r: r["number"])
+            return StudyView(
+                "autotune",
+                summary,
+                ref.spec,
+                dict(ref.row["hardware"] or {}),
+                best,
+                points,
+                self._overhead(conn, ref.row["id"]),
+            )
+
+    def _configs(self, conn: Connection, study_id: int) -> dict[str, dict[str, Any]]:
+        """Each distinct config of a study by its key (read once, not once per trial)."""
+        first = select(func.min(Trial.id)).where(Trial.study_id == study_id).group_by(Trial.config_key)
+        return {
+            k: dict(c or {}) for k, c in conn.execute(select(Trial.config_key, Trial.config).where(Trial.id.in_(first)))
+        }
+
+    def _points(self, conn: Connection, study_id: int, col: str, failed: set[str]) -> list[dict[str, Any]]:
+        """Every trial with a throughput: what the Pareto front, history, importance and parallel
+        coordinates are drawn from (a few scalar columns per trial; configs read once per config)."""
+        configs = self._configs(conn, study_id)
+        labels = {k: config_label(c) for k, c in configs.items()}
+        q = (
+            select(
+                Trial.trial_number,
+                Trial.state,
+                Trial.feasible,
+                Trial.output_tokens_per_s,
+                getattr(Trial, col),
+                Trial.config_key,
+            )
+            .where(Trial.study_id == study_id, Trial.output_tokens_per_s.is_not(None))
+            .order_by(Trial.trial_number)
+        )
+        return [
+            {
+                "number": n,
+                "state": state,
+                "feasible": feasible,
+                "output_tokens_per_s": _num(tps),
+                col: _num(lat),
+                "config_key": key,
+                "config": configs.get(key, {}),
+                "label": labels.get(key, "-"),
+                "confirmed_failed": key in failed,
+            }
+            for n, state, feasible, tps, lat, key in conn.execute(q)
+        ]
+
+    def _overhead(self, conn: Connection, study_id: int) -> dict[str, float] | None:
+        """:func:`autotune.measure.overhead` of the measured trials (repeats left out), computed from
+        three scalars per trial: wall seconds (in SQL), the window's seconds, whether it reused an engine."""
+        where = (
+            Trial.study_id == study_id,
+            Trial.duration_s.is_not(None),
+            Trial.duplicate_of.is_(None),
+            Trial.started_at.is_not(None),
+            Trial.finished_at.is_not(None),
+        )
+        reused = Trial.timings["engine_reused"].as_boolean()
+        dialect = conn.dialect.name
+        if dialect in ("sqlite", "postgresql"):
+            if dialect == "sqlite":
+                wall: Any = (func.julianday(Trial.finished_at) - func.julianday(Trial.started_at)) * 86400.0
+            else:
+                wall = func.extract("epoch", Trial.finished_at - Trial.started_at)
+            rows = conn.execute(select(wall, Trial.duration_s, reused).where(*where))
+            return overhead((float(w), float(d), bool(r)) for w, d, r in rows if w is not None)
+        rows = conn.execute(select(Trial.started_at, Trial.finished_at, Trial.duration_s, reused).where(*where))
+        return overhead(((end - start).total_seconds(), float(d), bool(r)) for start, end, d, r in rows)
+
+    def _optuna_points(self, conn: Connection, osid: int) -> list[dict[str, Any]]:
+        """Number and first value of every complete trial of a study only Optuna holds."""
+        ot, tv = odb.trials, odb.trial_values
+        q = (
+            select(ot.c.number, tv.c.value, tv.c.value_type)
+            .join(tv, (tv.c.trial_id == ot.c.trial_id) & (tv.c.objective == 0))
+            .where(ot.c.study_id == osid, ot.c.state == "COMPLETE")
+            .order_by(ot.c.number)
+        )
+        out = []
+        for n, v, vtype in conn.execute(q):
+            value = _num(odb.value_of(v, vtype))
+            if value is not None:
+                out.append({"number": n, "value": value})
+        return out
+
+    # -- the trials table -----------------------------------------------------------------------------------------
+    def trials(self, name: str, query: TableQuery) -> dict[str, Any]:
+        """A page of a study's trials, filtered and sorted (missing values last), every trial Optuna
+        holds included: ``{"total", "offset", "limit", "items"}``."""
+        with self.engine.connect() as conn:
+            ref = self._ref(conn, name)
+            if ref.kind == "optuna":
+                assert ref.osid is not None
+                return self._optuna_table(conn, ref.osid, query)
+            assert ref.row is not None
+            study_id = ref.row["id"]
+            clauses = slo_clauses(ref.spec)
+            extras = {r["number"]: r for r in self._extras(conn, ref, clauses)}
+            sort = "output_tokens_per_s" if query.sort == "value" else query.sort
+            cols: list[Any] = [Trial.trial_number, Trial.config_key, Trial.state]
+            if sort != "number":
+                cols.append(getattr(Trial, sort))
+            if query.q:
+                cols += [Trial.failure_kind, Trial.failure_reason, Trial.duplicate_of]
+            q = select(*cols).where(Trial.study_id == study_id)
+            if query.state:
+                q = q.where(Trial.state == query.state)
+            if query.feasible is True:
+                q = q.where(Trial.feasible.is_(True))
+            elif query.feasible is False:
+                q = q.where(or_(Trial.feasible.is_(False), Trial.feasible.is_(None)))
+            rows = conn.execute(q).all()
+            needle = query.q.strip().lower()
+            labels: dict[str, str] = {}
+            if needle:
+                labels = {k: config_label(c).lower() for k, c in self._configs(conn, study_id).items()}
+            lean: list[tuple[int, Any, bool]] = []
+            for r in rows:
+                if needle:
+                    text = f"{r[0]} {r[2]} {labels.get(r[1], '')} {r[-3] or ''} {r[-2] or ''}"
+                    text += f" repeat of trial {r[-1]}" if r[-1] is not None else ""
+                    if needle not in text.lower():
+                        continue
+                lean.append((r[0], r[3] if sort != "number" else None, False))
+            for n, e in extras.items():
+                if query.state and e["state"] != query.state:
+                    continue
+                if query.feasible is not None and bool(e["feasible"]) != query.feasible:
+                    continue
+                text = f"{n} {e['state']} {e['label']} {e['failure_kind'] or ''} {e['failure_reason'] or ''}"
+                if needle and needle not in text.lower():
+                    continue
+                lean.append((n, e.get(sort) if sort != "number" else None, True))
+            total, page = _sorted_page(lean, query)
+            failed = self._failed_keys(conn, ref)
+            wanted = [n for n, extra in page if not extra]
+            full = {}
+            if wanted:
+                q = select(*ROW_COLUMNS).where(Trial.study_id == study_id, Trial.trial_number.in_(wanted))
+                full = {t["trial_number"]: trial_row(t, failed, clauses) for t in conn.execute(q).mappings()}
+            items = [extras[n] if extra else full[n] for n, extra in page]
+        return {"total": total, "offset": query.offset, "limit": query.limit, "items": items}
+
+    def _optuna_table(self, conn: Connection, osid: int, query: TableQuery) -> dict[str, Any]:
+        ot, tv = odb.trials, odb.trial_values
+        q = (
+            select(ot.c.trial_id, ot.c.number, ot.c.state, tv.c.value, tv.c.value_type)
+            .outerjoin(tv, (tv.c.trial_id == ot.c.trial_id) & (tv.c.objective == 0))
+            .where(ot.c.study_id == osid)
+        )
+        found = conn.execute(q).all()
+        needle = query.q.strip().lower()
+        texts: dict[int, str] = {}
+        if needle:
+            tp = odb.trial_params
+            every = conn.execute(
+                select(tp.c.trial_id).join(ot, ot.c.trial_id == tp.c.trial_id).where(ot.c.study_id == osid)
+            ).all()
+            params = odb.params(conn, sorted({tid for (tid,) in every}))
+            texts = {tid: params_label(p).lower() for tid, p in params.items()}
+        lean: list[tuple[int, Any, bool]] = []
+        for tid, n, state, v, vtype in found:
+            name = odb.PLAIN_STATES.get(str(state), str(state).lower())
+            if query.state and name != query.state:
+                continue
+            if query.feasible is not None:
+                continue  # only autotune's trials are judged against an SLO
+            if needle and needle not in f"{n} {name} {texts.get(tid, '')}":
+                continue
+            value = _num(odb.value_of(v, vtype)) if vtype is not None else None
+            lean.append((n, value if query.sort == "value" else None, False))
+        total, page = _sorted_page(lean, query)
+        numbers = [n for n, _ in page]
+        rows = {r["number"]: r for r in self._optuna_rows(conn, osid, numbers)}
+        return {"total": total, "offset": query.offset, "limit": query.limit, "items": [rows[n] for n in numbers]}
+
+    def _optuna_rows(self, conn: Connection, osid: int, numbers: list[int]) -> list[dict[str, Any]]:
+        """Table rows of a few trials of a study only Optuna holds: state, values, params, times."""
+        if not numbers:
+            return []
+        ot = odb.trials
+        found = conn.execute(
+            select(ot.c.trial_id, ot.c.number, ot.c.state, ot.c.datetime_start, ot.c.datetime_complete)
+            .where(ot.c.study_id == osid, ot.c.number.in_(numbers))
+            .order_by(ot.c.number)
+        ).all()
+        ids = [t.trial_id for t in found]
+        params, values = odb.params(conn, ids), odb.values(conn, ids)
+        out = []
+        for t in found:
+            row = blank_row(t.number, odb.PLAIN_STATES.get(str(t.state), str(t.state).lower()))
+            p = params.get(t.trial_id, {})
+            row.update(
+                kind="optuna",
+                params=clean_json(p),
+                label=params_label(p),
+                values=clean_json(values[t.trial_id]) if t.trial_id in values else None,
+                finished_at=_iso(odb.utc(t.datetime_complete)),
+                started_at=_iso(odb.utc(t.datetime_start)),
+            )
+            out.append(row)
+        return out
+
+    # -- one trial, the export, the status ---------------------------------------------------------------------------
+    def trial(self, name: str, number: int) -> dict[str, Any]:
+        """Everything the database holds about one trial (autotune's row, else what Optuna holds)."""
+        with self.engine.connect() as conn:
+            ref = self._ref(conn, name)
+            if ref.row is not None:
+                t = (
+                    conn.execute(
+                        select(Trial.__table__).where(Trial.study_id == ref.row["id"], Trial.trial_number == number)
+                    )
+                    .mappings()
+                    .first()
+                )
+                if t is not None:
+                    return trial_detail(t, slo_clauses(ref.spec))
+                found = self._extras(conn, ref, slo_clauses(ref.spec), number=number)
+                if found:
+                    return self._extra_detail(found[0])
+            elif ref.osid is not None:
+                rows = self._optuna_rows(conn, ref.osid, [number])
+                if rows:
+                    detail = blank_detail(rows[0])
+                    tid = conn.scalar(
+                        select(odb.trials.c.trial_id).where(
+                            odb.trials.c.study_id == ref.osid, odb.trials.c.number == number
+                        )
+                    )
+                    detail["user_attrs"] = clean_json(odb.all_attrs(conn, tid)) if tid is not None else {}
+                    return detail
+        raise NotFound(f"study {name!r} has no trial {number}")
+
+    @staticmethod
+    def _extra_detail(row: dict[str, Any]) -> dict[str, Any]:
+        m = row.pop("measurement", None)
+        log = row.pop("log", None)
+        detail = blank_detail(row)
+        detail["log_excerpt"] = log
+        if m:
+            cols = measurement_columns(m)
+            detail["latency"] = {x: {s: _num(cols[f"{x}_{s}_ms"]) for s in LATENCY_STATS} for x in LATENCY_METRICS}
+            for k in ("requests", "output_tokens", "stopped_by", "memory_kind"):
+                detail[k] = cols[k]
+            detail.update(
+                duration_s=_num(cols["duration_s"]),
+                mean_batch_rows=_num(cols["mean_batch_rows"]),
+                timings=clean_json(cols["timings"] or {}),
+                metrics=clean_json(cols["metrics"] or {}),
+                latency_histogram=clean_json(cols["latency_histogram"] or {}),
+                e2e_samples_ms=clean_json(cols["e2e_samples"] or []),
+            )
+        return detail
+
+    def export(self, name: str) -> dict[str, Any]:
+        """The export document of the best feasible trial, built by the same function as
+        ``autotune best --json`` (reading that one trial, not the study's every trial)."""
+        with self.engine.connect() as conn:
+            ref = self._ref(conn, name)
+            if ref.row is None:
+                raise NotFound(f"study {name!r} was not made by autotune: it has no export")
+            if ref.osid is None:
+                raise NotFound(f"study {name!r} has no Optuna record in {safe_url(self.url)}")
+            best = self._best(conn, ref.row["id"], self._failed_keys(conn, ref))
+        if best is None:
+            raise NotFound(f"study {name!r} has no trial that meets its SLO; nothing to export")
+        import optuna
+
+        from autotune.export import export_dict
+
+        storage = self.optuna_storage()
+        study = optuna.load_study(study_name=name, storage=storage, sampler=optuna.samplers.RandomSampler())
+        trial_id = storage.get_trial_id_from_study_id_trial_number(ref.osid, best["number"])
+        return export_dict(study, storage.get_trial(trial_id))
 
     def status(self, name: str) -> dict[str, Any]:
         """What a page polls: cheap, and it changes whenever a trial lands or the study ends."""
-        s = self._study_row(name)
-        with Session(self.engine) as session:
-            n = session.scalar(select(func.count()).select_from(Trial).where(Trial.study_id == s.id)) or 0
-        return {"name": s.name, "status": s.status, "trials_done": n, "updated_at": _iso(s.updated_at)}
+        with self.engine.connect() as conn:
+            ref = self._ref(conn, name)
+            if ref.row is None:
+                s = self._optuna_summary(conn, ref)
+                return {
+                    "name": name,
+                    "status": s["status"],
+                    "trials_done": s["trials_done"],
+                    "updated_at": s["updated_at"],
+                }
+            n = conn.scalar(select(func.count()).select_from(Trial).where(Trial.study_id == ref.row["id"])) or 0
+            n += len(self._extras(conn, ref, []))
+        return {"name": name, "status": ref.row["status"], "trials_done": n, "updated_at": _iso(ref.row["updated_at"])}
 
-    def trial(self, name: str, number: int) -> dict[str, Any]:
-        s = self._study_row(name)
-        with Session(self.engine) as session:
-            t = session.scalar(select(Trial).where(Trial.study_id == s.id, Trial.trial_number == number))
-        if t is None:
-            raise NotFound(f"study {name!r} has no trial {number}")
-        return trial_detail(t, slo_clauses(dict(s.spec or {})))
+
+def _extra_state(state: str, attrs: Mapping[str, Any], measured: bool) -> str:
+    """The table state of a trial only Optuna holds (the rule ``autotune.tuner.store_state`` records)."""
+    if state in ("RUNNING", "WAITING"):
+        return state.lower()
+    if "rejected" in attrs:
+        return "rejected"
+    if "duplicate_of" in attrs:
+        return "duplicate"
+    if state == "FAIL":
+        return "failed"
+    if state == "PRUNED":
+        return "rejected"
+    return "measured" if measured else "infeasible"
 
 
 def _sqlite_read_only(dbapi_connection: Any, _record: Any) -> None:

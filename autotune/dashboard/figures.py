@@ -1,7 +1,10 @@
 """Plotly figures as plain ``{"data", "layout"}`` dicts, drawn by the locally served plotly.js.
 
-Plain dicts instead of ``plotly.graph_objects``: a 1,000-trial study page must render in well under
-300 ms, and the graph objects' validation would cost more than the whole page.
+Plain dicts instead of ``plotly.graph_objects``: a 10,000-trial study page must render in well under
+300 ms, and the graph objects' validation would cost more than the whole page. A plot draws at most
+:data:`MAX_POINTS` trials (every Pareto-front trial, the best, and an even sample of the rest), so a
+page's weight does not grow with the study; the front, the best-so-far line and the importance are
+computed from every trial.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from typing import Any
 from autotune.dashboard.data import KNOBS, latency_column
 
 FEASIBLE, INFEASIBLE, FRONT = "#1b9e77", "#d95f02", "#444"
+#: Trials one plot draws at most (each carries its config as hover text: about 200 bytes).
+MAX_POINTS = 1000
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2")
 
 
@@ -52,6 +57,28 @@ def front(points: list[dict[str, Any]], latency: str) -> list[dict[str, Any]]:
     return out
 
 
+def thin(rows: list[dict[str, Any]], keep: set[int], cap: int | None = None) -> list[dict[str, Any]]:
+    """At most ``cap`` (default :data:`MAX_POINTS`) of ``rows`` (more only if ``keep`` is larger):
+    every row whose number is in ``keep``, then an even sample of the others; in the order given."""
+    cap = MAX_POINTS if cap is None else cap
+    if len(rows) <= cap:
+        return rows
+    rest = [r for r in rows if r["number"] not in keep]
+    room = max(cap - (len(rows) - len(rest)), 0)
+    chosen = {rest[i * len(rest) // room]["number"] for i in range(room)} if room else set()
+    return [r for r in rows if r["number"] in keep or r["number"] in chosen]
+
+
+def shown(rows: list[dict[str, Any]], latency: str, cap: int | None = None) -> list[dict[str, Any]]:
+    """The plotted trials a scatter draws: the whole front, the best feasible one, a sample of the rest."""
+    pts = plotted(rows, latency)
+    keep = {r["number"] for r in front(pts, latency)}
+    best = max((r for r in pts if r["feasible"]), key=lambda r: r["output_tokens_per_s"], default=None)
+    if best is not None:
+        keep.add(best["number"])
+    return thin(pts, keep, cap)
+
+
 def _hover(r: dict[str, Any], latency: str) -> str:
     cfg = "<br>".join(f"{k}: {r['config'].get(k)}" for k in KNOBS if k in r["config"])
     lat = r.get(latency_column(latency))
@@ -78,9 +105,9 @@ def _points(rows: list[dict[str, Any]], latency: str, name: str, color: str) -> 
 
 def pareto(rows: list[dict[str, Any]], latency: str, limit: float | None) -> dict[str, Any]:
     """Output tokens/s against the SLO latency: feasible vs infeasible, the front, the SLO line."""
-    pts = plotted(rows, latency)
     col = latency_column(latency)
-    fr = front(pts, latency)
+    fr = front(plotted(rows, latency), latency)
+    pts = shown(rows, latency)
     data = [
         _points([r for r in pts if r["feasible"]], latency, "feasible", FEASIBLE),
         _points([r for r in pts if not r["feasible"]], latency, "infeasible", INFEASIBLE),
@@ -124,18 +151,37 @@ def pareto(rows: list[dict[str, Any]], latency: str, limit: float | None) -> dic
     return {"data": data, "layout": layout}
 
 
+def _steps(points: list[tuple[int, float]], better: Any) -> tuple[list[int], list[float]]:
+    """The best-so-far step line through (number, value) points in number order: its corners only
+    (where the best changes) and the last number, which draw the same ``hv`` line."""
+    xs: list[int] = []
+    ys: list[float] = []
+    best: float | None = None
+    for n, v in points:
+        if best is None or better(v, best):
+            best = v
+            xs.append(n)
+            ys.append(v)
+    if xs and points and points[-1][0] != xs[-1]:
+        xs.append(points[-1][0])
+        ys.append(ys[-1])
+    return xs, ys
+
+
 def history(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Every measured trial's tokens/s by trial number, and the best feasible so far as a step line."""
+    """Measured trials' tokens/s by trial number, and the best feasible so far as a step line."""
     pts = [r for r in rows if r["output_tokens_per_s"] is not None and r["state"] == "measured"]
-    best_x: list[int] = []
-    best_y: list[float] = []
-    best = None
-    for r in sorted(rows, key=lambda r: r["number"]):
-        if r["feasible"] and r["output_tokens_per_s"] is not None and not r.get("confirmed_failed"):
-            best = max(best or 0.0, r["output_tokens_per_s"])
-        if best is not None:
-            best_x.append(r["number"])
-            best_y.append(best)
+    ordered = sorted(rows, key=lambda r: r["number"])
+    good = [
+        (r["number"], r["output_tokens_per_s"])
+        for r in ordered
+        if r["feasible"] and r["output_tokens_per_s"] is not None and not r.get("confirmed_failed")
+    ]
+    best_x, best_y = _steps(good, lambda v, b: v > b)
+    if best_x and ordered[-1]["number"] != best_x[-1]:
+        best_x.append(ordered[-1]["number"])
+        best_y.append(best_y[-1])
+    pts = thin(pts, set(best_x))
     data = [
         {
             "type": "scatter",
@@ -164,7 +210,8 @@ def history(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def importance(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Share of the throughput variance each knob explains on its own (eta squared), largest first.
 
-    A cheap, explainable stand-in for fANOVA that needs no refit per page view.
+    A cheap, explainable stand-in for fANOVA that needs no refit per page view: one pass over the
+    trials, then per knob a pass over the distinct configs.
     """
     pts = [r for r in rows if r["output_tokens_per_s"] is not None and r["state"] == "measured"]
     scores: dict[str, float] = {}
@@ -172,13 +219,21 @@ def importance(rows: list[dict[str, Any]]) -> dict[str, Any]:
         ys = [r["output_tokens_per_s"] for r in pts]
         mean = sum(ys) / len(ys)
         total = sum((y - mean) ** 2 for y in ys)
+        by_config: dict[str, list[Any]] = {}  # key -> [config, count, sum]
+        for r in pts:
+            key = r.get("config_key") or repr(sorted(r["config"].items()))
+            acc = by_config.setdefault(key, [r["config"], 0, 0.0])
+            acc[1] += 1
+            acc[2] += r["output_tokens_per_s"]
         for knob in KNOBS:
-            groups: dict[str, list[float]] = defaultdict(list)
-            for r in pts:
-                groups[str(r["config"].get(knob))].append(r["output_tokens_per_s"])
+            groups: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+            for cfg, n, tot in by_config.values():
+                g = groups[str(cfg.get(knob))]
+                g[0] += n
+                g[1] += tot
             if len(groups) < 2 or total <= 0:
                 continue
-            between = sum(len(g) * (sum(g) / len(g) - mean) ** 2 for g in groups.values())
+            between = sum(n * (tot / n - mean) ** 2 for n, tot in groups.values())
             scores[knob] = between / total
     ranked = sorted(scores.items(), key=lambda kv: kv[1])
     data = [
@@ -197,47 +252,103 @@ def importance(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"data": data, "layout": layout}
 
 
+def _quartiles(values: list[float], digits: int) -> tuple[list[str], list[str]]:
+    """Each value's quartile as a label (``120–340``) and the labels in order."""
+    ordered = sorted(values)
+    n = len(ordered)
+    edges = [ordered[min(n - 1, (n * q) // 4)] for q in range(5)]
+    edges[-1] = ordered[-1]
+    labels = [f"{edges[i]:,.{digits}f}–{edges[i + 1]:,.{digits}f}" for i in range(4)]
+    names = list(dict.fromkeys(labels))
+
+    def label(v: float) -> str:
+        for i in range(4):
+            if v <= edges[i + 1]:
+                return labels[i]
+        return labels[-1]
+
+    return [label(v) for v in values], names
+
+
 def parallel(rows: list[dict[str, Any]], latency: str) -> dict[str, Any]:
-    """Parallel coordinates: every knob, tokens/s and the SLO latency; colour = feasible."""
-    pts = plotted(rows, latency)
+    """Parallel categories: each knob that varied, then tokens/s and the SLO latency in quartiles;
+    colour = feasible. Plotly's parallel categories draw as SVG: no WebGL, no ``eval`` (its
+    parallel coordinates need both, which the dashboard's Content-Security-Policy does not allow)."""
+    pts = shown(rows, latency)
     dims: list[dict[str, Any]] = []
     for knob in KNOBS:
         values = [r["config"].get(knob) for r in pts]
-        if all(v is None for v in values):
+        distinct = {v for v in values if v is not None}
+        if len(distinct) < 2:
             continue
-        if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
-            dims.append({"label": knob, "values": values})
-        else:
-            cats = sorted({str(v) for v in values})
-            idx = {c: i for i, c in enumerate(cats)}
-            dims.append(
-                {
-                    "label": knob,
-                    "values": [idx[str(v)] for v in values],
-                    "tickvals": list(range(len(cats))),
-                    "ticktext": cats,
-                }
-            )
+        numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in distinct)
+        order = sorted(distinct) if numeric else sorted(distinct, key=str)
+        cats = [f"{v:g}" if numeric else str(v) for v in order]
+        fmt = {v: c for v, c in zip(order, cats, strict=True)}
+        dims.append(
+            {
+                "label": knob,
+                "values": [fmt.get(v, "–") for v in values],
+                "categoryorder": "array",
+                "categoryarray": cats,
+            }
+        )
     col = latency_column(latency)
-    dims.append({"label": "tokens/s", "values": [r["output_tokens_per_s"] for r in pts]})
-    dims.append({"label": latency, "values": [r[col] for r in pts]})
+    if pts:
+        for label, values, digits in (
+            ("tokens/s", [r["output_tokens_per_s"] for r in pts], 0),
+            (f"{latency} (ms)", [r[col] for r in pts], 0),
+        ):
+            bins, names = _quartiles(values, digits)
+            dims.append({"label": label, "values": bins, "categoryorder": "array", "categoryarray": names})
     data = [
         {
-            "type": "parcoords",
+            "type": "parcats",
+            "dimensions": dims,
             "line": {
                 "color": [1 if r["feasible"] else 0 for r in pts],
                 "colorscale": [[0, INFEASIBLE], [1, FEASIBLE]],
                 "cmin": 0,
                 "cmax": 1,
+                "shape": "hspline",
             },
-            "dimensions": dims,
+            "hoveron": "color",
+            "arrangement": "freeform",
         }
     ]
     return {
         "data": data,
-        # The title sits in the page (a Plotly title collides with the axis labels above the lines).
-        "layout": {"margin": {"l": 70, "r": 70, "t": 60, "b": 30}},
+        # The title sits in the page (a Plotly title collides with the axis labels above the bands).
+        "layout": {"margin": {"l": 70, "r": 70, "t": 40, "b": 30}},
     }
+
+
+def values_history(points: list[dict[str, Any]], direction: str) -> dict[str, Any]:
+    """A study autotune did not make: each complete trial's first objective value by trial number,
+    and the best so far (``direction``: maximize or minimize) as a step line."""
+    better = (lambda v, b: v > b) if direction == "maximize" else (lambda v, b: v < b)
+    best_x, best_y = _steps([(p["number"], p["value"]) for p in points], better)
+    pts = thin(points, set(best_x))
+    data = [
+        {
+            "type": "scatter",
+            "mode": "markers",
+            "name": "complete trials",
+            "x": [p["number"] for p in pts],
+            "y": [p["value"] for p in pts],
+            "customdata": [p["number"] for p in pts],
+            "marker": {"color": PALETTE[0], "size": 7},
+        },
+        {
+            "type": "scatter",
+            "mode": "lines",
+            "name": "best so far",
+            "x": best_x,
+            "y": best_y,
+            "line": {"color": FRONT, "shape": "hv"},
+        },
+    ]
+    return {"data": data, "layout": _layout("Optimization history", "trial", "objective value")}
 
 
 def compare(studies: list[tuple[str, list[dict[str, Any]], str, float | None]]) -> dict[str, Any]:
@@ -247,9 +358,9 @@ def compare(studies: list[tuple[str, list[dict[str, Any]], str, float | None]]) 
     for i, (name, rows, latency, limit) in enumerate(studies):
         color = PALETTE[i % len(PALETTE)]
         label = plotly_text(name)
-        pts = plotted(rows, latency)
+        pts = shown(rows, latency, max(100, MAX_POINTS // len(studies)))
         col = latency_column(latency)
-        fr = front(pts, latency)
+        fr = front(plotted(rows, latency), latency)
         data.append(
             {
                 "type": "scatter",

@@ -1,5 +1,6 @@
-// autotune dashboard: draw the page's Plotly figures, sort/filter the trials table, and follow a
-// running study by polling a small JSON endpoint (no manual reload). No external resources.
+// autotune dashboard: draw the page's Plotly figures, page/sort/filter the trials table through the
+// server (a study may hold 10,000 trials: the page carries one page of them), and follow a running
+// study by polling a small JSON endpoint (no manual reload). No external resources, no inline code.
 "use strict";
 
 function drawFigures(root) {
@@ -19,55 +20,77 @@ function drawFigures(root) {
   }
 }
 
-function cellValue(row, i, numeric) {
-  const cell = row.cells[i];
-  const raw = cell.dataset.v !== undefined ? cell.dataset.v : cell.textContent.trim();
-  if (!numeric) return raw.toLowerCase();
-  return raw === "" ? NaN : parseFloat(raw);
+// The trials table: its links (sort, previous/next) and its filter form ask the server for that
+// view of the table (?part=table) and swap it in; the address bar keeps the view (reload, share).
+let tableRequest = 0;
+
+async function loadTable(href, focusFilter) {
+  const want = new URL(href, window.location.href);
+  const url = new URL(want);
+  url.searchParams.set("part", "table");
+  const mine = ++tableRequest;
+  try {
+    const res = await fetch(url, {cache: "no-store"});
+    if (!res.ok || mine !== tableRequest) return;
+    const doc = new DOMParser().parseFromString(await res.text(), "text/html");
+    const fresh = doc.getElementById("trials-part");
+    const cur = document.getElementById("trials-part");
+    if (!fresh || !cur || mine !== tableRequest) return;
+    const filter = document.getElementById("trial-filter");
+    const caret = filter && document.activeElement === filter ? filter.selectionStart : null;
+    cur.replaceWith(fresh);
+    setupTable(document);
+    window.history.replaceState(null, "", want.pathname + want.search);
+    const next = document.getElementById("trial-filter");
+    if (next && (focusFilter || caret !== null)) {
+      next.focus();
+      if (caret !== null) next.setSelectionRange(caret, caret);
+    }
+  } catch (e) {
+    // the server restarted or the network blinked: the links still work as plain links
+  }
+}
+
+function formHref(form) {
+  const params = new URLSearchParams();
+  for (const [k, v] of new FormData(form)) if (v !== "") params.set(k, v);
+  const query = params.toString();
+  return form.getAttribute("action") + (query ? "?" + query : "");
 }
 
 function setupTable(root) {
-  const table = root.querySelector("table.sortable");
-  if (!table) return;
-  const body = table.tBodies[0];
-  table.querySelectorAll("th").forEach((th, i) => {
-    th.addEventListener("click", () => {
-      const numeric = th.dataset.type === "num";
-      const dir = th.dataset.dir === "asc" ? "desc" : "asc";
-      table.querySelectorAll("th").forEach((h) => delete h.dataset.dir);
-      th.dataset.dir = dir;
-      const rows = Array.from(body.rows);
-      rows.sort((a, b) => {
-        const x = cellValue(a, i, numeric), y = cellValue(b, i, numeric);
-        if (numeric) {
-          if (isNaN(x)) return 1;
-          if (isNaN(y)) return -1;
-          return dir === "asc" ? x - y : y - x;
-        }
-        return dir === "asc" ? x.localeCompare(y) : y.localeCompare(x);
-      });
-      rows.forEach((r) => body.appendChild(r));
-    });
+  const part = root.querySelector("#trials-part");
+  if (!part) return;
+  part.addEventListener("click", (ev) => {
+    const a = ev.target.closest("a.sort, #pager a");
+    if (!a || ev.ctrlKey || ev.metaKey || ev.shiftKey) return;
+    ev.preventDefault();
+    loadTable(a.href, false);
   });
-  const text = root.querySelector("#trial-filter");
-  const state = root.querySelector("#state-filter");
-  const apply = () => {
-    const q = (text && text.value || "").toLowerCase();
-    const s = state && state.value || "";
-    for (const r of body.rows) {
-      const show = (!s || r.dataset.state === s) && (!q || r.textContent.toLowerCase().includes(q));
-      r.style.display = show ? "" : "none";
-    }
-  };
-  if (text) text.addEventListener("input", apply);
-  if (state) state.addEventListener("change", apply);
-  return apply;
+  const form = part.querySelector("#trial-form");
+  if (!form) return;
+  form.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    loadTable(formHref(form), true);
+  });
+  let timer = null;
+  const text = form.querySelector("#trial-filter");
+  if (text) {
+    text.addEventListener("input", () => {
+      clearTimeout(timer);
+      timer = setTimeout(() => loadTable(formHref(form), true), 250);
+    });
+  }
+  const state = form.querySelector("#state-filter");
+  if (state) state.addEventListener("change", () => loadTable(formHref(form), false));
 }
 
-// The studies list compares a signature of every study; a study page its trial count and status.
+// The studies list compares a signature of every study; a study page its trial count, status and
+// last update.
 function changed(st, el) {
   if (Array.isArray(st)) return st.map((s) => s.name + ":" + s.trials_done + ":" + s.status).join("|") !== el.dataset.sig;
-  return String(st.trials_done) !== el.dataset.trials || st.status !== el.dataset.status;
+  return String(st.trials_done) !== el.dataset.trials || st.status !== el.dataset.status ||
+    (el.dataset.updated !== undefined && (st.updated_at || "") !== el.dataset.updated);
 }
 
 function followStudy() {
@@ -76,24 +99,19 @@ function followStudy() {
   const poll = async () => {
     try {
       const res = await fetch(live.dataset.statusUrl, {cache: "no-store"});
-      if (res.ok) {
+      const cur = document.getElementById("live");
+      const typing = document.activeElement && document.activeElement.id === "trial-filter";
+      if (res.ok && !typing) {
         const st = await res.json();
-        const cur = document.getElementById("live");
         if (changed(st, cur)) {
-          const page = await fetch(window.location.href, {cache: "no-store"});
+          const page = await fetch(window.location.href, {cache: "no-store"});  // the same table view
           if (page.ok) {
             const doc = new DOMParser().parseFromString(await page.text(), "text/html");
             const fresh = doc.getElementById("live");
             if (fresh) {
-              const q = document.getElementById("trial-filter"), s = document.getElementById("state-filter");
-              const keep = [q ? q.value : "", s ? s.value : ""];
               cur.replaceWith(fresh);
               drawFigures(fresh);
-              const nq = document.getElementById("trial-filter"), ns = document.getElementById("state-filter");
-              if (nq) nq.value = keep[0];
-              if (ns) ns.value = keep[1];
-              const apply = setupTable(fresh);
-              if (apply) apply();
+              setupTable(fresh);
             }
           }
         }
