@@ -28,6 +28,8 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    # Plain help text: rich markup would take "[default: ...]" in a help string for a style tag.
+    rich_markup_mode=None,
     help="Find the fastest LLM inference config that meets your latency SLO, by measuring it.",
 )
 out = Console(soft_wrap=True)
@@ -35,7 +37,13 @@ err = Console(stderr=True, soft_wrap=True)  # log lines stay whole (grep-able), 
 
 DEFAULT_SPEC = Path("studies/quickstart.yaml")
 StorageOpt = Annotated[
-    str | None, typer.Option("--storage", help="SQLAlchemy URL [default: sqlite:///studies/autotune.db]")
+    str | None,
+    typer.Option(
+        "--storage",
+        help="SQLAlchemy URL of the study database [default: sqlite:///studies/autotune.db, relative to the "
+        "current folder]",
+        show_default=False,
+    ),
 ]
 
 
@@ -195,12 +203,13 @@ def _pareto_table(study: Any, spec: StudySpec) -> Table:
     return t
 
 
-def _config_table(cfg: dict[str, Any], title: str) -> Table:
+def _config_table(cfg: dict[str, Any], title: str, model: str | None) -> Table:
+    """The knobs of a config; ``model`` (the study's) stands in for a config that names no variant."""
     t = Table(title=title, show_header=False)
     t.add_column("knob", style="bold")
     t.add_column("value")
-    for k, v in cfg.items():
-        t.add_row(k, str(v))
+    for k, v in {**cfg, "model": cfg.get("model") or model}.items():
+        t.add_row(k, escape(str(v)))
     return t
 
 
@@ -279,7 +288,13 @@ def _with_device(spec: StudySpec, device: str | None) -> StudySpec:
 @app.command()
 def tune(
     spec_path: Annotated[
-        Path | None, typer.Argument(metavar="[SPEC]", help="study spec YAML [default: studies/quickstart.yaml]")
+        Path | None,
+        typer.Argument(
+            metavar="SPEC",
+            help="study spec YAML [default: studies/quickstart.yaml if it exists here, else the quickstart shipped "
+            "with autotune]",
+            show_default=False,
+        ),
     ] = None,
     trials: Annotated[int | None, typer.Option(min=1, help="trial budget of the study (total, resumes count)")] = None,
     timeout: Annotated[float | None, typer.Option(min=1, help="wall-time budget in seconds")] = None,
@@ -293,7 +308,7 @@ def tune(
     """Search the spec's space, measuring every trial for real, and report the best feasible config."""
 
     def body() -> None:
-        from autotune.export import check_export_path, export_dict, write_export
+        from autotune.export import check_export_path
         from autotune.spec import check_study_name
         from autotune.store.failures import check_storage
         from autotune.tuner import Tuner, safe_url
@@ -309,6 +324,19 @@ def tune(
             check_export_path(export)
         url = _storage_url(storage, for_write=False)
         check_storage(url, folder_may_be_created=storage is None)  # fail fast, before the slow preflight
+        name = study or spec.name or "study"
+        # A device named on the command line is checked by the preflight, even for a finished study.
+        finished = _finished_study(url, name, spec, trials) if device is None else None
+        if finished is not None:  # nothing to measure: say so at once, not after the preflight
+            budget = trials or spec.budget.trials
+            out.print(
+                f"study {escape(name)!r} has already spent its budget of {budget} trials in {safe_url(url)}; "
+                f"its result is below. To measure more, run the same command with --trials N (N > {budget}).",
+                highlight=False,
+            )
+            _report(finished, spec)
+            _export_and_next_steps(finished, url, storage, export)
+            return
         hw, info, variants = _preflight(spec)
         url = _storage_url(storage, for_write=True)
         out.print(f"[bold]{spec.name}[/bold]: {info.ref} ({info.num_parameters / 1e6:,.1f}M params) on {hw.summary()}")
@@ -332,14 +360,100 @@ def tune(
             + f" · storage {safe_url(url)}"
         )
         study_obj = _run_with_progress(tuner)
-        _report(study_obj, spec)
-        if export is not None:
-            doc = export_dict(study_obj)
-            path = write_export(doc, export)
-            version = tuner.repository.record_export(study_obj.study_name, doc["trial"], doc)
-            out.print(f"exported best config to {path} (export version {version} of study {study_obj.study_name})")
+        try:
+            _report(study_obj, spec)
+        except NoFeasibleConfig:
+            _next_steps(study_obj.study_name, url, storage, None)
+            raise
+        _export_and_next_steps(study_obj, url, storage, export)
 
     _run(body)
+
+
+def _finished_study(url: str, name: str, spec: StudySpec, trials: int | None) -> Any | None:
+    """The study ``name`` when it has already spent its budget with this spec and has nothing left
+    to re-measure, read without writing anything (else None: the run goes on as usual)."""
+    import optuna
+
+    from autotune.store.failures import has_optuna_tables, sqlite_path
+    from autotune.tuner import (
+        A_CONFIRMATIONS,
+        best_feasible,
+        confirmation,
+        count_spent,
+        open_storage,
+        spec_differs,
+    )
+
+    path = sqlite_path(url)
+    if path is not None and not path.exists():
+        return None
+    try:
+        if not has_optuna_tables(url):  # opening Optuna's storage would create them
+            return None
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        found = optuna.load_study(study_name=name, storage=open_storage(url), sampler=optuna.samplers.RandomSampler())
+    except (KeyError, AutotuneError):
+        return None
+    except Exception:  # the real run reports whatever is wrong with the database
+        return None
+    stored = found.user_attrs.get("spec")
+    if stored is None or spec_differs(stored, spec.model_dump(mode="json")):
+        return None
+    if count_spent(found.get_trials(deepcopy=False)) < (trials or spec.budget.trials):
+        return None
+    best = best_feasible(found, confirmations=found.user_attrs.get(A_CONFIRMATIONS, {}))
+    if spec.budget.confirm_runs and best is not None and confirmation(found, best) is None:
+        return None  # its winner still has to be re-measured
+    return found
+
+
+def default_export_path(url: str, study: str) -> Path:
+    """Where ``autotune tune`` writes the winner's export: beside a SQLite database, else here."""
+    import re
+
+    from autotune.store.failures import sqlite_path
+
+    file = re.sub(r"[^A-Za-z0-9._-]+", "_", study).strip("._") or "study"
+    db = sqlite_path(url)
+    return (db.parent if db is not None else Path(".")) / f"{file}-best.json"
+
+
+def _export_and_next_steps(study_obj: Any, url: str, storage: str | None, export: Path | None) -> None:
+    """Write the winner's export (``--export`` or beside the database), record its version, and end
+    with the commands that take it further: the dashboard, serving it, a deployment's config."""
+    from autotune.export import export_dict, write_export
+    from autotune.store import Repository
+    from autotune.store.failures import permanent_cause, storage_error
+
+    doc = export_dict(study_obj)
+    path = write_export(doc, export or default_export_path(url, study_obj.study_name))
+    try:
+        with Repository.open(url) as repo:
+            version = repo.record_export(study_obj.study_name, doc["trial"], doc)
+        what = f" (export version {version} of study {escape(study_obj.study_name)})"
+    except Exception as e:
+        if permanent_cause(e) is None:
+            raise
+        what = f" (not recorded as an export version: {escape(str(storage_error(e, url)))})"
+    out.print(f"exported the best config to {escape(str(path))}{what}", highlight=False)
+    _next_steps(study_obj.study_name, url, storage, path)
+
+
+def _next_steps(study: str, url: str, storage: str | None, export: Path | None) -> None:
+    import shlex
+
+    at = f" --storage {shlex.quote(storage)}" if storage else ""
+    lines = [f"  autotune dashboard{at}    # the Pareto front and every trial, at http://127.0.0.1:8000/"]
+    if export is not None:
+        cfg = shlex.quote(str(export))
+        lines += [
+            f"  autotune serve {cfg}    # an OpenAI-compatible server running exactly this config",
+            f"  autotune verify {cfg} --url http://127.0.0.1:8001    # replay the workload against it",
+            f"  autotune export {shlex.quote(study)}{at} --format vllm|tgi|triton --output PATH"
+            "    # the config for another serving stack",
+        ]
+    out.print("next:\n" + "\n".join(escape(line) for line in lines), highlight=False)
 
 
 def _run_with_progress(tuner: Any) -> Any:
@@ -408,7 +522,7 @@ def _run_with_progress(tuner: Any) -> Any:
             else:
                 obj = tuner.spec.second_objective
                 runs.append(f"{r['output_tokens_per_s']:,.0f} tok/s, {obj} {r[obj]:,.0f} ms")
-        verdict = "confirmed" if record["ok"] else "missed the SLO on re-measurement, passed over"
+        verdict = _confirmation_verdict(record)
         progress.console.print(
             f"  re-measured trial {trial.number} ({_label(trial)}): {escape('; '.join(runs))} → {verdict}",
             highlight=False,
@@ -452,7 +566,7 @@ def _label(trial: Any) -> str:
 
 
 def _report(study_obj: Any, spec: StudySpec) -> None:
-    from autotune.tuner import best_feasible, closest_to_feasible, trial_measurement
+    from autotune.tuner import best_feasible, closest_to_feasible, shown_measurement
 
     best = best_feasible(study_obj)
     if best is None:
@@ -461,9 +575,40 @@ def _report(study_obj: Any, spec: StudySpec) -> None:
             lines.append(f"  trial {t.number} {_label(t)}: missed " + "; ".join(_misses(t, spec)))
         detail = ("\nclosest configs:\n" + "\n".join(lines)) if lines else " (no trial completed)"
         raise NoFeasibleConfig(f"no configuration met the SLO in study {study_obj.study_name!r}{detail}")
-    m = trial_measurement(best)
-    out.print(_config_table(best.user_attrs["config"], f"best feasible config (trial {best.number})"))
-    _print_measurement("its measurement", m, spec)
+    out.print(_config_table(best.user_attrs["config"], f"best feasible config (trial {best.number})", spec.model))
+    _print_measurement(_measurement_title(study_obj, best), shown_measurement(study_obj, best), spec)
+
+
+def _confirmation_verdict(record: dict[str, Any]) -> str:
+    """What re-measuring a winner showed: confirmed only when its re-measured median agrees with the
+    search's figure within the tolerance (widened to the runs' own spread); else by how much it moved."""
+    if not record["ok"]:
+        return "missed the SLO on re-measurement, passed over"
+    new, old, change, tol = (
+        record[k] for k in ("remeasured_tokens_per_s", "search_tokens_per_s", "change_pct", "tolerance_pct")
+    )
+    if record["agrees"]:
+        return (
+            f"confirmed: {new:,.0f} tok/s re-measured vs {old:,.0f} in the search ({change:+.0f}%, within ±{tol:.0f}%)"
+        )
+    way = "below" if change < 0 else "above"
+    return (
+        f"NOT confirmed: re-measured {new:,.0f} tok/s, {abs(change):.0f}% {way} the search's {old:,.0f} "
+        f"(beyond ±{tol:.0f}%); the re-measurement is the figure shown and exported"
+    )
+
+
+def _measurement_title(study_obj: Any, trial: Any) -> str:
+    from autotune.tuner import confirmation
+
+    record = confirmation(study_obj, trial)
+    if record is None or record.get("remeasured_tokens_per_s") is None:
+        return "its measurement (the search trial's; not re-measured)"
+    n = len(record["runs"])
+    return (
+        f"its measurement: the median of {n} re-measurement{'s' * (n != 1)} "
+        f"(the search trial measured {record['search_tokens_per_s']:,.0f} tok/s; {_confirmation_verdict(record)})"
+    )
 
 
 @app.command()
@@ -540,7 +685,7 @@ def best(
     def body() -> None:
         from autotune.export import export_dict
         from autotune.spec import parse_spec
-        from autotune.tuner import best_feasible, trial_measurement
+        from autotune.tuner import best_feasible, shown_measurement
 
         s = _load_study(study, storage)
         if as_json:
@@ -555,8 +700,9 @@ def best(
                 raise NoFeasibleConfig(f"study {study!r} has no feasible trial")
             _report(s, spec)
             return
-        out.print(_config_table(b.user_attrs["config"], f"{study}: best feasible config (trial {b.number})"))
-        _print_measurement("its measurement", trial_measurement(b), spec)
+        model = spec.model if spec is not None else None
+        out.print(_config_table(b.user_attrs["config"], f"{study}: best feasible config (trial {b.number})", model))
+        _print_measurement(_measurement_title(s, b), shown_measurement(s, b), spec)
 
     _run(body)
 
@@ -1049,10 +1195,20 @@ def verify(
 
 @app.command()
 def presets() -> None:
-    """List the built-in model presets (real architectures, seeded random weights)."""
+    """List the models that need no download: shipped trained models (builtin:) and presets (random weights)."""
+    from autotune.models import BUILTIN_PREFIX, builtin_models, builtin_path
     from autotune.presets import PRESETS
 
-    t = Table("preset", "parameters", "description")
+    t = Table("model", "parameters", "description")
+    for name in builtin_models():
+        path = builtin_path(BUILTIN_PREFIX + name)
+        assert path is not None
+        meta = json.loads((path / "training.json").read_text()) if (path / "training.json").is_file() else {}
+        params = f"{meta['parameters'] / 1e6:,.1f}M" if "parameters" in meta else "?"
+        what = "shipped trained model (the quickstart's); real weights, " + (
+            f"trained by `{meta['command']}`" if "command" in meta else "trained by autotune's authors"
+        )
+        t.add_row(f"{BUILTIN_PREFIX}{name}", params, what)
     for name, p in PRESETS.items():
         t.add_row(f"preset:{name}", f"{p.approx_parameters / 1e6:,.1f}M", p.description)
     out.print(t)

@@ -14,7 +14,7 @@ from optuna.trial import FrozenTrial
 from autotune import __version__
 from autotune.deploy import SCHEMA_VERSION
 from autotune.errors import NoFeasibleConfig, SpecError
-from autotune.tuner import A_CONFIG, best_feasible, confirmation, trial_measurement
+from autotune.tuner import A_CONFIG, best_feasible, confirmation, shown_measurement, trial_measurement
 
 _LATENCY_KEYS = ("p50", "p90", "p95", "p99")
 
@@ -24,8 +24,10 @@ def export_dict(study: optuna.Study, trial: FrozenTrial | None = None) -> dict[s
     trial = trial or best_feasible(study)
     if trial is None:
         raise NoFeasibleConfig(f"study {study.study_name!r} has no trial that meets its SLO; nothing to export")
-    m = trial_measurement(trial)
-    assert m is not None
+    m = shown_measurement(study, trial)  # the median re-measurement when there is one
+    searched = trial_measurement(trial)
+    assert m is not None and searched is not None
+    record = confirmation(study, trial)
     attrs = study.user_attrs
     return {
         "schema_version": SCHEMA_VERSION,
@@ -48,9 +50,23 @@ def export_dict(study: optuna.Study, trial: FrozenTrial | None = None) -> dict[s
             "memory_kind": m.memory_kind,
             "requests_measured": m.requests,
             **({"quality": m.quality} if m.quality else {}),
+            # Where the figures above come from, and what the search trial itself measured.
+            "source": "re-measurement (median)" if record and record.get("median_run") is not None else "search trial",
+            "search": {
+                "output_tokens_per_s": searched.output_tokens_per_s,
+                "e2e_ms": {p: searched.e2e_ms[p] for p in _LATENCY_KEYS},
+            },
         },
-        "confirmation": confirmation(study, trial),
+        "confirmation": _without_measurements(record),
     }
+
+
+def _without_measurements(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A confirmation record without each run's full measurement (the metrics carry the median one)."""
+    if record is None:
+        return None
+    runs = [{k: v for k, v in r.items() if k != "measurement"} for r in record.get("runs", [])]
+    return {**record, "runs": runs}
 
 
 def check_export_path(path: str | Path) -> Path:

@@ -160,6 +160,11 @@ class SearchSpace:
         """Ordinal knobs with 3+ values are searched by rank (``batch_size_rank``), others by value."""
         return f"{knob}_rank" if knob in ORDINAL_KNOBS and len(self.values[knob]) > 2 else knob
 
+    def ranked_values(self, cfg: TrialConfig) -> dict[str, Any]:
+        """The real values of the knobs searched by rank (``batch_size: 32`` beside ``batch_size_rank: 7``),
+        stored with each trial so Optuna's own tools (``trials_dataframe``, optuna-dashboard) show them."""
+        return {k: getattr(cfg, k) for k in self.values if len(self.values[k]) > 1 and self.param_name(k) != k}
+
     def suggest(self, trial: optuna.trial.BaseTrial) -> TrialConfig:
         """Ask the sampler for one config. Ranks let TPE/GP/NSGA-II see that batch 8 lies between 4 and 16."""
         params: dict[str, Any] = {}

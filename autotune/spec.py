@@ -226,7 +226,15 @@ class Budget(_Strict):
         1,
         ge=0,
         le=10,
-        description="re-measurements of the winner after the search; one that misses the SLO is passed over",
+        description="re-measurements of the winner after the search, in fresh processes; their median is the "
+        "figure shown and exported; a winner that misses the SLO on re-measurement is passed over",
+    )
+    confirm_tolerance_pct: float = Field(
+        10.0,
+        ge=0,
+        le=100,
+        description="how far a re-measurement may differ from the search's figure and still confirm it (widened "
+        "to the spread the re-measurements themselves show)",
     )
     reuse_engine: bool = Field(
         True,

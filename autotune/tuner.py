@@ -94,6 +94,11 @@ def _spent(t: FrozenTrial) -> bool:
     return t.state == TrialState.COMPLETE or A_FAILURE in t.user_attrs
 
 
+def count_spent(trials: Sequence[FrozenTrial]) -> int:
+    """How many of ``trials`` spent the study's budget (see :func:`_spent`)."""
+    return sum(_spent(t) for t in trials)
+
+
 def _budget_free_without_reading(seen: list[FrozenTrial], number: int, budget: int) -> bool:
     """Whether trial ``number``'s budget check must pass, judged from ``seen``, a trial list read
     before the trial was created (so the objective can skip reading it again).
@@ -164,6 +169,18 @@ def write_trial_attrs(
     if cached is not None:
         cached.user_attrs.update(user)
         cached.system_attrs.update(system)
+
+
+def spec_differs(stored_raw: dict[str, Any], spec_json: dict[str, Any]) -> bool:
+    """Whether a study's stored spec and this run's differ in what makes their trials comparable."""
+    free = ("budget", "name", "sampler", "device", "warm_start")  # may differ per run or per worker
+    try:  # a spec stored by an older version, with today's defaults for fields added since
+        stored_spec = StudySpec.model_validate(stored_raw).model_dump(mode="json")
+    except ValueError:
+        stored_spec = stored_raw
+    return {k: v for k, v in stored_spec.items() if k not in free} != {
+        k: v for k, v in spec_json.items() if k not in free
+    }
 
 
 def write_study_attrs(study: optuna.Study, attrs: dict[str, Any]) -> None:
@@ -525,12 +542,22 @@ def is_feasible(trial: FrozenTrial) -> bool:
     return trial.state == TrialState.COMPLETE and bool(trial.user_attrs.get(A_FEASIBLE))
 
 
+def figure(trial: FrozenTrial, confirmations: dict[str, Any]) -> float:
+    """A feasible trial's throughput as shown: the median of its re-measurements when it was
+    re-measured (a search keeps its luckiest windows), else what its search trial measured."""
+    record = confirmations.get(trial.user_attrs.get("config_key", ""))
+    if record is not None and record.get("remeasured_tokens_per_s") is not None:
+        return float(record["remeasured_tokens_per_s"])
+    return float(trial.values[0])
+
+
 def best_feasible(
     study: optuna.Study,
     trials: list[FrozenTrial] | None = None,
     confirmations: dict[str, Any] | None = None,
 ) -> FrozenTrial | None:
-    """The highest-throughput trial that met every SLO clause, and every re-measurement of it.
+    """The highest-throughput trial that met every SLO clause, and every re-measurement of it,
+    ranked by :func:`figure` (re-measured configs by their re-measurement).
 
     ``trials`` and ``confirmations`` (the study attribute) save storage reads when already at hand.
     """
@@ -539,12 +566,23 @@ def best_feasible(
     failed = {k for k, v in confirmations.items() if not v["ok"]}
     trials = study.get_trials(deepcopy=False) if trials is None else trials
     feasible = [t for t in trials if is_feasible(t) and t.user_attrs["config_key"] not in failed]
-    return max(feasible, key=lambda t: t.values[0], default=None)
+    return max(feasible, key=lambda t: figure(t, confirmations), default=None)
 
 
 def confirmation(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any] | None:
     """The re-measurement record of ``trial``'s config, if it was re-measured."""
     return study.user_attrs.get(A_CONFIRMATIONS, {}).get(trial.user_attrs.get("config_key"))
+
+
+def shown_measurement(study: optuna.Study, trial: FrozenTrial) -> Measurement | None:
+    """The measurement shown and exported for a trial: its median re-measurement when it was
+    re-measured (and met the SLO), else its search trial's."""
+    record = confirmation(study, trial)
+    if record is not None and record.get("ok") and record.get("median_run") is not None:
+        run = record["runs"][record["median_run"]]
+        if run.get(A_MEASUREMENT):
+            return Measurement.from_dict(run[A_MEASUREMENT])
+    return trial_measurement(trial)
 
 
 def measured_trials(study: optuna.Study) -> list[FrozenTrial]:
@@ -775,14 +813,7 @@ class Tuner:
         write_study_attrs(study, record)
 
     def _check_spec(self, stored_raw: dict[str, Any], spec_json: dict[str, Any]) -> None:
-        free = ("budget", "name", "sampler", "device", "warm_start")  # may differ per run or per worker
-        try:  # a spec stored by an older version, with today's defaults for fields added since
-            stored_spec = StudySpec.model_validate(stored_raw).model_dump(mode="json")
-        except ValueError:
-            stored_spec = stored_raw
-        stored = {k: v for k, v in stored_spec.items() if k not in free}
-        mine = {k: v for k, v in spec_json.items() if k not in free}
-        if stored != mine:
+        if spec_differs(stored_raw, spec_json):
             raise SpecError(
                 f"study {self.name!r} already exists with a different spec; pass --study NEW_NAME "
                 "to start a new study (nothing was changed)"
@@ -841,7 +872,7 @@ class Tuner:
         Free: repeats of a known config, and trials whose process died or was interrupted without a
         verdict (a killed worker, Ctrl-C): those are failed by Optuna and run again.
         """
-        return sum(_spent(t) for t in (study.get_trials(deepcopy=False) if trials is None else trials))
+        return count_spent(study.get_trials(deepcopy=False) if trials is None else trials)
 
     @staticmethod
     def _ran_out_of_memory_below(trials: list[FrozenTrial], cfg: TrialConfig) -> FrozenTrial | None:
@@ -900,7 +931,7 @@ class Tuner:
         with params_in_one_write(trial, self.clock.call):
             cfg = self.space.suggest(trial)
         self._step_trials = None
-        known = {A_CONFIG: cfg.model_dump(mode="json"), "config_key": cfg.key()}
+        known = {A_CONFIG: cfg.model_dump(mode="json"), "config_key": cfg.key(), **self.space.ranked_values(cfg)}
         reason = self.space.check(cfg)
         if reason:
             raise self._reject(trial, reason, known)
@@ -1103,10 +1134,13 @@ class Tuner:
         study.set_user_attr(f"{A_WORKER_STATS}.{me}", stats)
 
     def confirm(self, study: optuna.Study) -> None:
-        """Re-measure the winner ``confirm_runs`` times; if any run misses the SLO, pass it over.
+        """Re-measure the winner ``confirm_runs`` times in fresh processes; the median is its figure.
 
-        A search keeps the luckiest measurement of configs near the SLO edge; re-measuring the
-        winner before it is exported keeps one noisy window from deciding what gets deployed.
+        A search keeps the luckiest measurement of configs near the SLO edge and of noisy ones:
+        re-measuring the winner before it is exported keeps one window from deciding what gets
+        deployed and what figure is promised. A winner that misses the SLO on re-measurement is
+        passed over; one whose re-measured figure falls below another config's search figure lets
+        that config be re-measured next (up to :data:`MAX_CONFIRM_CANDIDATES` configs).
         """
         runs = self.spec.budget.confirm_runs
         for _ in range(MAX_CONFIRM_CANDIDATES if runs else 0):
@@ -1123,22 +1157,47 @@ class Tuner:
                     record["ok"] = False
                     break
                 cons = constraint_values(m, self.slo)
+                full = m.to_dict()
                 record["runs"].append(
                     {
                         "output_tokens_per_s": m.output_tokens_per_s,
                         "constraints": cons,
                         self.spec.second_objective: m.value(self.spec.second_objective),
+                        A_MEASUREMENT: {k: v for k, v in full.items() if k != "e2e_samples_ms"},
                     }
                 )
                 if any(c > 0 for c in cons):
                     record["ok"] = False
                     break
+            if record["ok"]:
+                record.update(agreement(best, record["runs"], self.spec.budget.confirm_tolerance_pct))
             study.set_user_attr(
                 A_CONFIRMATIONS, {**study.user_attrs.get(A_CONFIRMATIONS, {}), best.user_attrs["config_key"]: record}
             )
             self.events.on_confirm(best, record)
-            if record["ok"]:
-                return
+
+
+def agreement(trial: FrozenTrial, runs: list[dict[str, Any]], tolerance_pct: float) -> dict[str, Any]:
+    """How a trial's re-measurements compare with its search figure: their median (the figure shown),
+    the change, and whether that lies within the tolerance widened to the spread the runs show."""
+    import statistics
+
+    values = [float(r["output_tokens_per_s"]) for r in runs]
+    median = statistics.median(values)
+    search = float(trial.values[0])
+    spread = 100 * (max(values) - min(values)) / median if len(values) > 1 and median > 0 else 0.0
+    allowed = max(tolerance_pct, spread)
+    change = 100 * (median - search) / search if search > 0 else 0.0
+    return {
+        "remeasured_tokens_per_s": median,
+        "search_tokens_per_s": search,
+        "change_pct": change,
+        "tolerance_pct": allowed,
+        "agrees": abs(change) <= allowed,
+        # The run whose throughput is the median (the lower middle one for an even count): its
+        # latencies and memory are the figures exported beside that throughput.
+        "median_run": min(range(len(values)), key=lambda i: (abs(values[i] - median), values[i])),
+    }
 
 
 def describe_trial(trial: FrozenTrial) -> dict[str, Any]:

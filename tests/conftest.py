@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,9 @@ from autotune.hardware import Hardware
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The suite's own device locks: a study running beside the tests on this machine neither waits for
+# the tests' trials nor makes them wait (tests/test_devicelock.py sets its own folder per test).
+os.environ.setdefault("AUTOTUNE_LOCK_DIR", tempfile.mkdtemp(prefix="autotune-test-locks-"))
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Set by .ci/run, which starts PostgreSQL and installs Chromium: a missing service is then a failure.

@@ -55,6 +55,7 @@ def tuned(tmp_path_factory: pytest.TempPathFactory) -> Path:
     res = run_cli("tune", str(TINY_SPEC), "--export", "best.json", cwd=work)
     assert res.returncode == 0, res.stderr
     (work / "tune.log").write_text(res.stderr)
+    (work / "tune.out").write_text(res.stdout)
     return work
 
 
@@ -106,6 +107,9 @@ def test_constraints_reach_the_sampler(tuned: Path) -> None:
 def test_best_prints_table_and_json(tuned: Path) -> None:
     res = run_cli("best", "tiny", cwd=tuned)
     assert res.returncode == 0 and "best feasible config" in res.stdout and "batch_size" in res.stdout
+    model_row = next(line for line in res.stdout.splitlines() if "│ model" in line)
+    assert "preset:llama-tiny" in model_row and "None" not in res.stdout  # the model measured, not None
+    assert "its measurement: the median of 1 re-measurement" in res.stdout
     res = run_cli("best", "tiny", "--pareto", cwd=tuned)
     assert res.returncode == 0 and "Pareto front: output tokens/s vs e2e_ms.p95" in res.stdout
     res = run_cli("best", "tiny", "--json", cwd=tuned)
@@ -522,3 +526,26 @@ def test_export_triton_writes_a_model_repository(tuned: Path, tmp_path: Path) ->
     (tmp_path / "afile").write_text("")
     res = run_cli("export", "tiny", "--format", "triton", "--output", "afile", cwd=tmp_path)
     assert res.returncode == 2 and "Traceback" not in res.stderr and "--output afile" in res.stderr
+
+
+def test_tune_ends_with_its_export_and_the_next_commands(tuned: Path, tmp_path: Path) -> None:
+    out = (tuned / "tune.out").read_text()
+    assert "exported the best config to best.json (export version 1 of study tiny)" in out
+    assert "autotune serve best.json" in out and "autotune verify best.json --url http://127.0.0.1:8001" in out
+    assert "autotune dashboard" in out and "autotune export tiny --format vllm|tgi|triton" in out
+    # A finished study, run again without --export: said at once (no preflight), exported beside the database.
+    shutil.copytree(tuned / "studies", tmp_path / "studies")
+    res = run_cli("tune", str(TINY_SPEC), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("study 'tiny' has already spent its budget of 4 trials") and "--trials N" in res.stdout
+    assert "space:" not in res.stdout  # the line printed after probing the hardware
+    doc = json.loads((tmp_path / "studies" / "tiny-best.json").read_text())
+    assert doc["study"] == "tiny" and "autotune serve studies/tiny-best.json" in res.stdout
+
+
+def test_presets_list_the_shipped_model_and_help_names_the_defaults() -> None:
+    res = run_cli("presets", cwd=ROOT)
+    assert "builtin:tiny-lm" in res.stdout and "2.4M" in res.stdout and "preset:llama-small" in res.stdout
+    res = run_cli("tune", "--help", cwd=ROOT)
+    assert "[SPEC]" in res.stdout and "[[SPEC]]" not in res.stdout and "<bool>" not in res.stdout
+    assert "[default: studies/quickstart.yaml" in res.stdout and "sqlite:///studies/autotune.db" in res.stdout

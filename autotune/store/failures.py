@@ -145,6 +145,18 @@ def check_storage(url: str, *, folder_may_be_created: bool = False) -> None:
         raise StorageError(f"cannot open storage {safe_url(url)}: {first_line(err)}") from None
 
 
+def has_optuna_tables(url: str) -> bool:
+    """Whether the database already holds Optuna's tables (read-only: opening Optuna's storage creates them)."""
+    from sqlalchemy import create_engine, inspect
+    from sqlalchemy.pool import NullPool
+
+    engine = create_engine(url, poolclass=NullPool, **engine_kwargs(url))
+    try:
+        return "studies" in inspect(engine).get_table_names()
+    finally:
+        engine.dispose()
+
+
 def engine_kwargs(url: str) -> dict[str, Any]:
     if url.startswith("sqlite"):
         return {"connect_args": {"timeout": 30}}
