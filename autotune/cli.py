@@ -1133,7 +1133,9 @@ def serve(
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port")] = 8001,
     device: Annotated[str | None, typer.Option(help="override the exported device (cpu, cuda:1)")] = None,
-    strict: Annotated[bool, typer.Option(help="refuse to serve on hardware other than the tuned one")] = False,
+    strict: Annotated[
+        bool, typer.Option(help="refuse to serve on other hardware or other model files than the tuned ones")
+    ] = False,
     max_context: Annotated[
         int | None,
         typer.Option(min=2, help="most tokens (prompt + max_tokens) per request [default: the model's context]"),
@@ -1150,11 +1152,30 @@ def serve(
         doc = load_doc(config)
         check_port(host, port)
         with err.status(f"loading {doc['model']} with {TrialConfig.model_validate(doc['config']).label()}…"):
-            engine = build_engine(doc, device=device, strict=strict)
+            engine = _loud(lambda: build_engine(doc, device=device, strict=strict))
         err.print(f"serving {doc['model']} on http://{host}:{port} (greedy decoding; Ctrl-C drains and stops)")
         run_server(engine, host=host, port=port, model_name=doc["model"], max_context=max_context)
 
     _run(body, study=False)
+
+
+def _loud(load: Callable[[], Any]) -> Any:
+    """Run ``load``, printing the deployment loader's warnings (other hardware, other model files) as
+    one ``warning:`` line each instead of Python's file:line form."""
+    import warnings
+
+    from autotune.deploy import HardwareMismatchWarning, ModelMismatchWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", HardwareMismatchWarning)
+        warnings.simplefilter("always", ModelMismatchWarning)
+        result = load()
+    for w in caught:
+        if issubclass(w.category, (HardwareMismatchWarning, ModelMismatchWarning)):
+            err.print(f"[yellow]warning:[/yellow] {escape(str(w.message))}", highlight=False)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return result
 
 
 @app.command()
@@ -1178,7 +1199,7 @@ def verify(
             with err.status(f"replaying the workload against {url}…"):
                 m = verify_remote(doc, url)
         else:
-            engine = build_engine(doc, device=device)
+            engine = _loud(lambda: build_engine(doc, device=device))
             with err.status(f"replaying the workload on {label} in this process…"):
                 m = verify_local(doc, engine)
         v = compare(doc, m, tolerance=tolerance)

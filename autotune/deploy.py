@@ -40,6 +40,10 @@ class HardwareMismatchWarning(UserWarning):
     """The config was tuned on other hardware: it runs, but its tuned figures may not hold here."""
 
 
+class ModelMismatchWarning(UserWarning):
+    """The model's files are not the ones the config was tuned with: it runs, but its figures may not hold."""
+
+
 class ExportDocument(BaseModel):
     """The exported config file (``autotune export`` / ``autotune tune --export``)."""
 
@@ -52,6 +56,11 @@ class ExportDocument(BaseModel):
     trial: int = Field(ge=0, description="The study's trial that measured this config.")
     model: str = Field(min_length=1, description="Model reference the config was tuned for.")
     model_seed: int = 0
+    model_digest: dict[str, Any] | None = Field(
+        None,
+        description="sha256 of the model's weights, tokenizer and config files as tuned (autotune.digest); "
+        "load_engine and serve warn (strict: refuse) when the files they load differ.",
+    )
     hardware: dict[str, Any] = Field(description="The probed hardware, with its fingerprint.")
     slo: list[dict[str, Any]] = Field(
         description="SLO clauses: metric, percentile, and max (or min, for fidelity floors such as top1_agreement)."
@@ -129,8 +138,8 @@ def load_engine(
 
     ``model`` loads another reference than the one the config was tuned for, which is refused
     unless ``allow_other_model`` (the tuned figures were measured on the original). ``device``
-    overrides the exported device (``cuda:1``); ``strict`` turns a hardware mismatch warning
-    into an error.
+    overrides the exported device (``cuda:1``); ``strict`` turns a hardware mismatch warning, and
+    a warning that the model's files differ from the digest the export recorded, into an error.
     """
     from autotune.engine import Engine
     from autotune.hardware import probe
@@ -148,6 +157,13 @@ def load_engine(
             f"the config was tuned for model {doc.model!r}, not {ref!r}; its figures do not transfer "
             "(pass allow_other_model=True to load it anyway)"
         )
+    from autotune.digest import digest_mismatch
+
+    changed = digest_mismatch(doc.model_digest, ref, doc.model_seed)
+    if changed:
+        if strict:
+            raise ConfigFileError(changed)
+        warnings.warn(changed, ModelMismatchWarning, stacklevel=2)
     target = device or doc.hardware.get("device") or "auto"
     try:
         hw = probe(target)

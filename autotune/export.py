@@ -29,15 +29,17 @@ def export_dict(study: optuna.Study, trial: FrozenTrial | None = None) -> dict[s
     assert m is not None and searched is not None
     record = confirmation(study, trial)
     attrs = study.user_attrs
+    # The trial's model variant when the study searched several, else the study's model.
+    model = trial.user_attrs[A_CONFIG].get("model") or attrs.get("spec", {}).get("model")
     return {
         "schema_version": SCHEMA_VERSION,
         "autotune_version": __version__,
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "study": study.study_name,
         "trial": trial.number,
-        # The trial's model variant when the study searched several, else the study's model.
-        "model": trial.user_attrs[A_CONFIG].get("model") or attrs.get("spec", {}).get("model"),
+        "model": model,
         "model_seed": attrs.get("spec", {}).get("model_seed", 0),
+        "model_digest": (attrs.get("model_digests") or {}).get(model),
         "hardware": {**attrs.get("hardware", {}), "fingerprint": attrs.get("fingerprint")},
         "slo": attrs.get("slo", []),
         "workload": attrs.get("spec", {}).get("workload"),

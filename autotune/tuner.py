@@ -32,6 +32,7 @@ from sqlalchemy import text as sa_text
 
 from autotune import __version__
 from autotune.config import TrialConfig
+from autotune.digest import model_digest
 from autotune.errors import SpecError, StorageError, TrialFailure
 from autotune.hardware import Hardware
 from autotune.measure import Measurement, overhead
@@ -832,6 +833,10 @@ class Tuner:
             "slo": [c.model_dump(mode="json", exclude={"min"} if c.min is None else {"max"}) for c in self.slo],
             "autotune_version": __version__,
             "created_at": time.time(),
+            # What the weights and tokenizer were: an export carries it, a deployment checks it.
+            "model_digests": {
+                ref: model_digest(ref, self.spec.model_seed) for ref in (self.spec.model, *self.spec.variants)
+            },
             "spec": spec_json,
         }
 

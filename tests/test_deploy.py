@@ -147,3 +147,48 @@ def test_loading_stays_torch_free_until_the_engine_is_built(export: Path) -> Non
     code = f"import sys, autotune; autotune.load_config({str(export)!r}); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_the_export_carries_a_digest_and_other_weights_warn_or_are_refused(export: Path, tmp_path: Path) -> None:
+    """A checkpoint folder tuned, then changed on disk (weights saved again): the export's digest no
+    longer matches, load_engine warns (strict: refuses); the unchanged folder loads silently."""
+    import shutil
+    import warnings
+
+    from autotune.deploy import ModelMismatchWarning
+    from autotune.digest import model_digest
+    from autotune.models import builtin_path
+
+    doc = json.loads(export.read_text())
+    assert doc["model_digest"]["sha256"] == model_digest(doc["model"], doc["model_seed"])["sha256"]
+    src = builtin_path("builtin:tiny-lm")
+    assert src is not None
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(src, ckpt)
+    tuned = _edited(export, tmp_path, model=str(ckpt), model_digest=model_digest(str(ckpt)), config__batch_size=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ModelMismatchWarning)
+        load_engine(tuned, start=False)  # the same files: no warning
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)  # the same size, other last bytes
+    with pytest.warns(ModelMismatchWarning, match="not the ones the config was tuned with"):
+        load_engine(tuned, start=False)
+    with pytest.raises(ConfigFileError, match="not the ones the config was tuned with"):
+        load_engine(tuned, start=False, strict=True)
+
+
+def test_digests_cover_weights_tokenizer_and_presets(tmp_path: Path) -> None:
+    from autotune.digest import model_digest
+
+    ckpt = tmp_path / "m"
+    ckpt.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "README.md"):
+        (ckpt / name).write_text(name)
+    first = model_digest(str(ckpt))
+    assert first is not None and first["files"] == 3  # the README is not what the model computes
+    (ckpt / "README.md").write_text("edited")
+    assert model_digest(str(ckpt)) == first
+    (ckpt / "tokenizer.json").write_text("another vocabulary")
+    assert model_digest(str(ckpt))["sha256"] != first["sha256"]  # type: ignore[index]
+    a, b = model_digest("preset:llama-tiny", 0), model_digest("preset:llama-tiny", 1)
+    assert a and b and a["sha256"] != b["sha256"] and model_digest("preset:llama-tiny", 0) == a
