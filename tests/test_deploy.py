@@ -160,7 +160,7 @@ def test_the_export_carries_a_digest_and_other_weights_warn_or_are_refused(expor
     from autotune.models import builtin_path
 
     doc = json.loads(export.read_text())
-    assert doc["model_digest"]["sha256"] == model_digest(doc["model"], doc["model_seed"])["sha256"]
+    assert doc["model_digest"] == model_digest(doc["model"], doc["model_seed"])
     src = builtin_path("builtin:tiny-lm")
     assert src is not None
     ckpt = tmp_path / "ckpt"
