@@ -790,6 +790,11 @@ def export_cmd(
             out.print(f"wrote {escape(str(model_dir))} ({files}); serve it with: {escape(serve)}", highlight=False)
             return
         if fmt != "json":  # a translation: self-describing text, not recorded as an export version
+            if fmt in ("vllm", "tgi"):  # stacks that load folders: a builtin:/preset: model becomes one
+                from autotune.checkpoint import servable
+
+                with err.status(f"writing {doc['model']} as a checkpoint folder (once)…"):
+                    doc = servable(doc)
             text = FORMATS[fmt](doc)
             if output is None:
                 sys.stdout.write(text)

@@ -358,6 +358,13 @@ def compute_reference(spec: StudySpec, hardware: Hardware, timeout_s: float | No
     return str(res["reference"])
 
 
+def write_checkpoint(ref: str, seed: int, folder: Path, timeout_s: float = 600.0) -> None:
+    """Write ``ref``'s weights (drawn on the CPU from ``seed``), tokenizer and config to ``folder``, in a
+    child process; the folder appears whole (written beside it, then renamed) or not at all."""
+    job = {"mode": "checkpoint", "ref": ref, "seed": seed, "folder": str(folder)}
+    _setup_job(job, timeout_s, f"writing {ref} as a checkpoint folder")
+
+
 def _setup_job(job: dict[str, Any], timeout_s: float, what: str) -> dict[str, Any]:
     """A job that runs before any trial (preflight, reference): a failure is the user's input
     (spec, model, device) or one line saying ``what`` failed, never a TrialFailure."""
@@ -538,6 +545,31 @@ def _child_preflight(job: dict[str, Any]) -> dict[str, Any]:
     return {"status": "ok", "hardware": hw.model_dump(mode="json"), "model": info.to_dict(), "variants": variants}
 
 
+def _child_checkpoint(job: dict[str, Any]) -> dict[str, Any]:
+    import shutil
+
+    from autotune.models import load_model
+
+    folder = Path(job["folder"])
+    try:
+        model, tokenizer, _ = load_model(job["ref"], device="cpu", seed=job["seed"])
+    except ModelError as err:
+        return {"status": "error", "kind": "model", "reason": str(err)}
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if folder.exists():  # another process wrote it meanwhile: same seed, same weights
+            shutil.rmtree(tmp)
+        else:
+            tmp.rename(folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return {"status": "ok", "folder": str(folder)}
+
+
 def _child_ceilings(job: dict[str, Any]) -> dict[str, Any]:
     from autotune.roofline import measure_ceilings
 
@@ -606,6 +638,7 @@ def _child_entry(job_json: str) -> None:
         modes = {
             "preflight": _child_preflight,
             "ceilings": _child_ceilings,
+            "checkpoint": _child_checkpoint,
             "reference": _child_reference,
             "trial": _child_trial,
         }

@@ -228,6 +228,7 @@ def header(
         f"autotune {doc.get('autotune_version')} export (schema {doc.get('schema_version')}) as {what}",
         f"study: {doc.get('study')}  trial: {doc.get('trial')}  exported: {doc.get('exported_at')}",
         f"model: {doc.get('model')}",
+        *_written_from(doc),
         f"hardware: {hw.get('device_name')} ({hw.get('device_type')}), fingerprint {hw.get('fingerprint')}",
         f"measured: {_num(m.get('output_tokens_per_s'))} output tokens/s, "
         f"p95 e2e {_num(e2e.get('p95'))} ms; SLO: {slo_text(doc.get('slo'))}",
@@ -243,6 +244,21 @@ def header(
     lines.append("Knobs (maps / approximate: why / no equivalent: why):")
     lines += [f"  {k.line()}" for k in knobs]
     return [comment(line) for line in lines]
+
+
+def _written_from(doc: dict[str, Any]) -> list[str]:
+    """What a checkpoint folder standing in for a ``builtin:``/``preset:`` model holds (see
+    :func:`autotune.checkpoint.servable`)."""
+    ref = doc.get("model_written_from")
+    if not ref:
+        return []
+    lines = [f"  = {ref}, written by autotune as this checkpoint folder (weights, tokenizer, config)"]
+    if str(ref).startswith(PRESET_PREFIX):
+        lines.append(
+            f"  the preset's random weights drawn on the CPU from seed {doc.get('model_seed', 0)}; a study on a GPU "
+            "drew them there: same shapes and distribution, other values"
+        )
+    return lines
 
 
 def _config(doc: dict[str, Any]) -> dict[str, Any]:
@@ -618,6 +634,9 @@ def to_tgi(doc: dict[str, Any]) -> str:
         model = placeholder(doc)
     else:
         model = ref
+        if ref.startswith("/"):
+            lines.append("# MODEL_ID is a folder on this machine: mount it into the container at the same path")
+            lines.append("# (docker run -v FOLDER:FOLDER --env-file THIS-FILE ...)")
     out = {"MODEL_ID": model, **env}
     if prompt is not None and total is not None:
         out["MAX_INPUT_TOKENS"] = str(prompt)

@@ -737,3 +737,38 @@ def test_cli_export_formats(tuned: Path, real_doc: dict[str, Any]) -> None:
     res = run_cli("export", "tiny", "--format", "nope", cwd=tuned)
     assert res.returncode == 2 and res.stdout == ""
     assert len(res.stderr.strip().splitlines()) == 1 and "allowed: json, vllm, tgi, triton" in res.stderr
+
+
+def test_builtin_and_preset_models_become_checkpoint_folders_vllm_and_tgi_load(
+    tuned: Path, real_doc: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``autotune export --format vllm|tgi`` writes a preset once as a folder (weights, tokenizer,
+    config) with exactly the weights the trials drew, and points the file at it; a builtin model's
+    shipped folder is used as it is; the dashboard (no writing) keeps the placeholder until then."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from autotune.checkpoint import servable
+    from autotune.models import builtin_path, load_model
+
+    monkeypatch.setenv("AUTOTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    assert servable(real_doc, write=False) == real_doc  # nothing written yet: the placeholder stays
+    res = run_cli("export", "tiny", "--format", "vllm", cwd=tuned, env={"AUTOTUNE_CACHE_DIR": str(tmp_path / "cache")})
+    assert res.returncode == 0, res.stderr
+    (folder,) = (tmp_path / "cache" / "checkpoints").iterdir()
+    assert f"vllm serve {folder}" in res.stdout and "PLACEHOLDER" not in res.stdout
+    assert "= preset:llama-tiny, written by autotune as this checkpoint folder" in res.stdout
+    loaded = AutoModelForCausalLM.from_pretrained(folder)
+    drawn, _, _ = load_model("preset:llama-tiny", seed=real_doc["model_seed"])
+    assert all(
+        torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), drawn.state_dict().values(), strict=True)
+    )
+    assert AutoTokenizer.from_pretrained(folder)("def f(x):")["input_ids"]
+    assert servable(real_doc, write=False)["model"] == str(folder)  # written once, found again
+    tgi = FORMATS["tgi"](servable(real_doc))
+    assert f"MODEL_ID={folder}" in tgi.splitlines()
+    builtin = servable({**real_doc, "model": "builtin:tiny-lm"}, write=False)
+    assert (
+        builtin["model"] == str(builtin_path("builtin:tiny-lm")) and builtin["model_written_from"] == "builtin:tiny-lm"
+    )
+    assert f"vllm serve {builtin['model']}" in FORMATS["vllm"](builtin)
