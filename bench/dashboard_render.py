@@ -181,15 +181,12 @@ def fill_optuna(url: str, name: str, trials: int, *, seed: int = 0) -> None:
     study = optuna.create_study(study_name=name, storage=url, direction="minimize")
     frozen = []
     for _ in range(trials):
-        params = {
-            "lr": 10 ** rng.uniform(-5, -1),
-            "layers": rng.randint(1, 8),
-            "act": rng.choice(["relu", "gelu", "tanh"]),
-        }
+        lr, layers = 10 ** rng.uniform(-5, -1), rng.randint(1, 8)
+        params: dict[str, Any] = {"lr": lr, "layers": layers, "act": rng.choice(["relu", "gelu", "tanh"])}
         if rng.random() < 0.05:
             frozen.append(create_trial(state=TrialState.FAIL, params=params, distributions=dists))
         else:
-            value = abs(math.log10(params["lr"]) + 3) + 0.1 * params["layers"] + rng.random()
+            value = abs(math.log10(lr) + 3) + 0.1 * layers + rng.random()
             frozen.append(create_trial(value=value, params=params, distributions=dists))
     study.add_trials(frozen)
 

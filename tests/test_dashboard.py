@@ -261,7 +261,7 @@ def test_unexpected_errors_are_json_without_traceback(url: str, monkeypatch: pyt
         res = c.get("/api/studies/tiny")
         assert res.status_code == 500 and res.json() == {"error": "internal error (ZeroDivisionError)"}
 
-        def down(name: str) -> None:
+        def down(name: str, **kwargs: object) -> None:
             raise sa.exc.OperationalError("SELECT", {}, Exception("database is locked"))
 
         monkeypatch.setattr(app.state.store, "study", down)
@@ -723,3 +723,39 @@ def test_best_and_pages_never_read_every_trial_through_optuna(
         assert doc["metrics"]["output_tokens_per_s"] == pytest.approx(summary["best_output_tokens_per_s"])
         for path in ("/", "/studies/big", "/studies/big/trials/3", "/api/studies/big/pareto", "/compare?study=big"):
             assert c.get(path).status_code == 200, path
+
+
+def test_best_is_the_trial_autotune_best_names(tmp_path: Path) -> None:
+    """Re-measured winners rank by their re-measurement and a refuted one is never best, as
+    ``autotune.tuner.best_feasible`` ranks them: card, list, summary and export agree with it."""
+    import optuna
+
+    from autotune.dashboard import create_app
+    from autotune.tuner import best_feasible
+
+    db_url = f"sqlite:///{tmp_path}/conf.db"
+    load_bench().fill(db_url, "conf", 40, seed=9)
+    study = optuna.load_study(study_name="conf", storage=db_url)
+    ranked = sorted(
+        (t for t in study.get_trials() if t.user_attrs.get("feasible")), key=lambda t: -t.values[0]
+    )  # the search's top three: the first refuted, the third re-measured above the second
+    first, second, third = ranked[:3]
+    assert first.user_attrs["config_key"] not in (second.user_attrs["config_key"], third.user_attrs["config_key"])
+    study.set_user_attr(
+        "confirmations",
+        {
+            first.user_attrs["config_key"]: {"ok": False, "runs": []},
+            third.user_attrs["config_key"]: {"ok": True, "runs": [], "remeasured_tokens_per_s": first.values[0] + 1},
+        },
+    )
+    want = best_feasible(study)
+    assert want is not None and want.user_attrs["config_key"] == third.user_attrs["config_key"]
+    with TestClient(create_app(db_url)) as c:
+        summary = c.get("/api/studies/conf").json()
+        assert summary["best_trial"] == want.number and summary["best_output_tokens_per_s"] == first.values[0] + 1
+        assert c.get("/api/studies/conf/best").json()["trial"] == want.number
+        page = c.get("/studies/conf").text
+        assert f'href="/studies/conf/trials/{want.number}">trial {want.number}</a>' in page
+        assert "median of its re-measurements" in page
+        listed = {s["name"]: s for s in c.get("/api/studies").json()}["conf"]
+        assert listed["best_trial"] == want.number

@@ -16,13 +16,14 @@ from __future__ import annotations
 import json
 import math
 import threading
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, event, func, inspect, or_, select
+from sqlalchemy import Connection, Engine, event, func, inspect, select
 from sqlalchemy.engine import make_url
 
 from autotune.dashboard import optuna_db as odb
@@ -358,6 +359,66 @@ class StudyView:
     points: list[dict[str, Any]]
     overhead: dict[str, float] | None = None  # :func:`autotune.measure.overhead` of its measured trials
     directions: list[str] = field(default_factory=list)
+    table: dict[str, Any] | None = None  # the page of the trials table asked for
+
+
+#: The scalar columns one scan of an autotune study's trials reads, then its wall seconds (finished -
+#: started) and whether it reused a built engine.
+SCAN_COLUMNS = (
+    "trial_number",
+    "state",
+    "feasible",
+    "config_key",
+    "output_tokens_per_s",
+    *LATENCY_COLUMNS,
+    "peak_memory_mb",
+    "failure_kind",
+    "failure_reason",
+    "duplicate_of",
+    "duration_s",
+)
+BEST_STATES = ("measured", "duplicate")
+SCAN_AT = {c: i for i, c in enumerate((*SCAN_COLUMNS, "wall_s", "engine_reused"))}
+
+
+@dataclass
+class Scan:
+    """An autotune study's trials as scalars (``rows``: tuples in trial-number order, columns at
+    :data:`SCAN_AT`), the rows only Optuna holds, the refuted config keys and the SLO clauses."""
+
+    rows: list[tuple[Any, ...]]
+    extras: list[dict[str, Any]]
+    failed: set[str]
+    remeasured: dict[str, float]  # config key -> its re-measured median output tokens/s
+    clauses: list[dict[str, Any]]
+
+
+def _best_number(scan: Scan) -> tuple[int | None, float | None]:
+    """(number, output tokens/s shown) of the highest-throughput trial that met every SLO clause and
+    was not refuted when re-measured, a re-measured one ranked by its re-measurement:
+    :func:`autotune.tuner.best_feasible`'s rule (first of equals by number)."""
+    at = SCAN_AT
+    n, st, fe, tp, ke = (at[c] for c in ("trial_number", "state", "feasible", "output_tokens_per_s", "config_key"))
+    best, top = None, -math.inf
+    for r in scan.rows:
+        tps = r[tp]
+        if tps is None or r[fe] is not True or r[st] not in BEST_STATES or r[ke] in scan.failed:
+            continue
+        tps = scan.remeasured.get(r[ke], tps)
+        if tps > top:
+            best, top = r[n], tps
+    return (best, float(top)) if best is not None else (None, None)
+
+
+def _overhead(scan: Scan) -> dict[str, float] | None:
+    """:func:`autotune.measure.overhead` of the measured trials (repeats left out)."""
+    at = SCAN_AT
+    d, w, u, dup = at["duration_s"], at["wall_s"], at["engine_reused"], at["duplicate_of"]
+    return overhead(
+        (float(r[w]), float(r[d]), bool(r[u]))
+        for r in scan.rows
+        if r[d] is not None and r[dup] is None and r[w] is not None
+    )
 
 
 def _sorted_page(lean: list[tuple[int, Any, bool]], query: TableQuery) -> tuple[int, list[tuple[int, bool]]]:
@@ -459,10 +520,19 @@ class Store:
             raise NotFound(f"no study named {name!r}")
         return StudyRef(name, "autotune" if row is not None else "optuna", row, osid)
 
-    def _failed_keys(self, conn: Connection, ref: StudyRef) -> set[str]:
-        """Config keys whose re-measurement broke the SLO: never 'best', as in ``autotune best``."""
+    def _confirmations(self, conn: Connection, ref: StudyRef) -> tuple[set[str], dict[str, float]]:
+        """From the winners' re-measurements: the config keys whose re-measurement broke the SLO (never
+        'best', as in ``autotune best``) and the re-measured median throughput of the others, which
+        ranks them (:func:`autotune.tuner.figure`)."""
         conf = (odb.study_attr(conn, ref.osid, "confirmations") if ref.osid is not None else None) or {}
-        return {k for k, v in conf.items() if isinstance(v, dict) and not v.get("ok", True)}
+        records = {k: v for k, v in conf.items() if isinstance(v, dict)}
+        failed = {k for k, v in records.items() if not v.get("ok", True)}
+        remeasured = {
+            k: float(v["remeasured_tokens_per_s"])
+            for k, v in records.items()
+            if k not in failed and v.get("remeasured_tokens_per_s") is not None
+        }
+        return failed, remeasured
 
     # -- trials only Optuna holds ---------------------------------------------------------------------
     def _extras(
@@ -548,7 +618,8 @@ class Store:
             if self.has_autotune:
                 for row in conn.execute(select(Study.__table__).order_by(Study.created_at.desc(), Study.id)).mappings():
                     osid = odb.study_id(conn, row["name"]) if self.has_optuna else None
-                    out.append(self._autotune_summary(conn, StudyRef(row["name"], "autotune", row, osid))[0])
+                    ref = StudyRef(row["name"], "autotune", row, osid)
+                    out.append(self._autotune_summary(ref, self._scan(conn, ref)))
             if self.has_optuna:
                 ours = {s["name"] for s in out}
                 st = odb.studies
@@ -561,7 +632,10 @@ class Store:
         """One study's summary, spec and hardware (the API's study detail)."""
         with self.engine.connect() as conn:
             ref = self._ref(conn, name)
-            summary = self._optuna_summary(conn, ref) if ref.row is None else self._autotune_summary(conn, ref)[0]
+            if ref.row is None:
+                summary = self._optuna_summary(conn, ref)
+            else:
+                summary = self._autotune_summary(ref, self._scan(conn, ref))
         latency, limit = slo_latency(ref.spec)
         hardware = dict((ref.row or {}).get("hardware") or {})
         return {
@@ -572,49 +646,64 @@ class Store:
             "slo_limit_ms": limit,
         }
 
-    def _best(self, conn: Connection, study_id: int, failed: set[str]) -> dict[str, Any] | None:
+    # -- autotune's studies: one scan of their trials per request ------------------------------------------------
+    def _scan(self, conn: Connection, ref: StudyRef) -> Scan:
+        """Every trial's scalar columns in one pass (SQLite reads a page per trial whatever the columns:
+        a row carries its latency samples), with the rows only Optuna holds and the refuted configs."""
+        assert ref.row is not None
+        cols: list[Any] = [getattr(Trial, c) for c in SCAN_COLUMNS]
+        dialect = conn.dialect.name
+        if dialect == "sqlite":
+            cols.append((func.julianday(Trial.finished_at) - func.julianday(Trial.started_at)) * 86400.0)
+        elif dialect == "postgresql":
+            cols.append(func.extract("epoch", Trial.finished_at - Trial.started_at))
+        else:  # subtracted here (slower: every datetime parsed)
+            cols += [Trial.started_at, Trial.finished_at]
+        cols.append(Trial.timings["engine_reused"].as_boolean())
+        q = select(*cols).where(Trial.study_id == ref.row["id"]).order_by(Trial.trial_number)
+        rows = [tuple(r) for r in conn.execute(q)]
+        if dialect not in ("sqlite", "postgresql"):
+            n = len(SCAN_COLUMNS)
+            rows = [(*r[:n], (r[n + 1] - r[n]).total_seconds() if r[n] and r[n + 1] else None, r[n + 2]) for r in rows]
+        clauses = slo_clauses(ref.spec)
+        return Scan(rows, self._extras(conn, ref, clauses), *self._confirmations(conn, ref), clauses)
+
+    def _best(self, conn: Connection, ref: StudyRef, scan: Scan) -> dict[str, Any] | None:
         """The highest-throughput trial that met every SLO clause and was not refuted when re-measured.
 
         Same rule as :func:`autotune.tuner.best_feasible` (first of equals by trial number).
         """
-        q = select(*ROW_COLUMNS).where(
-            Trial.study_id == study_id,
-            Trial.feasible.is_(True),
-            Trial.state.in_(("measured", "duplicate")),
-            Trial.output_tokens_per_s.is_not(None),
-        )
-        if failed:
-            q = q.where(Trial.config_key.not_in(sorted(failed)))
-        t = conn.execute(q.order_by(Trial.output_tokens_per_s.desc(), Trial.trial_number).limit(1)).mappings().first()
-        return trial_row(t, failed) if t is not None else None
-
-    def _autotune_summary(
-        self, conn: Connection, ref: StudyRef
-    ) -> tuple[dict[str, Any], dict[str, Any] | None, set[str], list[dict[str, Any]]]:
-        """(summary, best trial, refuted config keys, the rows only Optuna holds) of an autotune study."""
         assert ref.row is not None
-        s = ref.row
-        counts: dict[str, int] = dict(
-            conn.execute(select(Trial.state, func.count()).where(Trial.study_id == s["id"]).group_by(Trial.state)).all()
-        )
+        best = _best_number(scan)[0]
+        if best is None:
+            return None
+        q = select(*ROW_COLUMNS).where(Trial.study_id == ref.row["id"], Trial.trial_number == best)
+        row = trial_row(conn.execute(q).mappings().one(), scan.failed, scan.clauses)
+        row["remeasured_tokens_per_s"] = scan.remeasured.get(row["config_key"])
+        return row
+
+    def _autotune_summary(self, ref: StudyRef, scan: Scan, best: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The summary of an autotune study (``best``: its best trial when already read)."""
+        assert ref.row is not None
+        s, spec, at = ref.row, ref.spec, SCAN_AT
+        counts: dict[str, int] = dict(Counter(r[at["state"]] for r in scan.rows))
         spent = sum(counts.get(k, 0) for k in ("measured", "infeasible", "failed"))
-        clauses = slo_clauses(ref.spec)
-        extras = self._extras(conn, ref, clauses)
-        for r in extras:
+        for r in scan.extras:
             counts[r["state"]] = counts.get(r["state"], 0) + 1
             spent += r["spent"]
-        failed = self._failed_keys(conn, ref)
-        best = self._best(conn, s["id"], failed)
-        if best is not None:
-            best["missed"] = missed_clauses(best, clauses)
-        spec = ref.spec
-        summary = {
+        if best is None:  # the number and throughput are in the scan
+            best_number, best_tps = _best_number(scan)
+        else:
+            best_number = best["number"]
+            shown = best["remeasured_tokens_per_s"]
+            best_tps = best["output_tokens_per_s"] if shown is None else shown
+        return {
             "name": s["name"],
             "kind": "autotune",
             "model": s["model_ref"],
             "hardware": hardware_summary(dict(s["hardware"] or {})),
             "device": (s["hardware"] or {}).get("device"),
-            "slo": [c["text"] for c in clauses],
+            "slo": [c["text"] for c in scan.clauses],
             "objective": spec.get("objective"),
             "directions": [],
             "budget_trials": (spec.get("budget") or {}).get("trials"),
@@ -624,14 +713,13 @@ class Store:
             "trials_spent": spent,
             "trials_failed": counts.get("failed", 0),
             "trials_by_state": counts,
-            "best_trial": best["number"] if best else None,
-            "best_output_tokens_per_s": best["output_tokens_per_s"] if best else None,
+            "best_trial": best_number,
+            "best_output_tokens_per_s": best_tps,
             "best_values": None,
             "status": s["status"],
             "created_at": _iso(s["created_at"]),
             "updated_at": _iso(s["updated_at"]),
         }
-        return summary, best, failed, extras
 
     def _optuna_summary(self, conn: Connection, ref: StudyRef) -> dict[str, Any]:
         """The summary of a study only Optuna holds: its trial states, directions and best values."""
@@ -686,97 +774,6 @@ class Store:
         ).first()
         return (int(found[0]), float(found[1])) if found else None
 
-    # -- a study's page ----------------------------------------------------------------------------------------
-    def study(self, name: str, latency: str | None = None) -> StudyView:
-        """A study's summary, best trial and plot points (``latency``: default the study's SLO latency)."""
-        with self.engine.connect() as conn:
-            ref = self._ref(conn, name)
-            if ref.kind == "optuna":
-                assert ref.osid is not None
-                summary = self._optuna_summary(conn, ref)
-                best = None
-                if summary["best_trial"] is not None:
-                    best = self._optuna_rows(conn, ref.osid, [summary["best_trial"]])[0]
-                return StudyView(
-                    "optuna", summary, {}, {}, best, self._optuna_points(conn, ref.osid), None, summary["directions"]
-                )
-            assert ref.row is not None
-            summary, best, failed, extras = self._autotune_summary(conn, ref)
-            col = latency_column(latency or slo_latency(ref.spec)[0])
-            points = self._points(conn, ref.row["id"], col, failed)
-            points += [r for r in extras if r["output_tokens_per_s"] is not None]
-            points.sort(key=lambda r: r["number"])
-            return StudyView(
-                "autotune",
-                summary,
-                ref.spec,
-                dict(ref.row["hardware"] or {}),
-                best,
-                points,
-                self._overhead(conn, ref.row["id"]),
-            )
-
-    def _configs(self, conn: Connection, study_id: int) -> dict[str, dict[str, Any]]:
-        """Each distinct config of a study by its key (read once, not once per trial)."""
-        first = select(func.min(Trial.id)).where(Trial.study_id == study_id).group_by(Trial.config_key)
-        return {
-            k: dict(c or {}) for k, c in conn.execute(select(Trial.config_key, Trial.config).where(Trial.id.in_(first)))
-        }
-
-    def _points(self, conn: Connection, study_id: int, col: str, failed: set[str]) -> list[dict[str, Any]]:
-        """Every trial with a throughput: what the Pareto front, history, importance and parallel
-        coordinates are drawn from (a few scalar columns per trial; configs read once per config)."""
-        configs = self._configs(conn, study_id)
-        labels = {k: config_label(c) for k, c in configs.items()}
-        q = (
-            select(
-                Trial.trial_number,
-                Trial.state,
-                Trial.feasible,
-                Trial.output_tokens_per_s,
-                getattr(Trial, col),
-                Trial.config_key,
-            )
-            .where(Trial.study_id == study_id, Trial.output_tokens_per_s.is_not(None))
-            .order_by(Trial.trial_number)
-        )
-        return [
-            {
-                "number": n,
-                "state": state,
-                "feasible": feasible,
-                "output_tokens_per_s": _num(tps),
-                col: _num(lat),
-                "config_key": key,
-                "config": configs.get(key, {}),
-                "label": labels.get(key, "-"),
-                "confirmed_failed": key in failed,
-            }
-            for n, state, feasible, tps, lat, key in conn.execute(q)
-        ]
-
-    def _overhead(self, conn: Connection, study_id: int) -> dict[str, float] | None:
-        """:func:`autotune.measure.overhead` of the measured trials (repeats left out), computed from
-        three scalars per trial: wall seconds (in SQL), the window's seconds, whether it reused an engine."""
-        where = (
-            Trial.study_id == study_id,
-            Trial.duration_s.is_not(None),
-            Trial.duplicate_of.is_(None),
-            Trial.started_at.is_not(None),
-            Trial.finished_at.is_not(None),
-        )
-        reused = Trial.timings["engine_reused"].as_boolean()
-        dialect = conn.dialect.name
-        if dialect in ("sqlite", "postgresql"):
-            if dialect == "sqlite":
-                wall: Any = (func.julianday(Trial.finished_at) - func.julianday(Trial.started_at)) * 86400.0
-            else:
-                wall = func.extract("epoch", Trial.finished_at - Trial.started_at)
-            rows = conn.execute(select(wall, Trial.duration_s, reused).where(*where))
-            return overhead((float(w), float(d), bool(r)) for w, d, r in rows if w is not None)
-        rows = conn.execute(select(Trial.started_at, Trial.finished_at, Trial.duration_s, reused).where(*where))
-        return overhead(((end - start).total_seconds(), float(d), bool(r)) for start, end, d, r in rows)
-
     def _optuna_points(self, conn: Connection, osid: int) -> list[dict[str, Any]]:
         """Number and first value of every complete trial of a study only Optuna holds."""
         ot, tv = odb.trials, odb.trial_values
@@ -793,62 +790,141 @@ class Store:
                 out.append({"number": n, "value": value})
         return out
 
-    # -- the trials table -----------------------------------------------------------------------------------------
-    def trials(self, name: str, query: TableQuery) -> dict[str, Any]:
-        """A page of a study's trials, filtered and sorted (missing values last), every trial Optuna
-        holds included: ``{"total", "offset", "limit", "items"}``."""
+    # -- a study's page ----------------------------------------------------------------------------------------
+    def study(self, name: str, latency: str | None = None, query: TableQuery | None = None) -> StudyView:
+        """A study's summary, best trial and plot points (``latency``: default the study's SLO latency),
+        and with ``query`` that page of its trials table: one scan of the trials for all of it."""
         with self.engine.connect() as conn:
             ref = self._ref(conn, name)
             if ref.kind == "optuna":
                 assert ref.osid is not None
-                return self._optuna_table(conn, ref.osid, query)
+                summary = self._optuna_summary(conn, ref)
+                best = None
+                if summary["best_trial"] is not None:
+                    best = self._optuna_rows(conn, ref.osid, [summary["best_trial"]])[0]
+                table = self._optuna_table(conn, ref.osid, query) if query else None
+                points = self._optuna_points(conn, ref.osid)
+                return StudyView("optuna", summary, {}, {}, best, points, None, summary["directions"], table)
             assert ref.row is not None
-            study_id = ref.row["id"]
-            clauses = slo_clauses(ref.spec)
-            extras = {r["number"]: r for r in self._extras(conn, ref, clauses)}
-            sort = "output_tokens_per_s" if query.sort == "value" else query.sort
-            cols: list[Any] = [Trial.trial_number, Trial.config_key, Trial.state]
-            if sort != "number":
-                cols.append(getattr(Trial, sort))
-            if query.q:
-                cols += [Trial.failure_kind, Trial.failure_reason, Trial.duplicate_of]
-            q = select(*cols).where(Trial.study_id == study_id)
-            if query.state:
-                q = q.where(Trial.state == query.state)
-            if query.feasible is True:
-                q = q.where(Trial.feasible.is_(True))
-            elif query.feasible is False:
-                q = q.where(or_(Trial.feasible.is_(False), Trial.feasible.is_(None)))
-            rows = conn.execute(q).all()
-            needle = query.q.strip().lower()
-            labels: dict[str, str] = {}
+            scan = self._scan(conn, ref)
+            best = self._best(conn, ref, scan)
+            summary = self._autotune_summary(ref, scan, best)
+            col = latency_column(latency or slo_latency(ref.spec)[0])
+            configs = self._configs(conn, ref.row["id"])
+            points = self._points(scan, col, configs)
+            table = self._table(conn, ref, scan, query, configs) if query else None
+        return StudyView(
+            "autotune",
+            summary,
+            ref.spec,
+            dict(ref.row["hardware"] or {}),
+            best,
+            points,
+            _overhead(scan),
+            [],
+            table,
+        )
+
+    def _configs(self, conn: Connection, study_id: int) -> dict[str, dict[str, Any]]:
+        """Each distinct config of a study by its key (read once, not once per trial)."""
+        first = select(func.min(Trial.id)).where(Trial.study_id == study_id).group_by(Trial.config_key)
+        return {
+            k: dict(c or {}) for k, c in conn.execute(select(Trial.config_key, Trial.config).where(Trial.id.in_(first)))
+        }
+
+    @staticmethod
+    def _points(scan: Scan, col: str, configs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+        """Every trial with a throughput: what the Pareto front, history, importance and parallel
+        categories are drawn from (configs read once per distinct config)."""
+        labels = {k: config_label(c) for k, c in configs.items()}
+        at = SCAN_AT
+        n, st, fe, tp, la, ke = (
+            at[c] for c in ("trial_number", "state", "feasible", "output_tokens_per_s", col, "config_key")
+        )
+        failed = scan.failed
+        points = [
+            {
+                "number": r[n],
+                "state": r[st],
+                "feasible": r[fe],
+                "output_tokens_per_s": _num(r[tp]),
+                col: _num(r[la]),
+                "config_key": r[ke],
+                "config": configs.get(r[ke], {}),
+                "label": labels.get(r[ke], "-"),
+                "confirmed_failed": r[ke] in failed,
+            }
+            for r in scan.rows
+            if r[tp] is not None
+        ]
+        extra = [r for r in scan.extras if r["output_tokens_per_s"] is not None]
+        return sorted(points + extra, key=lambda r: r["number"]) if extra else points
+
+    # -- the trials table -----------------------------------------------------------------------------------------
+    def trials(self, name: str, query: TableQuery) -> dict[str, Any]:
+        """A page of a study's trials, filtered and sorted (missing values last), every trial Optuna
+        holds included: ``{"total", "offset", "limit", "items"}``, and what the page's table needs
+        besides (``kind``, the SLO ``latency``, ``best_trial``)."""
+        with self.engine.connect() as conn:
+            ref = self._ref(conn, name)
+            if ref.kind == "optuna":
+                assert ref.osid is not None
+                page = self._optuna_table(conn, ref.osid, query)
+                best = self._optuna_best(conn, ref.osid, odb.directions(conn, ref.osid))
+                return {**page, "kind": "optuna", "latency": "", "best_trial": best[0] if best else None}
+            scan = self._scan(conn, ref)
+            page = self._table(conn, ref, scan, query)
+            latency = slo_latency(ref.spec)[0]
+            return {**page, "kind": "autotune", "latency": latency, "best_trial": _best_number(scan)[0]}
+
+    def _table(
+        self,
+        conn: Connection,
+        ref: StudyRef,
+        scan: Scan,
+        query: TableQuery,
+        configs: dict[str, dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
+        assert ref.row is not None
+        at = SCAN_AT
+        sort = "output_tokens_per_s" if query.sort == "value" else query.sort
+        needle = query.q.strip().lower()
+        labels: dict[str, str] = {}
+        if needle:
+            configs = configs if configs is not None else self._configs(conn, ref.row["id"])
+            labels = {k: config_label(c).lower() for k, c in configs.items()}
+        n, st, fe, ke = at["trial_number"], at["state"], at["feasible"], at["config_key"]
+        so = at[sort] if sort != "number" else None
+        fk, fr, du = at["failure_kind"], at["failure_reason"], at["duplicate_of"]
+        lean: list[tuple[int, Any, bool]] = []
+        for r in scan.rows:
+            if query.state and r[st] != query.state:
+                continue
+            if query.feasible is not None and bool(r[fe]) != query.feasible:
+                continue
             if needle:
-                labels = {k: config_label(c).lower() for k, c in self._configs(conn, study_id).items()}
-            lean: list[tuple[int, Any, bool]] = []
-            for r in rows:
-                if needle:
-                    text = f"{r[0]} {r[2]} {labels.get(r[1], '')} {r[-3] or ''} {r[-2] or ''}"
-                    text += f" repeat of trial {r[-1]}" if r[-1] is not None else ""
-                    if needle not in text.lower():
-                        continue
-                lean.append((r[0], r[3] if sort != "number" else None, False))
-            for n, e in extras.items():
-                if query.state and e["state"] != query.state:
+                text = f"{r[n]} {r[st]} {labels.get(r[ke], '')} {r[fk] or ''} {r[fr] or ''}"
+                text += f" repeat of trial {r[du]}" if r[du] is not None else ""
+                if needle not in text.lower():
                     continue
-                if query.feasible is not None and bool(e["feasible"]) != query.feasible:
-                    continue
-                text = f"{n} {e['state']} {e['label']} {e['failure_kind'] or ''} {e['failure_reason'] or ''}"
-                if needle and needle not in text.lower():
-                    continue
-                lean.append((n, e.get(sort) if sort != "number" else None, True))
-            total, page = _sorted_page(lean, query)
-            failed = self._failed_keys(conn, ref)
-            wanted = [n for n, extra in page if not extra]
-            full = {}
-            if wanted:
-                q = select(*ROW_COLUMNS).where(Trial.study_id == study_id, Trial.trial_number.in_(wanted))
-                full = {t["trial_number"]: trial_row(t, failed, clauses) for t in conn.execute(q).mappings()}
-            items = [extras[n] if extra else full[n] for n, extra in page]
+            lean.append((r[n], r[so] if so is not None else None, False))
+        extras = {r["number"]: r for r in scan.extras}
+        for e in scan.extras:
+            if query.state and e["state"] != query.state:
+                continue
+            if query.feasible is not None and bool(e["feasible"]) != query.feasible:
+                continue
+            text = f"{e['number']} {e['state']} {e['label']} {e['failure_kind'] or ''} {e['failure_reason'] or ''}"
+            if needle and needle not in text.lower():
+                continue
+            lean.append((e["number"], e.get(sort) if sort != "number" else None, True))
+        total, page = _sorted_page(lean, query)
+        wanted = [num for num, extra in page if not extra]
+        full = {}
+        if wanted:
+            q = select(*ROW_COLUMNS).where(Trial.study_id == ref.row["id"], Trial.trial_number.in_(wanted))
+            full = {t["trial_number"]: trial_row(t, scan.failed, scan.clauses) for t in conn.execute(q).mappings()}
+        items = [extras[num] if extra else full[num] for num, extra in page]
         return {"total": total, "offset": query.offset, "limit": query.limit, "items": items}
 
     def _optuna_table(self, conn: Connection, osid: int, query: TableQuery) -> dict[str, Any]:
@@ -972,7 +1048,7 @@ class Store:
                 raise NotFound(f"study {name!r} was not made by autotune: it has no export")
             if ref.osid is None:
                 raise NotFound(f"study {name!r} has no Optuna record in {safe_url(self.url)}")
-            best = self._best(conn, ref.row["id"], self._failed_keys(conn, ref))
+            best = _best_number(self._scan(conn, ref))[0]
         if best is None:
             raise NotFound(f"study {name!r} has no trial that meets its SLO; nothing to export")
         import optuna
@@ -981,7 +1057,7 @@ class Store:
 
         storage = self.optuna_storage()
         study = optuna.load_study(study_name=name, storage=storage, sampler=optuna.samplers.RandomSampler())
-        trial_id = storage.get_trial_id_from_study_id_trial_number(ref.osid, best["number"])
+        trial_id = storage.get_trial_id_from_study_id_trial_number(ref.osid, best)
         return export_dict(study, storage.get_trial(trial_id))
 
     def status(self, name: str) -> dict[str, Any]:

@@ -79,8 +79,16 @@ def shown(rows: list[dict[str, Any]], latency: str, cap: int | None = None) -> l
     return thin(pts, keep, cap)
 
 
-def _hover(r: dict[str, Any], latency: str) -> str:
-    cfg = "<br>".join(f"{k}: {r['config'].get(k)}" for k in KNOBS if k in r["config"])
+def _config_lines(cfg: dict[str, Any], cache: dict[int, str]) -> str:
+    """A config's knobs as hover lines (many trials share one config dict: built once per dict)."""
+    text = cache.get(id(cfg))
+    if text is None:
+        text = cache[id(cfg)] = "<br>".join(f"{k}: {cfg.get(k)}" for k in KNOBS if k in cfg)
+    return text
+
+
+def _hover(r: dict[str, Any], latency: str, cache: dict[int, str] | None = None) -> str:
+    cfg = _config_lines(r["config"], {} if cache is None else cache)
     lat = r.get(latency_column(latency))
     return (
         f"trial {r['number']} ({'feasible' if r['feasible'] else 'infeasible'})<br>"
@@ -90,6 +98,7 @@ def _hover(r: dict[str, Any], latency: str) -> str:
 
 def _points(rows: list[dict[str, Any]], latency: str, name: str, color: str) -> dict[str, Any]:
     col = latency_column(latency)
+    cache: dict[int, str] = {}
     return {
         "type": "scatter",
         "mode": "markers",
@@ -97,17 +106,20 @@ def _points(rows: list[dict[str, Any]], latency: str, name: str, color: str) -> 
         "x": [r[col] for r in rows],
         "y": [r["output_tokens_per_s"] for r in rows],
         "customdata": [r["number"] for r in rows],
-        "text": [_hover(r, latency) for r in rows],
+        "text": [_hover(r, latency, cache) for r in rows],
         "hovertemplate": "%{text}<extra></extra>",
         "marker": {"color": color, "size": 9, "line": {"width": 1, "color": "#fff"}},
     }
 
 
-def pareto(rows: list[dict[str, Any]], latency: str, limit: float | None) -> dict[str, Any]:
-    """Output tokens/s against the SLO latency: feasible vs infeasible, the front, the SLO line."""
+def pareto(
+    rows: list[dict[str, Any]], latency: str, limit: float | None, pts: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """Output tokens/s against the SLO latency: feasible vs infeasible, the front, the SLO line
+    (``pts``: :func:`shown` of ``rows`` when already at hand)."""
     col = latency_column(latency)
     fr = front(plotted(rows, latency), latency)
-    pts = shown(rows, latency)
+    pts = shown(rows, latency) if pts is None else pts
     data = [
         _points([r for r in pts if r["feasible"]], latency, "feasible", FEASIBLE),
         _points([r for r in pts if not r["feasible"]], latency, "infeasible", INFEASIBLE),
@@ -270,11 +282,12 @@ def _quartiles(values: list[float], digits: int) -> tuple[list[str], list[str]]:
     return [label(v) for v in values], names
 
 
-def parallel(rows: list[dict[str, Any]], latency: str) -> dict[str, Any]:
+def parallel(rows: list[dict[str, Any]], latency: str, pts: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Parallel categories: each knob that varied, then tokens/s and the SLO latency in quartiles;
-    colour = feasible. Plotly's parallel categories draw as SVG: no WebGL, no ``eval`` (its
-    parallel coordinates need both, which the dashboard's Content-Security-Policy does not allow)."""
-    pts = shown(rows, latency)
+    colour = feasible (``pts``: :func:`shown` of ``rows`` when already at hand). Plotly's parallel
+    categories draw as SVG: no WebGL, no ``eval`` (its parallel coordinates need both, which the
+    dashboard's Content-Security-Policy does not allow)."""
+    pts = shown(rows, latency) if pts is None else pts
     dims: list[dict[str, Any]] = []
     for knob in KNOBS:
         values = [r["config"].get(knob) for r in pts]
@@ -358,6 +371,7 @@ def compare(studies: list[tuple[str, list[dict[str, Any]], str, float | None]]) 
     for i, (name, rows, latency, limit) in enumerate(studies):
         color = PALETTE[i % len(PALETTE)]
         label = plotly_text(name)
+        cache: dict[int, str] = {}
         pts = shown(rows, latency, max(100, MAX_POINTS // len(studies)))
         col = latency_column(latency)
         fr = front(plotted(rows, latency), latency)
@@ -368,7 +382,7 @@ def compare(studies: list[tuple[str, list[dict[str, Any]], str, float | None]]) 
                 "name": f"{label} trials",
                 "x": [r[col] for r in pts],
                 "y": [r["output_tokens_per_s"] for r in pts],
-                "text": [_hover(r, latency) for r in pts],
+                "text": [_hover(r, latency, cache) for r in pts],
                 "hovertemplate": "%{text}<extra>" + label + "</extra>",
                 "marker": {"color": color, "opacity": 0.35, "size": 7},
                 "legendgroup": name,
@@ -382,7 +396,7 @@ def compare(studies: list[tuple[str, list[dict[str, Any]], str, float | None]]) 
                 "name": f"{label} ({latency})",
                 "x": [r[col] for r in fr],
                 "y": [r["output_tokens_per_s"] for r in fr],
-                "text": [_hover(r, latency) for r in fr],
+                "text": [_hover(r, latency, cache) for r in fr],
                 "hovertemplate": "%{text}<extra></extra>",
                 "line": {"color": color, "shape": "hv"},
                 "marker": {"color": color, "size": 9},

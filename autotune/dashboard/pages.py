@@ -164,9 +164,10 @@ def trial_page(request: Request, name: StudyName, number: TrialNumber) -> HTMLRe
     )
 
 
-def _table(request: Request, name: str, query: TableQuery, kind: str, latency: str, best: int | None) -> dict[str, Any]:
+def _table(
+    name: str, query: TableQuery, page: dict[str, Any], kind: str, latency: str, best: int | None
+) -> dict[str, Any]:
     """The trials table's context: one page of rows, the pager and the links that re-sort it."""
-    page = store(request).trials(name, query)
     if kind == "optuna":
         rows = optuna_rows(name, page["items"], best)
     else:
@@ -235,13 +236,13 @@ def study_page(
     st = store(request)
     try:
         if part == "table":
-            summary = st.summary(name)
-            latency = summary["pareto_latency"]
-            table = _table(request, name, query, summary["kind"], latency, summary["best_trial"])
-            return _render(request, "trials_table.html", study=summary, table=table)
-        view = st.study(name)
+            page = st.trials(name, query)
+            table = _table(name, query, page, page["kind"], page["latency"], page["best_trial"])
+            return _render(request, "trials_table.html", study={"name": name}, table=table)
+        view = st.study(name, query=query)
     except NotFound as err:
         return not_found_page(request, str(err))
+    assert view.table is not None
     if view.kind == "optuna":
         direction = view.directions[0] if view.directions else "minimize"
         return _render(
@@ -249,7 +250,7 @@ def study_page(
             "optuna_study.html",
             study=view.summary,
             best=view.best,
-            table=_table(request, name, query, "optuna", "", view.summary["best_trial"]),
+            table=_table(name, query, view.table, "optuna", "", view.summary["best_trial"]),
             figs={"history": figures.values_history(view.points, direction)},
             n_points=len(view.points),
             n_shown=len(figures.thin(view.points, set())),
@@ -260,11 +261,12 @@ def study_page(
     for c in slo_clauses(view.spec):
         measured = clause_value(best, c) if best else None
         slo_rows.append({**c, "measured": measured, "ok": clause_ok(c, measured)})
+    drawn = figures.shown(view.points, latency)
     figs = {
-        "pareto": figures.pareto(view.points, latency, limit),
+        "pareto": figures.pareto(view.points, latency, limit, drawn),
         "history": figures.history(view.points),
         "importance": figures.importance(view.points),
-        "parallel": figures.parallel(view.points, latency),
+        "parallel": figures.parallel(view.points, latency, drawn),
     }
     return _render(
         request,
@@ -276,10 +278,10 @@ def study_page(
         slo_rows=slo_rows,
         knobs=KNOBS,
         latency=latency,
-        table=_table(request, name, query, "autotune", latency, best["number"] if best else None),
+        table=_table(name, query, view.table, "autotune", latency, best["number"] if best else None),
         figs=figs,
         n_points=len(figures.plotted(view.points, latency)),
-        n_shown=len(figures.shown(view.points, latency)),
+        n_shown=len(drawn),
         overhead=view.overhead,
     )
 
