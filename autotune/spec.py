@@ -94,9 +94,11 @@ class WorkloadSpec(_Strict):
         None, description="repeat max_duration_s windows until two in a row agree (closed loop only)"
     )
     transport: Literal["in-process", "http"] = Field(
-        "in-process",
-        description="http: each trial serves its engine with `autotune serve`'s app and a client process "
-        "replays the workload over loopback HTTP, as a deployment would be measured",
+        "http",
+        description="http (default): each trial serves its engine with `autotune serve`'s app and a client "
+        "process replays the workload over loopback HTTP, as the exported deployment is served and verified, so "
+        "the tuned figure is one `autotune serve` reproduces; in-process: clients in the trial process (what "
+        "`load_engine` callers get: batches fill faster than over HTTP, so figures are higher than served)",
     )
     seed: int = 0
 

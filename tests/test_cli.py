@@ -549,3 +549,47 @@ def test_presets_list_the_shipped_model_and_help_names_the_defaults() -> None:
     res = run_cli("tune", "--help", cwd=ROOT)
     assert "[SPEC]" in res.stdout and "[[SPEC]]" not in res.stdout and "<bool>" not in res.stdout
     assert "[default: studies/quickstart.yaml" in res.stdout and "sqlite:///studies/autotune.db" in res.stdout
+
+
+def test_the_tuned_figure_is_the_figure_served(tmp_path: Path) -> None:
+    """The default transport measures trials through `autotune serve`'s HTTP server: the exported
+    figure is then one `autotune serve` + `autotune verify --url` reproduce (within 10%, SLO met)."""
+    import socket
+    import urllib.request
+
+    text = TINY_SPEC.read_text()
+    spec = tmp_path / "served.yaml"
+    lines = [line for line in text.splitlines() if "transport:" not in line]  # the default: http
+    text = "\n".join(lines).replace("max_duration_s: 1.5", "max_duration_s: 3")
+    spec.write_text(text.replace("trial_timeout_s: 60", "trial_timeout_s: 60\n  confirm_runs: 3") + "\n")
+    res = run_cli("tune", str(spec), "--trials", "3", "--export", "best.json", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    doc = json.loads((tmp_path / "best.json").read_text())
+    assert doc["workload"]["transport"] == "http" and doc["metrics"]["source"] == "re-measurement (median)"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "autotune.cli", "serve", "best.json", "--port", str(port)],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                assert server.poll() is None, server.communicate()[1]
+                time.sleep(0.5)
+        res = run_cli("verify", "best.json", "--url", f"http://127.0.0.1:{port}", "--runs", "3", "--json", cwd=tmp_path)
+    finally:
+        server.terminate()
+        server.communicate(timeout=60)
+    out = json.loads(res.stdout)
+    assert res.returncode == 0 and out["ok"], (out.get("reasons"), res.stderr)
+    assert "3 replays:" in res.stderr and len(doc["confirmation"]["runs"]) == 3

@@ -127,9 +127,10 @@ def test_cli_verify_url_exit_codes(served: tuple[Path, LiveServer], tmp_path: Pa
 
 def test_cli_verify_in_process_and_bad_input(tmp_path: Path) -> None:
     strict = write_export(tmp_path / "best.json", slo_max=0.001)  # an SLO nothing meets
-    res = run_cli("verify", str(strict), cwd=tmp_path, timeout=120)
+    res = run_cli("verify", str(strict), "--runs", "2", cwd=tmp_path, timeout=120)
     assert res.returncode == 3, res.stderr
     assert "in-process" in res.stdout and "MISSED" in res.stdout and "SLO e2e_ms p95" in res.stderr
+    assert "2 replays:" in res.stderr  # the engine replayed twice in one process, the median compared
     (tmp_path / "broken.json").write_text("{not json")
     for bad in ("broken.json", "missing.json"):
         res = run_cli("verify", bad, cwd=tmp_path, timeout=60)
