@@ -23,7 +23,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, event, func, inspect, select
+from sqlalchemy import Connection, Engine, String, event, func, inspect, select, type_coerce
 from sqlalchemy.engine import make_url
 
 from autotune.dashboard import optuna_db as odb
@@ -362,30 +362,21 @@ class StudyView:
     table: dict[str, Any] | None = None  # the page of the trials table asked for
 
 
-#: The scalar columns one scan of an autotune study's trials reads, then its wall seconds (finished -
-#: started) and whether it reused a built engine.
-SCAN_COLUMNS = (
-    "trial_number",
-    "state",
-    "feasible",
-    "config_key",
-    "output_tokens_per_s",
-    *LATENCY_COLUMNS,
-    "peak_memory_mb",
-    "failure_kind",
-    "failure_reason",
-    "duplicate_of",
-    "duration_s",
-)
+#: The columns every scan of an autotune study's trials reads (what counts and ranks them); a request
+#: adds what it needs besides: a latency, a sort key, the failure text a filter searches, or the
+#: overhead's ``duplicate_of``, ``duration_s``, ``wall_s`` (finished - started) and ``engine_reused``.
+SCAN_BASE = ("trial_number", "state", "feasible", "config_key", "output_tokens_per_s")
+OVERHEAD_COLUMNS = ("duplicate_of", "duration_s", "wall_s", "engine_reused")
+FILTER_COLUMNS = ("failure_kind", "failure_reason", "duplicate_of")
 BEST_STATES = ("measured", "duplicate")
-SCAN_AT = {c: i for i, c in enumerate((*SCAN_COLUMNS, "wall_s", "engine_reused"))}
 
 
 @dataclass
 class Scan:
-    """An autotune study's trials as scalars (``rows``: tuples in trial-number order, columns at
-    :data:`SCAN_AT`), the rows only Optuna holds, the refuted config keys and the SLO clauses."""
+    """An autotune study's trials as a few scalars each (``rows``: tuples in trial-number order, column
+    positions in ``at``), the rows only Optuna holds, the refuted config keys and the SLO clauses."""
 
+    at: dict[str, int]
     rows: list[tuple[Any, ...]]
     extras: list[dict[str, Any]]
     failed: set[str]
@@ -397,7 +388,7 @@ def _best_number(scan: Scan) -> tuple[int | None, float | None]:
     """(number, output tokens/s shown) of the highest-throughput trial that met every SLO clause and
     was not refuted when re-measured, a re-measured one ranked by its re-measurement:
     :func:`autotune.tuner.best_feasible`'s rule (first of equals by number)."""
-    at = SCAN_AT
+    at = scan.at
     n, st, fe, tp, ke = (at[c] for c in ("trial_number", "state", "feasible", "output_tokens_per_s", "config_key"))
     best, top = None, -math.inf
     for r in scan.rows:
@@ -412,7 +403,7 @@ def _best_number(scan: Scan) -> tuple[int | None, float | None]:
 
 def _overhead(scan: Scan) -> dict[str, float] | None:
     """:func:`autotune.measure.overhead` of the measured trials (repeats left out)."""
-    at = SCAN_AT
+    at = scan.at
     d, w, u, dup = at["duration_s"], at["wall_s"], at["engine_reused"], at["duplicate_of"]
     return overhead(
         (float(r[w]), float(r[d]), bool(r[u]))
@@ -647,26 +638,35 @@ class Store:
         }
 
     # -- autotune's studies: one scan of their trials per request ------------------------------------------------
-    def _scan(self, conn: Connection, ref: StudyRef) -> Scan:
-        """Every trial's scalar columns in one pass (SQLite reads a page per trial whatever the columns:
-        a row carries its latency samples), with the rows only Optuna holds and the refuted configs."""
+    def _scan(self, conn: Connection, ref: StudyRef, more: tuple[str, ...] = ()) -> Scan:
+        """Every trial of the study as :data:`SCAN_BASE` and the columns in ``more``, in one pass, with
+        the rows only Optuna holds and the winners' re-measurements."""
         assert ref.row is not None
-        cols: list[Any] = [getattr(Trial, c) for c in SCAN_COLUMNS]
+        names = list(dict.fromkeys((*SCAN_BASE, *more)))
         dialect = conn.dialect.name
-        if dialect == "sqlite":
-            cols.append((func.julianday(Trial.finished_at) - func.julianday(Trial.started_at)) * 86400.0)
-        elif dialect == "postgresql":
-            cols.append(func.extract("epoch", Trial.finished_at - Trial.started_at))
-        else:  # subtracted here (slower: every datetime parsed)
-            cols += [Trial.started_at, Trial.finished_at]
-        cols.append(Trial.timings["engine_reused"].as_boolean())
+        cols: list[Any] = []
+        for name in names:
+            if name == "engine_reused":
+                cols.append(Trial.timings["engine_reused"].as_boolean())
+            elif name == "wall_s" and dialect == "postgresql":
+                cols.append(func.extract("epoch", Trial.finished_at - Trial.started_at))
+            elif name == "wall_s" and dialect == "sqlite":  # the stored text, parsed below in C, to the microsecond
+                cols.append(type_coerce(Trial.finished_at, String))  # (SQLite's julianday keeps milliseconds)
+            elif name == "wall_s":
+                cols.append(Trial.finished_at)
+            else:
+                cols.append(getattr(Trial, name))
+        subtract = "wall_s" in names and dialect != "postgresql"
+        if subtract:
+            cols.append(type_coerce(Trial.started_at, String) if dialect == "sqlite" else Trial.started_at)
         q = select(*cols).where(Trial.study_id == ref.row["id"]).order_by(Trial.trial_number)
         rows = [tuple(r) for r in conn.execute(q)]
-        if dialect not in ("sqlite", "postgresql"):
-            n = len(SCAN_COLUMNS)
-            rows = [(*r[:n], (r[n + 1] - r[n]).total_seconds() if r[n] and r[n + 1] else None, r[n + 2]) for r in rows]
+        if subtract:
+            w = names.index("wall_s")
+            rows = [(*r[:w], _seconds(r[-1], r[w]), *r[w + 1 : -1]) for r in rows]
         clauses = slo_clauses(ref.spec)
-        return Scan(rows, self._extras(conn, ref, clauses), *self._confirmations(conn, ref), clauses)
+        at = {name: i for i, name in enumerate(names)}
+        return Scan(at, rows, self._extras(conn, ref, clauses), *self._confirmations(conn, ref), clauses)
 
     def _best(self, conn: Connection, ref: StudyRef, scan: Scan) -> dict[str, Any] | None:
         """The highest-throughput trial that met every SLO clause and was not refuted when re-measured.
@@ -685,7 +685,7 @@ class Store:
     def _autotune_summary(self, ref: StudyRef, scan: Scan, best: dict[str, Any] | None = None) -> dict[str, Any]:
         """The summary of an autotune study (``best``: its best trial when already read)."""
         assert ref.row is not None
-        s, spec, at = ref.row, ref.spec, SCAN_AT
+        s, spec, at = ref.row, ref.spec, scan.at
         counts: dict[str, int] = dict(Counter(r[at["state"]] for r in scan.rows))
         spent = sum(counts.get(k, 0) for k in ("measured", "infeasible", "failed"))
         for r in scan.extras:
@@ -806,10 +806,10 @@ class Store:
                 points = self._optuna_points(conn, ref.osid)
                 return StudyView("optuna", summary, {}, {}, best, points, None, summary["directions"], table)
             assert ref.row is not None
-            scan = self._scan(conn, ref)
+            col = latency_column(latency or slo_latency(ref.spec)[0])
+            scan = self._scan(conn, ref, (col, *OVERHEAD_COLUMNS, *(_table_columns(query) if query else ())))
             best = self._best(conn, ref, scan)
             summary = self._autotune_summary(ref, scan, best)
-            col = latency_column(latency or slo_latency(ref.spec)[0])
             configs = self._configs(conn, ref.row["id"])
             points = self._points(scan, col, configs)
             table = self._table(conn, ref, scan, query, configs) if query else None
@@ -837,7 +837,7 @@ class Store:
         """Every trial with a throughput: what the Pareto front, history, importance and parallel
         categories are drawn from (configs read once per distinct config)."""
         labels = {k: config_label(c) for k, c in configs.items()}
-        at = SCAN_AT
+        at = scan.at
         n, st, fe, tp, la, ke = (
             at[c] for c in ("trial_number", "state", "feasible", "output_tokens_per_s", col, "config_key")
         )
@@ -872,7 +872,7 @@ class Store:
                 page = self._optuna_table(conn, ref.osid, query)
                 best = self._optuna_best(conn, ref.osid, odb.directions(conn, ref.osid))
                 return {**page, "kind": "optuna", "latency": "", "best_trial": best[0] if best else None}
-            scan = self._scan(conn, ref)
+            scan = self._scan(conn, ref, _table_columns(query))
             page = self._table(conn, ref, scan, query)
             latency = slo_latency(ref.spec)[0]
             return {**page, "kind": "autotune", "latency": latency, "best_trial": _best_number(scan)[0]}
@@ -886,8 +886,8 @@ class Store:
         configs: dict[str, dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
         assert ref.row is not None
-        at = SCAN_AT
-        sort = "output_tokens_per_s" if query.sort == "value" else query.sort
+        at = scan.at
+        sort = _sort_column(query)
         needle = query.q.strip().lower()
         labels: dict[str, str] = {}
         if needle:
@@ -895,7 +895,7 @@ class Store:
             labels = {k: config_label(c).lower() for k, c in configs.items()}
         n, st, fe, ke = at["trial_number"], at["state"], at["feasible"], at["config_key"]
         so = at[sort] if sort != "number" else None
-        fk, fr, du = at["failure_kind"], at["failure_reason"], at["duplicate_of"]
+        fk, fr, du = (at.get(c, -1) for c in FILTER_COLUMNS)  # read when filtering by text
         lean: list[tuple[int, Any, bool]] = []
         for r in scan.rows:
             if query.state and r[st] != query.state:
@@ -1075,6 +1075,28 @@ class Store:
             n = conn.scalar(select(func.count()).select_from(Trial).where(Trial.study_id == ref.row["id"])) or 0
             n += len(self._extras(conn, ref, []))
         return {"name": name, "status": ref.row["status"], "trials_done": n, "updated_at": _iso(ref.row["updated_at"])}
+
+
+def _seconds(start: datetime | str | None, end: datetime | str | None) -> float | None:
+    """``end - start`` in seconds (SQLite gives the stored text)."""
+    if not start or not end:
+        return None
+    if isinstance(start, str):
+        start = datetime.fromisoformat(start)
+    if isinstance(end, str):
+        end = datetime.fromisoformat(end)
+    return (end - start).total_seconds()
+
+
+def _sort_column(query: TableQuery) -> str:
+    return "output_tokens_per_s" if query.sort == "value" else query.sort
+
+
+def _table_columns(query: TableQuery) -> tuple[str, ...]:
+    """What a scan reads for the trials table besides :data:`SCAN_BASE`: the sort key, and the
+    failure text when filtering by text."""
+    sort = _sort_column(query)
+    return (*(() if sort == "number" else (sort,)), *(FILTER_COLUMNS if query.q.strip() else ()))
 
 
 def _extra_state(state: str, attrs: Mapping[str, Any], measured: bool) -> str:
