@@ -12,7 +12,6 @@ from autotune.dashboard import figures
 from autotune.dashboard.data import (
     SORT_KEYS,
     TABLE_STATES,
-    NotFound,
     Store,
     TableQuery,
     clean_json,
@@ -227,15 +226,10 @@ def get_pareto(
     latency: Annotated[Latency | None, Query(description="default: the study's SLO latency")] = None,
 ) -> dict[str, Any]:
     """Measured trials no other beats on both output tokens/s and the latency, by latency."""
-    st = store(request)
-    summary = st.summary(name)
-    if summary["kind"] != "autotune":
-        raise NotFound(f"study {name!r} was not made by autotune: it has no latency to plot")
-    slo_name, limit = slo_latency(summary["spec"])
-    view = st.study(name, latency or slo_name)
-    lat = latency or slo_name
+    spec, lat, points = store(request).points(name, latency)
+    slo_name, limit = slo_latency(spec)
     col = latency_column(lat)
-    pts = figures.front(figures.plotted(view.points, lat), lat)
+    pts = figures.front(figures.plotted(points, lat), lat)
     return {
         "study": name,
         "latency": lat,

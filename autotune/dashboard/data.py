@@ -825,6 +825,25 @@ class Store:
             table,
         )
 
+    def points(self, name: str, latency: str | None = None) -> tuple[dict[str, Any], str, list[dict[str, Any]]]:
+        """An autotune study's spec, the latency asked for (default its SLO latency) and the points a
+        Pareto front is drawn from: what the compare page and the Pareto API read (one scan)."""
+        with self.engine.connect() as conn:
+            ref = self._ref(conn, name)
+            if ref.row is None:
+                raise NotFound(f"study {name!r} was not made by autotune: it has no latency to plot")
+            lat = latency or slo_latency(ref.spec)[0]
+            scan = self._scan(conn, ref, (latency_column(lat),))
+            return ref.spec, lat, self._points(scan, latency_column(lat), self._configs(conn, ref.row["id"]))
+
+    def autotune_names(self) -> list[str]:
+        """autotune's studies, newest first (what the compare page offers)."""
+        self.tables()
+        if not self.has_autotune:
+            return []
+        with self.engine.connect() as conn:
+            return list(conn.scalars(select(Study.name).order_by(Study.created_at.desc(), Study.id)))
+
     def _configs(self, conn: Connection, study_id: int) -> dict[str, dict[str, Any]]:
         """Each distinct config of a study by its key (read once, not once per trial)."""
         first = select(func.min(Trial.id)).where(Trial.study_id == study_id).group_by(Trial.config_key)

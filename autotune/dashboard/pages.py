@@ -293,16 +293,14 @@ def compare_page(
 ) -> HTMLResponse:
     """Two or more studies' Pareto fronts on one plot (each against its own SLO latency)."""
     st = store(request)
-    summaries = st.study_summaries()
-    names = [s["name"] for s in summaries if s["kind"] == "autotune"]
+    names = st.autotune_names()
     chosen = [n for n in dict.fromkeys(study or []) if len(n) <= 512][:20]
     missing = [n for n in chosen if n not in names]
     series = []
     for n in chosen:
         if n in missing:
             continue
-        view = st.study(n)
-        latency, limit = slo_latency(view.spec)
-        series.append((n, view.points, latency, limit))
+        spec, latency, points = st.points(n)
+        series.append((n, points, latency, slo_latency(spec)[1]))
     fig = figures.compare(series) if series else None
     return _render(request, "compare.html", names=names, chosen=chosen, missing=missing, fig=fig)
