@@ -714,6 +714,7 @@ def test_best_and_pages_never_read_every_trial_through_optuna(
         raise AssertionError("read every trial through Optuna")
 
     monkeypatch.setattr(optuna.storages.RDBStorage, "get_all_trials", refuse)
+    monkeypatch.setattr(optuna.storages.RDBStorage, "_get_trials", refuse)  # what Optuna's trial cache calls
     with TestClient(create_app(big_and_small), raise_server_exceptions=False) as c:
         best = c.get("/api/studies/big/best")
         assert best.status_code == 200, best.text
