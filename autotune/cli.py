@@ -449,7 +449,7 @@ def _next_steps(study: str, url: str, storage: str | None, export: Path | None) 
         cfg = shlex.quote(str(export))
         lines += [
             f"  autotune serve {cfg}    # an OpenAI-compatible server running exactly this config",
-            f"  autotune verify {cfg} --url http://127.0.0.1:8001    # replay the workload against it",
+            f"  autotune verify {cfg} --url http://127.0.0.1:8001 --runs 3    # replay the workload against it",
             f"  autotune export {shlex.quote(study)}{at} --format vllm|tgi|triton --output PATH"
             "    # the config for another serving stack",
         ]

@@ -286,7 +286,8 @@ def compare(doc: dict[str, Any], m: Measurement, *, tolerance: float = DEFAULT_T
     floor = t_tput * (1 - tolerance)
     tput_ok = m.output_tokens_per_s >= floor if t_tput == t_tput else True
     rows.append(Row(f"output_tokens_per_s ({source})", t_tput, m.output_tokens_per_s, f">= {floor:,.1f}", tput_ok))
-    searched = float(tuned.get("output_tokens_per_s", math.nan))
+    # Exports carry the search trial's figure beside the re-measured one (older ones: in its place).
+    searched = float((tuned.get("search") or tuned).get("output_tokens_per_s", math.nan))
     if source != "search trial":
         rows.append(Row("output_tokens_per_s (search trial)", searched, m.output_tokens_per_s))
     if not tput_ok:

@@ -531,7 +531,7 @@ def test_export_triton_writes_a_model_repository(tuned: Path, tmp_path: Path) ->
 def test_tune_ends_with_its_export_and_the_next_commands(tuned: Path, tmp_path: Path) -> None:
     out = (tuned / "tune.out").read_text()
     assert "exported the best config to best.json (export version 1 of study tiny)" in out
-    assert "autotune serve best.json" in out and "autotune verify best.json --url http://127.0.0.1:8001" in out
+    assert "autotune serve best.json" in out and "autotune verify best.json --url http://127.0.0.1:8001 --runs 3" in out
     assert "autotune dashboard" in out and "autotune export tiny --format vllm|tgi|triton" in out
     # A finished study, run again without --export: said at once (no preflight), exported beside the database.
     shutil.copytree(tuned / "studies", tmp_path / "studies")

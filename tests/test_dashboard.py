@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import socket
 import sqlite3
 import subprocess
 import sys
+import tarfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -167,10 +169,65 @@ def test_best_download_equals_cli(client: TestClient, dash_db: Path, url: str) -
     assert detail["best_trial"] == ours["trial"] and detail["pareto_latency"] == "e2e_ms.p95"
     assert client.get("/api/studies/tiny/best", params={"format": "yaml"}).status_code == 422
     for fmt, filename in (("vllm", "best-tiny-vllm.sh"), ("tgi", "best-tiny-tgi.env"), ("triton", "config.pbtxt")):
-        res = client.get("/api/studies/tiny/best", params={"format": fmt, "download": "true"})
+        res = client.get("/api/studies/tiny/best", params={"format": fmt, "download": fmt != "triton"})
         assert res.status_code == 200 and res.headers["content-type"].startswith("text/plain")
-        assert f'filename="{filename}"' in res.headers["content-disposition"]
-        assert f"study: tiny  trial: {ours['trial']}" in res.text and "PLACEHOLDER" in res.text
+        if fmt != "triton":
+            assert f'filename="{filename}"' in res.headers["content-disposition"]
+        assert f"study: tiny  trial: {ours['trial']}" in res.text
+        assert "PLACEHOLDER" in res.text or "written by autotune as this checkpoint folder" in res.text
+    res = client.get("/api/studies/tiny/best", params={"format": "triton", "download": "true"})
+    assert res.headers["content-type"] == "application/gzip"  # the whole repository entry, not one file
+    assert 'filename="tiny-triton-repository.tar.gz"' in res.headers["content-disposition"]
+    with tarfile.open(fileobj=io.BytesIO(res.content)) as tar:
+        names = tar.getnames()
+    assert any(n.endswith("/config.pbtxt") for n in names) and any(n.endswith("/1/model.py") for n in names)
+
+
+# Older autotune versions took any name; a newline cannot reach a route (Starlette's paths stop at one),
+# a carriage return, an escape sequence and shell syntax can.
+HOSTILE = 'cr\rtouch PWNED;#$(touch PWNED2)`touch PWNED3`"quote\x1b[2J\u2028x'
+
+
+def test_hostile_study_names_cannot_inject_into_downloads(dash_db: Path, url: str, tmp_path: Path) -> None:
+    """A study named by an older autotune (or another tool) with a newline and shell syntax: every download
+    keeps it inside its comments and values; running the vLLM script creates no file."""
+    import stat
+
+    from autotune.dashboard import create_app
+
+    load_bench().fill(url, HOSTILE, 6, seed=4)
+    with TestClient(create_app(url), raise_server_exceptions=False) as c:
+        base = f"/api/studies/{quote(HOSTILE, safe='')}/best"
+        files = {
+            fmt: c.get(base, params={"format": fmt, "download": "true"}) for fmt in ("json", "vllm", "tgi", "triton")
+        }
+    for fmt, res in files.items():
+        assert res.status_code == 200, (fmt, res.text)
+        disposition = res.headers["content-disposition"]
+        assert "\n" not in disposition and disposition.count('"') == 2  # a safe file name
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stub = bin_dir / "vllm"
+    stub.write_text("#!/bin/sh\necho vllm-called\n")
+    stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
+    script = tmp_path / "run.sh"
+    script.write_text(files["vllm"].text)
+    run = subprocess.run(
+        ["sh", str(script)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={"PATH": f"{bin_dir}:/usr/bin:/bin", "MODEL": "org/name"},
+    )
+    assert run.returncode == 0 and "vllm-called" in run.stdout, run.stderr
+    assert not any((tmp_path / f).exists() for f in ("PWNED", "PWNED2", "PWNED3"))
+    keys = [line.split("=", 1)[0] for line in files["tgi"].text.splitlines() if line and not line.startswith("#")]
+    assert keys and all(k.isupper() and k.replace("_", "").isalnum() for k in keys) and "touch PWNED" not in keys
+    with tarfile.open(fileobj=io.BytesIO(files["triton"].content)) as tar:
+        pbtxt = next(tar.extractfile(m) for m in tar.getmembers() if m.name.endswith("config.pbtxt"))
+        assert pbtxt is not None
+        text = pbtxt.read().decode()
+    assert all(line.startswith("#") or "touch PWNED" not in line for line in text.splitlines())
 
 
 def test_the_study_page_says_how_much_time_went_to_measuring_as_the_cli_does(client: TestClient, url: str) -> None:

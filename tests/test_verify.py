@@ -79,6 +79,12 @@ def test_the_throughput_verdict_is_against_the_winners_re_measurement() -> None:
     )
     short = compare(confirmed, measurement(77, 40))
     assert not short.ok and "the tuned 86.0, re-measured (3 runs)" in short.reasons[0]
+    exported = {
+        **confirmed,
+        "metrics": {**confirmed["metrics"], "output_tokens_per_s": 86.0, "search": {"output_tokens_per_s": 100.0}},
+    }
+    rows = {r.metric: r for r in compare(exported, measurement(80, 40)).rows}  # today's exports: both figures
+    assert rows["output_tokens_per_s (search trial)"].tuned == 100
     failed_run = {**doc(100), "confirmation": {"ok": False, "runs": [{"failure": "oom: out of memory"}]}}
     assert expected_throughput(failed_run) == (100.0, "search trial")
 

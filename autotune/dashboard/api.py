@@ -8,6 +8,7 @@ from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, Field
 
+from autotune.checkpoint import servable
 from autotune.dashboard import figures
 from autotune.dashboard.data import (
     SORT_KEYS,
@@ -19,7 +20,7 @@ from autotune.dashboard.data import (
     latency_names,
     slo_latency,
 )
-from autotune.translate import FILENAMES, FORMATS
+from autotune.translate import FILENAMES, FORMATS, TRITON_ARCHIVE_FILENAME, triton_archive
 
 #: Page size cap: a client asking for a million rows gets at most this many.
 MAX_PAGE = 500
@@ -265,10 +266,16 @@ def get_best(
     translation (what ``autotune export NAME --format vllm|tgi|triton`` writes)."""
     doc = store(request).export(name)
     filename = FILENAMES[format].format(name=_safe_filename(name))
+    if format == "triton" and download:  # the whole model repository entry: config.pbtxt, model.py, the export
+        filename = TRITON_ARCHIVE_FILENAME.format(name=_safe_filename(name))
     headers = {"Content-Disposition": f'attachment; filename="{filename}"'} if download else {}
     if format == "json":
         return JSONResponse(clean_json(doc), headers=headers)  # NaN (not measured) as null: strict JSON
-    return PlainTextResponse(FORMATS[format](doc), headers=headers)
+    if format == "triton" and download:
+        return Response(triton_archive(doc), media_type="application/gzip", headers=headers)
+    # A builtin: model's shipped folder, or a preset's folder an earlier `autotune export` wrote (the
+    # dashboard starts no process to write one): what vLLM and TGI can load.
+    return PlainTextResponse(FORMATS[format](servable(doc, write=False)), headers=headers)
 
 
 @router.get("/studies/{name:path}", response_model=StudyDetail, responses=NOT_FOUND)
