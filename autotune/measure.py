@@ -380,6 +380,23 @@ def _open_loop(engine: Engine, requests: Iterable[Request], start: float, deadli
     return [f.result() for f in futures], stopped
 
 
+def early_stop(
+    engine: Engine, warm: WarmUp, timings: dict[str, Any], abort_if: Callable[[Measurement], str | None] | None
+) -> Measurement | None:
+    """The warm-up round as the trial's measurement when ``abort_if`` finds a reason to stop there
+    (say, the SLO missed several times over), else None. Engines with fixed shapes are spared: their
+    warm-up includes compiling."""
+    if abort_if is None or not warm.results or engine.fixed_shapes:
+        return None
+    mem, kind = peak_memory(engine)
+    rough = summarize(warm.results, warm.t0, warm.t1, peak_memory_mb=mem, memory_kind=kind, timings=timings)
+    reason = abort_if(rough)
+    if not reason:
+        return None
+    rough.stopped_by = f"early-stop: {reason}"
+    return rough
+
+
 def run_workload(
     engine: Engine,
     spec: WorkloadSpec,
@@ -397,13 +414,9 @@ def run_workload(
     timings = dict(build_timings or {})
     warm = warm_up(engine, spec, vocab_size, first_token_id)
     timings.update(warm.timings)
-    if abort_if is not None and warm.results and not engine.fixed_shapes:
-        mem, kind = peak_memory(engine)
-        rough = summarize(warm.results, warm.t0, warm.t1, peak_memory_mb=mem, memory_kind=kind, timings=timings)
-        reason = abort_if(rough)
-        if reason:
-            rough.stopped_by = f"early-stop: {reason}"
-            return rough
+    stopped_early = early_stop(engine, warm, timings, abort_if)
+    if stopped_early is not None:
+        return stopped_early
     requests = build_requests(spec, vocab_size, first_token_id=first_token_id)
     reset_peak_memory(engine)
     t0 = time.perf_counter()

@@ -459,7 +459,7 @@ def _child_trial(job: dict[str, Any]) -> dict[str, Any]:
         if spec.workload.transport == "http":
             from autotune.transport import measure_over_http
 
-            m = measure_over_http(engine, spec.workload, **common)
+            m = measure_over_http(engine, spec.workload, **common, abort_if=_early_stop(spec))
         else:
             m = run_workload(engine, spec.workload, **common, abort_if=_early_stop(spec))
     ceilings = hw.ceilings()

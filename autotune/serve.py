@@ -639,7 +639,8 @@ def create_app(
         doc = {
             "status": "draining" if state["draining"] else "ok",
             "model": name,
-            "config": engine.config.model_dump(mode="json"),
+            # The model actually served, also where the config names no variant (was: "model": null).
+            "config": {**engine.config.model_dump(mode="json"), "model": engine.config.model or name},
             "max_context": limit,
             "model_max_context": int(getattr(engine.info, "max_context", 0) or 0) or None,
             "tuned_shape": shape.as_dict(),

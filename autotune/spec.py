@@ -108,6 +108,8 @@ class WorkloadSpec(_Strict):
     def _stability_needs_closed_loop(self) -> WorkloadSpec:
         if self.stability is not None and self.arrival.type != "closed":
             raise ValueError("stability windows need a closed-loop arrival (clients keep the load steady)")
+        if self.stability is not None and "transport" not in self.model_fields_set:
+            object.__setattr__(self, "transport", "in-process")  # stability windows imply it; the model is frozen
         if self.stability is not None and self.transport == "http":
             raise ValueError("stability windows run in-process: leave them out with transport http")
         return self

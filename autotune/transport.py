@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -80,13 +81,19 @@ def measure_over_http(
     vocab_size: int,
     first_token_id: int,
     build_timings: dict[str, float] | None = None,
+    abort_if: Callable[[Measurement], str | None] | None = None,
 ) -> Measurement:
-    """Warm up in-process, then serve ``engine`` and replay ``spec`` from a client process."""
+    """Warm up in-process (stopping there, as in-process, when ``abort_if`` says so), then serve
+    ``engine`` and replay ``spec`` from a client process."""
     from autotune.engine import GenerationResult
-    from autotune.measure import memory_figures, peak_memory, reset_peak_memory, summarize, warm_up
+    from autotune.measure import early_stop, memory_figures, peak_memory, reset_peak_memory, summarize, warm_up
 
     timings = dict(build_timings or {})
-    timings.update(warm_up(engine, spec, vocab_size, first_token_id).timings)
+    warm = warm_up(engine, spec, vocab_size, first_token_id)
+    timings.update(warm.timings)
+    stopped_early = early_stop(engine, warm, timings, abort_if)
+    if stopped_early is not None:
+        return stopped_early
     doc = {"config": engine.config.model_dump(mode="json"), "workload": spec.model_dump(mode="json")}
     with tempfile.TemporaryDirectory(prefix="autotune-http-") as tmp, _Server(engine) as server:
         job, out = Path(tmp) / "job.json", Path(tmp) / "run.json"

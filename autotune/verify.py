@@ -153,9 +153,15 @@ async def replay_http(
     timeout = httpx.Timeout(request_timeout_s, connect=10.0)
     async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=None)) as client:
         health = await _health(client, url)
-        served = TrialConfig.model_validate(health["config"])
-        if served != cfg:
-            raise AutotuneError(f"{url} serves {served.label()}, not the exported {cfg.label()}")
+        # A config that names no model variant runs the export's model (health fills it in).
+        served = TrialConfig.model_validate({**health["config"], "model": None})
+        model = cfg.model or doc.get("model")
+        other_model = model is not None and health["config"].get("model") not in (None, model)
+        if served != cfg.model_copy(update={"model": None}) or other_model:
+            theirs, ours = health["config"].get("model"), model
+            raise AutotuneError(
+                f"{url} serves {served.label()} ({theirs}), not the exported {cfg.label()} ({ours or 'its model'})"
+            )
         vocab = vocab_size or int(health.get("vocab_size") or 0)
         if not vocab:
             raise AutotuneError(f"{url}/health does not say the model's vocabulary size; upgrade that server")

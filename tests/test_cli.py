@@ -256,7 +256,7 @@ BAD_INPUTS = [
     (["measure", str(TINY_SPEC)], "give exactly one of --config FILE or --baseline"),
     (["tune", str(TINY_SPEC), "--device", "gpu0"], "--device: device: String should match pattern"),
     (["tune", str(TINY_SPEC), "--device", "cuda:1"], "device cuda:1 requested but"),
-    (["tune", "{duplicate_key}"], "duplicate key 'output_tokens' on lines 8 and 9"),
+    (["tune", "{duplicate_key}"], "duplicate key 'output_tokens' on lines 9 and 10"),
     (["tune", str(TINY_SPEC), "--study", "nl\ntouch PWNED\n#"], "cannot contain control or invisible characters"),
     (["tune", str(TINY_SPEC), "--study", "x" * 600], "at most 512 characters, this one 600"),
     (["tune", str(TINY_SPEC), "--export", "studies"], "--export studies: is a folder"),

@@ -211,6 +211,7 @@ def test_health_and_prometheus_text(live: LiveServer) -> None:
 
     h = httpx.get(f"{live.url}/health", timeout=30).json()
     assert h["status"] == "ok" and h["max_context"] == CONTEXT and h["config"]["batch_size"] == 8
+    assert h["config"]["model"] == h["model"] and h["model"]  # the model served, never null
     r = httpx.get(f"{live.url}/metrics", timeout=30)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     families = {f.name: f.type for f in text_string_to_metric_families(r.text)}

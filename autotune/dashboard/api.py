@@ -249,7 +249,7 @@ def get_pareto(
     }
 
 
-_BEST_CONTENT: dict[str, dict[str, Any]] = {"application/json": {}, "text/plain": {}}
+_BEST_CONTENT: dict[str, dict[str, Any]] = {"application/json": {}, "text/plain": {}, "application/gzip": {}}
 
 
 @router.get("/studies/{name:path}/best", responses={**NOT_FOUND, 200: {"content": _BEST_CONTENT}})
