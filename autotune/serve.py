@@ -47,11 +47,11 @@ from prometheus_client import (
     generate_latest,
 )
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp
 
 from autotune.errors import AutotuneError
+from autotune.security import SecurityHeaders
 
 if TYPE_CHECKING:
     from autotune.engine import Engine, GenerationResult
@@ -158,34 +158,12 @@ def error_body(
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-class SecurityHeaders:
-    """ASGI middleware: the :data:`SECURITY_HEADERS` on every HTTP response (a header the app set is kept)."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = MutableHeaders(scope=message)
-                for key, value in SECURITY_HEADERS.items():
-                    if key not in headers:
-                        headers.append(key, value)
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)
-
-
 class _ServeApp(FastAPI):
     """FastAPI with :class:`SecurityHeaders` outermost, so even the 500s of Starlette's
     ``ServerErrorMiddleware`` (which sits outside ``add_middleware``'s) carry the headers."""
 
     def build_middleware_stack(self) -> ASGIApp:
-        return SecurityHeaders(super().build_middleware_stack())
+        return SecurityHeaders(super().build_middleware_stack(), headers=SECURITY_HEADERS)
 
 
 @dataclass(frozen=True)

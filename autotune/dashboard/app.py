@@ -2,7 +2,7 @@
 
 Everything a page loads comes from this server: plotly.js from the installed plotly package, Swagger
 UI (``/docs``) from the installed fastapi-offline package. Every response carries the security
-headers of :mod:`autotune.dashboard.security` (a Content-Security-Policy allowing only this origin).
+headers of :mod:`autotune.security` (a Content-Security-Policy allowing only this origin).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from autotune import __version__
 from autotune.dashboard import api, pages
 from autotune.dashboard.assets import plotly_css, plotly_js, swagger_ui
 from autotune.dashboard.data import NotFound, Store
-from autotune.dashboard.security import SecurityHeaders, security_headers
 from autotune.errors import StorageError
+from autotune.security import SecurityHeaders, security_headers
 
 log = logging.getLogger("autotune.dashboard")
 

@@ -1,6 +1,6 @@
-"""Security headers for autotune's web apps: a small ASGI middleware, reusable by any Starlette/FastAPI app.
+"""Security headers for autotune's web apps (the dashboard and ``autotune serve``): a small ASGI middleware.
 
-    from autotune.dashboard.security import SecurityHeaders
+    from autotune.security import SecurityHeaders
     app.add_middleware(SecurityHeaders)                 # the defaults below
     app.add_middleware(SecurityHeaders, csp=None)       # an API with no pages: no CSP, the other headers
 
