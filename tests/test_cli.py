@@ -203,9 +203,11 @@ def test_no_feasible_config_exits_3_with_the_closest(tmp_path: Path) -> None:
     assert "missed p95 e2e_ms <= 1 (measured " in res.stderr and "Traceback" not in res.stderr
 
 
-def test_interrupt_then_resume(tmp_path: Path) -> None:
+def tune_until_a_trial_completed(tmp_path: Path) -> tuple[subprocess.Popen[str], Path, Path]:
+    """An 8-trial tune of the tiny spec (surely still running), returned once a trial has completed:
+    the process, its spec and its database."""
     spec = tmp_path / "tiny.yaml"
-    spec.write_text(TINY_SPEC.read_text().replace("trials: 4", "trials: 8"))  # surely still running
+    spec.write_text(TINY_SPEC.read_text().replace("trials: 4", "trials: 8"))
     proc = subprocess.Popen(
         [sys.executable, "-m", "autotune.cli", "tune", str(spec)],
         # A suite started in the background (`pytest &` in a script) inherits SIGINT ignored, and
@@ -220,6 +222,11 @@ def test_interrupt_then_resume(tmp_path: Path) -> None:
     deadline = time.time() + 120
     while time.time() < deadline and not (db.exists() and "COMPLETE" in trial_states(db)):
         time.sleep(0.5)
+    return proc, spec, db
+
+
+def test_interrupt_then_resume(tmp_path: Path) -> None:
+    proc, spec, db = tune_until_a_trial_completed(tmp_path)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     # -2 (killed by the SIGINT itself: a KeyboardInterrupt that escaped the CLI) happened once in CI
@@ -400,19 +407,8 @@ def test_bad_input_creates_no_tables_in_an_empty_postgres_database(tmp_path: Pat
 
 
 def test_sigterm_stops_cleanly_marks_the_trial_and_resumes(tmp_path: Path) -> None:
-    spec = tmp_path / "tiny.yaml"
-    spec.write_text(TINY_SPEC.read_text().replace("trials: 4", "trials: 8"))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "autotune.cli", "tune", str(spec)],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    db = tmp_path / "studies" / "autotune.db"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (db.exists() and "COMPLETE" in trial_states(db)):
-        time.sleep(0.5)
+    proc, spec, db = tune_until_a_trial_completed(tmp_path)
+    deadline = time.time() + 60
     while time.time() < deadline and "RUNNING" not in trial_states(db):  # a trial in flight
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
