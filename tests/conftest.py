@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +38,13 @@ def skip_unless_required(reason: str) -> None:
 
 PG_ADMIN_URL = os.environ.get("AUTOTUNE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 TINY_SPEC = ROOT / "tests" / "data" / "tiny.yaml"
+
+
+def free_port() -> int:
+    """A TCP port free on loopback just now (for a server a test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def make_hw(

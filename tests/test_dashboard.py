@@ -11,7 +11,6 @@ import importlib.util
 import io
 import json
 import os
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -29,7 +28,7 @@ import schemathesis
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 
-from .conftest import ROOT, TINY_SPEC, run_cli
+from .conftest import ROOT, TINY_SPEC, free_port, run_cli
 
 XSS = "<script>alert(1)</script>"
 XSS_Q = quote(XSS, safe="")
@@ -398,14 +397,8 @@ def test_missing_sqlite_file_is_refused_not_created(tmp_path: Path) -> None:
     assert not (tmp_path / "none.db").exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_cli_serves_on_loopback(dash_db: Path) -> None:
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "autotune.cli", "dashboard", "--port", str(port)],
         cwd=dash_db,

@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import random
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import ROOT, run_cli, skip_unless_required
+from .conftest import ROOT, free_port, run_cli, skip_unless_required
 from .test_dashboard import XSS, XSS_Q, dash_db, load_bench, url  # noqa: F401  (session fixtures)
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -51,9 +50,7 @@ def serve(storage_url: str) -> Iterator[str]:
 
     from autotune.dashboard import create_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(storage_url), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

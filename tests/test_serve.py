@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,15 +21,11 @@ from typing import Any
 import httpx
 import pytest
 
+from .conftest import free_port
+
 CONTEXT = 64
 VOCAB = 512
 OUTSIDE = "X-Autotune-Outside-Tuned-Shape"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def tiny_engine(batch_size: int = 8, delay_ms: float = 5.0) -> Any:
