@@ -8,24 +8,47 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, WithJsonSchema
 
 Precision = Literal["fp32", "tf32", "bf16", "fp16"]
 Quantization = Literal["none", "int8-dynamic", "int8-weight-only", "int4-weight-only", "fp8"]
 Backend = Literal["eager", "inductor", "inductor-cudagraphs", "cuda-graphs", "onnxruntime", "openvino", "tensorrt"]
 Scheduler = Literal["static", "continuous", "bucketed"]
 Attention = Literal["sdpa", "sdpa-no-cudnn", "eager", "sdpa-packed"]
+#: The programs that generate the tokens (``autotune.engines``): autotune's own, or a serving engine.
+EngineName = Literal["builtin", "vllm", "ctranslate2"]
 
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 QUANTIZATIONS: tuple[str, ...] = get_args(Quantization)
 BACKENDS: tuple[str, ...] = get_args(Backend)
 SCHEDULERS: tuple[str, ...] = get_args(Scheduler)
 ATTENTIONS: tuple[str, ...] = get_args(Attention)
+ENGINES: tuple[str, ...] = get_args(EngineName)
+
+ArgValue = str | int | float | bool
+
+
+def _args_in(value: Any) -> Any:
+    """A mapping (what JSON and YAML hold) as sorted ``(name, value)`` pairs: hashable, one order."""
+    if isinstance(value, dict):
+        return tuple(sorted(value.items()))
+    return tuple(sorted(tuple(pair) for pair in value)) if isinstance(value, list | tuple) else value
+
+
+#: An engine's own knobs (vLLM's ``max_num_batched_tokens``, CTranslate2's ``intra_threads``), by the
+#: engine's own name: stored as sorted pairs so configs stay frozen and hashable; read and written as a
+#: JSON object.
+EngineArgs = Annotated[
+    tuple[tuple[str, ArgValue], ...],
+    BeforeValidator(_args_in),
+    PlainSerializer(lambda pairs: dict(pairs), return_type=dict[str, ArgValue]),
+    WithJsonSchema({"type": "object", "additionalProperties": {"type": ["string", "integer", "number", "boolean"]}}),
+]
 
 #: Knobs that change the loaded model (a change means a rebuild), in application order.
-MODEL_KNOBS = ("model", "precision", "quantization", "attention", "backend")
+MODEL_KNOBS = ("engine", "model", "precision", "quantization", "attention", "backend")
 #: Knobs that only change how requests are scheduled onto an already built model.
 RUNTIME_KNOBS = ("batch_size", "streams", "max_queue_delay_ms", "scheduler", "pipeline_depth")
 KNOBS = RUNTIME_KNOBS + MODEL_KNOBS
@@ -72,6 +95,20 @@ class TrialConfig(BaseModel):
         ),
     )
 
+    engine: EngineName = Field(
+        "builtin",
+        description="What generates the tokens: autotune's own engine, or a serving engine (autotune.engines).",
+    )
+    engine_args: EngineArgs = Field(
+        (),
+        description="The engine's own knobs by its own names (vLLM: max_num_batched_tokens, ...); "
+        "an engine's default is left out.",
+    )
+
+    def arg(self, name: str, default: Any = None) -> Any:
+        """One of the engine's own knobs, or ``default`` where the config leaves it to the engine."""
+        return dict(self.engine_args).get(name, default)
+
     def key(self) -> str:
         """A short stable hash of the knob values, for dedupe and caches."""
         data = self.model_dump()
@@ -91,15 +128,19 @@ class TrialConfig(BaseModel):
             + (f" pipe{self.pipeline_depth}" if self.pipeline_depth != 1 else "")
             + (f" attn={self.attention}" if self.attention != "sdpa" else "")
             + (f" model={self.model}" if self.model else "")
+            + (f" engine={self.engine}" if self.engine != "builtin" else "")
+            + "".join(f" {k}={v}" for k, v in self.engine_args)
         )
 
 
 #: Knobs added after the first stored studies, with the default that older configs implicitly ran.
-_LATER_KNOB_DEFAULTS: dict[str, str | int | None] = {
+_LATER_KNOB_DEFAULTS: dict[str, Any] = {
     "scheduler": "static",
     "attention": "sdpa",
     "model": None,
     "pipeline_depth": 1,
+    "engine": "builtin",
+    "engine_args": {},
 }
 
 

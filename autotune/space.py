@@ -110,6 +110,9 @@ class SearchSpace:
         dropped: dict[str, str] = {}
         given: SpaceSpec = spec.space
         for knob in KNOBS:
+            if knob == "engine":
+                values[knob] = ["builtin"]
+                continue
             if knob == "model":  # the spec's model list, reference first; None: no variants to choose
                 values[knob] = spec.models if spec.variants else [None]
                 continue

@@ -10,7 +10,7 @@ from autotune.config import BASELINE, KNOBS, TrialConfig
 
 def test_key_at_later_knobs_defaults_is_the_key_from_before_those_knobs() -> None:
     cfg = TrialConfig(batch_size=8, precision="bf16")
-    later = ("scheduler", "attention", "model", "pipeline_depth")
+    later = ("scheduler", "attention", "model", "pipeline_depth", "engine", "engine_args")
     old = {k: v for k, v in cfg.model_dump().items() if k not in later}
     assert cfg.key() == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:12]
     assert cfg.model_copy(update={"scheduler": "continuous"}).key() != cfg.key()
