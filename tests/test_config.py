@@ -28,4 +28,15 @@ def test_labels_and_knobs() -> None:
     assert TrialConfig(batch_size=4, scheduler="bucketed").label() == "b4 fp32 none x1 eager 0ms bucketed"
     assert TrialConfig(attention="sdpa-no-cudnn").label() == "b1 fp32 none x1 eager 0ms attn=sdpa-no-cudnn"
     assert TrialConfig(batch_size=4, pipeline_depth=2).label() == "b4 fp32 none x1 eager 0ms pipe2"
-    assert set(KNOBS) == set(TrialConfig.model_fields)
+    assert set(KNOBS) | {"engine_args"} == set(TrialConfig.model_fields)  # engine_args: each engine's own knobs
+    vllm = TrialConfig(batch_size=8, engine="vllm", engine_args={"max_num_batched_tokens": 2048, "block_size": 16})
+    assert vllm.label() == "b8 fp32 none x1 eager 0ms engine=vllm block_size=16 max_num_batched_tokens=2048"
+
+
+def test_engine_args_are_a_json_object_and_keep_the_config_hashable() -> None:
+    cfg = TrialConfig(engine="vllm", engine_args={"enable_prefix_caching": True, "max_num_batched_tokens": 2048})
+    doc = cfg.model_dump(mode="json")
+    assert doc["engine_args"] == {"enable_prefix_caching": True, "max_num_batched_tokens": 2048}
+    assert TrialConfig.model_validate(doc) == cfg and hash(TrialConfig.model_validate(doc)) == hash(cfg)
+    assert cfg.arg("enable_prefix_caching") is True and cfg.arg("block_size", 16) == 16
+    assert cfg.key() != TrialConfig(engine="vllm").key() != TrialConfig().key()
