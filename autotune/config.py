@@ -144,5 +144,16 @@ _LATER_KNOB_DEFAULTS: dict[str, Any] = {
 }
 
 
+def knob_value(cfg: TrialConfig, knob: str, values: list[Any] | None = None) -> Any:
+    """``cfg``'s value of a searched knob: a TrialConfig field, or ``ENGINE.NAME`` for an engine's own
+    knob (its value where ``cfg`` runs that engine; otherwise the knob's first value, where it is pinned)."""
+    engine, dot, name = knob.partition(".")
+    if not dot:
+        return getattr(cfg, knob)
+    if cfg.engine == engine:
+        return cfg.arg(name)
+    return values[0] if values else None
+
+
 BASELINE = TrialConfig()
 """The naive baseline: batch 1, fp32, no quantization, eager, one stream, no queue delay."""

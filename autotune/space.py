@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from autotune.config import KNOBS, TrialConfig
+from autotune.config import KNOBS, TrialConfig, knob_value
 from autotune.errors import SpaceError
 from autotune.hardware import Hardware
 from autotune.optimize import REGISTRIES
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     import optuna
     from optuna.distributions import BaseDistribution
 
+    from autotune.engines import EngineKnobs
     from autotune.models import ModelInfo
 
 # Bytes per weight for the memory estimate.
@@ -97,6 +98,8 @@ class SearchSpace:
     dropped: dict[str, str] = field(default_factory=dict)
     #: Model variants' sizes (ref -> info), for their memory estimates.
     variants: dict[str, ModelInfo] = field(default_factory=dict)
+    #: The knobs of each engine searched (engine -> what it runs here); empty: the built-in engine only.
+    engines: dict[str, EngineKnobs] = field(default_factory=dict)
 
     @classmethod
     def from_spec(
@@ -109,22 +112,24 @@ class SearchSpace:
         values: dict[str, list[Any]] = {}
         dropped: dict[str, str] = {}
         given: SpaceSpec = spec.space
+        engines = _engine_knobs(spec, hw, dropped)
         for knob in KNOBS:
             if knob == "engine":
-                values[knob] = ["builtin"]
+                values[knob] = list(engines)
                 continue
             if knob == "model":  # the spec's model list, reference first; None: no variants to choose
                 values[knob] = spec.models if spec.variants else [None]
                 continue
             candidates = getattr(given, knob)
+            listed = candidates
             if candidates is None:
-                candidates, left_out = default_values(knob, hw)
+                candidates, left_out = default_values(knob, hw) if "builtin" in engines else ([], {})
                 dropped.update(left_out)
                 if knob == "scheduler" and spec.workload.prompt_tokens.distribution == "fixed":
                     reason = "every prompt of this workload has one length: nothing to bucket"
                     candidates = [v for v in candidates if v != "bucketed"]
                     dropped["scheduler=bucketed"] = reason
-            if knob in REGISTRIES:
+            if knob in REGISTRIES and "builtin" in engines:
                 kept = []
                 for v in candidates:
                     why = REGISTRIES[knob][v].unsupported(hw)
@@ -133,14 +138,19 @@ class SearchSpace:
                     else:
                         kept.append(v)
                 candidates = kept
+            elif "builtin" not in engines:
+                candidates = []
+            candidates = _with_engines_values(knob, candidates, listed, engines, dropped)
             if not candidates:
                 why = "; ".join(f"{k}: {r}" for k, r in dropped.items() if k.startswith(knob + "="))
                 raise SpaceError(f"search space is empty: no {knob} value runs on {hw.summary()} ({why})")
             values[knob] = sorted(candidates) if knob in ORDINAL_KNOBS else candidates
+        for engine, knobs in engines.items():
+            values.update(_own_values(engine, knobs, spec.space.engine_space(engine)))
         ctx = spec.workload.prompt_tokens.upper + spec.workload.output_tokens.upper
         if model is not None and ctx > model.max_context:
             raise SpaceError(f"workload needs {ctx} tokens of context but {model.ref} supports {model.max_context}")
-        space = cls(values, hw, model, ctx, spec.workload.arrival.clients, dropped, dict(variants or {}))
+        space = cls(values, hw, model, ctx, spec.workload.arrival.clients, dropped, dict(variants or {}), engines)
         if not any(space.check(c) is None for c in itertools.islice(space.grid(), 100_000)):
             first = next(space.grid())
             raise SpaceError(f"search space is empty: every combination is rejected (e.g. {space.check(first)})")
@@ -157,7 +167,15 @@ class SearchSpace:
         """Every combination, in knob order (a generator of TrialConfig)."""
         keys = list(self.values)
         for combo in itertools.product(*(self.values[k] for k in keys)):
-            yield TrialConfig(**dict(zip(keys, combo, strict=True)))
+            chosen = dict(zip(keys, combo, strict=True))
+            if self._canonical(chosen):
+                yield _config(chosen)
+
+    def _canonical(self, chosen: dict[str, Any]) -> bool:
+        """Whether the other engines' own knobs sit at their first value (where they are pinned), so
+        that each config has one set of parameters."""
+        engine = chosen.get("engine", "builtin")
+        return all(v == self.values[k][0] for k, v in chosen.items() if "." in k and k.partition(".")[0] != engine)
 
     def param_name(self, knob: str) -> str:
         """Ordinal knobs with 3+ values are searched by rank (``batch_size_rank``), others by value."""
@@ -166,7 +184,11 @@ class SearchSpace:
     def ranked_values(self, cfg: TrialConfig) -> dict[str, Any]:
         """The real values of the knobs searched by rank (``batch_size: 32`` beside ``batch_size_rank: 7``),
         stored with each trial so Optuna's own tools (``trials_dataframe``, optuna-dashboard) show them."""
-        return {k: getattr(cfg, k) for k in self.values if len(self.values[k]) > 1 and self.param_name(k) != k}
+        return {
+            k: knob_value(cfg, k, self.values[k])
+            for k in self.values
+            if len(self.values[k]) > 1 and self.param_name(k) != k
+        }
 
     def suggest(self, trial: optuna.trial.BaseTrial) -> TrialConfig:
         """Ask the sampler for one config. Ranks let TPE/GP/NSGA-II see that batch 8 lies between 4 and 16."""
@@ -190,7 +212,7 @@ class SearchSpace:
                 chosen[knob] = values[0]
             else:
                 chosen[knob] = params[name] if name == knob else values[params[name]]
-        return TrialConfig(**chosen)
+        return _config(chosen)
 
     def runnable(self) -> Callable[[dict[str, Any]], bool]:
         """A cached test of Optuna parameters against :meth:`check`'s rules, for samplers: configs the
@@ -200,7 +222,8 @@ class SearchSpace:
         def ok(params: dict[str, Any]) -> bool:
             key = tuple(sorted(params.items()))
             if key not in seen:
-                seen[key] = self.check(self.config_for(params)) is None
+                cfg = self.config_for(params)
+                seen[key] = self.params_for(cfg) == params and self.check(cfg) is None
             return seen[key]
 
         return ok
@@ -210,7 +233,7 @@ class SearchSpace:
         when one of its values is not in this space."""
         params: dict[str, Any] = {}
         for knob, values in self.values.items():
-            value = getattr(cfg, knob)
+            value = knob_value(cfg, knob, values)
             if value not in values:
                 return None
             if len(values) > 1:
@@ -258,6 +281,12 @@ class SearchSpace:
         hw = self.hardware
         if cfg.model is not None and cfg.model not in self.values["model"]:
             return f"model={cfg.model}: not one of this study's models ({', '.join(map(str, self.values['model']))})"
+        if cfg.engine not in self.values.get("engine", ["builtin"]):
+            return f"engine={cfg.engine}: not one of this study's engines"
+        if cfg.engine == "builtin" and cfg.engine_args:
+            return f"{cfg.engine_args[0][0]}: the built-in engine has no such knob"
+        if cfg.engine != "builtin":
+            return self._engine_check(cfg)
         for knob, registry in REGISTRIES.items():
             tech = registry[getattr(cfg, knob)]
             reason = tech.unsupported(hw) or tech.conflict(cfg, hw)
@@ -268,3 +297,99 @@ class SearchSpace:
             limit = f"{MEMORY_HEADROOM:.0%} of the device's {hw.device_memory_mb:,} MB"
             return f"estimated memory {est:,.0f} MB exceeds {limit}"
         return None
+
+    def _engine_check(self, cfg: TrialConfig) -> str | None:
+        """:meth:`check` for an engine other than the built-in one: its knobs and its own rules."""
+        from autotune.engines import get_engine
+
+        knobs = self.engines.get(cfg.engine)
+        if knobs is None:
+            return f"engine={cfg.engine}: not searched in this study"
+        for knob in KNOBS:
+            if knob in ("engine", "model"):
+                continue
+            value, allowed = getattr(cfg, knob), knobs.shared.get(knob)
+            pinned = allowed is None and value != TrialConfig.model_fields[knob].default
+            if pinned or (allowed is not None and value not in allowed):
+                why = "has no such knob" if allowed is None else "does not run this value here"
+                return f"{knob}={value}: " + knobs.dropped.get(f"{knob}={value}", f"engine {cfg.engine} {why}")
+        for name, _ in cfg.engine_args:
+            if name not in knobs.own:
+                return f"{name}: engine {cfg.engine} has no such knob here"
+        reason = get_engine(cfg.engine).conflict(cfg, self.hardware)
+        if reason:
+            return reason
+        est = self.estimate_memory_mb(cfg)
+        if est is not None and est > self.hardware.device_memory_mb * MEMORY_HEADROOM:
+            return f"estimated memory {est:,.0f} MB exceeds {MEMORY_HEADROOM:.0%} of the device's memory"
+        return None
+
+
+def _config(chosen: dict[str, Any]) -> TrialConfig:
+    """The TrialConfig for knob values by searched name (``ENGINE.NAME`` keys become engine_args of
+    the chosen engine; ``None``, and other engines' knobs, are left out)."""
+    fields = {k: v for k, v in chosen.items() if "." not in k}
+    engine = fields.get("engine", "builtin")
+    args = {}
+    for knob, value in chosen.items():
+        owner, dot, name = knob.partition(".")
+        if dot and owner == engine and value is not None:
+            args[name] = value
+    return TrialConfig(**fields, engine_args=args)
+
+
+def _engine_knobs(spec: StudySpec, hw: Hardware, dropped: dict[str, str]) -> dict[str, EngineKnobs]:
+    """Each engine the spec searches with its knobs on ``hw``; one not installed is dropped with the
+    reason (and refused when it is the only one)."""
+    from autotune.engines import EngineUnavailable, get_engine
+
+    engines: dict[str, EngineKnobs] = {}
+    for name in spec.engines:
+        plugin = get_engine(name)
+        try:
+            plugin.require()
+            knobs = plugin.knobs(hw)
+        except EngineUnavailable as err:
+            if len(spec.engines) == 1:
+                raise SpaceError(str(err)) from None
+            dropped[f"engine={name}"] = str(err)
+            continue
+        engines[name] = knobs
+        if name != "builtin":  # the built-in engine's own drops are recorded knob by knob below
+            dropped.update({f"{name}: {k}": why for k, why in knobs.dropped.items()})
+    if not engines:
+        raise SpaceError("no engine of " + ", ".join(spec.engines) + " is installed here")
+    return engines
+
+
+def _with_engines_values(
+    knob: str, builtin: list[Any], listed: list[Any] | None, engines: dict[str, EngineKnobs], dropped: dict[str, str]
+) -> list[Any]:
+    """The built-in engine's values of a shared knob, plus those other engines run here (of the spec's
+    list where it gives one); a knob an engine lacks is pinned to its default for it."""
+    values = list(builtin)
+    for name, knobs in engines.items():
+        if name == "builtin":
+            continue
+        allowed = knobs.shared.get(knob)
+        if allowed is None:
+            extra = [TrialConfig.model_fields[knob].default]
+        else:
+            extra = [v for v in (listed if listed is not None else allowed) if v in allowed]
+            for v in listed or []:
+                if v not in allowed:
+                    dropped.setdefault(
+                        f"{name}: {knob}={v}", knobs.dropped.get(f"{knob}={v}", f"{name} does not run it here")
+                    )
+        values += [v for v in extra if v not in values]
+    return values
+
+
+def _own_values(engine: str, knobs: EngineKnobs, given: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    """The searched values of ``engine``'s own knobs, as ``ENGINE.NAME`` knobs (the spec's, else the engine's)."""
+    unknown = sorted(set(given) - set(knobs.own))
+    if unknown:
+        why = "; ".join(knobs.dropped.get(k, "no such knob") for k in unknown)
+        have = ", ".join(knobs.own) or "none"
+        raise SpaceError(f"space.{engine}: {', '.join(unknown)} cannot be searched here ({why}); its knobs: {have}")
+    return {f"{engine}.{k}": list(given.get(k) or knob.values) for k, knob in knobs.own.items()}

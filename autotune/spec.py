@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from autotune.config import Attention, Backend, Precision, Quantization, Scheduler
+from autotune.config import ArgValue, Attention, Backend, EngineName, Precision, Quantization, Scheduler
 from autotune.errors import SpecError
 
 LatencyMetric = Literal["e2e_ms", "ttft_ms", "tpot_ms"]
@@ -205,13 +205,28 @@ class SpaceSpec(_Strict):
     scheduler: list[Scheduler] | None = None
     attention: list[Attention] | None = None
     pipeline_depth: list[Annotated[int, Field(ge=1, le=4)]] | None = None
+    #: Each engine's own knobs by its own names (``vllm: {max_num_batched_tokens: [2048, 8192]}``); ``null``
+    #: in a list means "leave the flag to the engine". A knob left out is searched over the engine's defaults.
+    vllm: dict[str, list[ArgValue | None]] | None = None
+    ctranslate2: dict[str, list[ArgValue | None]] | None = None
 
     @field_validator("*", mode="after")
     @classmethod
-    def _non_empty(cls, v: list[Any] | None) -> list[Any] | None:
+    def _non_empty(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: cls._non_empty(values) for k, values in v.items()}
         if v is not None and not v:
             raise ValueError("an empty list leaves nothing to search; omit the key for the default")
         return sorted(set(v), key=v.index) if v is not None else None
+
+    def engine_space(self, engine: str) -> dict[str, list[ArgValue | None]]:
+        """The spec's values for ``engine``'s own knobs (empty: the engine's defaults)."""
+        given = getattr(self, engine, None) if engine in OWN_KNOB_ENGINES else None
+        return dict(given or {})
+
+
+#: Engines with knobs of their own (a ``space.<engine>`` section).
+OWN_KNOB_ENGINES = ("vllm", "ctranslate2")
 
 
 class Budget(_Strict):
@@ -289,6 +304,11 @@ class StudySpec(_Strict):
         description="other candidates (distilled, pruned, ...), searched as the 'model' knob; or write model: [a, b]",
     )
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    engine: EngineName | Annotated[list[EngineName], Field(min_length=1)] = Field(
+        "builtin",
+        description="what generates the tokens: builtin (autotune's own), vllm, ctranslate2; a list searches "
+        "the engines as a knob (autotune engines lists what is installed)",
+    )
     workload: WorkloadSpec = Field(default_factory=WorkloadSpec)
     slo: Annotated[list[Constraint], Field(min_length=1)]
     space: SpaceSpec = Field(default_factory=SpaceSpec)
@@ -335,6 +355,12 @@ class StudySpec(_Strict):
         if len(set(v)) != len(v):
             raise ValueError("a model variant is listed twice")
         return v
+
+    @property
+    def engines(self) -> list[str]:
+        """The engines searched, in the spec's order (one for ``engine: NAME``)."""
+        names = [self.engine] if isinstance(self.engine, str) else list(self.engine)
+        return sorted(set(names), key=names.index)
 
     @property
     def models(self) -> list[str]:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from autotune.config import TrialConfig
+from autotune.config import TrialConfig, knob_value
 
 if TYPE_CHECKING:
     from autotune.space import SearchSpace
@@ -66,10 +66,15 @@ class Outlook:
         )
 
 
+#: The column marker of an ordinal knob (None is a value: an engine knob left to the engine).
+_ORDINAL = object()
+
+
 class Encoder:
     """Configs as points in [0, 1]^d: log-position for ordinal knobs, one-hot for the others."""
 
     def __init__(self, values: dict[str, list[Any]], ordinal: Sequence[str]) -> None:
+        self.values = values
         self.columns: list[tuple[str, Any]] = []
         self.scales: dict[str, tuple[float, float]] = {}
         for knob, vals in values.items():
@@ -78,7 +83,7 @@ class Encoder:
             if knob in ordinal and all(isinstance(v, int | float) for v in vals):
                 logs = [math.log1p(float(v)) for v in vals]
                 self.scales[knob] = (min(logs), (max(logs) - min(logs)) or 1.0)
-                self.columns.append((knob, None))
+                self.columns.append((knob, _ORDINAL))
             else:
                 self.columns += [(knob, v) for v in vals]
 
@@ -86,8 +91,8 @@ class Encoder:
         out = np.zeros((len(configs), len(self.columns)))
         for i, cfg in enumerate(configs):
             for j, (knob, value) in enumerate(self.columns):
-                v = getattr(cfg, knob)
-                if value is None:
+                v = knob_value(cfg, knob, self.values[knob])
+                if value is _ORDINAL:
                     lo, span = self.scales[knob]
                     out[i, j] = (math.log1p(float(v)) - lo) / span
                 else:  # one-hot, scaled so two categories lie 1 apart

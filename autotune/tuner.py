@@ -885,7 +885,7 @@ class Tuner:
         attention and backend, and no more rows (batch size x streams) than ``cfg``: memory only
         grows with rows, so ``cfg`` would run out too (learned infeasibility)."""
         rows = cfg.batch_size * cfg.streams
-        same = ("model", "precision", "quantization", "attention", "backend")
+        same = ("engine", "engine_args", "model", "precision", "quantization", "attention", "backend")
         for t in trials:
             if (t.user_attrs.get(A_FAILURE) or {}).get("kind") != "oom" or A_CONFIG not in t.user_attrs:
                 continue

@@ -207,3 +207,105 @@ def test_bucketed_scheduler_is_searched_only_when_prompt_lengths_vary() -> None:
     varied = SearchSpace.from_spec(varied_spec, make_hw())
     assert "bucketed" in varied.values["scheduler"]
     assert "no padding to save" in (varied.check(TrialConfig(batch_size=1, scheduler="bucketed")) or "")
+
+
+# -- engines as a knob ---------------------------------------------------------------------------
+class FakeServerEngine:
+    """A stand-in for an external engine with two shared knobs and two of its own."""
+
+    name = "vllm"
+    kind = "server"
+    runtime_knobs = ()
+
+    def version(self) -> str:
+        return "0.0-test"
+
+    def require(self) -> str:
+        return self.version()
+
+    def knobs(self, hw: object) -> object:
+        from autotune.engines import EngineKnob, EngineKnobs
+
+        return EngineKnobs(
+            shared={"batch_size": [8, 16, 32, 64], "precision": ["fp32", "bf16"]},
+            own={
+                "max_num_batched_tokens": EngineKnob("max_num_batched_tokens", (None, 4096), ordinal=True),
+                "enable_prefix_caching": EngineKnob("enable_prefix_caching", (False, True)),
+            },
+            dropped={"quantization=int8-dynamic": "vLLM needs a pre-quantized checkpoint"},
+        )
+
+    def conflict(self, cfg: TrialConfig, hw: object) -> str | None:
+        return "too many tokens" if cfg.batch_size == 64 and cfg.arg("max_num_batched_tokens") == 4096 else None
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch: pytest.MonkeyPatch) -> None:
+    import autotune.engines as engines
+
+    monkeypatch.setitem(engines._PATHS, "vllm", f"{__name__}:FakeServerEngine")
+
+
+def engine_spec(engine: object, **space: object) -> StudySpec:
+    return parse_spec(
+        {"model": "preset:llama-small", "slo": {"e2e_ms": {"p95": 2000}}, "engine": engine, "space": space}
+    )
+
+
+def test_an_engine_list_searches_each_engine_with_only_its_own_knobs(fake_vllm: None) -> None:
+    s = SearchSpace.from_spec(engine_spec(["builtin", "vllm"], batch_size=[4, 8, 16]), make_hw())
+    assert s.values["engine"] == ["builtin", "vllm"]
+    assert s.values["vllm.max_num_batched_tokens"] == [None, 4096]
+    configs = [c for c in s.grid() if s.check(c) is None]
+    vllm = [c for c in configs if c.engine == "vllm"]
+    builtin = [c for c in configs if c.engine == "builtin"]
+    assert vllm and builtin and len(set(configs)) == len(configs)  # each config once
+    assert {c.batch_size for c in vllm} == {8, 16}  # 4 is the built-in engine's only
+    assert all(c.streams == 1 and c.backend == "eager" and c.quantization == "none" for c in vllm)
+    assert all(not c.engine_args for c in builtin)
+    args = {"max_num_batched_tokens": 4096, "enable_prefix_caching": False}  # None: the flag left out
+    assert TrialConfig(engine="vllm", engine_args=args, batch_size=8) in vllm
+    assert TrialConfig(engine="vllm", engine_args={"enable_prefix_caching": True}, batch_size=8) in vllm
+    # the other engine's knobs are not the built-in engine's, nor its shared values the other's
+    assert "no such knob" in str(s.check(TrialConfig(engine="vllm", batch_size=8, streams=2)))
+    assert "pre-quantized" in str(s.check(TrialConfig(engine="vllm", batch_size=8, quantization="int8-dynamic")))
+    assert "built-in engine has no such knob" in str(s.check(TrialConfig(engine_args={"block_size": 16})))
+
+
+def test_a_sampler_is_only_offered_one_parameter_set_per_config(fake_vllm: None) -> None:
+    s = SearchSpace.from_spec(engine_spec(["builtin", "vllm"], batch_size=[8, 16]), make_hw())
+    ok = s.runnable()
+    args = {"enable_prefix_caching": True}
+    cfg = TrialConfig(engine="vllm", batch_size=16, precision="bf16", engine_args=args)
+    params = s.params_for(cfg)
+    assert params is not None and s.config_for(params) == cfg and ok(params)
+    builtin = s.params_for(TrialConfig(batch_size=8))
+    assert builtin is not None and ok(builtin)
+    assert not ok({**builtin, "vllm.enable_prefix_caching": True})  # the same built-in config again
+
+
+def test_engine_rules_and_spec_values_apply(fake_vllm: None) -> None:
+    s = SearchSpace.from_spec(engine_spec("vllm", vllm={"max_num_batched_tokens": [4096]}), make_hw())
+    assert s.values["engine"] == ["vllm"] and s.values["vllm.max_num_batched_tokens"] == [4096]
+    assert s.values["batch_size"] == [8, 16, 32, 64]
+    assert s.check(TrialConfig(engine="vllm", batch_size=64, engine_args={"max_num_batched_tokens": 4096}))
+    with pytest.raises(SpaceError, match="space.vllm: block_size cannot be searched here"):
+        SearchSpace.from_spec(engine_spec("vllm", vllm={"block_size": [16]}), make_hw())
+
+
+def test_an_engine_that_is_not_installed_is_refused_alone_and_dropped_from_a_list(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from autotune.engines import EngineUnavailable
+
+    def missing(self: object) -> str:
+        raise EngineUnavailable("engine vllm is not installed; install it with: autotune engines install vllm")
+
+    monkeypatch.setattr(FakeServerEngine, "require", missing)
+    import autotune.engines as engines
+
+    monkeypatch.setitem(engines._PATHS, "vllm", f"{__name__}:FakeServerEngine")
+    with pytest.raises(SpaceError, match="autotune engines install vllm"):
+        SearchSpace.from_spec(engine_spec("vllm"), make_hw())
+    s = SearchSpace.from_spec(engine_spec(["builtin", "vllm"]), make_hw())
+    assert s.values["engine"] == ["builtin"] and "not installed" in s.dropped["engine=vllm"]
