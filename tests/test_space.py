@@ -289,7 +289,7 @@ def test_engine_rules_and_spec_values_apply(fake_vllm: None) -> None:
     assert s.values["engine"] == ["vllm"] and s.values["vllm.max_num_batched_tokens"] == [4096]
     assert s.values["batch_size"] == [8, 16, 32, 64]
     assert s.check(TrialConfig(engine="vllm", batch_size=64, engine_args={"max_num_batched_tokens": 4096}))
-    with pytest.raises(SpaceError, match="space.vllm: block_size cannot be searched here"):
+    with pytest.raises(SpaceError, match=r"space\.vllm: block_size cannot be searched here"):
         SearchSpace.from_spec(engine_spec("vllm", vllm={"block_size": [16]}), make_hw())
 
 
