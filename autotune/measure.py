@@ -84,6 +84,9 @@ class Measurement:
     breakdown_ms: dict[str, float] = field(default_factory=dict)
     #: The trial process's CPU niceness while it measured (``budget.trial_niceness``; 0: not lowered).
     niceness: int = 0
+    #: Load from other processes while the trial replayed its workload (:func:`autotune.load.watch`):
+    #: their CPU cores, loadavg, NVML's other GPU processes, and ``disturbed``. None: not watched.
+    background: dict[str, Any] | None = None
 
     def value(self, name: str) -> float:
         """Look up ``e2e_ms.p95``-style, plain (``peak_memory_mb``) or fidelity (``kl``) metric names;
