@@ -455,13 +455,18 @@ def _child_trial(job: dict[str, Any]) -> dict[str, Any]:
     first_id = len(getattr(engine.tokenizer, "all_special_ids", []) or [0])
     common: dict[str, Any] = {"vocab_size": engine.info.vocab_size, "first_token_id": first_id}
     common["build_timings"] = engine.timings.as_dict()
-    with engine:
+    from autotune.load import watch
+
+    # The load from other processes while it measured (this process and its children, a server
+    # included, are its own): the tuner re-measures a disturbed trial (issue 27.7).
+    with engine, watch(device=hw.device) as load:
         if spec.workload.transport == "http":
             from autotune.transport import measure_over_http
 
             m = measure_over_http(engine, spec.workload, **common, abort_if=_early_stop(spec))
         else:
             m = run_workload(engine, spec.workload, **common, abort_if=_early_stop(spec))
+    m.background = load.result()
     ceilings = hw.ceilings()
     if ceilings is not None and m.requests:
         from autotune.optimize.precision import torch_dtype
