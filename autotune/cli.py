@@ -6,6 +6,7 @@ Exit codes: 0 ok, 2 bad input (spec, model, storage, space), 3 no config met the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -1156,12 +1157,75 @@ def serve(
 
         doc = load_doc(config)
         check_port(host, port)
+        if _server_engine(doc):
+            _serve_engine_process(doc, host, port)
+            return
         with err.status(f"loading {doc['model']} with {TrialConfig.model_validate(doc['config']).label()}…"):
             engine = _loud(lambda: build_engine(doc, device=device, strict=strict))
         err.print(f"serving {doc['model']} on http://{host}:{port} (greedy decoding; Ctrl-C drains and stops)")
         run_server(engine, host=host, port=port, model_name=doc["model"], max_context=max_context)
 
     _run(body, study=False)
+
+
+def _server_engine(doc: dict[str, Any]) -> bool:
+    """Whether the exported config runs on an engine that is a server of its own (vLLM)."""
+    engine = str(doc["config"].get("engine", "builtin"))
+    if engine == "builtin":
+        return False
+    from autotune.engines import get_engine
+
+    return get_engine(engine).kind == "server"
+
+
+def _serve_engine_process(doc: dict[str, Any], host: str, port: int) -> None:
+    """Start the engine with the measured launch on ``host``:``port`` and keep it up until Ctrl-C/SIGTERM."""
+    import tempfile
+    import time
+
+    from autotune.deploy import engine_launch
+    from autotune.engines.server import ServerProcess
+
+    launch = engine_launch(doc, port=port, host=host)
+    engine = doc["config"]["engine"]
+    log = Path(tempfile.mkdtemp(prefix=f"autotune-serve-{engine}-")) / "engine.log"
+    err.print(f"starting {engine}: {' '.join(launch.argv)}", highlight=False, soft_wrap=True)
+    err.print(f"its log: {log}", highlight=False)
+    with ServerProcess(launch, port=port, log_path=log) as server:
+        with err.status(f"waiting for {engine} to answer on http://{host}:{port}…"):
+            started = server.start()
+        where = f"http://{host}:{port}"
+        err.print(f"serving {doc['model']} with {engine} on {where} (ready in {started:.0f} s; Ctrl-C stops)")
+        while server.alive():
+            time.sleep(1.0)
+        server.ensure_alive()
+
+
+def _start_engine_process(doc: dict[str, Any], stack: contextlib.ExitStack) -> str:
+    """Start a server engine's exported config on a free loopback port (stopped when ``stack`` closes)."""
+    import tempfile
+
+    from autotune.deploy import engine_launch
+    from autotune.engines.server import ServerProcess, free_port
+
+    port = free_port()
+    launch = engine_launch(doc, port=port)
+    log = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="autotune-verify-"))) / "engine.log"
+    server = stack.enter_context(ServerProcess(launch, port=port, log_path=log))
+    with err.status(f"starting {doc['config']['engine']} with the measured launch…"):
+        server.start()
+    return server.url
+
+
+def _replay(doc: dict[str, Any], url: str | None, device: str | None, runs: int, replays: list[Any]) -> None:
+    """Replay the export's workload ``runs`` times: against ``url``, or on an engine in this process."""
+    from autotune.verify import build_engine, verify_local, verify_remote
+
+    engine = None if url else _loud(lambda: build_engine(doc, device=device))
+    for i in range(runs):
+        what = f"replay {i + 1} of {runs}: " if runs > 1 else ""
+        with err.status(f"{what}replaying the workload {f'against {url}' if url else 'in this process'}…"):
+            replays.append(verify_local(doc, engine) if engine is not None else verify_remote(doc, str(url)))
 
 
 def _loud(load: Callable[[], Any]) -> Any:
@@ -1205,16 +1269,14 @@ def verify(
     """Replay the study's workload against the deployment and compare with the tuned figures (exit 3 if short)."""
 
     def body() -> None:
-        from autotune.verify import VerifyFailed, build_engine, compare, load_doc, render, verify_local, verify_remote
+        from autotune.verify import VerifyFailed, compare, load_doc, render
 
         doc = load_doc(config)
         label = TrialConfig.model_validate(doc["config"]).label()
         replays = []
-        engine = None if url else _loud(lambda: build_engine(doc, device=device))
-        for i in range(runs):
-            what = f"replay {i + 1} of {runs}: " if runs > 1 else ""
-            with err.status(f"{what}replaying the workload {f'against {url}' if url else 'in this process'}…"):
-                replays.append(verify_local(doc, engine) if engine is not None else verify_remote(doc, str(url)))
+        with contextlib.ExitStack() as stack:
+            target = url or (_start_engine_process(doc, stack) if _server_engine(doc) else None)
+            _replay(doc, target, device, runs, replays)
         m = sorted(replays, key=lambda r: r.output_tokens_per_s)[(len(replays) - 1) // 2]  # the (lower) median
         if runs > 1:
             each = ", ".join(f"{r.output_tokens_per_s:,.0f}" for r in replays)
@@ -1227,6 +1289,60 @@ def verify(
         if not v.ok:
             raise VerifyFailed("; ".join(v.reasons))
         err.print(f"verified: within {tolerance:.0%} of the tuned throughput and every SLO clause met")
+
+    _run(body)
+
+
+engines_app = typer.Typer(
+    help="The engines autotune can measure and deploy: its own, vLLM, CTranslate2 (`autotune engines` lists them)."
+)
+app.add_typer(engines_app, name="engines")
+
+
+@engines_app.callback(invoke_without_command=True)
+def engines_list(ctx: typer.Context) -> None:
+    """List the engines, whether each is installed here, its version and where it runs from."""
+    if ctx.invoked_subcommand is not None:
+        return
+
+    def body() -> None:
+        from autotune.engines import ENGINES, get_engine
+
+        t = Table("engine", "runs", "version", "where / how to install")
+        for name in ENGINES:
+            engine = get_engine(name)
+            version = engine.version()
+            describe = getattr(engine, "describe", None)
+            where = str((describe() or {}).get("location", "")) if describe and version else ""
+            hint = engine.install_hint() if not version else ""
+            t.add_row(name, engine.kind, version or "not installed", where or hint)
+        out.print(t)
+
+    _run(body)
+
+
+@engines_app.command("install")
+def engines_install(
+    name: Annotated[str, typer.Argument(help="the engine: vllm (its own environment) or ctranslate2")],
+    force: Annotated[bool, typer.Option(help="reinstall even where it is installed")] = False,
+) -> None:
+    """Install an engine where autotune runs it (vLLM: its own Python environment under autotune's cache)."""
+
+    def body() -> None:
+        from autotune.engines import ENGINES, get_engine
+
+        if name not in ENGINES:
+            raise SpecError(f"unknown engine {name!r}; engines: {', '.join(ENGINES)}")
+        engine = get_engine(name)
+        install = getattr(engine, "install", None)
+        if install is None:
+            version = engine.version()
+            if version is None:
+                raise AutotuneError(f"engine {name} installs into autotune's environment: {engine.install_hint()}")
+            out.print(f"{name} {version} is installed ({engine.install_hint()})", highlight=False)
+            return
+        where = install(force=force)
+        out.print(f"{name} {engine.version()} installed in {where}", highlight=False)
 
     _run(body)
 

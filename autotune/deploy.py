@@ -12,6 +12,7 @@ file's fingerprint warns (``strict=True`` refuses) and says what differs.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import warnings
@@ -25,6 +26,7 @@ from autotune.errors import AutotuneError
 
 if TYPE_CHECKING:
     from autotune.engine import Engine
+    from autotune.engines.server import Launch
     from autotune.hardware import Hardware
 
 #: The export schema version this autotune writes and the newest it reads.
@@ -178,5 +180,44 @@ def load_engine(
     workload = WorkloadSpec.model_validate(doc.workload) if doc.workload else None
     pad = workload.prompt_tokens.upper if workload else None
     context = pad + workload.output_tokens.upper if workload and pad else None
-    engine = Engine.build(ref, doc.config, hw, seed=doc.model_seed, prompt_pad_to=pad, max_context=context)
+    build = Engine.build
+    if doc.config.engine != "builtin":
+        from autotune.engines import get_engine
+
+        plugin = get_engine(doc.config.engine)
+        plugin.require()
+        if plugin.kind == "server":
+            raise ConfigFileError(
+                f"this config was measured on engine {doc.config.engine}, a server of its own: "
+                "`autotune serve CONFIG` starts it with the measured launch, and `autotune export --format "
+                f"{doc.config.engine}` writes that launch"
+            )
+        import importlib
+
+        build = importlib.import_module(f"autotune.engines.{doc.config.engine}").build_engine
+    engine = build(ref, doc.config, hw, seed=doc.model_seed, prompt_pad_to=pad, max_context=context)
     return engine.start() if start else engine
+
+
+def engine_launch(doc: dict[str, Any], *, port: int, host: str = "127.0.0.1") -> Launch:
+    """The measured launch of a server engine's exported config (``vllm``): the same command the trial
+    started, on ``host``:``port``, loading the same checkpoint folder."""
+    from autotune.checkpoint import checkpoint_dir
+    from autotune.engines import get_engine
+    from autotune.hardware import probe
+    from autotune.spec import WorkloadSpec
+
+    exported = parse_config(doc)
+    plugin = get_engine(exported.config.engine)
+    plugin.require()
+    folder = checkpoint_dir(exported.model, exported.model_seed)
+    model_dir = Path(folder) if folder is not None else Path(exported.model)
+    workload = WorkloadSpec.model_validate(exported.workload) if exported.workload else WorkloadSpec()
+    context = workload.prompt_tokens.upper + workload.output_tokens.upper
+    hw = probe(exported.hardware.get("device") or "auto")
+    launch = plugin.launch(exported.config, model_dir, hw, port=port, max_model_len=context)
+    if host != "127.0.0.1" and "--host" in launch.argv:
+        argv = list(launch.argv)
+        argv[argv.index("--host") + 1] = host
+        launch = dataclasses.replace(launch, argv=argv)
+    return launch

@@ -178,11 +178,24 @@ def run_trial(
         "config": config.model_dump(mode="json"),
         "hardware": hardware.model_dump(mode="json"),
         "reference": reference,
+        "model_dir": _model_dir(spec, config),
     }
     limit = timeout_s or spec.budget.trial_timeout_s
     with measuring_on(hardware.device, f"study {spec.name}, {config.label()}"):
         res = _run_warm(job, limit) if spec.budget.reuse_engine else run_child(job, limit)
     return Measurement.from_dict(res["measurement"])
+
+
+def _model_dir(spec: StudySpec, config: TrialConfig) -> str | None:
+    """The checkpoint folder an engine other than the built-in one loads (presets written once, here in
+    the parent, so that the trial process starts none of its own), or None for the built-in engine."""
+    if config.engine == "builtin":
+        return None
+    from autotune.checkpoint import checkpoint_dir
+
+    ref = config.model or spec.model
+    folder = checkpoint_dir(ref, spec.model_seed)
+    return str(folder) if folder is not None else ref
 
 
 # -- reuse across trials ----------------------------------------------------------------------------
@@ -200,9 +213,23 @@ def build_key(job: dict[str, Any]) -> str:
         "spec": job["spec"],
         "hardware": job["hardware"],
         "build": {k: cfg.get(k) for k in MODEL_KNOBS},
+        "engine_args": _build_args(TrialConfig.model_validate(cfg)),
         "perturbed": perturbed,
     }
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _build_args(cfg: TrialConfig) -> dict[str, Any]:
+    """The engine's own knobs that need a new start (all of them, for a server engine), and the
+    shared runtime knobs the engine cannot change while running."""
+    from autotune.config import RUNTIME_KNOBS
+    from autotune.engines import get_engine
+
+    if cfg.engine == "builtin":
+        return {}
+    runtime = get_engine(cfg.engine).runtime_knobs
+    fixed = {k: getattr(cfg, k) for k in RUNTIME_KNOBS if k not in runtime}
+    return {**fixed, **{k: v for k, v in cfg.engine_args if k not in runtime}}
 
 
 class _WarmChild:
@@ -428,14 +455,29 @@ def _classify(err: BaseException) -> str:
 _BUILT: dict[str, Any] = {}
 
 
+def _release_built() -> None:
+    """Forget the warm process's built engine, stopping it first when it is a server."""
+    server = _BUILT.get("server")
+    if server is not None:
+        import shutil
+
+        server.stop()
+        shutil.rmtree(server.log_path.parent, ignore_errors=True)
+    _BUILT.clear()
+
+
 def _child_trial(job: dict[str, Any]) -> dict[str, Any]:
-    from autotune.engine import Engine
     from autotune.measure import run_workload
 
     spec = StudySpec.model_validate(job["spec"])
     config = TrialConfig.model_validate(job["config"])
     hw = Hardware.model_validate(job["hardware"])
     _inject_fault(config, job.get("fault", ""))
+    if config.engine != "builtin":
+        from autotune.engines import get_engine
+
+        if get_engine(config.engine).kind == "server":
+            return _child_server_trial(job, spec, config, hw)
     pad = spec.workload.prompt_tokens.upper
     ctx = pad + spec.workload.output_tokens.upper
     ref = config.model or spec.model
@@ -446,8 +488,9 @@ def _child_trial(job: dict[str, Any]) -> dict[str, Any]:
         engine.reconfigure(config)
         engine.timings = type(engine.timings)()  # nothing was loaded, converted or quantized this time
     else:
-        _BUILT.clear()
-        engine = Engine.build(ref, config, hw, seed=spec.model_seed, prompt_pad_to=pad, max_context=ctx)
+        _release_built()
+        build = _builder(config.engine)
+        engine = build(ref, config, hw, seed=spec.model_seed, prompt_pad_to=pad, max_context=ctx)
         if _fault_for(config, job.get("fault", "")) == "perturb":
             _perturb(engine.model)
         if key is not None:
@@ -468,7 +511,7 @@ def _child_trial(job: dict[str, Any]) -> dict[str, Any]:
             m = run_workload(engine, spec.workload, **common, abort_if=_early_stop(spec))
     m.background = load.result()
     ceilings = hw.ceilings()
-    if ceilings is not None and m.requests:
+    if ceilings is not None and m.requests and config.engine == "builtin":
         from autotune.optimize.precision import torch_dtype
         from autotune.roofline import compute_dtype, count_model, roofline
 
@@ -487,8 +530,11 @@ def _child_trial(job: dict[str, Any]) -> dict[str, Any]:
         # Fidelity depends on the built model only: a reused engine's result stands.
         cached = _BUILT.get("quality") if reused and _BUILT.get("reference") == job["reference"] else None
         t = time.perf_counter()
-        # What is served is measured: the exported graph's numerics for the onnxruntime backend.
+        # What is served is measured: the exported graph's numerics for the onnxruntime backend, the
+        # engine's own for another in-process engine.
         served = {"logits": engine.exported.logits, "greedy": engine.exported.greedy} if engine.exported else {}
+        if getattr(engine, "served_logits", None) is not None:
+            served = {"logits": engine.served_logits, "greedy": engine.served_greedy}
         m.quality = cached or fidelity(
             engine.model,
             build_eval_set(spec.quality, engine.tokenizer),
@@ -498,6 +544,83 @@ def _child_trial(job: dict[str, Any]) -> dict[str, Any]:
         m.timings["quality_s"] = time.perf_counter() - t
         if key is not None:
             _BUILT.update(quality=m.quality, reference=job["reference"])
+    if reused:
+        m.timings["engine_reused"] = 1.0
+    m.niceness = _niceness()
+    return {"status": "ok", "measurement": m.to_dict()}
+
+
+def _builder(engine: str) -> Any:
+    """``Engine.build`` of the built-in engine, or another in-process engine's ``build_engine`` (same signature)."""
+    if engine == "builtin":
+        from autotune.engine import Engine
+
+        return Engine.build
+    import importlib
+
+    return importlib.import_module(f"autotune.engines.{engine}").build_engine
+
+
+def _child_server_trial(job: dict[str, Any], spec: StudySpec, config: TrialConfig, hw: Hardware) -> dict[str, Any]:
+    """A trial of a server engine: start it with the config's launch (or reuse the running one with the
+    same launch), replay the workload over its OpenAI-compatible API, measure fidelity the same way."""
+    from transformers import AutoTokenizer
+
+    from autotune.engines import get_engine
+    from autotune.engines.server import EngineProcessError, ServerProcess, free_port, measure_server
+
+    plugin = get_engine(config.engine)
+    model_dir = Path(job["model_dir"])
+    ctx = spec.workload.prompt_tokens.upper + spec.workload.output_tokens.upper
+    key = job.get("build_key")
+    server = _BUILT.get("server") if key is not None and _BUILT.get("key") == key else None
+    reused = server is not None and server.alive()
+    timings: dict[str, float] = {}
+    try:
+        if not reused:
+            _release_built()
+            port = free_port()
+            launch = plugin.launch(config, model_dir, hw, port=port, max_model_len=ctx)
+            logs = Path(tempfile.mkdtemp(prefix=f"autotune-{config.engine}-"))
+            server = ServerProcess(launch, port=port, log_path=logs / "engine.log")
+            _BUILT.update(key=key, server=server)
+            timings["engine_start_s"] = server.start()
+        assert server is not None
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        first_id = len(getattr(tokenizer, "all_special_ids", []) or [0])
+        m = measure_server(
+            server.url,
+            spec.workload,
+            config,
+            served_model=server.served_model,
+            vocab_size=len(tokenizer),
+            first_token_id=first_id,
+            abort_if=_early_stop(spec),
+            process=server,
+            timings=timings,
+        )
+        if job.get("reference") and spec.quality.enabled:
+            from autotune.quality import Reference, build_eval_set
+
+            cached = _BUILT.get("quality") if reused and _BUILT.get("reference") == job["reference"] else None
+            t = time.perf_counter()
+            es = build_eval_set(spec.quality, tokenizer)
+            m.quality = cached or plugin.fidelity_over_http(
+                server.url, server.served_model, es, Reference.from_b64(job["reference"])
+            )
+            m.timings["quality_s"] = time.perf_counter() - t
+            _BUILT.update(quality=m.quality, reference=job["reference"])
+    except EngineProcessError as err:  # the engine's own last lines go to the trial's log excerpt
+        print(f"engine {config.engine}: {err.kind}: {err.reason}\n{err.log_tail}", file=sys.stderr)
+        _release_built()
+        kind = "oom" if err.kind == "oom" else "error"
+        return {"status": "error", "kind": kind, "reason": f"engine {config.engine} {err.kind}: {err.reason}"[:500]}
+    except BaseException:
+        _release_built()
+        raise
+    finally:
+        if key is None:  # a one-off trial process: nothing reuses the server
+            _release_built()
     if reused:
         m.timings["engine_reused"] = 1.0
     m.niceness = _niceness()

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from autotune.config import ArgValue, TrialConfig
 from autotune.errors import AutotuneError
 
 if TYPE_CHECKING:
+    from autotune.engines.server import Launch
     from autotune.hardware import Hardware
+    from autotune.quality import EvalSet, Reference
 
 
 class EngineUnavailable(AutotuneError):
@@ -86,3 +89,12 @@ class ServingEngine(ABC):
     def conflict(self, cfg: TrialConfig, hw: Hardware) -> str | None:
         """Why this combination of knob values cannot run (checked before anything starts), or None."""
         return None
+
+    # -- server engines ----------------------------------------------------------------------------
+    def launch(self, config: TrialConfig, model_dir: Path, hw: Hardware, *, port: int, max_model_len: int) -> Launch:
+        """The exact command (and environment) that serves ``config`` on 127.0.0.1:``port``."""
+        raise NotImplementedError(f"engine {self.name} is not a server engine")
+
+    def fidelity_over_http(self, url: str, served_model: str | None, es: EvalSet, ref: Reference) -> dict[str, Any]:
+        """The fidelity figures of :func:`autotune.quality.fidelity`, measured through the server's API."""
+        raise NotImplementedError(f"engine {self.name} is not a server engine")
