@@ -588,17 +588,21 @@ def _child_server_trial(job: dict[str, Any], spec: StudySpec, config: TrialConfi
         assert server is not None
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         first_id = len(getattr(tokenizer, "all_special_ids", []) or [0])
-        m = measure_server(
-            server.url,
-            spec.workload,
-            config,
-            served_model=server.served_model,
-            vocab_size=len(tokenizer),
-            first_token_id=first_id,
-            abort_if=_early_stop(spec),
-            process=server,
-            timings=timings,
-        )
+        from autotune.load import watch
+
+        with watch(device=hw.device) as load:  # the server is this process's child: its own load
+            m = measure_server(
+                server.url,
+                spec.workload,
+                config,
+                served_model=server.served_model,
+                vocab_size=len(tokenizer),
+                first_token_id=first_id,
+                abort_if=_early_stop(spec),
+                process=server,
+                timings=timings,
+            )
+        m.background = load.result()
         if job.get("reference") and spec.quality.enabled:
             from autotune.quality import Reference, build_eval_set
 
