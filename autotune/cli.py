@@ -511,11 +511,26 @@ def _run_with_progress(tuner: Any) -> Any:
             quality = f", KL {m.quality['kl']:.2g}, top-1 {m.quality['top1_agreement']:.0%}" if m.quality else ""
             progress.console.print(
                 f"  trial {trial.number}: {_label(trial)} → "
-                f"{m.output_tokens_per_s:,.0f} tok/s, {obj} {m.value(obj):,.0f} ms{quality} ({escape(mark)})",
+                f"{m.output_tokens_per_s:,.0f} tok/s, {obj} {m.value(obj):,.0f} ms{quality} ({escape(mark)})"
+                + escape(_load_note(trial)),
                 highlight=False,
             )
 
+    def on_disturbed(what: str, load: str) -> None:
+        wait = "one check" if tuner.load_persists else f"up to {tuner.quiet_wait_s:g} s"
+        progress.console.print(
+            f"  [yellow]{escape(what)} was disturbed:[/yellow] {escape(load)}; waiting {wait} for it to pass "
+            "to measure again",
+            highlight=False,
+        )
+
     def on_confirm(trial: Any, record: dict[str, Any]) -> None:
+        if record.get("not_remeasured"):
+            progress.console.print(
+                f"  [dim]trial {trial.number} ({_label(trial)}): {escape(_confirmation_verdict(record))}[/dim]",
+                highlight=False,
+            )
+            return
         runs = []
         for r in record["runs"]:
             if "failure" in r:
@@ -523,6 +538,8 @@ def _run_with_progress(tuner: Any) -> Any:
             else:
                 obj = tuner.spec.second_objective
                 runs.append(f"{r['output_tokens_per_s']:,.0f} tok/s, {obj} {r[obj]:,.0f} ms")
+                if r.get("disturbed"):
+                    runs[-1] += " (under load)"
         verdict = _confirmation_verdict(record)
         progress.console.print(
             f"  re-measured trial {trial.number} ({_label(trial)}): {escape('; '.join(runs))} → {verdict}",
@@ -544,6 +561,7 @@ def _run_with_progress(tuner: Any) -> Any:
     tuner.events = TuneEvents(
         on_start, on_trial_start, on_trial_end, on_confirm, on_storage_lost, on_reference, on_warm_start, on_outlook
     )
+    tuner.events.on_disturbed = on_disturbed
     study = tuner.open_study()  # spec/hardware mismatches are reported before any progress output
     with progress:
         done = tuner.run(study)
@@ -580,14 +598,38 @@ def _report(study_obj: Any, spec: StudySpec) -> None:
     _print_measurement(_measurement_title(study_obj, best), shown_measurement(study_obj, best), spec)
 
 
+def _load_note(trial: Any) -> str:
+    """What other processes' load did to a trial's measurement, for its line ('' when nothing)."""
+    from autotune.load import describe, is_disturbed
+
+    note = trial.user_attrs.get("disturbed") or {}
+    kept = (trial.user_attrs.get("measurement") or {}).get("background")
+    if is_disturbed(kept):
+        again = "; re-measured, still under load" if note.get("remeasured") else "; the load did not pass"
+        return f" [measured under load: {describe(kept)}{again}]"
+    if note.get("remeasured"):
+        return f" [re-measured: the first run measured {note['first_tokens_per_s']:,.0f} tok/s under load]"
+    return ""
+
+
 def _confirmation_verdict(record: dict[str, Any]) -> str:
     """What re-measuring a winner showed: confirmed only when its re-measured median agrees with the
-    search's figure within the tolerance (widened to the runs' own spread); else by how much it moved."""
+    search's figure within the tolerance (widened to the runs' own spread) on a quiet machine; else by
+    how much it moved, or that other processes' load left it unconfirmed."""
+    if record.get("not_remeasured"):
+        return f"passed over, {record['not_remeasured']}"
     if not record["ok"]:
-        return "missed the SLO on re-measurement, passed over"
+        loud = " (under other processes' load)" if record.get("disturbed_runs") else ""
+        return f"missed the SLO on re-measurement{loud}, passed over"
     new, old, change, tol = (
         record[k] for k in ("remeasured_tokens_per_s", "search_tokens_per_s", "change_pct", "tolerance_pct")
     )
+    if record.get("disturbed_runs"):
+        return (
+            f"NOT confirmed: re-measured {new:,.0f} tok/s vs {old:,.0f} in the search ({change:+.0f}%) while other "
+            f"processes loaded the machine ({record['disturbed_runs']} run(s)); the re-measurement is the figure "
+            "shown and exported"
+        )
     if record["agrees"]:
         return (
             f"confirmed: {new:,.0f} tok/s re-measured vs {old:,.0f} in the search ({change:+.0f}%, within ±{tol:.0f}%)"

@@ -278,8 +278,8 @@ class _Oracle:
     With ``confirm_runs``, the incumbent after each measured config is the config the tuner would
     export at that point: the best observed feasible one whose ``confirm_runs`` re-measurements
     (fresh noise, drawn once per config from ``confirm_rng`` so the search's own draws do not
-    change) all meet the SLO; after ``MAX_CONFIRM_CANDIDATES`` passed-over configs the next one
-    unconfirmed, as ``Tuner.confirm`` does.
+    change) all meet the SLO, however many configs that passes over: the tuner exports only a
+    re-measured config, as ``Tuner.confirm`` does.
     """
 
     def __init__(
@@ -326,12 +326,10 @@ class _Oracle:
 
     def exported(self) -> str | None:
         """The config the tuner would export now (see the class docstring)."""
-        from autotune.tuner import MAX_CONFIRM_CANDIDATES
-
         feasible = [k for k, (_, cons) in self.seen.items() if all(c <= 0 for c in cons)]
         feasible.sort(key=lambda k: -self.seen[k][0])
-        for i, key in enumerate(feasible):
-            if not self.confirm_runs or i >= MAX_CONFIRM_CANDIDATES or self._passes(key):
+        for key in feasible:
+            if not self.confirm_runs or self._passes(key):
                 return key
         return None
 

@@ -283,7 +283,7 @@ class Watch:
     def _top_other(self, own: set[int], window: float) -> list[dict[str, Any]]:
         """The busiest other processes that lived through the window, as cores each."""
         now = _others(own)
-        rows = []
+        rows: list[dict[str, Any]] = []
         for pid, (name, s1) in now.items():
             start = self._others_start.get(pid)
             if start is None or start[0] != name:

@@ -30,7 +30,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text as sa_text
 
-from autotune import __version__
+from autotune import __version__, load
 from autotune.config import TrialConfig
 from autotune.digest import model_digest
 from autotune.errors import SpecError, StorageError, TrialFailure
@@ -69,7 +69,17 @@ A_CONFIG, A_MEASUREMENT, A_CONSTRAINTS, A_FEASIBLE = "config", "measurement", "c
 A_FAILURE, A_REJECTED, A_DUPLICATE = "failure", "rejected", "duplicate_of"
 #: Study attribute: config_key -> {"ok": bool, "runs": [...]} from re-measuring winners.
 A_CONFIRMATIONS = "confirmations"
+#: Would-be winners re-measured per run of :meth:`Tuner.confirm`; configs still ranked above every
+#: re-measured one after that are passed over (never exported unmeasured), until a later run.
 MAX_CONFIRM_CANDIDATES = 3
+#: Trial attribute, present when a trial's first measurement was disturbed by other processes'
+#: load: that measurement's load, the wait, the re-measurement and which of the two was kept.
+A_DISTURBED = "disturbed"
+#: How long the tuner waits for other processes' load to pass before re-measuring a disturbed
+#: trial. Once a wait ends with the machine still busy, the next waits are one check each (the
+#: load persists: waiting again would cost every trial this long) until a check finds it quiet.
+QUIET_WAIT_S = float(os.environ.get("AUTOTUNE_QUIET_WAIT_S", 20))
+QUIET_CHECK_S = 1.0
 #: Study attribute prefix: per-worker ``{storage_s, storage_calls, trial_process_s, trials, wall_s}``.
 A_WORKER_STATS = "worker_stats"
 
@@ -539,6 +549,11 @@ def trial_overhead(trials: list[FrozenTrial]) -> dict[str, float] | None:
     return overhead(spans)
 
 
+def trial_disturbed(trial: FrozenTrial) -> bool:
+    """Whether the measurement a trial kept was disturbed by other processes' load."""
+    return load.is_disturbed((trial.user_attrs.get(A_MEASUREMENT) or {}).get("background"))
+
+
 def is_feasible(trial: FrozenTrial) -> bool:
     return trial.state == TrialState.COMPLETE and bool(trial.user_attrs.get(A_FEASIBLE))
 
@@ -628,6 +643,8 @@ class TuneEvents:
     on_reference: Callable[[], None] = lambda: None
     on_warm_start: Callable[[int, list[str]], None] = lambda n, studies: None
     on_outlook: Callable[[str], None] = lambda message: None  # patience reached, but the model expects more
+    #: A measurement was disturbed by other processes (what was measured, their load in words).
+    on_disturbed: Callable[[str, str], None] = lambda what, load: None
 
 
 @dataclass
@@ -649,6 +666,7 @@ class Tuner:
     reference: str | None = None  # the quality reference (base64), set by ensure_reference()
     allow_heterogeneous: bool = False
     variants: dict[str, ModelInfo] = field(default_factory=dict)  # model variants' infos (preflight)
+    quiet_wait_s: float = QUIET_WAIT_S  # how long a disturbed trial waits for the load to pass
 
     def __post_init__(self) -> None:
         self.name = check_study_name(self.study_name or self.spec.name or "study")
@@ -664,6 +682,7 @@ class Tuner:
         self._requeued = False  # a stale trial was queued again since the step's read
         self.stop_reason: str | None = None  # set when the study stops before its budget
         self._candidates: list[TrialConfig] | None = None  # the space's runnable configs, for outlook()
+        self.load_persists = False  # the last wait for other processes' load to pass ended busy
 
     # -- study set-up ---------------------------------------------------------------------------
     def open_study(self) -> optuna.Study:
@@ -952,7 +971,9 @@ class Tuner:
                 trial, f"trial {oom.number} ran out of memory with {rows} rows; this config has more", known
             )
         if dup is not None:
-            copied = {k: dup.user_attrs[k] for k in (A_MEASUREMENT, A_FEASIBLE, A_FAILURE) if k in dup.user_attrs}
+            copied = {
+                k: dup.user_attrs[k] for k in (A_MEASUREMENT, A_FEASIBLE, A_FAILURE, A_DISTURBED) if k in dup.user_attrs
+            }
             self._write(trial, {**known, **copied, A_DUPLICATE: dup.number}, list(dup.user_attrs[A_CONSTRAINTS]))
             return tuple(dup.values)
         worker = {"worker": f"{socket.gethostname()}:{os.getpid()}"}
@@ -974,6 +995,7 @@ class Tuner:
             # the sampler learns to avoid the region, instead of a FAIL it would ignore.
             self._write(trial, {**failed, A_FEASIBLE: False}, [1.0] * len(self.slo))
             return self._values(0.0, math.inf)
+        m, disturbed = self._settle(f"trial {trial.number}", cfg, m)
         # Time inside the trial process; the rest of a trial's wall time is the parent's (sampling, storage).
         process_s = time.perf_counter() - t0
         cons = constraint_values(m, self.slo)
@@ -985,9 +1007,53 @@ class Tuner:
             "trial_process_s": process_s,
             A_MEASUREMENT: {k: v for k, v in full.items() if k != "e2e_samples_ms"},
             A_FEASIBLE: all(c <= 0 for c in cons),
+            **({A_DISTURBED: disturbed} if disturbed else {}),
         }
         self._write(trial, result, cons)
         return self._values(m.output_tokens_per_s, m.value(self.spec.second_objective))
+
+    def _settle(
+        self, what: str, cfg: TrialConfig, m: Measurement, *, fresh: bool = False
+    ) -> tuple[Measurement, dict[str, Any] | None]:
+        """A measurement other processes disturbed is taken again once their load has passed.
+
+        One window measured while something else took a core says little about the config (under
+        load three would-be winners lost 40-60% on re-measurement): wait up to ``quiet_wait_s``
+        for a quiet machine, measure once more, keep the quieter of the two (by other processes'
+        cores) and say so. A load that does not pass leaves the measurement as it is, flagged.
+        Returns the measurement kept and the note for the record (None: it was not disturbed).
+        """
+        if not load.is_disturbed(m.background):
+            if m.background is not None:  # a quiet window: the next disturbance gets the full wait again
+                self.load_persists = False
+            return m, None
+        assert m.background is not None
+        self.events.on_disturbed(what, load.describe(m.background))
+        note: dict[str, Any] = {"first": _load_summary(m.background), "first_tokens_per_s": m.output_tokens_per_s}
+        waited = self._wait_for_quiet()
+        note.update(waited_s=waited["waited_s"], quiet_after_wait=waited["quiet"], remeasured=False, kept="first")
+        if not waited["quiet"]:
+            return m, note
+        try:
+            again = self._measure(cfg, fresh=fresh)
+        except TrialFailure as err:  # the first measurement stands, flagged
+            note["remeasure_failure"] = f"{err.kind}: {err.reason}"
+            return m, note
+        note.update(remeasured=True, second_tokens_per_s=again.output_tokens_per_s)
+        if again.background is not None:
+            note["second"] = _load_summary(again.background)
+        if _other_cores(again) <= _other_cores(m):
+            note["kept"] = "re-measurement"
+            return again, note
+        return m, note
+
+    def _wait_for_quiet(self) -> dict[str, Any]:
+        """Wait (bounded, see :data:`QUIET_WAIT_S`) until other processes leave this machine's CPUs
+        (and GPU) alone; the last window's load with ``waited_s`` and ``quiet``."""
+        limit = QUIET_CHECK_S if self.load_persists else self.quiet_wait_s
+        result = load.wait_for_quiet(limit, device=self.hardware.device, interval_s=min(QUIET_CHECK_S, max(limit, 0.2)))
+        self.load_persists = not result["quiet"]
+        return result
 
     def _values(self, tokens_per_s: float, latency_ms: float) -> tuple[float, ...]:
         """The study's objective values: throughput alone, or throughput and the SLO latency (pareto)."""
@@ -1145,41 +1211,108 @@ class Tuner:
         re-measuring the winner before it is exported keeps one window from deciding what gets
         deployed and what figure is promised. A winner that misses the SLO on re-measurement is
         passed over; one whose re-measured figure falls below another config's search figure lets
-        that config be re-measured next (up to :data:`MAX_CONFIRM_CANDIDATES` configs).
+        that config be re-measured next (up to :data:`MAX_CONFIRM_CANDIDATES` configs, more while
+        none re-measured has met the SLO). After that, configs still ranked above every re-measured
+        one are passed over unmeasured: the winner is always a re-measured config (under load, three
+        would-be winners fell 40-60% and the fourth, never re-measured, was exported). A
+        re-measurement disturbed by other processes is taken again once their load passes
+        (:meth:`_settle`); one that stays disturbed does not confirm.
+        ``confirm_runs: 0`` re-measures nothing: the export then says its figures are the search's.
         """
         runs = self.spec.budget.confirm_runs
-        for _ in range(MAX_CONFIRM_CANDIDATES if runs else 0):
-            best = best_feasible(study)
-            if best is None or confirmation(study, best) is not None:
+        if not runs:
+            return
+        self._forget_passed_over(study)
+        remeasured = 0
+        while True:
+            confirmations = study.user_attrs.get(A_CONFIRMATIONS, {})
+            best = best_feasible(study, confirmations=confirmations)
+            if best is None or best.user_attrs["config_key"] in confirmations:
                 return
-            cfg = TrialConfig.model_validate(best.user_attrs[A_CONFIG])
-            record: dict[str, Any] = {"ok": True, "trial": best.number, "runs": []}
-            for _ in range(runs):
-                try:
-                    m = self._measure(cfg, fresh=True)  # an independent run: not the search's process
-                except TrialFailure as err:
-                    record["runs"].append({"failure": f"{err.kind}: {err.reason}"})
-                    record["ok"] = False
-                    break
-                cons = constraint_values(m, self.slo)
-                full = m.to_dict()
-                record["runs"].append(
-                    {
-                        "output_tokens_per_s": m.output_tokens_per_s,
-                        "constraints": cons,
-                        self.spec.second_objective: m.value(self.spec.second_objective),
-                        A_MEASUREMENT: {k: v for k, v in full.items() if k != "e2e_samples_ms"},
-                    }
-                )
-                if any(c > 0 for c in cons):
-                    record["ok"] = False
-                    break
-            if record["ok"]:
-                record.update(agreement(best, record["runs"], self.spec.budget.confirm_tolerance_pct))
-            study.set_user_attr(
-                A_CONFIRMATIONS, {**study.user_attrs.get(A_CONFIRMATIONS, {}), best.user_attrs["config_key"]: record}
-            )
+            # Enough would-be winners were re-measured once one of them met the SLO: the rest are
+            # passed over. Until then the next is re-measured (an export needs a re-measured config).
+            if remeasured >= MAX_CONFIRM_CANDIDATES and any(v.get("ok") for v in confirmations.values()):
+                self._pass_over_unmeasured(study, confirmations)
+                return
+            remeasured += 1
+            record = self._remeasure(best, runs)
+            study.set_user_attr(A_CONFIRMATIONS, {**confirmations, best.user_attrs["config_key"]: record})
             self.events.on_confirm(best, record)
+
+    def _remeasure(self, best: FrozenTrial, runs: int) -> dict[str, Any]:
+        """``runs`` fresh measurements of ``best``'s config, as a confirmation record."""
+        cfg = TrialConfig.model_validate(best.user_attrs[A_CONFIG])
+        record: dict[str, Any] = {"ok": True, "trial": best.number, "runs": []}
+        for _ in range(runs):
+            try:
+                m = self._measure(cfg, fresh=True)  # an independent run: not the search's process
+            except TrialFailure as err:
+                record["runs"].append({"failure": f"{err.kind}: {err.reason}"})
+                record["ok"] = False
+                break
+            m, disturbed = self._settle(f"re-measuring trial {best.number}", cfg, m, fresh=True)
+            cons = constraint_values(m, self.slo)
+            full = m.to_dict()
+            run = {
+                "output_tokens_per_s": m.output_tokens_per_s,
+                "constraints": cons,
+                self.spec.second_objective: m.value(self.spec.second_objective),
+                A_MEASUREMENT: {k: v for k, v in full.items() if k != "e2e_samples_ms"},
+                "disturbed": load.is_disturbed(m.background),
+            }
+            if disturbed:
+                run[A_DISTURBED] = disturbed
+            record["runs"].append(run)
+            if any(c > 0 for c in cons):
+                record["ok"] = False
+                break
+        loud = sum(bool(r.get("disturbed")) for r in record["runs"])
+        if loud:
+            record["disturbed_runs"] = loud
+        if record["ok"]:
+            record.update(agreement(best, record["runs"], self.spec.budget.confirm_tolerance_pct))
+            if loud:  # a figure measured under other processes' load confirms nothing
+                record["agrees"] = False
+        return record
+
+    def _pass_over_unmeasured(self, study: optuna.Study, confirmations: dict[str, Any]) -> None:
+        """Record every config that still ranks above all re-measured ones as passed over, unmeasured,
+        so that the best (here, in the dashboard, in the export) is a re-measured config."""
+        passed = dict(confirmations)
+        why = (
+            f"not re-measured: {MAX_CONFIRM_CANDIDATES} would-be winners were re-measured already, and a config "
+            "is exported only once re-measured; the next run of this study re-measures it"
+        )
+        over = []
+        while (best := best_feasible(study, confirmations=passed)) is not None:
+            key = best.user_attrs["config_key"]
+            if key in passed:
+                break
+            passed[key] = {"ok": False, "trial": best.number, "runs": [], "not_remeasured": why}
+            over.append(best)
+        if over:
+            study.set_user_attr(A_CONFIRMATIONS, passed)
+            for t in over:
+                self.events.on_confirm(t, passed[t.user_attrs["config_key"]])
+
+    @staticmethod
+    def _forget_passed_over(study: optuna.Study) -> None:
+        """Configs an earlier run passed over unmeasured compete again: passing over is no verdict."""
+        confirmations = study.user_attrs.get(A_CONFIRMATIONS, {})
+        kept = {k: v for k, v in confirmations.items() if "not_remeasured" not in v}
+        if len(kept) != len(confirmations):
+            study.set_user_attr(A_CONFIRMATIONS, kept)
+
+
+def _load_summary(background: dict[str, Any]) -> dict[str, Any]:
+    """The figures of a measurement's load worth keeping beside a trial (the full one is in its measurement)."""
+    keys = ("other_cpu_cores", "cores", "loadavg_end", "top_other", "gpu_other_sm_pct", "reason")
+    return {k: background[k] for k in keys if k in background}
+
+
+def _other_cores(m: Measurement) -> float:
+    """Other processes' cores during ``m`` (0 when it was not watched)."""
+    return float((m.background or {}).get("other_cpu_cores", 0.0))
 
 
 def agreement(trial: FrozenTrial, runs: list[dict[str, Any]], tolerance_pct: float) -> dict[str, Any]:
@@ -1211,6 +1344,8 @@ def describe_trial(trial: FrozenTrial) -> dict[str, Any]:
     row: dict[str, Any] = {"number": trial.number, "state": trial.state.name, "config": trial.user_attrs.get(A_CONFIG)}
     if m:
         row.update(tokens_per_s=m.output_tokens_per_s, e2e_p95_ms=m.e2e_ms["p95"], feasible=is_feasible(trial))
+        if load.is_disturbed(m.background):
+            row["disturbed"] = load.describe(m.background)
     if A_FAILURE in trial.user_attrs:
         row["failure"] = trial.user_attrs[A_FAILURE]["reason"]
     if A_REJECTED in trial.user_attrs:

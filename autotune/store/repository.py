@@ -137,7 +137,7 @@ def measurement_columns(measurement: Mapping[str, Any] | None) -> dict[str, Any]
         timings=dict(m.get("timings") or {}),
         latency_histogram=histogram(samples),
         e2e_samples=cap_samples(samples),
-        metrics={k: _nan_to_none(m[k]) for k in EXTRA_METRICS if k in m},
+        metrics={k: _nan_to_none(m[k]) for k in EXTRA_METRICS if m.get(k) is not None},
     )
     return cols
 
@@ -153,6 +153,7 @@ EXTRA_METRICS = (
     "window_spread_pct",
     "niceness",
     "breakdown_ms",
+    "background",  # the load from other processes (autotune.load); absent when not watched
 )
 
 
