@@ -1,12 +1,15 @@
 """Check that a deployment delivers what the study measured: replay the study's workload, compare.
 
 In-process, the exported config's engine runs :func:`~autotune.measure.run_workload` exactly as a
-trial did. Against a URL (``autotune serve``), the same requests (token ids, so lengths are exact)
-go over HTTP with the same closed-loop concurrency or arrival times. There, ``e2e_ms`` and
-throughput are what the client sees (HTTP included); ``ttft_ms`` and ``queue_ms`` are the server's
-engine timings (the server sends text when the batch finishes), and ``tpot_ms`` spreads the rest of
-the client's wait over the output tokens. The verdict: throughput at least ``1 - tolerance`` of the
-tuned figure (the winner's re-measurement where the export has one), and every SLO clause met.
+trial did. Against a URL (``autotune serve``, or any OpenAI-compatible server such as vLLM), the
+same requests (token ids, so lengths are exact) go over HTTP with the same closed-loop concurrency
+or arrival times. There, ``e2e_ms`` and throughput are what the client sees (HTTP included). From
+``autotune serve``, ``ttft_ms`` and ``queue_ms`` are the server's engine timings (it sends text when
+the batch finishes) and ``tpot_ms`` spreads the rest of the client's wait over the output tokens;
+other servers stream, so ``ttft_ms`` is the first token's arrival (queueing unknown: 0), and their
+engine config cannot be compared with the export's (said on stderr). The verdict: throughput at
+least ``1 - tolerance`` of the tuned figure (the winner's re-measurement where the export has
+one), and every SLO clause met.
 """
 
 from __future__ import annotations
@@ -14,15 +17,16 @@ from __future__ import annotations
 import asyncio
 import math
 import statistics
-import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from autotune.engines.openai_client import RemoteRun
 from autotune.errors import AutotuneError, SpecError
 
 if TYPE_CHECKING:
-    from autotune.engine import Engine, GenerationResult
+    from autotune.engine import Engine
     from autotune.measure import Measurement
     from autotune.spec import WorkloadSpec
 
@@ -85,147 +89,118 @@ def verify_local(doc: dict[str, Any], engine: Engine) -> Measurement:
 
 
 # -- over HTTP -----------------------------------------------------------------------------------
-@dataclass
-class RemoteRun:
-    """What a replay against a server gave, with the server's own description of itself."""
-
-    results: list[GenerationResult]
-    t0: float
-    t1: float
-    stopped_by: str
-    health: dict[str, Any] = field(default_factory=dict)
-    failures: list[str] = field(default_factory=list)
-
-
-async def _health(client: Any, url: str) -> dict[str, Any]:
+async def _health(client: Any, url: str) -> dict[str, Any] | None:
+    """``autotune serve``'s /health document; None for a server that is not autotune's (no such document)."""
     import httpx
 
     try:
         r = await client.get(f"{url}/health")
     except httpx.HTTPError as e:
-        raise AutotuneError(f"cannot reach autotune serve at {url}: {type(e).__name__}: {e}") from None
+        raise AutotuneError(f"cannot reach the server at {url}: {type(e).__name__}: {e}") from None
     try:
         doc = r.json()
     except ValueError:
         doc = None
-    if r.status_code != 200 or not isinstance(doc, dict) or "config" not in doc:
-        raise AutotuneError(f"{url}/health answered {r.status_code}; is this an `autotune serve` server?")
+    if not isinstance(doc, dict) or "config" not in doc:
+        return None
+    if r.status_code != 200:
+        raise AutotuneError(f"{url}/health answered {r.status_code} ({doc.get('status', 'not ready')})")
     return doc
 
 
-async def _one(client: Any, url: str, prompt: list[int], max_tokens: int) -> GenerationResult:
-    from autotune.engine import GenerationResult
+async def _served_model(client: Any, url: str) -> str | None:
+    """The first model a server lists at /v1/models (None where it lists none)."""
+    try:
+        r = await client.get(f"{url}/v1/models")
+        data = r.json().get("data") or [] if r.status_code == 200 else []
+    except Exception as e:  # httpx errors, a body that is not JSON
+        raise AutotuneError(f"{url}/v1/models did not answer as an OpenAI-compatible server: {e}") from None
+    return str(data[0]["id"]) if data else None
 
-    t_submit = time.perf_counter()
-    r = await client.post(f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": max_tokens})
-    t_end = time.perf_counter()
-    if r.status_code != 200:
-        raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
-    doc = r.json()
-    timing = doc.get("autotune", {})
-    n = int(doc["usage"]["completion_tokens"])
-    return GenerationResult(
-        request_id=-1,
-        prompt_tokens=int(doc["usage"]["prompt_tokens"]),
-        output_ids=[0] * n,  # only the count matters here
-        t_submit=t_submit,
-        t_start=t_submit + float(timing.get("queue_ms", 0.0)) / 1000,
-        t_first_token=t_submit + float(timing.get("ttft_ms", (t_end - t_submit) * 1000)) / 1000,
-        t_end=t_end,
-        batch_rows=int(timing.get("batch_rows", 1)),
-        stream=0,
-    )
+
+def prompt_vocabulary(doc: dict[str, Any]) -> tuple[int, int]:
+    """(vocabulary size, first ordinary token id) of the export's model, from its config and tokenizer
+    (no weights): what prompts are drawn from when the server does not say."""
+    from autotune.models import load_tokenizer, resolve_model
+
+    ref = (doc.get("config") or {}).get("model") or doc.get("model")
+    if not ref:
+        raise SpecError("the export names no model: cannot tell the vocabulary the prompts are drawn from")
+    return int(resolve_model(ref).vocab_size), len(getattr(load_tokenizer(ref), "all_special_ids", []) or [0])
 
 
 async def replay_http(
-    doc: dict[str, Any], url: str, *, vocab_size: int | None = None, request_timeout_s: float = 300.0
+    doc: dict[str, Any],
+    url: str,
+    *,
+    vocab_size: int | None = None,
+    first_token_id: int | None = None,
+    request_timeout_s: float = 300.0,
 ) -> RemoteRun:
-    """Warm up, then replay the workload against ``url`` the way :func:`run_workload` does in-process."""
-    import httpx
+    """Warm up, then replay the workload against ``url`` the way :func:`run_workload` does in-process.
 
+    Against ``autotune serve`` the served config must be the exported one (its /health says), and the
+    vocabulary comes from there. Any other OpenAI-compatible server (vLLM) is asked /v1/models for the
+    model to name; the prompts' vocabulary is ``vocab_size`` or the export's model's, and the served
+    config cannot be compared (``RemoteRun.notes`` says so). Requests go through
+    :class:`~autotune.engines.openai_client.Replayer`, the replay ``measure_server`` runs.
+    """
     from autotune.config import TrialConfig
-    from autotune.optimize.compile import needs_fixed_shapes
-    from autotune.workload import build_requests, concurrency
+    from autotune.engines.openai_client import Api, Replayer, client, guarded
 
     url = url.rstrip("/")
     spec = workload_of(doc)
     cfg = TrialConfig.model_validate(doc["config"])
-    timeout = httpx.Timeout(request_timeout_s, connect=10.0)
-    async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=None)) as client:
-        health = await _health(client, url)
-        # A config that names no model variant runs the export's model (health fills it in).
-        served = TrialConfig.model_validate({**health["config"], "model": None})
-        model = cfg.model or doc.get("model")
-        other_model = model is not None and health["config"].get("model") not in (None, model)
-        if served != cfg.model_copy(update={"model": None}) or other_model:
-            theirs, ours = health["config"].get("model"), model
-            raise AutotuneError(
-                f"{url} serves {served.label()} ({theirs}), not the exported {cfg.label()} ({ours or 'its model'})"
-            )
-        vocab = vocab_size or int(health.get("vocab_size") or 0)
-        if not vocab:
-            raise AutotuneError(f"{url}/health does not say the model's vocabulary size; upgrade that server")
-        first = int(health.get("first_token_id", 4))
-        failures: list[str] = []
-
-        async def send(prompt: tuple[int, ...], n: int, out: list[GenerationResult]) -> None:
-            try:
-                out.append(await _one(client, url, list(prompt), n))
-            except Exception as e:  # a lost request is a finding, not a crash of the replay
-                failures.append(f"{type(e).__name__}: {e}")
-
-        per_round = spec.warmup_requests if spec.warmup_requests is not None else cfg.batch_size * cfg.streams
-        rounds = 2 if needs_fixed_shapes(cfg.backend) else 1  # as warm_up() does: compile, then settle
-        warm = build_requests(spec, vocab, first_token_id=first, count=per_round * rounds, seed_offset=7)
-        for r in range(rounds):
-            sink: list[GenerationResult] = []
-            chunk = warm[r * per_round : (r + 1) * per_round]
-            await asyncio.gather(*(send(q.prompt_ids, q.max_new_tokens, sink) for q in chunk))
-        failures.clear()  # warm-up failures show up again in the measured run if they persist
-
-        requests = build_requests(spec, vocab, first_token_id=first)
-        results: list[GenerationResult] = []
-        t0 = time.perf_counter()
-        deadline = t0 + spec.max_duration_s
-        stopped = "requests"
-        if spec.arrival.type == "closed":
-            it = iter(requests)
-            stop = [False]
-
-            async def client_loop() -> None:
-                while True:
-                    if time.perf_counter() >= deadline:
-                        stop[0] = True
-                        return
-                    req = next(it, None)
-                    if req is None:
-                        return
-                    await send(req.prompt_ids, req.max_new_tokens, results)
-
-            await asyncio.gather(*(client_loop() for _ in range(concurrency(spec, cfg.batch_size, cfg.streams))))
-            stopped = "duration" if stop[0] else "requests"
+    async with client(request_timeout_s) as http:
+        health = await _health(http, url)
+        notes: list[str] = []
+        if health is not None:
+            # A config that names no model variant runs the export's model (health fills it in).
+            served = TrialConfig.model_validate({**health["config"], "model": None})
+            model = cfg.model or doc.get("model")
+            other_model = model is not None and health["config"].get("model") not in (None, model)
+            if served != cfg.model_copy(update={"model": None}) or other_model:
+                theirs, ours = health["config"].get("model"), model
+                raise AutotuneError(
+                    f"{url} serves {served.label()} ({theirs}), not the exported {cfg.label()} ({ours or 'its model'})"
+                )
+            vocab = vocab_size or int(health.get("vocab_size") or 0)
+            if not vocab:
+                raise AutotuneError(f"{url}/health does not say the model's vocabulary size; upgrade that server")
+            first = first_token_id if first_token_id is not None else int(health.get("first_token_id", 4))
+            api = Api(url, stream=False, exact_length=False)  # its outputs are exact; its timings in the body
         else:
-            tasks = []
-            for req in requests:
-                at = t0 + req.arrival_s
-                if at >= deadline:
-                    stopped = "duration"
-                    break
-                delay = at - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                tasks.append(asyncio.create_task(send(req.prompt_ids, req.max_new_tokens, results)))
-            await asyncio.gather(*tasks)
-        t1 = max((r.t_end for r in results), default=time.perf_counter())
-        health = await _health(client, url)  # peak memory after the run
-    return RemoteRun(results, t0, t1, stopped, health, failures)
+            api = Api(url, model=await _served_model(http, url))
+            if vocab_size:
+                vocab, first = vocab_size, (first_token_id if first_token_id is not None else 4)
+            else:
+                vocab, first = prompt_vocabulary(doc)
+            notes.append(
+                f"{url} is not `autotune serve` (its /health says no config): serving "
+                f"{api.model or 'an unnamed model'}; the served engine config was not compared with the export's"
+            )
+        rep = Replayer(http, api)
+
+        async def body() -> RemoteRun:
+            await rep.warm_up(spec, cfg, vocab, first)
+            results, t0, t1, stopped = await rep.run(spec, cfg, vocab, first)
+            after = await _health(http, url) if health is not None else None  # peak memory after the run
+            return RemoteRun(results, t0, t1, stopped, after or {}, list(rep.failures), notes=notes)
+
+        return await guarded(body(), rep, stall_timeout_s=request_timeout_s)
 
 
-def verify_remote(doc: dict[str, Any], url: str, *, vocab_size: int | None = None) -> Measurement:
-    """Replay over HTTP and summarize like a trial; lost requests make it fail loudly."""
+def verify_remote(
+    doc: dict[str, Any], url: str, *, vocab_size: int | None = None, say: Callable[[str], object] | None = None
+) -> Measurement:
+    """Replay over HTTP and summarize like a trial; lost requests make it fail loudly. ``say`` hears
+    what the replay could not check (another server's config)."""
     from autotune.measure import summarize
 
     run = asyncio.run(replay_http(doc, url, vocab_size=vocab_size))
+    if say is not None:
+        for note in run.notes:
+            say(note)
     if run.failures:
         raise VerifyFailed(f"{len(run.failures)} request(s) failed against {url}; first: {run.failures[0]}")
     if not run.results:
@@ -235,7 +210,7 @@ def verify_remote(doc: dict[str, Any], url: str, *, vocab_size: int | None = Non
         run.t0,
         run.t1,
         peak_memory_mb=float(run.health.get("peak_memory_mb", math.nan)),
-        memory_kind=str(run.health.get("memory_kind", "server")),
+        memory_kind=str(run.health.get("memory_kind", "server" if run.health else "none")),
         stopped_by=run.stopped_by,
     )
 
