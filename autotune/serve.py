@@ -2,7 +2,9 @@
 
 ``POST /v1/completions`` takes ``prompt`` (text, a list of texts, a list of token ids so lengths are
 exact, or a list of such lists: one choice per prompt, in order), ``max_tokens``, ``temperature``,
-``n`` (1 only) and ``stream``. ``POST /v1/chat/completions`` takes ``messages`` and builds the prompt
+``n`` (1 only), ``stream`` (with ``stream_options``), and vLLM's ``min_tokens`` / ``ignore_eos`` (every
+output is exactly ``max_tokens`` long already, so benchmark clients that force the length work as is).
+``POST /v1/chat/completions`` takes ``messages`` and builds the prompt
 with the tokenizer's chat template (400 when the tokenizer has none). ``GET /v1/models`` and
 ``GET /v1/models/{id}`` list the one model served; a request naming another model is a 404
 ``model_not_found``. Bodies are validated strictly (``"stream": "yes"`` is a 422, not true).
@@ -83,6 +85,12 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
 
+class StreamOptions(_Strict):
+    """OpenAI's ``stream_options``: the last chunk carries ``usage`` whether asked for or not."""
+
+    include_usage: bool | None = None
+
+
 class CompletionRequest(_Strict):
     """The subset of OpenAI's completion request the tuned engine honours."""
 
@@ -92,6 +100,11 @@ class CompletionRequest(_Strict):
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="accepted and ignored: decoding is greedy")
     stream: bool | None = False
     n: int | None = Field(None, ge=1, description="choices per prompt: only 1 (greedy decoding repeats itself)")
+    # vLLM's extensions a benchmark client sends to force the output length: accepted, since every
+    # output here is exactly max_tokens long already (min_tokens above max_tokens is refused).
+    min_tokens: int | None = Field(None, ge=0, description="at most max_tokens: outputs are max_tokens long")
+    ignore_eos: bool | None = Field(None, description="accepted: generation never stops at EOS here")
+    stream_options: StreamOptions | None = None
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts, in order: one for a string or a list of token ids, else one per list item."""
@@ -512,6 +525,8 @@ def create_app(
         check_model(req.model)
         check_n(req.n)
         max_tokens = req.max_tokens or 16
+        if req.min_tokens is not None and req.min_tokens > max_tokens:
+            raise ApiError(400, f"min_tokens ({req.min_tokens}) exceeds max_tokens ({max_tokens})", "min_tokens")
         raw = req.prompts()
         several = len(raw) > 1
         labels = [f"prompt[{i}]" if several else "prompt" for i in range(len(raw))]
