@@ -34,6 +34,7 @@ from autotune.store.migrate import safe_url
 from autotune.store.models import LATENCY_METRICS, LATENCY_STATS, TRIAL_STATES, Study, Trial
 
 KNOBS = (
+    "engine",
     "batch_size",
     "precision",
     "quantization",
