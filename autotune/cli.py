@@ -403,9 +403,12 @@ def _finished_study(url: str, name: str, spec: StudySpec, trials: int | None) ->
         return None
     if count_spent(found.get_trials(deepcopy=False)) < (trials or spec.budget.trials):
         return None
-    best = best_feasible(found, confirmations=found.user_attrs.get(A_CONFIRMATIONS, {}))
+    confirmations = found.user_attrs.get(A_CONFIRMATIONS, {})
+    best = best_feasible(found, confirmations=confirmations)
     if spec.budget.confirm_runs and best is not None and confirmation(found, best) is None:
         return None  # its winner still has to be re-measured
+    if spec.budget.confirm_runs and any(v.get("not_remeasured") for v in confirmations.values()):
+        return None  # configs passed over unmeasured are re-measured now
     return found
 
 

@@ -78,7 +78,8 @@ A_DISTURBED = "disturbed"
 #: How long the tuner waits for other processes' load to pass before re-measuring a disturbed
 #: trial. Once a wait ends with the machine still busy, the next waits are one check each (the
 #: load persists: waiting again would cost every trial this long) until a check finds it quiet.
-QUIET_WAIT_S = float(os.environ.get("AUTOTUNE_QUIET_WAIT_S", 20))
+#: ``AUTOTUNE_QUIET_WAIT_S`` overrides it (read when a Tuner is made; the test suite waits less).
+QUIET_WAIT_S = 20.0
 QUIET_CHECK_S = 1.0
 #: Study attribute prefix: per-worker ``{storage_s, storage_calls, trial_process_s, trials, wall_s}``.
 A_WORKER_STATS = "worker_stats"
@@ -666,7 +667,8 @@ class Tuner:
     reference: str | None = None  # the quality reference (base64), set by ensure_reference()
     allow_heterogeneous: bool = False
     variants: dict[str, ModelInfo] = field(default_factory=dict)  # model variants' infos (preflight)
-    quiet_wait_s: float = QUIET_WAIT_S  # how long a disturbed trial waits for the load to pass
+    #: How long a disturbed trial waits for the load to pass (:data:`QUIET_WAIT_S`).
+    quiet_wait_s: float = field(default_factory=lambda: float(os.environ.get("AUTOTUNE_QUIET_WAIT_S", QUIET_WAIT_S)))
 
     def __post_init__(self) -> None:
         self.name = check_study_name(self.study_name or self.spec.name or "study")

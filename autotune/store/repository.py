@@ -192,6 +192,7 @@ def measurement_dict(trial: Trial) -> dict[str, Any] | None:
         timings=dict(trial.timings or {}),
         e2e_samples_ms=list(trial.e2e_samples or []),
         stopped_by=trial.stopped_by or "requests",
+        background=None,  # stored only when the trial was watched
     )
     out.update({k: _none_to_nan(v) for k, v in (trial.metrics or {}).items() if k in EXTRA_METRICS})
     return out
