@@ -520,11 +520,12 @@ def _run_with_progress(tuner: Any) -> Any:
             )
 
     def on_disturbed(what: str, load: str) -> None:
-        wait = "one check" if tuner.load_persists else f"up to {tuner.quiet_wait_s:g} s"
+        if tuner.load_persists:
+            wait = "the load had not passed at the last wait: checking once more before measuring again"
+        else:
+            wait = f"waiting up to {tuner.quiet_wait_s:g} s for the load to pass to measure again"
         progress.console.print(
-            f"  [yellow]{escape(what)} was disturbed:[/yellow] {escape(load)}; waiting {wait} for it to pass "
-            "to measure again",
-            highlight=False,
+            f"  [yellow]{escape(what)} was disturbed:[/yellow] {escape(load)}; {wait}", highlight=False
         )
 
     def on_confirm(trial: Any, record: dict[str, Any]) -> None:

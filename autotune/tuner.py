@@ -1252,7 +1252,7 @@ class Tuner:
                 record["runs"].append({"failure": f"{err.kind}: {err.reason}"})
                 record["ok"] = False
                 break
-            m, disturbed = self._settle(f"re-measuring trial {best.number}", cfg, m, fresh=True)
+            m, disturbed = self._settle(f"the re-measurement of trial {best.number}", cfg, m, fresh=True)
             cons = constraint_values(m, self.slo)
             full = m.to_dict()
             run = {
