@@ -199,6 +199,26 @@ def load_engine(
     return engine.start() if start else engine
 
 
+def engine_script(doc: dict[str, Any], *, comment: str = "") -> str:
+    """A server engine's measured launch as a shell script (``autotune export --format vllm``), with the
+    tuned hardware's facts (no probe: the export may be written on another machine)."""
+    from autotune.checkpoint import checkpoint_dir
+    from autotune.engines import get_engine
+    from autotune.hardware import Hardware
+    from autotune.spec import WorkloadSpec
+
+    exported = parse_config({k: v for k, v in doc.items() if k != "model_written_from"})
+    plugin = get_engine(exported.config.engine)
+    ref = str(doc.get("model_written_from") or exported.model)
+    folder = checkpoint_dir(ref, exported.model_seed)
+    model_dir = Path(folder) if folder is not None else Path(exported.model)
+    workload = WorkloadSpec.model_validate(exported.workload) if exported.workload else WorkloadSpec()
+    context = workload.prompt_tokens.upper + workload.output_tokens.upper
+    hw = Hardware.model_validate(exported.hardware)
+    script: str = plugin.launch_script(exported.config, model_dir, hw, max_model_len=context, comment=comment)
+    return script
+
+
 def engine_launch(doc: dict[str, Any], *, port: int, host: str = "127.0.0.1") -> Launch:
     """The measured launch of a server engine's exported config (``vllm``): the same command the trial
     started, on ``host``:``port``, loading the same checkpoint folder."""

@@ -448,10 +448,31 @@ def vllm_knobs(doc: dict[str, Any]) -> tuple[list[Knob], list[str]]:
     return knobs, args
 
 
+def measured_vllm(doc: dict[str, Any]) -> str:
+    """A config measured on vLLM itself: the launch the trial ran, flag for flag (no mapping)."""
+    from autotune.deploy import engine_script
+
+    hw = _mapping(doc.get("hardware"))
+    m = _mapping(doc.get("metrics"))
+    e2e = _mapping(m.get("e2e_ms"))
+    lines = [
+        f"autotune {doc.get('autotune_version')} export: study {doc.get('study')}, trial {doc.get('trial')}",
+        f"model: {doc.get('model')}",
+        *_written_from(doc),
+        f"hardware: {hw.get('device_name')} ({hw.get('device_type')}), fingerprint {hw.get('fingerprint')}",
+        f"measured on this very launch: {_num(m.get('output_tokens_per_s'))} output tokens/s, "
+        f"p95 e2e {_num(e2e.get('p95'))} ms; SLO: {slo_text(doc.get('slo'))}",
+    ]
+    return engine_script(doc, comment="\n".join(escape_text(line) for line in lines))
+
+
 def to_vllm(doc: dict[str, Any]) -> str:
     """A runnable ``vllm serve`` command (shell script) with the verdicts as comments. Values are
     single-quoted sh words; the model reference is written only if it can be one (see
-    :func:`model_ref_ok`), else the script asks for ``MODEL`` and refuses to run without it."""
+    :func:`model_ref_ok`), else the script asks for ``MODEL`` and refuses to run without it.
+    A config measured on vLLM is written as exactly the launch that was measured."""
+    if _mapping(doc.get("config")).get("engine") == "vllm":
+        return measured_vllm(doc)
     knobs, args = vllm_knobs(doc)
     _, total = token_limits(doc)
     extra = [f"--max-model-len {total}: from the workload (longest prompt + longest output)"] if total else []

@@ -95,6 +95,12 @@ class ServingEngine(ABC):
         """The exact command (and environment) that serves ``config`` on 127.0.0.1:``port``."""
         raise NotImplementedError(f"engine {self.name} is not a server engine")
 
+    def launch_script(
+        self, config: TrialConfig, model_dir: Path, hw: Hardware, *, max_model_len: int, comment: str = ""
+    ) -> str:
+        """:meth:`launch` as a shell script a deployment runs (``autotune export --format NAME``)."""
+        raise NotImplementedError(f"engine {self.name} is not a server engine")
+
     def fidelity_over_http(self, url: str, served_model: str | None, es: EvalSet, ref: Reference) -> dict[str, Any]:
         """The fidelity figures of :func:`autotune.quality.fidelity`, measured through the server's API."""
         raise NotImplementedError(f"engine {self.name} is not a server engine")
