@@ -143,7 +143,6 @@ def load_engine(
     overrides the exported device (``cuda:1``); ``strict`` turns a hardware mismatch warning, and
     a warning that the model's files differ from the digest the export recorded, into an error.
     """
-    from autotune.engine import Engine
     from autotune.hardware import probe
     from autotune.spec import WorkloadSpec
 
@@ -180,22 +179,17 @@ def load_engine(
     workload = WorkloadSpec.model_validate(doc.workload) if doc.workload else None
     pad = workload.prompt_tokens.upper if workload else None
     context = pad + workload.output_tokens.upper if workload and pad else None
-    build = Engine.build
-    if doc.config.engine != "builtin":
-        from autotune.engines import get_engine
+    from autotune.engines import get_engine
 
-        plugin = get_engine(doc.config.engine)
-        plugin.require()
-        if plugin.kind == "server":
-            raise ConfigFileError(
-                f"this config was measured on engine {doc.config.engine}, a server of its own: "
-                "`autotune serve CONFIG` starts it with the measured launch, and `autotune export --format "
-                f"{doc.config.engine}` writes that launch"
-            )
-        import importlib
-
-        build = importlib.import_module(f"autotune.engines.{doc.config.engine}").build_engine
-    engine = build(ref, doc.config, hw, seed=doc.model_seed, prompt_pad_to=pad, max_context=context)
+    plugin = get_engine(doc.config.engine)
+    plugin.require()
+    if plugin.kind == "server":
+        raise ConfigFileError(
+            f"this config was measured on engine {doc.config.engine}, a server of its own: "
+            "`autotune serve CONFIG` starts it with the measured launch, and `autotune export --format "
+            f"{doc.config.engine}` writes that launch"
+        )
+    engine = plugin.build_engine(ref, doc.config, hw, seed=doc.model_seed, prompt_pad_to=pad, max_context=context)
     return engine.start() if start else engine
 
 

@@ -551,14 +551,10 @@ def _child_trial(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def _builder(engine: str) -> Any:
-    """``Engine.build`` of the built-in engine, or another in-process engine's ``build_engine`` (same signature)."""
-    if engine == "builtin":
-        from autotune.engine import Engine
+    """The engine's ``build_engine`` (the built-in one's is ``Engine.build``)."""
+    from autotune.engines import get_engine
 
-        return Engine.build
-    import importlib
-
-    return importlib.import_module(f"autotune.engines.{engine}").build_engine
+    return get_engine(engine).build_engine
 
 
 def _child_server_trial(job: dict[str, Any], spec: StudySpec, config: TrialConfig, hw: Hardware) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from autotune.config import ArgValue, TrialConfig
 from autotune.errors import AutotuneError
 
 if TYPE_CHECKING:
+    from autotune.engine import Engine
     from autotune.engines.server import Launch
     from autotune.hardware import Hardware
     from autotune.quality import EvalSet, Reference
@@ -89,6 +90,21 @@ class ServingEngine(ABC):
     def conflict(self, cfg: TrialConfig, hw: Hardware) -> str | None:
         """Why this combination of knob values cannot run (checked before anything starts), or None."""
         return None
+
+    # -- in-process engines ------------------------------------------------------------------------
+    def build_engine(
+        self,
+        model_ref: str,
+        config: TrialConfig,
+        hardware: Hardware,
+        *,
+        seed: int = 0,
+        prompt_pad_to: int | None = None,
+        max_context: int | None = None,
+    ) -> Engine:
+        """The engine a trial measures and ``autotune serve`` serves, built in this process (the
+        built-in engine's batcher and streams around this engine's generation)."""
+        raise NotImplementedError(f"engine {self.name} runs as a server of its own")
 
     # -- server engines ----------------------------------------------------------------------------
     def launch(self, config: TrialConfig, model_dir: Path, hw: Hardware, *, port: int, max_model_len: int) -> Launch:

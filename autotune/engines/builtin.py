@@ -14,6 +14,8 @@ from autotune.config import KNOBS, RUNTIME_KNOBS
 from autotune.engines.base import EngineKnobs, ServingEngine
 
 if TYPE_CHECKING:
+    from autotune.config import TrialConfig
+    from autotune.engine import Engine
     from autotune.hardware import Hardware
 
 
@@ -40,3 +42,19 @@ class BuiltinEngine(ServingEngine):
             shared[knob], left_out = default_values(knob, hw)
             dropped.update(left_out)
         return EngineKnobs(shared=shared, dropped=dropped)
+
+    def build_engine(
+        self,
+        model_ref: str,
+        config: TrialConfig,
+        hardware: Hardware,
+        *,
+        seed: int = 0,
+        prompt_pad_to: int | None = None,
+        max_context: int | None = None,
+    ) -> Engine:
+        from autotune.engine import Engine
+
+        return Engine.build(
+            model_ref, config, hardware, seed=seed, prompt_pad_to=prompt_pad_to, max_context=max_context
+        )
