@@ -82,6 +82,28 @@ _CUDA_MIN_CC = {
 }
 
 
+def import_ctranslate2() -> Any:
+    """``import ctranslate2`` with its own OpenMP runtime (the wheel bundles a libgomp, which reads the
+    environment when it loads) at the default wait policy, whatever ``OMP_WAIT_POLICY`` says.
+
+    Trial processes set ``PASSIVE`` for torch's OpenMP team; CTranslate2's team then sleeps between
+    parallel regions and loses 6-10% on llama-small at b64 (``bench/ctranslate2_engine.py``, mode
+    ``engine:passive``). torch computes next to nothing in a CTranslate2 trial, so nothing competes
+    with the spinning team. Only an import in this process before this one escapes it.
+    """
+    import sys
+
+    if "ctranslate2" in sys.modules:
+        return sys.modules["ctranslate2"]
+    saved = os.environ.pop("OMP_WAIT_POLICY", None)
+    try:
+        import ctranslate2
+    finally:
+        if saved is not None:
+            os.environ["OMP_WAIT_POLICY"] = saved
+    return ctranslate2
+
+
 def compute_type(precision: str, quantization: str) -> str | None:
     """The CTranslate2 compute type that runs ``precision`` x ``quantization``, or None."""
     return COMPUTE_TYPES.get((precision, quantization))
@@ -89,8 +111,7 @@ def compute_type(precision: str, quantization: str) -> str | None:
 
 def supported_compute_types(hw: Hardware) -> set[str]:
     """The compute types CTranslate2 runs on ``hw``'s device."""
-    import ctranslate2
-
+    ctranslate2 = import_ctranslate2()
     if hw.device_type == "cuda":
         cc = tuple(hw.compute_capability or (0, 0))
         return {ct for ct, need in _CUDA_MIN_CC.items() if cc >= need}
@@ -150,6 +171,7 @@ def convert(ref: str, seed: int = 0) -> Converted:
     """
     from autotune.digest import model_digest
 
+    import_ctranslate2()  # its OpenMP at the default wait policy, before the converter imports it
     t = time.perf_counter()
     source = _source_folder(ref, seed)
     checkpoint_s = time.perf_counter() - t
@@ -250,6 +272,16 @@ class CTranslate2Served(Engine):
     generator: Any
     vocabulary: list[str]
     converted: Converted
+    #: Every how many batches of one shape the first-token time is clocked per row (see :meth:`_first_tokens`).
+    clock_every: int = 8
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._clock_lock = threading.Lock()
+        self._batches_of_shape: dict[tuple[int, int], int] = {}
+        self._first_share: dict[tuple[int, int], float] = {}
+        #: Batches whose first-token times were clocked per row, and batches whose were estimated.
+        self.first_token_clock = {"clocked": 0, "estimated": 0}
 
     @classmethod
     def build(
@@ -263,8 +295,6 @@ class CTranslate2Served(Engine):
         max_context: int | None = None,
     ) -> CTranslate2Served:
         """Convert (or find) the model, load the generator at the config's compute type."""
-        import ctranslate2
-
         from autotune.models import load_tokenizer, resolve_model
 
         why = CTranslate2Engine().conflict(config, hardware)
@@ -272,6 +302,7 @@ class CTranslate2Served(Engine):
             raise ValueError(f"ctranslate2 cannot run {config.label()}: {why}")
         ctype = compute_type(config.precision, config.quantization)
         assert ctype is not None  # conflict() said so
+        ctranslate2 = import_ctranslate2()
         timings = CTranslate2Timings()
         converted = convert(model_ref, seed)
         timings.checkpoint_s, timings.convert_s = converted.checkpoint_s, converted.convert_s
@@ -324,14 +355,12 @@ class CTranslate2Served(Engine):
     def _generate(self, p: _Prepared, stream: int) -> list[GenerationResult]:
         """One ``generate_batch`` on the unpadded prompts (the padded tensors of ``p`` are not used):
         greedy, exactly ``p.new_tokens`` new tokens (end-of-sequence suppressed until then, as the
-        built-in engine's ``min_new_tokens``).
-
-        Time to first token is per request: the step callback's first call for that row, i.e. when
-        CTranslate2 handed its first new token back (rows with longer prompts than the batch's
-        shortest get theirs later: CTranslate2 forwards the common prompt length at once and the
-        rest step by step). The callback costs a GIL round trip per row and step.
-        """
-        rows = len(p.batch)
+        built-in engine's ``min_new_tokens``). First-token times: see :meth:`_first_tokens`."""
+        rows, shape = len(p.batch), (len(p.batch), p.new_tokens)
+        with self._clock_lock:
+            seen = self._batches_of_shape.get(shape, 0)
+            self._batches_of_shape[shape] = seen + 1
+            clocked = seen % self.clock_every == 0 or shape not in self._first_share
         firsts: list[float | None] = [None] * rows
 
         def clock(step: Any) -> bool:
@@ -348,9 +377,10 @@ class CTranslate2Served(Engine):
             include_prompt_in_result=False,
             beam_size=1,
             sampling_topk=1,
-            callback=clock,
+            callback=clock if clocked else None,
         )
         t_end = time.perf_counter()
+        t_first = self._first_tokens(shape, firsts if clocked else None, t_start, t_end)
         return [
             GenerationResult(
                 request_id=q.request_id,
@@ -358,7 +388,7 @@ class CTranslate2Served(Engine):
                 output_ids=list(r.sequences_ids[0][: q.max_new_tokens]),
                 t_submit=q.t_submit,
                 t_start=t_start,
-                t_first_token=firsts[i] or t_end,
+                t_first_token=t_first[i],
                 t_end=t_end,
                 batch_rows=rows,
                 stream=stream,
@@ -366,14 +396,40 @@ class CTranslate2Served(Engine):
             for i, (q, r) in enumerate(zip(p.batch, out, strict=True))
         ]
 
+    def _first_tokens(
+        self, shape: tuple[int, int], firsts: list[float | None] | None, t_start: float, t_end: float
+    ) -> list[float]:
+        """Each row's first-token time.
+
+        A clocked batch (the first of its shape (rows, new tokens), then every ``clock_every``-th)
+        times it per row with ``generate_batch``'s step callback: when CTranslate2 handed that row's
+        first new token back (a row with a longer prompt than the batch's shortest gets it later: the
+        common prompt length is forwarded at once, the rest step by step). The callback is a GIL round
+        trip per row and step; on every batch it cost 7% of llama-small's int8 b64 throughput. So the
+        other batches are estimated: start + the mean first-token share of the duration of the last
+        clocked batch of their shape. :attr:`first_token_clock` counts both kinds.
+        """
+        span = t_end - t_start
+        if firsts is not None:
+            times = [t if t is not None else t_end for t in firsts]
+            share = sum(t - t_start for t in times) / (len(times) * span) if span > 0 else 1.0
+            with self._clock_lock:
+                self._first_share[shape] = share
+                self.first_token_clock["clocked"] += 1
+            return times
+        with self._clock_lock:
+            share = self._first_share.get(shape, 1.0)
+            self.first_token_clock["estimated"] += 1
+        return [t_start + share * span] * shape[0]
+
     # -- fidelity: what is served is scored ---------------------------------------------------
     def served_logits(self, ids: Any) -> Any:
         """Token ids [rows, tokens] -> float32 logits [rows, tokens, vocab] from ``forward_batch``
         (the whole sequence at once, as the reference is scored), at the served compute type."""
-        import ctranslate2
         import numpy as np
         import torch
 
+        ctranslate2 = import_ctranslate2()
         out = self.generator.forward_batch([[int(t) for t in row] for row in ids.tolist()])
         if out.dtype != ctranslate2.DataType.float32:
             out = out.to(ctranslate2.DataType.float32)

@@ -85,6 +85,26 @@ def test_run_batch_and_the_served_greedy_match_generate(fp32: ct2.CTranslate2Ser
     assert fp32.served_greedy(ps, 6) == batched
 
 
+def test_first_token_times_are_clocked_every_nth_batch_and_estimated_between(
+    fp32: ct2.CTranslate2Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fp32, "clock_every", 3)
+    monkeypatch.setattr(fp32, "_batches_of_shape", {})
+    before = dict(fp32.first_token_clock)
+    ps = prompts(fp32)
+    with fp32:
+        batches = [fp32.generate(ps, 5) for _ in range(4)]  # one batch of one shape each
+    assert fp32.first_token_clock["clocked"] - before["clocked"] == 2  # the 1st and the 4th
+    assert fp32.first_token_clock["estimated"] - before["estimated"] == 2
+    for results in batches:
+        assert {r.batch_rows for r in results} == {len(ps)}
+        for r in results:
+            assert r.t_start < r.t_first_token < r.t_end
+    clocked, estimated = batches[0], batches[1]
+    assert len({r.t_first_token for r in estimated}) == 1  # one estimate for the batch
+    assert len({r.t_first_token for r in clocked}) > 1  # per row: longer prompts come later
+
+
 def test_the_conversion_is_cached_by_digest(cache: Path, fp32: ct2.CTranslate2Served, hw: Hardware) -> None:
     first = fp32.timings.as_dict()
     assert first["convert_cached"] == 0.0 and first["convert_s"] > 0
