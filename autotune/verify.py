@@ -168,7 +168,7 @@ async def replay_http(
             if not vocab:
                 raise AutotuneError(f"{url}/health does not say the model's vocabulary size; upgrade that server")
             first = first_token_id if first_token_id is not None else int(health.get("first_token_id", 4))
-            api = Api(url, stream=False, exact_length=False)  # its outputs are exact; its timings in the body
+            api = Api(url, stream=False, exact_length=False, greedy=False)  # exact and greedy; timings in the body
         else:
             api = Api(url, model=await _served_model(http, url))
             if vocab_size:

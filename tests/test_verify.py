@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from autotune.errors import AutotuneError
@@ -141,3 +142,34 @@ def test_cli_verify_in_process_and_bad_input(tmp_path: Path) -> None:
     for bad in ("broken.json", "missing.json"):
         res = run_cli("verify", bad, cwd=tmp_path, timeout=60)
         assert res.returncode == 2 and res.stderr.startswith("error:") and "Traceback" not in res.stderr
+
+
+@pytest.fixture(scope="module")
+def foreign(served: tuple[Path, LiveServer]) -> Iterator[LiveServer]:
+    """Another OpenAI-compatible server (as vLLM is): the same engine behind an app without autotune's
+    /health, so nothing says which config it runs."""
+    _, srv = served
+    other = LiveServer(srv.engine, manage_engine=False)  # the first app owns the engine
+    other.app.router.routes[:] = [r for r in other.app.router.routes if getattr(r, "path", "") != "/health"]
+    other.start()
+    yield other
+    other.stop()
+
+
+def test_http_replay_against_a_server_that_is_not_autotunes(
+    served: tuple[Path, LiveServer], foreign: LiveServer, tmp_path: Path
+) -> None:
+    """The model from /v1/models, the prompts' vocabulary from the export's model, requests streamed with
+    the exact-length fields; the served config cannot be compared, and the replay says so."""
+    path, _ = served
+    assert httpx.get(f"{foreign.url}/health", timeout=10).status_code == 404
+    notes: list[str] = []
+    before = foreign.metric("autotune_requests_total", code="200")
+    m = verify_remote(load_doc(path), foreign.url, say=notes.append)
+    assert m.requests == 32 and m.output_tokens == 32 * 8 and m.mean_prompt_tokens == 16
+    assert m.output_tokens_per_s > 0 and m.e2e_ms["p95"] >= m.ttft_ms["p95"] > 0
+    assert m.peak_memory_mb != m.peak_memory_mb and m.memory_kind == "none"  # the server does not say
+    assert foreign.metric("autotune_requests_total", code="200") - before == 32 + 4
+    assert len(notes) == 1 and "not `autotune serve`" in notes[0] and "preset:llama-tiny" in notes[0]
+    other = write_export(tmp_path / "other.json", config={"batch_size": 2})
+    assert verify_remote(load_doc(other), foreign.url, vocab_size=512).requests == 32  # not compared: not refused

@@ -47,17 +47,23 @@ class Api:
 
     ``exact_length``: send ``min_tokens`` = ``max_tokens`` and ``ignore_eos`` (vLLM's extensions, which
     ``autotune serve`` accepts) so every completion has the workload's length. ``stream``: stream with
-    ``stream_options.include_usage`` (the first token's arrival is then seen). ``extra``: more fields.
+    ``stream_options.include_usage`` (the first token's arrival is then seen). ``greedy``: send
+    ``temperature`` 0, as autotune's engine decodes (sampling costs other engines time). ``extra``: more fields.
     """
 
     url: str
     model: str | None = None
     stream: bool = True
     exact_length: bool = True
+    greedy: bool = True
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def body(self, prompt: list[int], max_tokens: int) -> dict[str, Any]:
-        body: dict[str, Any] = {**self.extra, "prompt": prompt, "max_tokens": max_tokens}
+        body: dict[str, Any] = {"prompt": prompt, "max_tokens": max_tokens}
+        if self.greedy:
+            body["temperature"] = 0.0
+        body.update(self.extra)  # the caller's fields win over the defaults above...
+        body.update(prompt=prompt, max_tokens=max_tokens)  # ...but not over the workload's
         if self.model is not None:
             body["model"] = self.model
         if self.exact_length:
@@ -68,11 +74,13 @@ class Api:
 
 
 def client(read_timeout_s: float | None = None) -> httpx.AsyncClient:
-    """An HTTP client without a connection cap (the workload sets the concurrency)."""
+    """An HTTP client without a connection cap (the workload sets the concurrency), keeping every
+    connection alive: reconnecting clients would be the harness's cost, counted as the server's."""
     import httpx
 
     timeout = httpx.Timeout(connect=10.0, read=read_timeout_s, write=60.0, pool=None)
-    return httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=None))
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    return httpx.AsyncClient(timeout=timeout, limits=limits)
 
 
 class Progress:

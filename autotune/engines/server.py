@@ -56,7 +56,10 @@ PGID_SUFFIX = ".pgid"
 TOKEN_ENV = "AUTOTUNE_SERVER_TOKEN"
 
 _OOM = re.compile(
-    r"out of memory|OutOfMemoryError|MemoryError|Cannot allocate memory|std::bad_alloc|oom-kill", re.IGNORECASE
+    r"out of memory|OutOfMemoryError|MemoryError|Cannot allocate memory|std::bad_alloc|oom-kill"
+    # vLLM when the KV cache does not fit (the config is infeasible here, not broken)
+    r"|available KV cache memory|No available memory for the cache blocks",
+    re.IGNORECASE,
 )
 _PORT_IN_USE = re.compile(r"address already in use|errno 98\b", re.IGNORECASE)
 
@@ -117,12 +120,12 @@ def port_free(port: int) -> bool:
     return True
 
 
-def tail(path: Path, lines: int = TAIL_LINES) -> str:
-    """The last ``lines`` lines of a log file ('' when there is none)."""
+def tail(path: Path, lines: int = TAIL_LINES, since: int = 0) -> str:
+    """The last ``lines`` lines of a log file written after byte ``since`` ('' when there are none)."""
     try:
         with path.open("rb") as f:
             f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 64 * 1024))
+            f.seek(max(since, f.tell() - 64 * 1024))
             text = f.read().decode("utf-8", "replace")
     except OSError:
         return ""
@@ -130,18 +133,19 @@ def tail(path: Path, lines: int = TAIL_LINES) -> str:
 
 
 # -- process groups --------------------------------------------------------------------------------
-def _pdeathsig(parent: int) -> Callable[[], None]:
+def _pdeathsig(parent: int) -> Callable[[], None] | None:
     """The child's pre-exec step: SIGTERM when the thread that started it dies (Linux), and exit at once
-    if the parent is already gone (it died between fork and prctl)."""
+    if the parent is already gone (it died between fork and prctl). ``prctl`` is looked up here, in
+    the parent: the child, forked from a process that may run threads, only calls it."""
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None  # not Linux: the pgid file and atexit still clean up
 
     def set_it() -> None:
-        try:
-            import ctypes
-
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            return  # not Linux: the pgid file and atexit still clean up
+        prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
         if os.getppid() != parent:
             os._exit(1)
 
@@ -271,6 +275,7 @@ class ServerProcess:
         self._proc: subprocess.Popen[bytes] | None = None
         self._token = uuid.uuid4().hex
         self._oom_before: int | None = None
+        self._log_offset = 0
         self._stopping = False
 
     @property
@@ -282,7 +287,8 @@ class ServerProcess:
         return self._proc.pid if self._proc is not None else None
 
     def log_tail(self, lines: int = TAIL_LINES) -> str:
-        return tail(self.log_path, lines)
+        """The last lines this start wrote (an earlier run's lines in the same log are not its own)."""
+        return tail(self.log_path, lines, self._log_offset)
 
     def __enter__(self) -> ServerProcess:
         return self
@@ -320,6 +326,7 @@ class ServerProcess:
         self._oom_before = _oom_kills()
         t0 = time.perf_counter()
         with self.log_path.open("ab") as log:
+            self._log_offset = log.tell()
             log.write(f"$ {' '.join(argv)}\n".encode())
             log.flush()
             try:
@@ -505,6 +512,11 @@ def measure_server(
         if not process.alive():  # exited: the exit status, and oom when that is why
             raise process._exited("died", e.reason) from None
         raise EngineProcessError(e.kind, e.reason, process.log_tail()) from None
+    except RequestsFailed as e:
+        log_tail = process.log_tail() if process is not None else ""
+        if _OOM.search(log_tail):  # the server refused or failed requests for memory: the config is infeasible
+            raise EngineProcessError("oom", f"{e} (the server ran out of memory)", log_tail) from None
+        raise
     if process is not None:
         mem = process.memory_mb()
         if mem == mem and m.peak_memory_mb != m.peak_memory_mb:  # NaN: the server did not say

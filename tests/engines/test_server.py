@@ -143,6 +143,11 @@ def test_a_command_that_exits_fails_to_start_with_its_output(tmp_path: Path) -> 
     with pytest.raises(EngineProcessError) as e:
         ServerProcess(oom, port=free_port(), log_path=tmp_path / "b.log").start()
     assert e.value.kind == "oom"  # infeasible, not failed
+    again = ServerProcess(exits, port=free_port(), log_path=tmp_path / "b.log")  # the log of the OOM above
+    with pytest.raises(EngineProcessError) as e:
+        again.start()
+    assert e.value.kind == "start-failed" and "out of memory" not in str(e.value)  # only this start's lines
+    assert "out of memory" in (tmp_path / "b.log").read_text()  # appended, not truncated
     with pytest.raises(EngineProcessError, match="start-failed: cannot run"):
         ServerProcess(Launch(["/nonexistent/vllm"]), port=free_port(), log_path=tmp_path / "c.log").start()
     with pytest.raises(AutotuneError, match="argv is empty"):
@@ -274,6 +279,7 @@ def test_a_streamed_completion_is_timed_and_its_length_checked() -> None:
     assert sent[0] == {
         "prompt": [5, 6],
         "max_tokens": 3,
+        "temperature": 0.0,
         "model": "m",
         "min_tokens": 3,
         "ignore_eos": True,
