@@ -1268,10 +1268,15 @@ def _replay(doc: dict[str, Any], url: str | None, device: str | None, runs: int,
     from autotune.verify import build_engine, verify_local, verify_remote
 
     engine = None if url else _loud(lambda: build_engine(doc, device=device))
+    notes: set[str] = set()  # what a replay against a server other than autotune's could not check
     for i in range(runs):
         what = f"replay {i + 1} of {runs}: " if runs > 1 else ""
         with err.status(f"{what}replaying the workload {f'against {url}' if url else 'in this process'}…"):
-            replays.append(verify_local(doc, engine) if engine is not None else verify_remote(doc, str(url)))
+            replays.append(
+                verify_local(doc, engine) if engine is not None else verify_remote(doc, str(url), say=notes.add)
+            )
+    for note in sorted(notes):
+        err.print(f"note: {note}", highlight=False)
 
 
 def _loud(load: Callable[[], Any]) -> Any:
@@ -1297,7 +1302,8 @@ def _loud(load: Callable[[], Any]) -> Any:
 def verify(
     config: Annotated[Path, typer.Argument(metavar="CONFIG", help="the exported config (autotune export)")],
     url: Annotated[
-        str | None, typer.Option(help="a running `autotune serve` (default: an engine in this process)")
+        str | None,
+        typer.Option(help="a running OpenAI-compatible server: autotune serve, vLLM... (default: the exported engine)"),
     ] = None,
     tolerance: Annotated[float, typer.Option(min=0, max=1, help="allowed throughput shortfall")] = 0.10,
     device: Annotated[str | None, typer.Option(help="in-process only: override the exported device")] = None,
@@ -1319,7 +1325,7 @@ def verify(
 
         doc = load_doc(config)
         label = TrialConfig.model_validate(doc["config"]).label()
-        replays = []
+        replays: list[Any] = []
         with contextlib.ExitStack() as stack:
             target = url or (_start_engine_process(doc, stack) if _server_engine(doc) else None)
             _replay(doc, target, device, runs, replays)

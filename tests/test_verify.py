@@ -173,3 +173,6 @@ def test_http_replay_against_a_server_that_is_not_autotunes(
     assert len(notes) == 1 and "not `autotune serve`" in notes[0] and "preset:llama-tiny" in notes[0]
     other = write_export(tmp_path / "other.json", config={"batch_size": 2})
     assert verify_remote(load_doc(other), foreign.url, vocab_size=512).requests == 32  # not compared: not refused
+    res = run_cli("verify", str(path), "--url", foreign.url, cwd=tmp_path, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "note:" in res.stderr and "is not `autotune serve`" in res.stderr and "verified" in res.stderr
