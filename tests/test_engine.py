@@ -297,3 +297,31 @@ def test_stopping_a_pipelined_engine_finishes_what_was_queued(hw: Hardware) -> N
     engine.stop()
     assert all(f.done() and len(f.result().output_ids) == 3 for f in futures)
     assert not [t for t in threading.enumerate() if t.name.startswith("autotune-stream")]
+
+
+def test_a_stream_worker_runs_generate_with_the_main_threads_torch_threads(hw: Hardware) -> None:
+    """A single-stream engine's worker computes with as many threads as a plain loop on the main thread
+    would (torch's count is per thread under OpenMP); after a two-stream config split the cores, a
+    reused engine back at one stream gets them all again."""
+    import torch
+
+    seen: list[int] = []
+    engine = Engine.build(TINY, TrialConfig(batch_size=2), hw)
+    generate = engine.model.generate
+
+    def counting(*args: object, **kwargs: object) -> object:
+        seen.append(torch.get_num_threads())
+        return generate(*args, **kwargs)
+
+    engine.model.generate = counting
+    main = torch.get_num_threads()
+    with engine:
+        engine.generate(prompts(2), 2)
+    engine.reconfigure(engine.config.model_copy(update={"streams": 2}))
+    with engine:
+        engine.generate(prompts(4), 2)
+    engine.reconfigure(engine.config.model_copy(update={"streams": 1}))
+    with engine:
+        engine.generate(prompts(2), 2)
+    assert seen[0] == main and seen[-1] == main
+    assert torch.get_num_threads() == main
