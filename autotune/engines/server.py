@@ -478,7 +478,9 @@ def measure_server(
     measurement; when it gives a reason, that round is the result (``stopped_by`` "early-stop: ...").
 
     With ``process``, a server that exits mid-run is ``died`` (or ``oom``) at once, with its log tail;
-    any server that sends nothing for ``stall_timeout_s`` while requests wait is ``hung``. Requests
+    any server that sends nothing for ``stall_timeout_s`` while requests wait is ``hung``. ``timings``
+    are kept beside the warm-up's (pass ``{"startup_s": server.startup_s}`` for the trial that started
+    the server; a trial on a reused server had none). Requests
     that fail while the server runs (an error status, a short output) raise :class:`RequestsFailed`.
     """
     import asyncio
@@ -521,6 +523,4 @@ def measure_server(
         mem = process.memory_mb()
         if mem == mem and m.peak_memory_mb != m.peak_memory_mb:  # NaN: the server did not say
             m.peak_memory_mb, m.memory_kind = mem, "server_group_peak_rss"
-        if process.startup_s is not None:
-            m.timings.setdefault("startup_s", process.startup_s)
     return m
