@@ -163,6 +163,9 @@ def test_http_replay_against_a_server_that_is_not_autotunes(
     the exact-length fields; the served config cannot be compared, and the replay says so."""
     path, _ = served
     assert httpx.get(f"{foreign.url}/health", timeout=10).status_code == 404
+    short = {"prompt": [5, 6], "max_tokens": 2, "min_tokens": 3, "ignore_eos": True}  # vLLM's fields, accepted
+    r = httpx.post(f"{foreign.url}/v1/completions", json=short, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "min_tokens"
     notes: list[str] = []
     before = foreign.metric("autotune_requests_total", code="200")
     m = verify_remote(load_doc(path), foreign.url, say=notes.append)
