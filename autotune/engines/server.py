@@ -62,6 +62,12 @@ _OOM = re.compile(
     re.IGNORECASE,
 )
 _PORT_IN_USE = re.compile(r"address already in use|errno 98\b", re.IGNORECASE)
+#: A Python exception line in a log: ``RuntimeError: ...`` (after any prefix vLLM's loggers add).
+_EXCEPTION = re.compile(r"(?:^|[\s\]|:])((?:[A-Za-z_][\w]*\.)*[A-Z]\w*(?:Error|Exception)): (\S.*)$")
+#: Exceptions that only say another one happened (vLLM's API server after its engine core died).
+_ECHOES = ("EngineDeadError",)
+#: vLLM's API server answering 500 while the engine core behind it is dead.
+_ENGINE_DEAD = re.compile(r"EngineDeadError|EngineCore encountered a fatal error")
 
 
 class EngineProcessError(AutotuneError):
@@ -118,6 +124,22 @@ def port_free(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def first_error(path: Path, since: int = 0, limit: int = 4 << 20) -> str | None:
+    """The first exception line a log holds after byte ``since`` (``RuntimeError: ...``), None if none:
+    the root cause, where the tail is often the shutdown's echoes of it."""
+    try:
+        with path.open("rb") as f:
+            f.seek(since)
+            text = f.read(limit).decode("utf-8", "replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        m = _EXCEPTION.search(line.rstrip())
+        if m and m.group(1).rsplit(".", 1)[-1] not in _ECHOES:
+            return f"{m.group(1)}: {m.group(2)}"[:500]
+    return None
 
 
 def tail(path: Path, lines: int = TAIL_LINES, since: int = 0) -> str:
@@ -286,6 +308,10 @@ class ServerProcess:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
+    def first_error(self) -> str | None:
+        """The first exception line this start logged (see :func:`first_error`)."""
+        return first_error(self.log_path, self._log_offset)
+
     def log_tail(self, lines: int = TAIL_LINES) -> str:
         """The last lines this start wrote (an earlier run's lines in the same log are not its own)."""
         return tail(self.log_path, lines, self._log_offset)
@@ -393,6 +419,9 @@ class ServerProcess:
         else:
             how = f"exit status {code}"
         reason = f"{what} ({how})"
+        cause = self.first_error()
+        if cause is not None and cause not in log_tail:
+            reason += f"; first error in its log: {cause}"
         if _OOM.search(log_tail):
             return EngineProcessError("oom", f"{reason}: out of memory", log_tail)
         if code == -signal.SIGKILL:
@@ -515,9 +544,19 @@ def measure_server(
             raise process._exited("died", e.reason) from None
         raise EngineProcessError(e.kind, e.reason, process.log_tail()) from None
     except RequestsFailed as e:
-        log_tail = process.log_tail() if process is not None else ""
-        if _OOM.search(log_tail):  # the server refused or failed requests for memory: the config is infeasible
-            raise EngineProcessError("oom", f"{e} (the server ran out of memory)", log_tail) from None
+        if process is None:
+            raise
+        deadline = time.monotonic() + 3.0  # a server whose engine died often exits a moment later
+        while process.alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not process.alive():
+            raise process._exited("died", f"the server exited mid-run after {e}") from None
+        log_tail, cause = process.log_tail(), process.first_error()
+        if _OOM.search(log_tail) or (cause and _OOM.search(cause)):  # failed for memory: the config is infeasible
+            raise EngineProcessError("oom", f"{e} (the server ran out of memory: {cause})", log_tail) from None
+        if _ENGINE_DEAD.search(log_tail):  # the API server is up, the engine behind it is not
+            why = f"; first error in its log: {cause}" if cause else ""
+            raise EngineProcessError("died", f"the engine behind the API server died ({e}){why}", log_tail) from None
         raise
     if process is not None:
         mem = process.memory_mb()

@@ -131,6 +131,42 @@ def test_a_server_killed_mid_run_dies_with_its_log_tail(tmp_path: Path) -> None:
     gone(srv)
 
 
+#: vLLM after its engine core died: the API server answers /v1/models and a 500 to every completion.
+DEAD_ENGINE = """
+import json, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+print("(Worker pid=1) ERROR [executor.py:1] RuntimeError: Unsupported CPU attention configuration: head_dim=16")
+print("(EngineCore pid=2) ERROR [core.py:1] EngineCore encountered a fatal error.", flush=True)
+class H(BaseHTTPRequestHandler):
+    def answer(self, code, doc):
+        body = json.dumps(doc).encode()
+        self.send_response(code); self.send_header("Content-Length", str(len(body))); self.end_headers()
+        self.wfile.write(body)
+    def do_GET(self):
+        self.answer(200, {"data": [{"id": "m"}]})
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        print("vllm.v1.engine.exceptions.EngineDeadError: EngineCore encountered an issue.", flush=True)
+        self.answer(500, {"error": {"message": "EngineCore encountered an issue."}})
+    def log_message(self, *a):
+        pass
+ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+def test_an_api_server_whose_engine_died_is_died_with_the_first_error(tmp_path: Path) -> None:
+    """The tail is the 500s' echoes; the reason names the root cause, the first exception logged."""
+    with ServerProcess(Launch([PY, "-c", DEAD_ENGINE, "{port}"]), port=free_port(), log_path=tmp_path / "a.log") as srv:
+        srv.start()
+        assert srv.served_model == "m"
+        spec = WorkloadSpec.model_validate({"requests": 8, "prompt_tokens": 4, "output_tokens": 2})
+        with pytest.raises(EngineProcessError) as e:
+            measure(srv, spec, TrialConfig(batch_size=2))
+        assert e.value.kind == "died" and "engine behind the API server died" in e.value.reason
+        assert "first error in its log: RuntimeError: Unsupported CPU attention configuration" in e.value.reason
+        assert "EngineDeadError" in e.value.log_tail
+
+
 # -- faults at start, with stand-in commands (fast) ------------------------------------------------
 def test_a_command_that_exits_fails_to_start_with_its_output(tmp_path: Path) -> None:
     exits = Launch([PY, "-c", "import sys; print('no such model: nowhere/llm', flush=True); sys.exit(1)"])
