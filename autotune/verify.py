@@ -151,7 +151,7 @@ async def replay_http(
     url = url.rstrip("/")
     spec = workload_of(doc)
     cfg = TrialConfig.model_validate(doc["config"])
-    async with client(request_timeout_s) as http:
+    async with client(url, request_timeout_s) as http:
         health = await _health(http, url)
         notes: list[str] = []
         if health is not None:

@@ -73,14 +73,22 @@ class Api:
         return body
 
 
-def client(read_timeout_s: float | None = None) -> httpx.AsyncClient:
+def client(url: str, read_timeout_s: float | None = None) -> httpx.AsyncClient:
     """An HTTP client without a connection cap (the workload sets the concurrency), keeping every
-    connection alive: reconnecting clients would be the harness's cost, counted as the server's."""
+    connection alive: reconnecting clients would be the harness's cost, counted as the server's.
+    A loopback ``url`` ignores proxy settings (``HTTP_PROXY`` without ``NO_PROXY`` would reroute it)."""
     import httpx
 
     timeout = httpx.Timeout(connect=10.0, read=read_timeout_s, write=60.0, pool=None)
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    return httpx.AsyncClient(timeout=timeout, limits=limits)
+    return httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=not loopback(url))
+
+
+def loopback(url: str) -> bool:
+    """Whether ``url`` names this machine."""
+    from urllib.parse import urlsplit
+
+    return (urlsplit(url).hostname or "") in ("127.0.0.1", "localhost", "::1")
 
 
 class Progress:
@@ -364,7 +372,7 @@ async def measure_async(
     from autotune.measure import summarize
 
     timings = dict(timings or {})
-    async with client() as http:
+    async with client(api.url) as http:
         rep = Replayer(http, api)
 
         async def body() -> Measurement:

@@ -372,7 +372,7 @@ class ServerProcess:
         deadline = time.monotonic() + self.launch.start_timeout_s
         path = "/" + self.launch.ready_path.lstrip("/")
         pause = 0.05
-        with httpx.Client(timeout=httpx.Timeout(5.0, connect=2.0)) as client:
+        with httpx.Client(timeout=httpx.Timeout(5.0, connect=2.0), trust_env=False) as client:  # loopback
             while True:
                 if self._proc.poll() is not None:
                     err = self._exited("start-failed", "the server exited before it was ready")
