@@ -488,8 +488,8 @@ class VllmEngine(ServingEngine):
         offer("kv_cache_dtype", kv, "KV cache dtype; fp8 halves its memory")
         if not gpu:
             dropped["kv_cache_dtype=fp8"] = (
-                "vLLM's CPU attention stores fp8 KV but converts it back on every step: less memory, "
-                "no speed on a CPU (list it in engine_args to measure it)"
+                "a CPU has no fp8 math: vLLM's CPU attention stores fp8 KV and converts it back to compute, "
+                "which saves KV memory, not time; not searched by default (engine_args can set it)"
             )
         offer("enable_chunked_prefill", (None, False), "split long prefills across steps (vLLM's default: on)")
         offer("enable_prefix_caching", (None, False), "reuse the KV of shared prompt prefixes (default: on)")
@@ -535,8 +535,8 @@ class VllmEngine(ServingEngine):
             return "this CPU has no native bf16 (AVX512-BF16/AMX): vLLM's CPU kernels emulate it (slow)"
         if prec == "fp16":
             return (
-                "vLLM's CPU build runs fp16 by converting to fp32 around its kernels (no native fp16 math "
-                "on this CPU): slower than bf16 and fp32; list it in space.precision to measure it"
+                "CPUs without AVX512-FP16/AMX-FP16 (Hardware does not record them) convert fp16 to compute; "
+                "bf16 is the CPU's half precision here; list fp16 in space.precision to measure it"
             )
         return None
 
