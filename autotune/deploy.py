@@ -207,7 +207,7 @@ def engine_script(doc: dict[str, Any], *, comment: str = "") -> str:
     folder = checkpoint_dir(ref, exported.model_seed)
     model_dir = Path(folder) if folder is not None else Path(exported.model)
     workload = WorkloadSpec.model_validate(exported.workload) if exported.workload else WorkloadSpec()
-    context = workload.prompt_tokens.upper + workload.output_tokens.upper
+    context = int(exported.config.arg("max_model_len") or workload.prompt_tokens.upper + workload.output_tokens.upper)
     hw = Hardware.model_validate(exported.hardware)
     script: str = plugin.launch_script(exported.config, model_dir, hw, max_model_len=context, comment=comment)
     return script
@@ -227,7 +227,7 @@ def engine_launch(doc: dict[str, Any], *, port: int, host: str = "127.0.0.1") ->
     folder = checkpoint_dir(exported.model, exported.model_seed)
     model_dir = Path(folder) if folder is not None else Path(exported.model)
     workload = WorkloadSpec.model_validate(exported.workload) if exported.workload else WorkloadSpec()
-    context = workload.prompt_tokens.upper + workload.output_tokens.upper
+    context = int(exported.config.arg("max_model_len") or workload.prompt_tokens.upper + workload.output_tokens.upper)
     hw = probe(exported.hardware.get("device") or "auto")
     launch = plugin.launch(exported.config, model_dir, hw, port=port, max_model_len=context)
     if host != "127.0.0.1" and "--host" in launch.argv:

@@ -564,10 +564,10 @@ def _child_server_trial(job: dict[str, Any], spec: StudySpec, config: TrialConfi
 
     from autotune.engines import get_engine
     from autotune.engines.server import EngineProcessError, ServerProcess, free_port, measure_server
+    from autotune.space import server_context
 
     plugin = get_engine(config.engine)
     model_dir = Path(job["model_dir"])
-    ctx = spec.workload.prompt_tokens.upper + spec.workload.output_tokens.upper
     key = job.get("build_key")
     server = _BUILT.get("server") if key is not None and _BUILT.get("key") == key else None
     reused = server is not None and server.alive()
@@ -576,7 +576,8 @@ def _child_server_trial(job: dict[str, Any], spec: StudySpec, config: TrialConfi
         if not reused:
             _release_built()
             port = free_port()
-            launch = plugin.launch(config, model_dir, hw, port=port, max_model_len=ctx)
+            context = int(config.arg("max_model_len") or server_context(spec))
+            launch = plugin.launch(config, model_dir, hw, port=port, max_model_len=context)
             logs = Path(tempfile.mkdtemp(prefix=f"autotune-{config.engine}-"))
             server = ServerProcess(launch, port=port, log_path=logs / "engine.log")
             _BUILT.update(key=key, server=server)

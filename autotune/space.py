@@ -147,6 +147,8 @@ class SearchSpace:
             values[knob] = sorted(candidates) if knob in ORDINAL_KNOBS else candidates
         for engine, knobs in engines.items():
             values.update(_own_values(engine, knobs, spec.space.engine_space(engine)))
+            if engine != "builtin" and _is_server(engine):  # in the config, so its export is the launch measured
+                values[f"{engine}.max_model_len"] = [server_context(spec)]
         ctx = spec.workload.prompt_tokens.upper + spec.workload.output_tokens.upper
         if model is not None and ctx > model.max_context:
             raise SpaceError(f"workload needs {ctx} tokens of context but {model.ref} supports {model.max_context}")
@@ -314,7 +316,7 @@ class SearchSpace:
                 why = "has no such knob" if allowed is None else "does not run this value here"
                 return f"{knob}={value}: " + knobs.dropped.get(f"{knob}={value}", f"engine {cfg.engine} {why}")
         for name, _ in cfg.engine_args:
-            if name not in knobs.own:
+            if name not in knobs.own and name != "max_model_len":
                 return f"{name}: engine {cfg.engine} has no such knob here"
         reason = get_engine(cfg.engine).conflict(cfg, self.hardware)
         if reason:
@@ -323,6 +325,22 @@ class SearchSpace:
         if est is not None and est > self.hardware.device_memory_mb * MEMORY_HEADROOM:
             return f"estimated memory {est:,.0f} MB exceeds {MEMORY_HEADROOM:.0%} of the device's memory"
         return None
+
+
+def server_context(spec: StudySpec) -> int:
+    """The context a server engine is launched with: the workload's longest request, and the fidelity
+    check's windows (the server scores them through its API)."""
+    ctx = spec.workload.prompt_tokens.upper + spec.workload.output_tokens.upper
+    q = spec.quality
+    if q.enabled:
+        ctx = max(ctx, q.tokens + 1, q.greedy_prompt_tokens + q.greedy_tokens + 1)
+    return ctx
+
+
+def _is_server(engine: str) -> bool:
+    from autotune.engines import get_engine
+
+    return get_engine(engine).kind == "server"
 
 
 def _config(chosen: dict[str, Any]) -> TrialConfig:

@@ -10,7 +10,7 @@ import pytest
 from autotune.config import TrialConfig
 from autotune.errors import SpaceError
 from autotune.models import resolve_model
-from autotune.space import SearchSpace
+from autotune.space import SearchSpace, server_context
 from autotune.spec import StudySpec, parse_spec
 
 from .conftest import ROOT, make_hw
@@ -253,7 +253,10 @@ def engine_spec(engine: object, **space: object) -> StudySpec:
 
 
 def test_an_engine_list_searches_each_engine_with_only_its_own_knobs(fake_vllm: None) -> None:
-    s = SearchSpace.from_spec(engine_spec(["builtin", "vllm"], batch_size=[4, 8, 16]), make_hw())
+    spec = engine_spec(["builtin", "vllm"], batch_size=[4, 8, 16])
+    s = SearchSpace.from_spec(spec, make_hw())
+    ctx = {"max_model_len": server_context(spec)}  # a server's context is in its config: the launch is exported
+    assert ctx["max_model_len"] == 129  # the fidelity check's 128-token windows + 1, above the workload's 96
     assert s.values["engine"] == ["builtin", "vllm"]
     assert s.values["vllm.max_num_batched_tokens"] == [None, 4096]
     configs = [c for c in s.grid() if s.check(c) is None]
@@ -263,9 +266,9 @@ def test_an_engine_list_searches_each_engine_with_only_its_own_knobs(fake_vllm: 
     assert {c.batch_size for c in vllm} == {8, 16}  # 4 is the built-in engine's only
     assert all(c.streams == 1 and c.backend == "eager" and c.quantization == "none" for c in vllm)
     assert all(not c.engine_args for c in builtin)
-    args = {"max_num_batched_tokens": 4096, "enable_prefix_caching": False}  # None: the flag left out
+    args = {"max_num_batched_tokens": 4096, "enable_prefix_caching": False, **ctx}  # None: the flag left out
     assert TrialConfig(engine="vllm", engine_args=args, batch_size=8) in vllm
-    assert TrialConfig(engine="vllm", engine_args={"enable_prefix_caching": True}, batch_size=8) in vllm
+    assert TrialConfig(engine="vllm", engine_args={"enable_prefix_caching": True, **ctx}, batch_size=8) in vllm
     # the other engine's knobs are not the built-in engine's, nor its shared values the other's
     assert "no such knob" in str(s.check(TrialConfig(engine="vllm", batch_size=8, streams=2)))
     assert "pre-quantized" in str(s.check(TrialConfig(engine="vllm", batch_size=8, quantization="int8-dynamic")))
@@ -275,7 +278,7 @@ def test_an_engine_list_searches_each_engine_with_only_its_own_knobs(fake_vllm: 
 def test_a_sampler_is_only_offered_one_parameter_set_per_config(fake_vllm: None) -> None:
     s = SearchSpace.from_spec(engine_spec(["builtin", "vllm"], batch_size=[8, 16]), make_hw())
     ok = s.runnable()
-    args = {"enable_prefix_caching": True}
+    args = {"enable_prefix_caching": True, "max_model_len": 129}
     cfg = TrialConfig(engine="vllm", batch_size=16, precision="bf16", engine_args=args)
     params = s.params_for(cfg)
     assert params is not None and s.config_for(params) == cfg and ok(params)
@@ -288,7 +291,8 @@ def test_engine_rules_and_spec_values_apply(fake_vllm: None) -> None:
     s = SearchSpace.from_spec(engine_spec("vllm", vllm={"max_num_batched_tokens": [4096]}), make_hw())
     assert s.values["engine"] == ["vllm"] and s.values["vllm.max_num_batched_tokens"] == [4096]
     assert s.values["batch_size"] == [8, 16, 32, 64]
-    assert s.check(TrialConfig(engine="vllm", batch_size=64, engine_args={"max_num_batched_tokens": 4096}))
+    args = {"max_num_batched_tokens": 4096, "max_model_len": 129}
+    assert s.check(TrialConfig(engine="vllm", batch_size=64, engine_args=args))
     with pytest.raises(SpaceError, match=r"space\.vllm: block_size cannot be searched here"):
         SearchSpace.from_spec(engine_spec("vllm", vllm={"block_size": [16]}), make_hw())
 

@@ -639,7 +639,7 @@ class VllmEngine(ServingEngine):
         if config.quantization != "none":
             words += ["--quantization", QUANT[config.quantization]]
         for name, value in config.engine_args:  # sorted by name: one order, one launch
-            if value is not None:  # None: vLLM's own default, the flag left out
+            if value is not None and name != "max_model_len":  # None: vLLM's default; the context: above
                 words += p.options[name].args(value)
         if (
             hw.device_type != "cuda"
