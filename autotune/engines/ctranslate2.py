@@ -17,6 +17,11 @@ Knobs: batch size, queue delay and streams (each stream a concurrent ``generate_
 generator gets ``inter_threads=streams``), precision x quantization mapped to a compute type the
 device supports, and CTranslate2's own ``intra_threads`` (threads per batch; default cores //
 streams).
+
+What is measured as the first-token time, and why it is sampled: :meth:`CTranslate2Served._first_tokens`.
+Fidelity scores what is served: ``engine.served`` holds ``fidelity()``'s ``logits`` (``forward_batch``
+at the served compute type, full vocabulary) and ``greedy`` (the served ``generate_batch``);
+``engine.model`` is the architecture on the meta device, for what reads the model's shape.
 """
 
 from __future__ import annotations
@@ -83,22 +88,29 @@ _CUDA_MIN_CC = {
 
 
 def import_ctranslate2() -> Any:
-    """``import ctranslate2`` with its own OpenMP runtime (the wheel bundles a libgomp, which reads the
-    environment when it loads) at the default wait policy, whatever ``OMP_WAIT_POLICY`` says.
+    """``import ctranslate2`` bound to its own OpenMP runtime, at the default wait policy.
 
-    Trial processes set ``PASSIVE`` for torch's OpenMP team; CTranslate2's team then sleeps between
-    parallel regions and loses 6-10% on llama-small at b64 (``bench/ctranslate2_engine.py``, mode
-    ``engine:passive``). torch computes next to nothing in a CTranslate2 trial, so nothing competes
-    with the spinning team. Only an import in this process before this one escapes it.
+    The wheel bundles a libgomp, but torch puts its own libgomp in the process's global symbol
+    scope (``libtorch_global_deps``, loaded ``RTLD_GLOBAL``), so an ordinary import binds
+    CTranslate2's OpenMP calls to torch's runtime (``LD_DEBUG=bindings`` shows it). Trial processes
+    start torch with ``OMP_WAIT_POLICY=PASSIVE`` (for the built-in engine's threads), and
+    CTranslate2's team then sleeps between parallel regions: ``engine:passive`` in
+    ``bench/ctranslate2_engine.py``. Imported with ``RTLD_DEEPBIND``, CTranslate2 binds to its
+    bundled libgomp, which reads the environment as it loads: ``OMP_WAIT_POLICY`` is left out of
+    the environment for that moment (torch computes next to nothing in a CTranslate2 trial, so
+    nothing competes with the spinning team). An import of ``ctranslate2`` before this one wins.
     """
     import sys
 
     if "ctranslate2" in sys.modules:
         return sys.modules["ctranslate2"]
     saved = os.environ.pop("OMP_WAIT_POLICY", None)
+    flags = sys.getdlopenflags()
+    sys.setdlopenflags(flags | getattr(os, "RTLD_DEEPBIND", 0))
     try:
         import ctranslate2
     finally:
+        sys.setdlopenflags(flags)
         if saved is not None:
             os.environ["OMP_WAIT_POLICY"] = saved
     return ctranslate2
