@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -60,12 +61,23 @@ class Others:
 
     def __enter__(self) -> Others:
         self.t, self.busy, self.own = time.perf_counter(), cpu_busy_s(), own_cpu_s()
+        self.usage = resource.getrusage(resource.RUSAGE_SELF)
         return self
 
     def __exit__(self, *exc: object) -> None:
         wall = time.perf_counter() - self.t
         other = (cpu_busy_s() - self.busy) - (own_cpu_s() - self.own)
         self.share = max(0.0, other) / (wall * (os.cpu_count() or 1))
+        u = resource.getrusage(resource.RUSAGE_SELF)
+        #: This process's own costs over the window: page faults, and how often its threads were
+        #: descheduled while runnable (involuntary switches: another task took the core).
+        self.own_figures = {
+            "cpu_s": own_cpu_s() - self.own,
+            "wall_s": wall,
+            "minor_faults": u.ru_minflt - self.usage.ru_minflt,
+            "involuntary_switches": u.ru_nivcsw - self.usage.ru_nivcsw,
+            "voluntary_switches": u.ru_nvcsw - self.usage.ru_nvcsw,
+        }
 
 
 def wait_quiet(limit_s: float = 90.0, window_s: float = 2.0) -> float:

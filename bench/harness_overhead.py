@@ -80,6 +80,7 @@ def measure(side: str, config: str, spec_path: str, batches: int) -> dict[str, A
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
             "niceness": os.getpriority(os.PRIO_PROCESS, 0),
             "others_share": others.share,
+            **others.own_figures,
         }
     b = cfg.batch_size
     reqs = build_requests(w, engine.info.vocab_size, first_token_id=4, count=b * (batches + 1))
@@ -110,6 +111,7 @@ def measure(side: str, config: str, spec_path: str, batches: int) -> dict[str, A
         "batch_s": times,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
         "others_share": others.share,
+        **others.own_figures,
     }
 
 
