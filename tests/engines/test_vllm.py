@@ -437,7 +437,6 @@ def test_real_vllm_starts_with_the_launch_serves_the_workload_and_matches_the_re
             process=server,
         )
         assert m.requests == 16 and m.output_tokens == 16 * 8 and m.output_tokens_per_s > 0
-        assert m.timings["startup_s"] == startup_s
         tok = AutoTokenizer.from_pretrained(model_dir)
         hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32").eval()
         es = build_eval_set(QualitySpec(sequences=2, tokens=48, greedy_prompt_tokens=16, greedy_tokens=8), tok)
