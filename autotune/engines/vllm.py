@@ -500,9 +500,11 @@ class VllmEngine(ServingEngine):
             ordinal=True,
         )
         offer("scheduling_policy", (None,), "fcfs (default) or priority (only matters with request priorities)")
+        # On this 2-core CPU (llama-small bf16, 64 clients): eager started in 29 s against 41-59 s with
+        # the compile cache warm (~100 s cold) and served 867 tok/s against 760-942 compiled.
+        offer("enforce_eager", (None, True), "no torch.compile (and no CUDA graphs on GPUs): a faster start")
         if gpu:
             offer("async_scheduling", (None, True), "overlap the scheduler with the forward pass")
-            offer("enforce_eager", (None, True), "no CUDA graphs and no torch.compile (faster start)")
             offer("optimization_level", (None, 0, 3), "vLLM's -O level: compile and CUDA-graph effort", ordinal=True)
             n = self.gpus(hw)
             if n > 1:
@@ -515,8 +517,8 @@ class VllmEngine(ServingEngine):
             dropped["async_scheduling"] = (
                 f"vLLM {p.version}'s CPU platform turns async scheduling off whatever the flag says"
             )
-            dropped["enforce_eager"] = dropped["optimization_level"] = (
-                "vLLM's CPU build compiles once at start; not searched on CPUs (engine_args can set it)"
+            dropped["optimization_level"] = (
+                "vLLM's CPU build compiles once, at one level, or not at all (enforce_eager)"
             )
             dropped["tensor_parallel_size"] = dropped["data_parallel_size"] = "parallel sizes need several GPUs"
         return EngineKnobs(shared=shared, own=own, dropped=dropped)

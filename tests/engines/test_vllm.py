@@ -167,9 +167,10 @@ def test_cpu_knobs_are_few_and_leave_out_what_a_cpu_cannot_use(tmp_path: Path) -
         "enable_prefix_caching",
         "block_size",
         "scheduling_policy",
+        "enforce_eager",
     }
     assert all(None in knob.values for knob in k.own.values())  # vLLM's own default is always a candidate
-    for knob in ("async_scheduling", "tensor_parallel_size", "data_parallel_size", "enforce_eager", "streams"):
+    for knob in ("async_scheduling", "tensor_parallel_size", "data_parallel_size", "optimization_level", "streams"):
         assert knob in k.dropped
     assert "GPUs only" in k.dropped["quantization=fp8"] and "pre-quantized" in k.dropped["quantization=int8-dynamic"]
     assert "TF32" in k.dropped["precision=tf32"] and "precision=fp16" in k.dropped
