@@ -359,7 +359,7 @@ class StudySpec(_Strict):
     @property
     def engines(self) -> list[str]:
         """The engines searched, in the spec's order (one for ``engine: NAME``)."""
-        names = [self.engine] if isinstance(self.engine, str) else list(self.engine)
+        names: list[str] = [self.engine] if isinstance(self.engine, str) else list(self.engine)
         return sorted(set(names), key=names.index)
 
     @property
