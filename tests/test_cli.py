@@ -79,7 +79,10 @@ def test_tune_measures_stores_and_exports(tuned: Path) -> None:
         "pipeline_depth",
         "attention",
         "model",
+        "engine",
+        "engine_args",
     }
+    assert doc["config"]["engine"] == "builtin" and doc["config"]["engine_args"] == {}
     for k in ("e2e_ms", "ttft_ms", "tpot_ms"):
         assert set(doc["metrics"][k]) == {"p50", "p90", "p95", "p99"}
     assert doc["metrics"]["output_tokens_per_s"] > 0 and doc["metrics"]["peak_memory_mb"] > 0
