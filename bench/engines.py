@@ -233,11 +233,14 @@ def _ctranslate2(job: dict[str, Any], precision: str) -> Any:
     return generate, {"ctranslate2": ctranslate2.__version__, "intra_threads": threads}
 
 
-def ct2_convert(model_dir: Path) -> Path:
-    """The checkpoint converted once (float32 weights; each compute_type quantizes on load), cached."""
+def ct2_convert(model_dir: Path, *, dry: bool = False) -> Path | None:
+    """The checkpoint converted once (float32 weights; each compute_type quantizes on load), cached;
+    ``dry``: the cached folder, or None when it is not there yet."""
     from autotune.checkpoint import cache_root
 
     out = cache_root().parent / "bench-ct2" / model_dir.name
+    if dry:
+        return out if (out / "model.bin").is_file() else None
     if not (out / "model.bin").is_file():
         from ctranslate2.converters import TransformersConverter
 
@@ -374,9 +377,14 @@ def background_load(n: int, timeout_s: float = LOAD_TIMEOUT_S) -> Iterator[list[
 # The study
 
 
+#: An in-process engine's start-up: its build's timings (a server engine's is ``engine_start_s``).
+BUILD_TIMINGS = ("load_s", "precision_s", "quantize_s", "export_s")
+
+
 def study_storage_stats(storage: str) -> dict[str, Any]:
-    """Per trial of the study in ``storage``: its engine, state, start-up cost and whether it reused a
-    running engine (the trial's measurement timings ``engine_start_s`` / ``engine_reused``)."""
+    """Per trial of the study in ``storage`` (Optuna's user attributes, as autotune/tuner.py writes them):
+    its engine, state, start-up cost (``engine_start_s`` of a server engine, the build's timings of an
+    in-process one), warm-up, and whether it reused a running engine (``engine_reused``)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -387,15 +395,21 @@ def study_storage_stats(storage: str) -> dict[str, Any]:
             m = t.user_attrs.get("measurement") or {}
             timings = m.get("timings") or {}
             cfg = t.user_attrs.get("config") or {}
+            start = timings.get("engine_start_s")
+            if start is None and any(k in timings for k in BUILD_TIMINGS):
+                start = sum(float(timings.get(k) or 0.0) for k in BUILD_TIMINGS)
             trials.append(
                 {
                     "number": t.number,
                     "state": t.state.name,
                     "engine": cfg.get("engine", "builtin"),
-                    "label": t.user_attrs.get("label"),
+                    "config": label(cfg) if cfg else None,
                     "tokens_per_s": m.get("output_tokens_per_s"),
+                    "feasible": t.user_attrs.get("feasible"),
+                    "startup_s": start,
                     "engine_start_s": timings.get("engine_start_s"),
-                    "build_s": timings.get("build_s"),
+                    "warmup_s": timings.get("warmup_s"),
+                    "trial_process_s": t.user_attrs.get("trial_process_s"),
                     "engine_reused": bool(timings.get("engine_reused")),
                     "failure": (t.user_attrs.get("failure") or {}).get("reason"),
                     "duplicate_of": t.user_attrs.get("duplicate_of"),
@@ -405,25 +419,28 @@ def study_storage_stats(storage: str) -> dict[str, Any]:
 
 
 def trial_summary(trials: list[dict[str, Any]]) -> dict[str, Any]:
-    """How many trials, how many reused a running engine, and start-up cost per trial by engine."""
-    by_engine: dict[str, dict[str, Any]] = {}
-    for t in trials:
-        e = by_engine.setdefault(t["engine"], {"trials": 0, "reused": 0, "starts": []})
-        e["trials"] += 1
-        e["reused"] += int(t["engine_reused"])
-        if t.get("engine_start_s") is not None:
-            e["starts"].append(t["engine_start_s"])
-    for e in by_engine.values():
-        starts = e.pop("starts")
-        e["engine_start_s_median"] = statistics.median(starts) if starts else None
-        e["engine_start_s_total"] = sum(starts)
-    starts = [t["engine_start_s"] for t in trials if t.get("engine_start_s") is not None]
+    """How many trials, how many reused a running engine, and start-up cost per trial, by engine too
+    (a reused engine's trial costs no start-up: it counts as 0)."""
+
+    def cost(ts: list[dict[str, Any]]) -> dict[str, Any]:
+        starts = [float(t.get("startup_s") or 0.0) for t in ts]
+        started = [float(t["startup_s"]) for t in ts if t.get("startup_s") and not t["engine_reused"]]
+        return {
+            "trials": len(ts),
+            "reused": sum(int(t["engine_reused"]) for t in ts),
+            "startup_s_total": sum(starts),
+            "startup_s_per_trial": sum(starts) / len(ts) if ts else None,
+            "startup_s_per_start": statistics.median(started) if started else None,
+        }
+
+    engines = sorted({t["engine"] for t in trials})
+    total = cost(trials)
     return {
-        "n_trials": len(trials),
-        "n_engine_reused": sum(int(t["engine_reused"]) for t in trials),
-        "engine_start_s_total": sum(starts),
-        "engine_start_s_per_trial": sum(starts) / len(trials) if trials else None,
-        "by_engine": by_engine,
+        "n_trials": total["trials"],
+        "n_engine_reused": total["reused"],
+        "startup_s_total": total["startup_s_total"],
+        "startup_s_per_trial": total["startup_s_per_trial"],
+        "by_engine": {e: cost([t for t in trials if t["engine"] == e]) for e in engines},
     }
 
 
@@ -648,6 +665,7 @@ def bench(args: argparse.Namespace) -> None:
     limit = slo_limit(spec)
     info = {**machine(), **versions(args)}
     header(f"engines: autotune's best across engines vs each engine's hand-picked configs ({spec.model})", info)
+    sys.stdout.flush()
     print(
         f"vllm {info['vllm']} (its env: torch {info['vllm_env_torch']}, transformers "
         f"{info['vllm_env_transformers']}), ctranslate2 {info['ctranslate2']}; loadavg {loadavg():.2f}",
@@ -674,8 +692,10 @@ def bench(args: argparse.Namespace) -> None:
         "max_seconds": max_seconds,
     }
     if any(e == "ctranslate2" for e, _ in args.peer_groups):
-        with args.timing_lock.step():
-            job["ct2_dir"] = str(ct2_convert(model_dir))
+        if ct2_convert(model_dir, dry=True) is None:  # converting takes the CPU: not beside a timing
+            with args.timing_lock.step():
+                ct2_convert(model_dir)
+        job["ct2_dir"] = str(ct2_convert(model_dir))
     job_path = tmp / "job.json"
     job_path.write_text(json.dumps(job))
 
@@ -720,8 +740,8 @@ def bench(args: argparse.Namespace) -> None:
         st = s.get("storage", {})
         print(
             f"study {s['tag']}: {s['wall_s']:.0f} s, {st.get('n_trials', '?')} trials, "
-            f"{st.get('n_engine_reused', '?')} reused a running engine, engine start-up "
-            f"{_fmt(st.get('engine_start_s_per_trial'))} s per trial; winner {s.get('winner_label', 'none')}"
+            f"{st.get('n_engine_reused', '?')} reused a running engine, start-up {_fmt(st.get('startup_s_per_trial'))} "
+            f"s per trial ({_starts(st)}); winner {s.get('winner_label', 'none')}"
         )
     print("\n".join(table(rows)))
     if stability is not None:
@@ -790,6 +810,15 @@ def peer_row(group: tuple[str, str], key: str) -> dict[str, Any]:
     engine, precision = group
     batch = key.rsplit(":b", 1)[1]
     return {"engine": engine, "config": f"b{batch} {precision}", "kind": "peer", "runs": []}
+
+
+def _starts(st: dict[str, Any]) -> str:
+    """Per engine: trials, reused, median start-up of a trial that started its engine."""
+    parts = [
+        f"{e} {c['trials']} trials, {c['reused']} reused, {_fmt(c['startup_s_per_start'])} s a start"
+        for e, c in (st.get("by_engine") or {}).items()
+    ]
+    return "; ".join(parts) or "no trials"
 
 
 def _fmt(x: float | None, fmt: str = ".1f") -> str:

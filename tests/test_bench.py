@@ -118,19 +118,22 @@ def test_the_engines_bench_summary_ratios_and_last_line() -> None:
 def test_the_engines_bench_counts_trials_that_reused_an_engine() -> None:
     eng = _engines_bench()
     trials = [
-        {"engine": "vllm", "engine_start_s": 70.0, "engine_reused": False},
-        {"engine": "vllm", "engine_start_s": None, "engine_reused": True},
-        {"engine": "ctranslate2", "engine_start_s": None, "engine_reused": False},
-        {"engine": "builtin", "engine_start_s": None, "engine_reused": True},
+        {"engine": "vllm", "startup_s": 70.0, "engine_reused": False},
+        {"engine": "vllm", "startup_s": None, "engine_reused": True},
+        {"engine": "ctranslate2", "startup_s": 2.0, "engine_reused": False},
+        {"engine": "builtin", "startup_s": 0.0, "engine_reused": True},
     ]
     s = eng.trial_summary(trials)
-    assert s["n_trials"] == 4 and s["n_engine_reused"] == 2 and s["engine_start_s_per_trial"] == 17.5
+    assert s["n_trials"] == 4 and s["n_engine_reused"] == 2 and s["startup_s_per_trial"] == 18.0
     assert s["by_engine"]["vllm"] == {
         "trials": 2,
         "reused": 1,
-        "engine_start_s_median": 70.0,
-        "engine_start_s_total": 70.0,
+        "startup_s_total": 70.0,
+        "startup_s_per_trial": 35.0,
+        "startup_s_per_start": 70.0,
     }
+    assert s["by_engine"]["builtin"]["startup_s_per_start"] is None
+    assert "vllm 2 trials, 1 reused, 70.0 s a start" in eng._starts(s)
 
 
 def test_the_engines_bench_times_batches_of_every_prompt() -> None:
