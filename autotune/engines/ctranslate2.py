@@ -88,31 +88,18 @@ _CUDA_MIN_CC = {
 
 
 def import_ctranslate2() -> Any:
-    """``import ctranslate2`` bound to its own OpenMP runtime, at the default wait policy.
+    """``import ctranslate2`` (one place, so how it is loaded can change in one place).
 
-    The wheel bundles a libgomp, but torch puts its own libgomp in the process's global symbol
-    scope (``libtorch_global_deps``, loaded ``RTLD_GLOBAL``), so an ordinary import binds
-    CTranslate2's OpenMP calls to torch's runtime (``LD_DEBUG=bindings`` shows it). Trial processes
-    start torch with ``OMP_WAIT_POLICY=PASSIVE`` (for the built-in engine's threads), and
-    CTranslate2's team then sleeps between parallel regions: ``engine:passive`` in
-    ``bench/ctranslate2_engine.py``. Imported with ``RTLD_DEEPBIND``, CTranslate2 binds to its
-    bundled libgomp, which reads the environment as it loads: ``OMP_WAIT_POLICY`` is left out of
-    the environment for that moment (torch computes next to nothing in a CTranslate2 trial, so
-    nothing competes with the spinning team). An import of ``ctranslate2`` before this one wins.
+    What was measured about its OpenMP: the wheel bundles a libgomp, but torch puts its own in the
+    global symbol scope (``libtorch_global_deps``, ``RTLD_GLOBAL``), so CTranslate2's OpenMP calls
+    bind to torch's runtime (``LD_DEBUG=bindings``) and a trial process's ``OMP_WAIT_POLICY=PASSIVE``
+    applies to it. A process started with PASSIVE ran the engine at 0.90-0.99x the default
+    (``bench/ctranslate2_engine.py``, mode ``engine:passive``); importing with ``RTLD_DEEPBIND`` (its
+    own libgomp, at the default wait policy, verified) did not close that gap (0.84x in 3 rounds,
+    one of them faster), so the cause is elsewhere and the plain import stays.
     """
-    import sys
+    import ctranslate2
 
-    if "ctranslate2" in sys.modules:
-        return sys.modules["ctranslate2"]
-    saved = os.environ.pop("OMP_WAIT_POLICY", None)
-    flags = sys.getdlopenflags()
-    sys.setdlopenflags(flags | getattr(os, "RTLD_DEEPBIND", 0))
-    try:
-        import ctranslate2
-    finally:
-        sys.setdlopenflags(flags)
-        if saved is not None:
-            os.environ["OMP_WAIT_POLICY"] = saved
     return ctranslate2
 
 
@@ -183,7 +170,6 @@ def convert(ref: str, seed: int = 0) -> Converted:
     """
     from autotune.digest import model_digest
 
-    import_ctranslate2()  # its OpenMP at the default wait policy, before the converter imports it
     t = time.perf_counter()
     source = _source_folder(ref, seed)
     checkpoint_s = time.perf_counter() - t

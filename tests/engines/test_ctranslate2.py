@@ -220,24 +220,3 @@ def test_duplicate_token_strings_get_their_own(tmp_path: Path) -> None:
     ct2._unique_vocabulary(tmp_path)
     vocab = ct2.read_vocabulary(tmp_path)
     assert vocab[:3] == ["<s>", "a", "b"] and len(set(vocab)) == 4
-
-
-def test_ctranslate2_binds_its_own_openmp_at_the_default_wait_policy(tmp_path: Path) -> None:
-    """torch (imported first, as in a trial process, with PASSIVE) must not lend CTranslate2 its OpenMP."""
-    import subprocess
-    import sys
-
-    code = (
-        "import os, torch\n"
-        "from autotune.engines.ctranslate2 import import_ctranslate2\n"
-        "ct2 = import_ctranslate2()\n"
-        "assert 'float32' in ct2.get_supported_compute_types('cpu')\n"
-        "print(os.environ['OMP_WAIT_POLICY'])\n"
-    )
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "LD_DEBUG": "bindings"}
-    env["LD_DEBUG_OUTPUT"] = str(tmp_path / "ld")
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert done.stdout.strip() == "PASSIVE"  # torch's (and the rest of the process's) setting is kept
-    bindings = "".join(p.read_text(errors="replace") for p in tmp_path.glob("ld*"))
-    gomp = [line for line in bindings.splitlines() if "libctranslate2" in line and "`GOMP_parallel'" in line]
-    assert gomp and all("ctranslate2.libs/libgomp" in line for line in gomp)
