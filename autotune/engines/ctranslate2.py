@@ -403,7 +403,7 @@ class CTranslate2Served(Engine):
         times it per row with ``generate_batch``'s step callback: when CTranslate2 handed that row's
         first new token back (a row with a longer prompt than the batch's shortest gets it later: the
         common prompt length is forwarded at once, the rest step by step). The callback is a GIL round
-        trip per row and step; on every batch it cost 7% of llama-small's int8 b64 throughput. So the
+        trip per row and step; on every batch it cost 7% of llama-small's int8 b64 throughput (one round). So the
         other batches are estimated: start + the mean first-token share of the duration of the last
         clocked batch of their shape. :attr:`first_token_clock` counts both kinds.
         """
