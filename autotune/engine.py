@@ -102,32 +102,6 @@ class _Prepared:
 #: How often a prepared-ahead batch that cannot start yet looks for more queued requests.
 FILL_POLL_S = 0.002
 
-#: glibc's mallopt parameters (malloc.h) and the values a CPU engine sets; see :func:`keep_freed_memory`.
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_MMAP_THRESHOLD = 32 * 2**20  # glibc's largest: blocks above it are mapped (and unmapped) on their own
-_TRIM_THRESHOLD = 2**30
-
-
-def keep_freed_memory() -> bool:
-    """Let glibc keep freed memory for reuse instead of handing it back to the kernel (Linux, glibc).
-
-    ``generate`` reallocates its KV cache, logits and activations at every step; with glibc's
-    defaults the freed blocks are returned to the kernel (unmapped or trimmed) and the next step
-    faults the same memory back in, zeroed page by page: 37,000-56,000 page faults per b32 bf16
-    batch of the 58M llama-small on 2 cores, ~0 with these settings (issue 27.6). Fixed thresholds
-    also stop glibc adapting them differently per thread arena. The cost: the process keeps its
-    peak heap (the peak, not more). Returns False where the C library has no ``mallopt``."""
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
-
 
 @dataclass
 class BuildTimings:
@@ -276,8 +250,6 @@ class Engine:
         """Load the model and apply precision, quantization, the attention kernel, then the backend."""
         from autotune.models import load_model
 
-        if hardware.device_type != "cuda":
-            keep_freed_memory()  # before the model's own allocations
         timings = BuildTimings()
         t = time.perf_counter()
         model, tokenizer, info = load_model(model_ref, device=hardware.device, seed=seed)

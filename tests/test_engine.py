@@ -325,36 +325,3 @@ def test_a_stream_worker_runs_generate_with_the_main_threads_torch_threads(hw: H
         engine.generate(prompts(2), 2)
     assert seen[0] == main and seen[-1] == main
     assert torch.get_num_threads() == main
-
-
-_FAULTS = """
-import resource, sys
-from autotune.config import TrialConfig
-from autotune.engine import Engine
-from autotune.hardware import probe
-
-batch = [[10 + (i * 7 + j) % 400 for j in range(64)] for i in range(32)]
-with Engine.build("preset:llama-tiny", TrialConfig(batch_size=32), probe("cpu")) as engine:
-    engine.generate(batch, 16)  # warm: the heap grows to the batch's peak once
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(3):
-        engine.generate(batch, 16)
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3)
-"""
-
-
-def test_a_cpu_engine_reuses_freed_memory_instead_of_faulting_it_back() -> None:
-    """generate() reallocates its cache and activations every step: with glibc's defaults the freed
-    memory went back to the kernel and came back as page faults (37,000-56,000 per b32 bf16 batch of
-    llama-small, issue 27.6); a CPU engine keeps it. A fresh process: the setting is process-wide."""
-    import ctypes
-    import subprocess
-    import sys
-
-    try:
-        ctypes.CDLL("libc.so.6").mallopt  # noqa: B018
-    except (OSError, AttributeError):
-        pytest.skip("glibc's mallopt is not available here")
-    out = subprocess.run([sys.executable, "-c", _FAULTS], capture_output=True, text=True, check=True, timeout=120)
-    faults = float(out.stdout.strip().splitlines()[-1])
-    assert faults < 500, f"{faults:.0f} page faults per batch"  # without: ~3,000 here
