@@ -48,7 +48,7 @@ try:
         import transformers  # noqa: F401
         from transformers.models.llama import modeling_llama  # noqa: F401
 
-        import autotune.engine
+        import autotune.engines.builtin.engine
         import autotune.measure  # noqa: F401
 finally:
     if _hidden:

@@ -23,7 +23,7 @@ from autotune.spec import PERCENTILES, QUALITY_METRICS, WorkloadSpec
 from autotune.workload import Request, build_requests, concurrency
 
 if TYPE_CHECKING:
-    from autotune.engine import Engine, GenerationResult
+    from autotune.engines.builtin.engine import Engine, GenerationResult
 
 LATENCIES = ("e2e_ms", "ttft_ms", "tpot_ms", "queue_ms")
 HISTOGRAM_SAMPLES = 2000

@@ -512,7 +512,7 @@ def _child_trial(job: dict[str, Any]) -> dict[str, Any]:
     m.background = load.result()
     ceilings = hw.ceilings()
     if ceilings is not None and m.requests and config.engine == "builtin":
-        from autotune.optimize.precision import torch_dtype
+        from autotune.engines.builtin.optimize.precision import torch_dtype
         from autotune.roofline import compute_dtype, count_model, roofline
 
         m.roofline = roofline(
@@ -629,7 +629,7 @@ def _child_server_trial(job: dict[str, Any], spec: StudySpec, config: TrialConfi
 
 
 def _child_reference(job: dict[str, Any]) -> dict[str, Any]:
-    from autotune.engine import Engine
+    from autotune.engines.builtin.engine import Engine
     from autotune.quality import build_eval_set, compute_reference
 
     spec = StudySpec.model_validate(job["spec"])

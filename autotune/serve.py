@@ -1,4 +1,4 @@
-"""Serve one tuned :class:`~autotune.engine.Engine` over HTTP, OpenAI-style.
+"""Serve one tuned :class:`~autotune.engines.builtin.engine.Engine` over HTTP, OpenAI-style.
 
 ``POST /v1/completions`` takes ``prompt`` (text, a list of texts, a list of token ids so lengths are
 exact, or a list of such lists: one choice per prompt, in order), ``max_tokens``, ``temperature``,
@@ -56,7 +56,7 @@ from autotune.errors import AutotuneError
 from autotune.security import SecurityHeaders
 
 if TYPE_CHECKING:
-    from autotune.engine import Engine, GenerationResult
+    from autotune.engines.builtin.engine import Engine, GenerationResult
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -442,7 +442,7 @@ def create_app(
     def accept(prompts: list[list[int]], max_tokens: int, t_http: float) -> _Accepted:
         """Submit every prompt; each answer resolves on the loop when the engine is done with it, even if
         the client has gone, so shutdown never waits on a request nobody will collect."""
-        from autotune.engine import EngineClosed
+        from autotune.engines.builtin.engine import EngineClosed
 
         if state["draining"]:
             raise ApiError(503, "server is shutting down", kind="server_error")

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from autotune.config import KNOBS, TrialConfig, knob_value
+from autotune.engines.builtin.optimize import REGISTRIES
 from autotune.errors import SpaceError
 from autotune.hardware import Hardware
-from autotune.optimize import REGISTRIES
 from autotune.spec import SpaceSpec, StudySpec
 
 if TYPE_CHECKING:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from autotune.errors import AutotuneError
 
 if TYPE_CHECKING:
-    from autotune.engine import Engine
+    from autotune.engines.builtin.engine import Engine
     from autotune.measure import Measurement
     from autotune.spec import WorkloadSpec
 
@@ -85,7 +85,7 @@ def measure_over_http(
 ) -> Measurement:
     """Warm up in-process (stopping there, as in-process, when ``abort_if`` says so), then serve
     ``engine`` and replay ``spec`` from a client process."""
-    from autotune.engine import GenerationResult
+    from autotune.engines.builtin.engine import GenerationResult
     from autotune.measure import early_stop, memory_figures, peak_memory, reset_peak_memory, summarize, warm_up
 
     timings = dict(build_timings or {})

@@ -26,7 +26,7 @@ from autotune.engines.openai_client import RemoteRun
 from autotune.errors import AutotuneError, SpecError
 
 if TYPE_CHECKING:
-    from autotune.engine import Engine
+    from autotune.engines.builtin.engine import Engine
     from autotune.measure import Measurement
     from autotune.spec import WorkloadSpec
 

@@ -21,7 +21,7 @@ def main() -> None:
     import torch._dynamo
 
     from autotune.config import TrialConfig
-    from autotune.engine import Engine
+    from autotune.engines.builtin.engine import Engine
     from autotune.hardware import probe
 
     hw = probe("cpu")

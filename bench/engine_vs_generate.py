@@ -112,7 +112,7 @@ def measure(mode: str, model: str, batch: int, precision: str, quantization: str
     import torch
 
     from autotune.config import TrialConfig
-    from autotune.engine import Engine
+    from autotune.engines.builtin.engine import Engine
     from autotune.hardware import probe
     from autotune.measure import run_workload
     from autotune.spec import WorkloadSpec

@@ -1,6 +1,6 @@
 """One decode step of the shipped model: PyTorch eager against the exported graph on each runtime.
 
-The same step function (``autotune.exported``: token ids, positions, mask and key/value cache in;
+The same step function (``autotune.engines.builtin.exported``: token ids, positions, mask and key/value cache in;
 next ids and the grown cache out) is timed in PyTorch and, exported once (disk cache), in ONNX
 Runtime and OpenVINO, at one batch size and cached length, on this machine's cores.
 
@@ -42,7 +42,7 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from autotune.exported import RUNTIMES, ExportedStep, _cache_shape, _step_module, missing_packages
+    from autotune.engines.builtin.exported import RUNTIMES, ExportedStep, _cache_shape, _step_module, missing_packages
     from autotune.models import load_model
 
     model, _, _ = load_model(args.model)

@@ -1,4 +1,4 @@
-"""The two ONNX exporters of ``autotune.exported``, side by side: time to export, and the step's speed.
+"""The two ONNX exporters of ``autotune.engines.builtin.exported``, side by side: time to export, and the step's speed.
 
 The tuner exports with the TorchScript tracer and falls back to torch.export (``dynamo=True``) when
 the traced graph disagrees with PyTorch on a probe. This measures both on one model: each
@@ -53,7 +53,7 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from autotune.exported import _cache_shape, _step_module, export, export_logits
+    from autotune.engines.builtin.exported import _cache_shape, _step_module, export, export_logits
     from autotune.models import load_model
 
     model, _, _ = load_model(args.model)
@@ -119,7 +119,7 @@ class _Step:
     def __init__(self, path: Path, model: Any, threads: int) -> None:
         import torch
 
-        from autotune.exported import RUNTIMES, _cache_shape
+        from autotune.engines.builtin.exported import RUNTIMES, _cache_shape
 
         self.session = RUNTIMES["onnxruntime"](path, threads)
         _, self.heads, _, self.head_dim = _cache_shape(model, 1, 1)
@@ -128,7 +128,7 @@ class _Step:
 
 
 def _decode(step: _Step, ids: Any, mask: Any, new_tokens: int) -> Any:
-    from autotune.exported import GraphDecoder
+    from autotune.engines.builtin.exported import GraphDecoder
 
     decoder = GraphDecoder(step, step.session)  # type: ignore[arg-type]
     decoder.prefill(ids, mask)
@@ -140,7 +140,7 @@ def _architecture(model_type: str) -> dict[str, Any]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from autotune.exported import export
+    from autotune.engines.builtin.exported import export
 
     sizes: dict[str, Any] = {"vocab_size": 256, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
     if model_type == "gpt2":

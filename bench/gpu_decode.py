@@ -1,4 +1,4 @@
-"""Decode step time of autotune's own loop (autotune/decoder.py), by batch, attention kernel and
+"""Decode step time of autotune's own loop (autotune/engines/builtin/decoder.py), by batch, attention kernel and
 whether the step is compiled, against the bandwidth bound: where the ~40 µs per row of H200 run 3
 goes. No serving, no batcher: prefill once, then time ``decode`` with CUDA events.
 
@@ -32,10 +32,10 @@ def main() -> int:
 
     import torch
 
-    from autotune.decoder import StaticDecoder
+    from autotune.engines.builtin.decoder import StaticDecoder
+    from autotune.engines.builtin.optimize import ATTENTIONS, PRECISIONS
     from autotune.hardware import probe
     from autotune.models import load_model
-    from autotune.optimize import ATTENTIONS, PRECISIONS
     from autotune.roofline import measure_ceilings, weight_bytes
 
     cuda = torch.cuda.is_available() and not args.smoke

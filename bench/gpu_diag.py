@@ -69,9 +69,9 @@ def main() -> None:
     import torch
 
     from autotune.config import TrialConfig
-    from autotune.engine import Engine
+    from autotune.engines.builtin.engine import Engine
+    from autotune.engines.builtin.optimize import ATTENTIONS
     from autotune.hardware import probe
-    from autotune.optimize import ATTENTIONS
 
     hw = probe("cuda")
     out = Path(args.out)

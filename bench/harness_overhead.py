@@ -59,7 +59,7 @@ def measure(side: str, config: str, spec_path: str, batches: int) -> dict[str, A
     import torch
 
     from autotune.config import TrialConfig
-    from autotune.engine import Engine
+    from autotune.engines.builtin.engine import Engine
     from autotune.hardware import probe
     from autotune.measure import run_workload
     from autotune.workload import build_requests

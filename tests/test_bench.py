@@ -76,7 +76,8 @@ def test_the_engines_bench_parses_its_arguments() -> None:
     some = eng.parse_args(["--peers", "ctranslate2:int8,transformers:fp32", "--batches", "4,64", "--rounds", "2"])
     assert some.peer_groups == [("ctranslate2", "int8"), ("transformers", "fp32")] and some.batch_sizes == [4, 64]
     assert eng.parse_args(["--peers", ""]).peer_groups == []
-    for bad in (["--peers", "vllm:int4"], ["--rounds", "0"], ["--background-load", "2", "--winner", "x.json"]):
+    bad_args = (["--peers", "vllm:int4"], ["--rounds", "0"], ["--background-load", "2", "--winner", "x.json"])
+    for bad in (*bad_args, ["--storage", "sqlite:///x.db"]):
         with pytest.raises(SystemExit):
             eng.parse_args(bad)
 

@@ -57,7 +57,7 @@ def test_load_engine_runs_exactly_the_exported_config(export: Path) -> None:
         assert [len(r.output_ids) for r in results] == [4] * 5
     finally:
         engine.stop()
-    from autotune.engine import Engine
+    from autotune.engines.builtin.engine import Engine
     from autotune.hardware import probe
 
     with Engine.build(doc.model, doc.config, probe("cpu"), seed=doc.model_seed) as direct:

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from autotune.engine import GenerationResult
+from autotune.engines.builtin.engine import GenerationResult
 from autotune.measure import Measurement, distribution, percentile, summarize
 
 
@@ -76,7 +76,7 @@ def test_window_throughputs_count_tokens_by_completion_time() -> None:
 def test_stability_windows_stop_when_two_agree_or_at_the_cap(tolerance: float, cap: int) -> None:
     """Back-to-back windows: figures pool the last two; the spread between them is stored."""
     from autotune.config import TrialConfig
-    from autotune.engine import Engine
+    from autotune.engines.builtin.engine import Engine
     from autotune.hardware import probe
     from autotune.measure import run_workload
     from autotune.spec import WorkloadSpec
@@ -124,7 +124,7 @@ def test_a_closed_loop_of_batch_size_clients_keeps_every_batch_full_at_zero_dela
     0 ms queue delay no batch starts on the first few resubmitted requests (issue 27.6: client threads
     woken one by one made batches of 30.1 rows on average at b32, 0.67x a plain generate loop)."""
     from autotune.config import TrialConfig
-    from autotune.engine import Engine
+    from autotune.engines.builtin.engine import Engine
     from autotune.hardware import probe
     from autotune.measure import run_workload
     from autotune.spec import WorkloadSpec

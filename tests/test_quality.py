@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from autotune.engines.builtin.optimize import QUANTIZERS
 from autotune.errors import SpecError
 from autotune.hardware import probe
 from autotune.models import builtin_path, load_model
-from autotune.optimize import QUANTIZERS
 from autotune.quality import Reference, build_eval_set, compute_reference, fidelity, text_perplexity
 from autotune.runner import _perturb
 from autotune.spec import QualitySpec, parse_spec

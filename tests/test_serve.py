@@ -30,7 +30,7 @@ OUTSIDE = "X-Autotune-Outside-Tuned-Shape"
 
 def tiny_engine(batch_size: int = 8, delay_ms: float = 5.0) -> Any:
     from autotune.config import TrialConfig
-    from autotune.engine import Engine
+    from autotune.engines.builtin.engine import Engine
     from autotune.hardware import probe
 
     cfg = TrialConfig(batch_size=batch_size, max_queue_delay_ms=delay_ms)
@@ -367,7 +367,7 @@ LM = "builtin:tiny-lm"  # a real model with 512 positions and a real tokenizer
 def lm_engine(**cfg: Any) -> Any:
     """tiny-lm built as ``load_engine`` builds an export's engine: caches sized for the tuned workload."""
     from autotune.config import TrialConfig
-    from autotune.engine import Engine
+    from autotune.engines.builtin.engine import Engine
     from autotune.hardware import probe
 
     config = TrialConfig(**{"batch_size": 8, "max_queue_delay_ms": 5.0, **cfg})

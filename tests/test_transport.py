@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from autotune.config import TrialConfig
-from autotune.engine import Engine
+from autotune.engines.builtin.engine import Engine
 from autotune.hardware import Hardware, probe
 from autotune.runner import preflight, run_trial
 from autotune.spec import StudySpec, WorkloadSpec, load_spec, parse_spec

@@ -19,7 +19,7 @@ from autotune.config import ArgValue, TrialConfig
 from autotune.errors import AutotuneError
 
 if TYPE_CHECKING:
-    from autotune.engine import Engine
+    from autotune.engines.builtin.engine import Engine
     from autotune.engines.server import Launch
     from autotune.hardware import Hardware
     from autotune.quality import EvalSet, Reference

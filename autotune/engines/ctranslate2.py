@@ -2,7 +2,7 @@
 
 CTranslate2 runs in autotune's process, so it keeps everything the built-in engine has around the
 model: the batcher and its streams, the workload replay, ``autotune serve`` and ``verify``.
-:class:`CTranslate2Served` subclasses :class:`autotune.engine.Engine` and replaces only how a
+:class:`CTranslate2Served` subclasses :class:`autotune.engines.builtin.engine.Engine` and replaces only how a
 batch is generated (``generator.generate_batch`` on the unpadded prompts) and how the engine is
 built (a ``ctranslate2.Generator`` instead of a torch model).
 
@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from autotune.config import TrialConfig
-from autotune.engine import BuildTimings, Engine, GenerationResult, _Prepared
 from autotune.engines.base import EngineKnob, EngineKnobs, EngineUnavailable, ServingEngine
+from autotune.engines.builtin.engine import BuildTimings, Engine, GenerationResult, _Prepared
 
 if TYPE_CHECKING:
     from autotune.hardware import Hardware
@@ -251,7 +251,7 @@ def _meta_model(folder: Path, precision: str, pad_id: int | None) -> Any:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    from autotune.optimize.precision import torch_dtype
+    from autotune.engines.builtin.optimize.precision import torch_dtype
 
     config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
     with torch.device("meta"):
@@ -264,7 +264,7 @@ def _meta_model(folder: Path, precision: str, pad_id: int | None) -> Any:
 
 
 class CTranslate2Served(Engine):
-    """autotune's :class:`~autotune.engine.Engine` (batcher, streams, serving) with CTranslate2's
+    """autotune's :class:`~autotune.engines.builtin.engine.Engine` (batcher, streams, serving) with CTranslate2's
     ``generate_batch`` generating each batch. Build it with :meth:`build`."""
 
     generator: Any

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     import httpx
 
     from autotune.config import TrialConfig
-    from autotune.engine import GenerationResult
+    from autotune.engines.builtin.engine import GenerationResult
     from autotune.measure import Measurement
     from autotune.spec import WorkloadSpec
 
@@ -146,7 +146,7 @@ class Replayer:
 
     async def one(self, prompt: list[int], max_tokens: int) -> GenerationResult:
         """One completion, timed; raises on an error status, a stream error or a wrong length."""
-        from autotune.engine import GenerationResult
+        from autotune.engines.builtin.engine import GenerationResult
 
         url = f"{self.api.url}/v1/completions"
         body = self.api.body(prompt, max_tokens)
@@ -221,7 +221,7 @@ class Replayer:
     async def warm_up(self, spec: WorkloadSpec, cfg: TrialConfig, vocab_size: int, first_token_id: int) -> WarmRun:
         """One round of batch_size x streams requests (two where the config compiles per shape), as
         :func:`autotune.measure.warm_up` does; warm-up failures are dropped (they recur if they persist)."""
-        from autotune.optimize.compile import needs_fixed_shapes
+        from autotune.engines.builtin.optimize.compile import needs_fixed_shapes
         from autotune.workload import build_requests
 
         per_round = spec.warmup_requests if spec.warmup_requests is not None else cfg.batch_size * cfg.streams

@@ -11,9 +11,9 @@ import pytest
 pytest.importorskip("ctranslate2")
 
 from autotune.config import TrialConfig
-from autotune.engine import Engine
 from autotune.engines import ctranslate2 as ct2
 from autotune.engines import get_engine
+from autotune.engines.builtin.engine import Engine
 from autotune.hardware import Hardware, probe
 
 from ..conftest import make_hw

@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from autotune.config import TrialConfig
-from autotune.engine import GenerationResult
+from autotune.engines.builtin.engine import GenerationResult
 from autotune.engines.openai_client import Api, Replayer
 from autotune.engines.server import (
     EngineProcessError,

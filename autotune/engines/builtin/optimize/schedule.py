@@ -12,7 +12,7 @@ engine reads ``config.scheduler``.
 ``pipeline_depth`` (an integer knob, no registry) is how many batches a stream keeps in flight:
 with 2 or more, a preparing thread forms and pads the next batches while one runs, and a
 delivering thread hands results back, so the running thread only runs batches (see
-:class:`autotune.engine.Engine`).
+:class:`autotune.engines.builtin.engine.Engine`).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from __future__ import annotations
 from typing import Any
 
 from autotune.config import TrialConfig
+from autotune.engines.builtin.optimize.base import Technique
 from autotune.hardware import Hardware
-from autotune.optimize.base import Technique
 
 
 def _identity(model: Any, hw: Hardware) -> Any:

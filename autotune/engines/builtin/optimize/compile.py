@@ -2,7 +2,7 @@
 static KV cache and the engine pads every batch to ``batch_size`` rows and one prompt length;
 generate() then compiles its decode step (transformers' ``CompileConfig``) on first use.
 
-The CUDA-graph backends run autotune's own static-cache decode loop (:mod:`autotune.decoder`)
+The CUDA-graph backends run autotune's own static-cache decode loop (:mod:`autotune.engines.builtin.decoder`)
 instead of ``generate()`` and capture its whole step as one CUDA graph, so a new token costs one
 graph replay instead of ``generate()``'s per-token Python: ``cuda-graphs`` captures the eager
 kernels (no compiler, ~1 s), ``inductor-cudagraphs`` compiles the step with Inductor first and
@@ -13,7 +13,7 @@ captures the fused kernels (fewer, larger kernels; a compile per process).
 ``torch_tensorrt`` imports.
 
 ``onnxruntime`` and ``openvino`` export the forward pass to ONNX once per model (cached on disk) and
-decode with that runtime (:mod:`autotune.exported`): one runtime call per step instead of PyTorch's
+decode with that runtime (:mod:`autotune.engines.builtin.exported`): one runtime call per step instead of PyTorch's
 per-operator dispatch, every shape dynamic so nothing is padded."""
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from __future__ import annotations
 from typing import Any
 
 from autotune.config import TrialConfig
+from autotune.engines.builtin.optimize.base import Technique, first_reason, needs_cuda
 from autotune.hardware import Hardware
-from autotune.optimize.base import Technique, first_reason, needs_cuda
 
 
 def _eager(model: Any, hw: Hardware) -> Any:
@@ -92,7 +92,7 @@ def _own_loop_conflict(cfg: TrialConfig, hw: Hardware) -> str | None:
 
 def _exported_unsupported(runtime: str) -> Any:
     def check(hw: Hardware) -> str | None:
-        from autotune.exported import missing_packages
+        from autotune.engines.builtin.exported import missing_packages
 
         missing = missing_packages(runtime)
         if missing:
@@ -130,7 +130,7 @@ BACKENDS: dict[str, Technique] = {
     ),
     "inductor-cudagraphs": Technique(
         "inductor-cudagraphs",
-        _eager,  # the decoder compiles its own step (autotune.decoder)
+        _eager,  # the decoder compiles its own step (autotune.engines.builtin.decoder)
         needs_cuda(),
         _own_loop_conflict,
         description="autotune's static-cache decode loop, its step compiled by Inductor, then one CUDA graph",
@@ -151,7 +151,7 @@ BACKENDS: dict[str, Technique] = {
     ),
     "onnxruntime": Technique(
         "onnxruntime",
-        _eager,  # the engine exports the model once it is built (autotune.exported)
+        _eager,  # the engine exports the model once it is built (autotune.engines.builtin.exported)
         _exported_unsupported("onnxruntime"),
         _exported_conflict,
         description="the forward pass exported to ONNX (cached on disk), decoded by ONNX Runtime",
@@ -167,17 +167,17 @@ BACKENDS: dict[str, Technique] = {
 
 
 def uses_static_decoder(backend: str) -> bool:
-    """Backends that decode in :class:`autotune.decoder.StaticDecoder` instead of ``generate()``."""
+    """Backends that decode in :class:`autotune.engines.builtin.decoder.StaticDecoder` instead of ``generate()``."""
     return backend in ("cuda-graphs", "inductor-cudagraphs")
 
 
 def uses_exported_graph(backend: str) -> bool:
-    """Backends that decode in :class:`autotune.exported.GraphDecoder`."""
+    """Backends that decode in :class:`autotune.engines.builtin.exported.GraphDecoder`."""
     return backend in ("onnxruntime", "openvino")
 
 
 def compiles_decoder_step(backend: str) -> bool:
-    """Whether :class:`autotune.decoder.StaticDecoder` runs its step through ``torch.compile``."""
+    """Whether :class:`autotune.engines.builtin.decoder.StaticDecoder` runs its step through ``torch.compile``."""
     return backend == "inductor-cudagraphs"
 
 

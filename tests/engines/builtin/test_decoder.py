@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from autotune.decoder import StaticDecoder
+from autotune.engines.builtin.decoder import StaticDecoder
 from autotune.models import load_model
 
 
@@ -75,8 +75,8 @@ def test_the_compiled_step_keeps_the_tokens(model: torch.nn.Module, attention: s
     """inductor-cudagraphs compiles this step before capturing it; on CPU, compiled without the
     graph, it must trace through transformers' layers (and the packed GQA kernel) and give plain
     SDPA generate()'s tokens, padding and all."""
+    from autotune.engines.builtin.optimize import ATTENTIONS
     from autotune.hardware import probe
-    from autotune.optimize import ATTENTIONS
 
     tuned = ATTENTIONS[attention].apply(load_model("builtin:tiny-lm", device="cpu", seed=0)[0], probe("cpu"))
     ids, mask = _batch([6, 2], 6)

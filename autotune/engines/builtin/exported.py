@@ -135,7 +135,7 @@ def _step_module(model: Any) -> Any:
     import torch
     from transformers import DynamicCache
 
-    from autotune.decoder import _cache_kwarg
+    from autotune.engines.builtin.decoder import _cache_kwarg
 
     layers = model.config.num_hidden_layers
     eos = _eos_ids(model)
@@ -444,8 +444,9 @@ class ExportedStep:
 
 
 class GraphDecoder:
-    """Greedy generation through an :class:`ExportedStep`, with :class:`autotune.decoder.StaticDecoder`'s
-    interface (``prefill`` then ``decode``), for any number of rows and prompt width."""
+    """Greedy generation through an :class:`ExportedStep`, with
+    :class:`autotune.engines.builtin.decoder.StaticDecoder`'s interface (``prefill`` then ``decode``),
+    for any number of rows and prompt width."""
 
     def __init__(self, step: ExportedStep, session: Any) -> None:
         self.step, self.session = step, session
@@ -457,7 +458,7 @@ class GraphDecoder:
         import numpy as np
         import torch
 
-        from autotune.decoder import prompt_attention
+        from autotune.engines.builtin.decoder import prompt_attention
 
         allowed, positions = prompt_attention(attention_mask.bool())
         keep = attention_mask.numpy().astype(bool)

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from autotune.config import TrialConfig
+from autotune.engines.builtin.optimize import ATTENTIONS, BACKENDS, PRECISIONS, QUANTIZERS
 from autotune.hardware import probe
 from autotune.models import load_model
-from autotune.optimize import ATTENTIONS, BACKENDS, PRECISIONS, QUANTIZERS
 
 TINY = "preset:llama-tiny"
 
@@ -126,7 +126,7 @@ def test_tensorrt_is_offered_only_on_a_gpu_where_torch_tensorrt_imports(monkeypa
     import sys
     import types
 
-    from .conftest import make_hw
+    from ...conftest import make_hw
 
     trt = BACKENDS["tensorrt"]
     assert "NVIDIA GPU" in (trt.unsupported(make_hw()) or "")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from autotune.engines.builtin.optimize.base import Technique, needs_cuda
 from autotune.hardware import Hardware
-from autotune.optimize.base import Technique, needs_cuda
 
 
 def _to(dtype_name: str) -> Any:

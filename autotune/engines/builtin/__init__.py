@@ -1,9 +1,10 @@
 """autotune's own engine: transformers plus the ``optimize`` registries behind its batcher.
 
-The engine itself lives in :mod:`autotune.engine` (batcher, streams), :mod:`autotune.decoder` and
-:mod:`autotune.exported` (its own decode loops) and :mod:`autotune.optimize` (one registry per knob);
-this is its entry in the engine registry. Its knobs are the :class:`~autotune.config.TrialConfig`
-fields, filtered per hardware by :func:`autotune.space.default_values` and the registries.
+The engine lives in this package: ``engine`` (the batcher and streams), ``decoder`` and ``exported``
+(its own decode loops), ``continuous`` (transformers' continuous batching), ``text`` (tokenizing off
+the running thread) and ``optimize/`` (one registry per knob); this is its entry in the engine
+registry. Its knobs are the :class:`~autotune.config.TrialConfig` fields, filtered per hardware by
+:func:`autotune.space.default_values` and the registries.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from autotune.engines.base import EngineKnobs, ServingEngine
 
 if TYPE_CHECKING:
     from autotune.config import TrialConfig
-    from autotune.engine import Engine
+    from autotune.engines.builtin.engine import Engine
     from autotune.hardware import Hardware
 
 
@@ -53,7 +54,7 @@ class BuiltinEngine(ServingEngine):
         prompt_pad_to: int | None = None,
         max_context: int | None = None,
     ) -> Engine:
-        from autotune.engine import Engine
+        from autotune.engines.builtin.engine import Engine
 
         return Engine.build(
             model_ref, config, hardware, seed=seed, prompt_pad_to=prompt_pad_to, max_context=max_context

@@ -7,8 +7,8 @@ import warnings
 from typing import Any
 
 from autotune.config import TrialConfig
+from autotune.engines.builtin.optimize.base import Technique, first_reason, needs_cuda, needs_torchao
 from autotune.hardware import Hardware
-from autotune.optimize.base import Technique, first_reason, needs_cuda, needs_torchao
 
 
 def _none(model: Any, hw: Hardware) -> Any:

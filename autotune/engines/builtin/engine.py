@@ -26,21 +26,21 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from autotune.config import TrialConfig
-from autotune.continuous import ContinuousScheduler
-from autotune.decoder import StaticDecoder
-from autotune.hardware import Hardware
-from autotune.models import ModelInfo
-from autotune.optimize import ATTENTIONS, BACKENDS, PRECISIONS, QUANTIZERS
-from autotune.optimize.compile import (
+from autotune.engines.builtin.continuous import ContinuousScheduler
+from autotune.engines.builtin.decoder import StaticDecoder
+from autotune.engines.builtin.optimize import ATTENTIONS, BACKENDS, PRECISIONS, QUANTIZERS
+from autotune.engines.builtin.optimize.compile import (
     compiles_decoder_step,
     needs_fixed_shapes,
     uses_exported_graph,
     uses_static_decoder,
 )
-from autotune.text import TextBatcher
+from autotune.engines.builtin.text import TextBatcher
+from autotune.hardware import Hardware
+from autotune.models import ModelInfo
 
 if TYPE_CHECKING:
-    from autotune.exported import ExportedStep, GraphDecoder
+    from autotune.engines.builtin.exported import ExportedStep, GraphDecoder
 
 
 @dataclass
@@ -273,7 +273,7 @@ class Engine:
             max_context=max_context,
         )
         if uses_exported_graph(config.backend):
-            from autotune.exported import ExportedStep
+            from autotune.engines.builtin.exported import ExportedStep
 
             engine.exported = ExportedStep.load(model, config.attention, config.backend)
             timings.export_s, timings.export_cached = engine.exported.export_s, float(engine.exported.cached)
@@ -431,7 +431,7 @@ class Engine:
         of the oldest one's exact length or it has waited ``max_queue_delay_ms`` (the delay buys
         choice), up to ``BUCKET_LOOKAHEAD`` batches; the ones not chosen wait, oldest first.
         """
-        from autotune.optimize.schedule import BUCKET_LOOKAHEAD
+        from autotune.engines.builtin.optimize.schedule import BUCKET_LOOKAHEAD
 
         size = self.config.batch_size
         with self._held_lock:
@@ -616,7 +616,7 @@ class Engine:
         """This worker's decoder, built (and on CUDA captured) on first use or when a batch outgrows it;
         for onnxruntime, a light one per batch over the stream's session."""
         if self.exported is not None:
-            from autotune.exported import GraphDecoder
+            from autotune.engines.builtin.exported import GraphDecoder
 
             return GraphDecoder(self.exported, self.exported.session(stream, self._threads_per_stream()))
         d = self._decoders.get(stream)

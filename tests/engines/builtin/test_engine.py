@@ -8,7 +8,7 @@ import time
 import pytest
 
 from autotune.config import TrialConfig
-from autotune.engine import Engine, EngineClosed
+from autotune.engines.builtin.engine import Engine, EngineClosed
 from autotune.hardware import Hardware, probe
 
 TINY = "preset:llama-tiny"

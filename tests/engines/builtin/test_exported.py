@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from autotune.config import TrialConfig
-from autotune.engine import Engine
-from autotune.exported import _Graph
+from autotune.engines.builtin.engine import Engine
+from autotune.engines.builtin.exported import _Graph
+from autotune.engines.builtin.optimize.compile import BACKENDS
 from autotune.hardware import Hardware, probe
-from autotune.optimize.compile import BACKENDS
 from autotune.space import SearchSpace
 from autotune.spec import parse_spec
 
-from .conftest import make_hw
+from ...conftest import make_hw
 
 TINY = "preset:llama-tiny"
 pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
@@ -86,7 +86,7 @@ def test_a_real_trial_reports_the_export_apart_from_measuring(hw: Hardware) -> N
     from autotune.runner import run_trial
     from autotune.spec import load_spec
 
-    from .conftest import TINY_SPEC
+    from ...conftest import TINY_SPEC
 
     spec = load_spec(TINY_SPEC)
     m = run_trial(spec, TrialConfig(batch_size=4, backend="onnxruntime"), hw)
@@ -95,7 +95,7 @@ def test_a_real_trial_reports_the_export_apart_from_measuring(hw: Hardware) -> N
 
 
 def test_the_backend_is_offered_only_where_it_runs(monkeypatch: pytest.MonkeyPatch) -> None:
-    import autotune.exported
+    import autotune.engines.builtin.exported
 
     space_spec = {"backend": ["eager", "onnxruntime"]}
     spec = parse_spec({"name": "s", "model": TINY, "slo": {"e2e_ms": {"p95": 1000}}, "space": space_spec})
@@ -112,7 +112,7 @@ def test_the_backend_is_offered_only_where_it_runs(monkeypatch: pytest.MonkeyPat
         assert reason is not None and words in reason
     assert ort.conflict(TrialConfig(backend="onnxruntime", scheduler="bucketed"), cpu) is None
     assert "CPU device only" in (ort.unsupported(make_hw("cuda", cc=(9, 0))) or "")
-    monkeypatch.setattr(autotune.exported, "missing_packages", lambda runtime: [runtime])
+    monkeypatch.setattr(autotune.engines.builtin.exported, "missing_packages", lambda runtime: [runtime])
     space = SearchSpace.from_spec(spec, cpu)
     assert space.values["backend"] == ["eager"]
     assert space.dropped["backend=onnxruntime"] == "needs onnxruntime (pip install 'autotune[onnxruntime]')"
@@ -123,7 +123,7 @@ def test_fidelity_is_measured_on_the_exported_graph(export_cache: Path, runtime:
     fp32 export is within float noise of the reference, and a broken graph would show."""
     import torch
 
-    from autotune.exported import ExportedStep
+    from autotune.engines.builtin.exported import ExportedStep
     from autotune.models import load_model
     from autotune.quality import build_eval_set, compute_reference, fidelity
     from autotune.spec import QualitySpec
@@ -152,7 +152,7 @@ def test_the_export_cache_key_is_the_weights_not_their_path(tmp_path: Path) -> N
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    from autotune.exported import export_key
+    from autotune.engines.builtin.exported import export_key
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
@@ -184,7 +184,7 @@ def test_a_damaged_cache_entry_is_exported_again(hw: Hardware, tmp_path: Path, m
 def test_the_step_graph_is_traced_and_checked_on_other_shapes(tmp_path: Path) -> None:
     """The fast exporter (the TorchScript tracer, a second instead of torch.export's ten or more)
     writes the graph when it gives PyTorch's outputs on inputs of other sizes than it traced."""
-    from autotune.exported import export, export_logits
+    from autotune.engines.builtin.exported import export, export_logits
     from autotune.models import load_model
 
     model, _, _ = load_model(TINY)
@@ -208,7 +208,7 @@ TOY = _Graph(["x"], ["y"], ({0: torch.export.Dim("rows"), 1: torch.export.Dim("w
 def test_the_check_catches_a_shape_the_tracer_baked_in(tmp_path: Path) -> None:
     """A tracer records one run: a size read as a Python number is frozen into the graph, and the
     probe at other sizes shows it."""
-    from autotune.exported import _agrees
+    from autotune.engines.builtin.exported import _agrees
 
     probe = (torch.randn(4, 5),)
     for baked in (True, False):
@@ -232,7 +232,7 @@ def test_a_graph_the_check_refuses_is_exported_again_with_torch_export(
     import numpy as np
     import onnxruntime as ort
 
-    from autotune import exported
+    from autotune.engines.builtin import exported
 
     monkeypatch.setattr(exported, "_agrees", lambda *a: False)
     probe = torch.randn(4, 5)
@@ -246,7 +246,7 @@ def test_openvino_runs_the_graph_in_fp32_on_every_cpu(export_cache: Path, monkey
     """OpenVINO's CPU plugin picks bf16 by itself on CPUs with native bf16 (this CI's Xeon has
     AVX512-BF16): without the hint its tokens drift from the fp32 reference the backend promises."""
     ov = pytest.importorskip("openvino")
-    from autotune.exported import ExportedStep
+    from autotune.engines.builtin.exported import ExportedStep
     from autotune.models import load_model
 
     seen: list[dict[str, object]] = []

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
+from autotune.engines.builtin.text import TextBatcher
 from autotune.models import build_tokenizer
-from autotune.text import TextBatcher
 
 
 class Gated:

@@ -19,8 +19,8 @@ from __future__ import annotations
 from typing import Any
 
 from autotune.config import TrialConfig
+from autotune.engines.builtin.optimize.base import Technique, needs_cuda
 from autotune.hardware import Hardware
-from autotune.optimize.base import Technique, needs_cuda
 
 
 def _set_implementation(model: Any, name: str) -> None:

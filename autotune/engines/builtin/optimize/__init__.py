@@ -8,12 +8,12 @@ is loaded. Modules here import torch only inside ``apply``: the tuner imports th
 
 from __future__ import annotations
 
-from autotune.optimize.attention import ATTENTIONS
-from autotune.optimize.base import Technique, is_torchao_available
-from autotune.optimize.compile import BACKENDS
-from autotune.optimize.precision import PRECISIONS
-from autotune.optimize.quantize import QUANTIZERS
-from autotune.optimize.schedule import SCHEDULERS
+from autotune.engines.builtin.optimize.attention import ATTENTIONS
+from autotune.engines.builtin.optimize.base import Technique, is_torchao_available
+from autotune.engines.builtin.optimize.compile import BACKENDS
+from autotune.engines.builtin.optimize.precision import PRECISIONS
+from autotune.engines.builtin.optimize.quantize import QUANTIZERS
+from autotune.engines.builtin.optimize.schedule import SCHEDULERS
 
 REGISTRIES: dict[str, dict[str, Technique]] = {
     "precision": PRECISIONS,

@@ -15,7 +15,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from autotune.engine import GenerationResult, _Pending
+    from autotune.engines.builtin.engine import GenerationResult, _Pending
 
 #: KV-cache page size in tokens (transformers' default is 256; smaller wastes less on short requests).
 PAGE_SIZE = 64
@@ -82,14 +82,14 @@ class ContinuousScheduler:
                 self._timestamps = False
                 self._mgr.add_request(pending.prompt_ids, request_id=rid, max_new_tokens=pending.max_new_tokens)
         except BaseException as err:
-            from autotune.engine import _deliver
+            from autotune.engines.builtin.engine import _deliver
 
             with self._lock:
                 self._pending.pop(rid, None)
             _deliver(pending.future, error=err)
 
     def _read(self) -> None:
-        from autotune.engine import GenerationResult, _deliver
+        from autotune.engines.builtin.engine import GenerationResult, _deliver
 
         while True:
             out = self._mgr.get_result(timeout=0.5)  # a blocking queue get, not a spin
@@ -129,7 +129,7 @@ class ContinuousScheduler:
     def _fail_rest(self, err: BaseException) -> None:
         with self._lock:
             rest, self._pending = list(self._pending.values()), {}
-        from autotune.engine import _deliver
+        from autotune.engines.builtin.engine import _deliver
 
         for p in rest:
             _deliver(p.future, error=err)
