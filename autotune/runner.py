@@ -339,11 +339,14 @@ def _run_warm(job: dict[str, Any], timeout_s: float) -> dict[str, Any]:
             child.close()
             child = None
         for other in list(_warm):  # least recently used first; the one about to run takes a slot
-            if len(_warm) > capacity - 1 or not _keep_idle(_warm[other]):
-                _warm.pop(other).close(graceful=True)
+            if len(_warm) > capacity - 1 or not _keep_idle(_warm[other]) or other in _SERVER_KEYS:
+                _warm.pop(other).close(graceful=True)  # an idle server engine's threads would share the cores
+                _SERVER_KEYS.discard(other)
         if child is None:
             child = _WarmChild(key)
         _warm[key] = child  # most recently used
+        if _is_server_job(job):
+            _SERVER_KEYS.add(key)
         try:
             return child.run(job, timeout_s)
         except BaseException:
@@ -352,6 +355,20 @@ def _run_warm(job: dict[str, Any], timeout_s: float) -> dict[str, Any]:
             raise
 
     return _with_spawn_fallback(run)
+
+
+#: Build keys of warm processes that run a server engine: kept only while their own trials run (an
+#: idle vLLM server is a process group with threads of its own, beside the next trial's measurement).
+_SERVER_KEYS: set[str] = set()
+
+
+def _is_server_job(job: dict[str, Any]) -> bool:
+    engine = str(job["config"].get("engine", "builtin"))
+    if engine == "builtin":
+        return False
+    from autotune.engines import get_engine
+
+    return get_engine(engine).kind == "server"
 
 
 def close_warm_child() -> None:

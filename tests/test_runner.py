@@ -259,3 +259,44 @@ def test_a_trial_waits_while_another_process_measures_on_its_device(
     holder.communicate(timeout=30)
     _, released = json.loads((tmp_path / "held.json").read_text())
     assert released <= done and said and said[0].startswith("waiting for cpu")
+
+
+def test_an_idle_server_engine_is_stopped_before_another_trial_measures(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A warm process holding a vLLM server is reused by the next trial with the same launch, and
+    closed (its server stopped) before any other trial runs: its threads would share the cores."""
+    from autotune import runner
+
+    closed: list[str] = []
+
+    class FakeWarm:
+        def __init__(self, key: str) -> None:
+            self.key = key
+
+        def alive(self) -> bool:
+            return True
+
+        def rss_mb(self) -> float:
+            return 1.0
+
+        def close(self, *, graceful: bool = False) -> None:
+            closed.append(self.key)
+
+        def run(self, job: dict[str, object], timeout_s: float) -> dict[str, object]:
+            return {"status": "ok"}
+
+    monkeypatch.setattr(runner, "_WarmChild", FakeWarm)
+    monkeypatch.setattr(runner, "_warm", {})
+    monkeypatch.setattr(runner, "_SERVER_KEYS", set())
+    monkeypatch.setattr(runner, "build_key", lambda job: job["key"])
+    monkeypatch.setattr(runner, "_with_spawn_fallback", lambda run: run())
+
+    def trial(key: str, engine: str) -> None:
+        runner._run_warm({"key": key, "config": {"engine": engine}, "hardware": {"device_type": "cpu"}}, 1.0)
+
+    trial("vllm-a", "vllm")
+    trial("vllm-a", "vllm")  # the same launch: the running server is reused
+    assert closed == []
+    trial("builtin-a", "builtin")
+    assert closed == ["vllm-a"]
+    trial("builtin-b", "builtin")  # built-in engines stay warm side by side
+    assert closed == ["vllm-a"]
