@@ -79,6 +79,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--background-load", type=int, default=0, metavar="N", help="busy processes during a 2nd study")
     ap.add_argument("--trials", type=int, default=None, help="override the spec's trial budget")
     ap.add_argument("--winner", default=None, help="an export file to measure instead of running a study")
+    ap.add_argument(
+        "--storage", default=None, help="with --winner: the finished study's storage (its trials are reported)"
+    )
+    ap.add_argument("--study-wall-s", type=float, default=None, help="with --storage: the study's wall time")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny preset, batches 1/8, 1 round, 2 trials")
     ap.add_argument("--max-seconds", type=float, default=None, help="peer time per config (default: the spec's)")
     ap.add_argument("--lock", default="/tmp/autotune-cpu.lock", help="flock file held per step ('' for none)")
@@ -100,6 +104,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error("--rounds must be >= 1")
     if args.background_load < 0:
         ap.error("--background-load must be >= 0")
+    if args.storage and not args.winner:
+        ap.error("--storage reports a finished study: give its --winner too")
     if args.background_load and args.winner:
         ap.error("--background-load runs the study twice: it cannot take --winner")
     return args
@@ -389,33 +395,36 @@ def study_storage_stats(storage: str) -> dict[str, Any]:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     names = optuna.get_all_study_names(storage)
-    trials = []
+    trials, all_trials = [], []
     for name in names:
-        for t in optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False):
-            m = t.user_attrs.get("measurement") or {}
-            timings = m.get("timings") or {}
-            cfg = t.user_attrs.get("config") or {}
-            start = timings.get("engine_start_s")
-            if start is None and any(k in timings for k in BUILD_TIMINGS):
-                start = sum(float(timings.get(k) or 0.0) for k in BUILD_TIMINGS)
-            trials.append(
-                {
-                    "number": t.number,
-                    "state": t.state.name,
-                    "engine": cfg.get("engine", "builtin"),
-                    "config": label(cfg) if cfg else None,
-                    "tokens_per_s": m.get("output_tokens_per_s"),
-                    "feasible": t.user_attrs.get("feasible"),
-                    "startup_s": start,
-                    "engine_start_s": timings.get("engine_start_s"),
-                    "warmup_s": timings.get("warmup_s"),
-                    "trial_process_s": t.user_attrs.get("trial_process_s"),
-                    "engine_reused": bool(timings.get("engine_reused")),
-                    "failure": (t.user_attrs.get("failure") or {}).get("reason"),
-                    "duplicate_of": t.user_attrs.get("duplicate_of"),
-                }
-            )
-    return {"studies": names, "trials": trials, **trial_summary(trials)}
+        all_trials += optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+    for t in all_trials:
+        m = t.user_attrs.get("measurement") or {}
+        timings = m.get("timings") or {}
+        cfg = t.user_attrs.get("config") or {}
+        start = timings.get("engine_start_s")
+        if start is None and any(k in timings for k in BUILD_TIMINGS):
+            start = sum(float(timings.get(k) or 0.0) for k in BUILD_TIMINGS)
+        trials.append(
+            {
+                "number": t.number,
+                "state": t.state.name,
+                "engine": cfg.get("engine", "builtin"),
+                "config": label(cfg) if cfg else None,
+                "tokens_per_s": m.get("output_tokens_per_s"),
+                "feasible": t.user_attrs.get("feasible"),
+                "startup_s": start,
+                "engine_start_s": timings.get("engine_start_s"),
+                "warmup_s": timings.get("warmup_s"),
+                "trial_process_s": t.user_attrs.get("trial_process_s"),
+                "engine_reused": bool(timings.get("engine_reused")),
+                "failure": (t.user_attrs.get("failure") or {}).get("reason"),
+                "duplicate_of": t.user_attrs.get("duplicate_of"),
+            }
+        )
+    span = [(t.datetime_start, t.datetime_complete) for t in all_trials if t.datetime_start and t.datetime_complete]
+    trials_span_s = (max(b for _, b in span) - min(a for a, _ in span)).total_seconds() if span else None
+    return {"studies": names, "trials_span_s": trials_span_s, "trials": trials, **trial_summary(trials)}
 
 
 def trial_summary(trials: list[dict[str, Any]]) -> dict[str, Any]:
@@ -704,6 +713,23 @@ def bench(args: argparse.Namespace) -> None:
     winners: dict[str, Path] = {}
     if args.winner:
         winners["autotune"] = Path(args.winner)
+        if args.storage:  # a study run before (as run_study runs it): its trials are reported all the same
+            doc = json.loads(Path(args.winner).read_text())
+            st = study_storage_stats(args.storage)
+            wall = args.study_wall_s if args.study_wall_s is not None else st["trials_span_s"]
+            studies.append(
+                {
+                    "tag": "quiet",
+                    "background_load": 0,
+                    "wall_s": wall,
+                    "wall_from": "--study-wall-s" if args.study_wall_s is not None else "first trial start to last end",
+                    "storage_url": args.storage,
+                    "export": args.winner,
+                    "winner": doc.get("config"),
+                    "winner_label": label(doc.get("config") or {}),
+                    "storage": st,
+                }
+            )
     else:
         studies.append(run_study(args, tmp, "quiet", 0))
         if args.background_load:
@@ -712,34 +738,49 @@ def bench(args: argparse.Namespace) -> None:
             if "export" in s:
                 winners["autotune" if s["tag"] == "quiet" else f"autotune-{s['tag']}"] = Path(s["export"])
 
-    runs, log = run_rounds(args, winners, measure_spec(spec, tmp / "measure-spec.json"), job_path)
-    rows = summarize(runs, limit)
-    stability = load_check(rows)
-    best = best_peer(rows)
-    doc = {
-        "machine": info,
-        "args": {k: v for k, v in vars(args).items() if k not in ("one", "job", "timing_lock")},
-        "lock_waited_s": args.timing_lock.waited_s,
-        "spec": spec.model_dump(mode="json"),
-        "model_dir": str(model_dir),
-        "slo_e2e_p95_ms": limit,
-        "peer_max_seconds": max_seconds,
-        "studies": studies,
-        "rows": rows,
-        "best_peer": best,
-        "background_load_check": stability,
-        "runs": runs,
-        "log": log,
-    }
     if args.out:
         common.RESULTS = Path(args.out)  # save() writes into common.RESULTS
-    path = save("engines-quick" if args.quick else "engines", doc)
+    name = "engines-quick" if args.quick else "engines"
+    path: Path | None = None
+
+    def write(runs: dict[str, dict[str, Any]], log: list[dict[str, Any]], rounds_done: int) -> dict[str, Any]:
+        """The result file, rewritten after every round (a run cut short keeps the rounds it finished)."""
+        nonlocal path
+        rows = summarize(runs, limit)
+        doc = {
+            "machine": info,
+            "args": {k: v for k, v in vars(args).items() if k not in ("one", "job", "timing_lock")},
+            "rounds_done": rounds_done,
+            "complete": rounds_done == args.rounds,
+            "lock_waited_s": args.timing_lock.waited_s,
+            "spec": spec.model_dump(mode="json"),
+            "model_dir": str(model_dir),
+            "slo_e2e_p95_ms": limit,
+            "peer_max_seconds": max_seconds,
+            "studies": studies,
+            "rows": rows,
+            "best_peer": best_peer(rows),
+            "autotune_over_best_peer": rows.get("autotune", {}).get("ratio_to_best_peer"),
+            "background_load_check": load_check(rows),
+            "runs": runs,
+            "log": log,
+        }
+        if path is None:
+            path = save(name, doc)
+        else:
+            old = json.loads(path.read_text())
+            stamp = {k: old[k] for k in ("recorded_at", "commit", "commit_at_save") if k in old}
+            path.write_text(json.dumps(stamp | doc, indent=2) + "\n")
+        return doc
+
+    doc = run_rounds(args, winners, measure_spec(spec, tmp / "measure-spec.json"), job_path, write)
+    rows, stability, best = doc["rows"], doc["background_load_check"], doc["best_peer"]
 
     print()
     for s in studies:
         st = s.get("storage", {})
         print(
-            f"study {s['tag']}: {s['wall_s']:.0f} s, {st.get('n_trials', '?')} trials, "
+            f"study {s['tag']}: {_fmt(s['wall_s'], '.0f')} s, {st.get('n_trials', '?')} trials, "
             f"{st.get('n_engine_reused', '?')} reused a running engine, start-up {_fmt(st.get('startup_s_per_trial'))} "
             f"s per trial ({_starts(st)}); winner {s.get('winner_label', 'none')}"
         )
@@ -754,10 +795,11 @@ def bench(args: argparse.Namespace) -> None:
 
 
 def run_rounds(
-    args: argparse.Namespace, winners: dict[str, Path], mspec: Path, job_path: Path
-) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    args: argparse.Namespace, winners: dict[str, Path], mspec: Path, job_path: Path, write: Any
+) -> dict[str, Any]:
     """Interleaved rounds of (naive, the winner(s), every peer group), one measurement at a time under
-    the lock, the load average logged before and after each."""
+    the lock, the load average logged before and after each; ``write(runs, log, rounds_done)`` after
+    every round (the result file), whose last document is returned."""
     runs: dict[str, dict[str, Any]] = {
         "naive": {"engine": "builtin", "config": "b1 fp32 none x1 eager", "kind": "naive", "runs": []}
     }
@@ -794,7 +836,8 @@ def run_rounds(
                     runs.setdefault(key, peer_row(what, key))["runs"].append({**row, **stamp})
                     tps, p95 = row["tokens_per_s"], row["p95_ms"]
                     print(f"    {key:26s} {tps:8.1f} tok/s p95 {p95:6.0f} ms ({row['prompts']} prompts)", flush=True)
-    return runs, log
+        doc = write(runs, log, rnd + 1)
+    return doc
 
 
 def load_check(rows: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
