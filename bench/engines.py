@@ -59,6 +59,7 @@ QUICK_SKIP = ("vllm",)
 MIN_BATCHES = 2
 PEER_TIMEOUT_S = 900
 RESULT_MARK = "engines-bench-result: "
+KV_BYTES = 1 << 30
 LOAD_TIMEOUT_S = 3600
 
 
@@ -208,7 +209,10 @@ def _vllm(job: dict[str, Any], precision: str) -> Any:
 
     dtype = {"fp32": "float32", "bf16": "bfloat16"}[precision]
     max_len = max(len(p) for p in job["prompts"]) + job["new_tokens"]
-    llm = LLM(model=job["model_dir"], dtype=dtype, max_model_len=max_len, seed=0)
+    # Untuned but for memory: by default vLLM's CPU build reserves 92% of the machine's memory for its KV cache
+    # and refuses to start when other processes hold more than 8% (seen here while another vLLM ran); 1 GiB
+    # holds 64 sequences of this workload many times over (what autotune's vLLM engine passes too, smaller).
+    llm = LLM(model=job["model_dir"], dtype=dtype, max_model_len=max_len, seed=0, kv_cache_memory_bytes=KV_BYTES)
     params = SamplingParams(
         temperature=0.0, max_tokens=job["new_tokens"], min_tokens=job["new_tokens"], ignore_eos=True
     )
@@ -217,7 +221,7 @@ def _vllm(job: dict[str, Any], precision: str) -> Any:
         outs = llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in chunk], params, use_tqdm=False)
         return sum(len(o.outputs[0].token_ids) for o in outs)
 
-    return generate, {"vllm": vllm.__version__}
+    return generate, {"vllm": vllm.__version__, "kv_cache_memory_bytes": KV_BYTES}
 
 
 def _ctranslate2(job: dict[str, Any], precision: str) -> Any:
@@ -326,7 +330,9 @@ def measure_peer(args: argparse.Namespace, group: tuple[str, str], job_path: Pat
     cmd = [python, str(Path(__file__).resolve()), "--one", f"{engine}:{precision}", "--job", str(job_path)]
     done = subprocess.run(cmd, capture_output=True, text=True, env=peer_env(), timeout=PEER_TIMEOUT_S, cwd=ROOT)
     if done.returncode != 0:
-        tail = (done.stdout[-1500:] + done.stderr[-2500:]).strip()
+        # vLLM logs its root cause on stdout, well before the traceback that ends stderr
+        errors = [x for x in (done.stdout + "\n" + done.stderr).splitlines() if "Error:" in x][-4:]
+        tail = "\n".join([*errors, done.stderr[-1500:].strip()])
         return {"group": f"{engine}:{precision}", "error": f"exit {done.returncode}: {tail}"}
     # vLLM logs on stdout too, and after the result (its shutdown): the marked line is the result
     line = next((x for x in reversed(done.stdout.splitlines()) if x.startswith(RESULT_MARK)), None)
