@@ -225,6 +225,21 @@ def write_study_attrs(study: optuna.Study, attrs: dict[str, Any]) -> None:
                 attr.value_json = json.dumps(value)
 
 
+def _peak_rss_mb() -> float:
+    """This process's own peak resident memory: Linux's VmHWM, which starts anew at exec; getrusage's
+    ru_maxrss is kept across exec, so a tuner started by a big process (a test runner holding models)
+    would report that process's peak."""
+    try:
+        with open("/proc/self/status", encoding="utf-8") as f:
+            lines = f.read().splitlines()
+        for line in lines:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 class _KeptParams:
     """Stands in for a trial's storage while it suggests: parameter writes are kept, the rest passes."""
 
@@ -1112,7 +1127,7 @@ class Tuner:
             spent = self.counted(study) >= self.budget
             self.repository.set_study_status(self.name, "finished" if spent else "running")
         # The parent's own peak memory: it never loads a model, so this stays flat however many trials run.
-        study.set_user_attr("tuner_peak_rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        study.set_user_attr("tuner_peak_rss_mb", _peak_rss_mb())
         return study
 
     def _step(self, study: optuna.Study, deadline: float, grid_total: int, callback: Callable[..., None]) -> bool:
