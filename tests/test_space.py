@@ -11,7 +11,7 @@ from autotune.config import TrialConfig
 from autotune.errors import SpaceError
 from autotune.models import resolve_model
 from autotune.space import SearchSpace, server_context
-from autotune.spec import StudySpec, parse_spec
+from autotune.spec import OWN_KNOB_ENGINES, StudySpec, parse_spec
 
 from .conftest import ROOT, make_hw
 
@@ -187,7 +187,12 @@ def test_shipped_studies_parse_and_keep_every_listed_value_on_an_h100(path: Path
 
     study = load_spec(path)
     space = SearchSpace.from_spec(study, make_hw("cuda", (9, 0), memory_mb=143_000))
-    for knob, listed in study.space.model_dump(exclude_none=True).items():
+    listed_values = study.space.model_dump(exclude_none=True)
+    for engine in OWN_KNOB_ENGINES:  # an engine's own knobs are searched as ENGINE.NAME
+        for name, values in (listed_values.pop(engine, None) or {}).items():
+            if f"{engine}.{name}" in space.values:
+                assert space.values[f"{engine}.{name}"] == values, f"{engine}.{name}"
+    for knob, listed in listed_values.items():
         # CPU-only values (the exported-graph backends) are dropped on a GPU, saying so.
         cpu_only = [v for v in listed if "CPU device only" in space.dropped.get(f"{knob}={v}", "")]
         listed = [v for v in listed if v not in cpu_only]

@@ -353,7 +353,7 @@ def test_real_export_of_a_preset(real_doc: dict[str, Any], fmt: str) -> None:
     assert f"study: {real_doc['study']}  trial: {real_doc['trial']}" in blob
     assert real_doc["hardware"]["fingerprint"] in blob and "preset:llama-tiny" in blob
     assert "WARNING" in blob and "PLACEHOLDER" in text
-    assert set(verdicts(text)) == set(real_doc["config"])
+    assert set(verdicts(text)) == set(real_doc["config"]) - {"engine", "engine_args"}  # measured on autotune's
     assert "<= None" not in blob and ">= None" not in blob
 
 
