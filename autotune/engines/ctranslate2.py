@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from autotune.config import TrialConfig
-from autotune.engines.base import EngineKnob, EngineKnobs, EngineUnavailable, ServingEngine
+from autotune.engines.base import EngineKnob, EngineKnobs, ServingEngine
 from autotune.engines.builtin.engine import BuildTimings, Engine, GenerationResult, _Prepared
 
 if TYPE_CHECKING:
@@ -545,8 +545,7 @@ class CTranslate2Engine(ServingEngine):
         max_context: int | None = None,
     ) -> Engine:
         """The engine a trial measures and ``autotune serve`` serves (``Engine.build``'s signature)."""
-        if self.version() is None:
-            raise EngineUnavailable(f"engine {self.name} is not installed; install it with: {self.install_hint()}")
+        self.require()
         return CTranslate2Served.build(
             model_ref, config, hardware, seed=seed, prompt_pad_to=prompt_pad_to, max_context=max_context
         )
