@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import sys
 from collections.abc import Callable
 from importlib import resources
@@ -1431,8 +1430,6 @@ def schema() -> None:
 def main() -> None:
     import signal
 
-    # Must be set before torch is imported anywhere in this process (see runner.py).
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     signal.signal(signal.SIGTERM, _on_sigterm)  # `kill`, a scheduler, a container stop: as Ctrl-C
     from autotune import devicelock
 

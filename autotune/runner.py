@@ -50,10 +50,9 @@ _ctx: Any = None
 def _context() -> Any:
     global _ctx
     if _ctx is None:
-        # Passive OpenMP waiting: with spinning (the default) the idle thread team of one Python
-        # thread steals the cores another thread's team is computing on (measured 10x slower).
-        # Set before the fork server imports torch; the server inherits this environment.
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        # OpenMP's default wait policy (a short spin, then sleep): the engine frees the building
+        # thread's pool before its workers compute (engines/builtin/openmp.py), so one pool spins.
+        # PASSIVE (set here until 2026-12-07) made every parallel region a futex wake-up: 0.79x.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         methods = mp.get_all_start_methods()
         _ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")

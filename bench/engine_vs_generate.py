@@ -11,7 +11,8 @@ Each measurement runs in a fresh process (OpenMP defaults unless ``--passive``),
   ``batch`` clients and a 0 / 20 ms batching delay (what a trial measures in-process).
 
 A mode may carry suffixes that change its process: ``:passive`` (``OMP_WAIT_POLICY=PASSIVE``, as trial
-processes had it), ``:nice`` (CPU niceness 19, the default ``budget.trial_niceness``).
+processes had it), ``:nice`` (CPU niceness 19, the default ``budget.trial_niceness``), ``:arena1``
+(``MALLOC_ARENA_MAX=1``: one glibc malloc arena for every thread).
 
     python bench/engine_vs_generate.py [--model preset:llama-small] [--batch 32] [--precision bf16]
         [--quantization none] [--rounds 2] [--modes plain-main,plain-main:passive,engine-delay0]
@@ -208,6 +209,8 @@ def main() -> None:
             env.pop("OMP_WAIT_POLICY", None)
             if args.passive or ":passive" in mode:
                 env["OMP_WAIT_POLICY"] = "PASSIVE"
+            if ":arena1" in mode:  # every thread allocates from glibc's main arena, as the main thread does
+                env["MALLOC_ARENA_MAX"] = "1"
             cmd = [sys.executable, __file__, "--one", mode, "--model", args.model, "--batch", str(args.batch)]
             cmd += ["--precision", args.precision, "--quantization", args.quantization]
             row = run_one(cmd, env)
