@@ -21,6 +21,7 @@ builds them), exactly ``output_tokens`` new tokens, greedy, the spec's SLO (p95 
 
     python bench/engines.py [--spec studies/engines-llama-small.yaml] [--rounds 3]
         [--batches 1,8,16,32,64] [--background-load N] [--quick] [--winner EXPORT.json]
+        [--storage URL] [--loaded-winner EXPORT.json --loaded-storage URL --loaded-load N]
 
 ``--quick``: the tiny preset, batches 1 and 8, one round, a 2-trial study (a smoke run for tests).
 Each step holds ``--lock`` (``flock``; default ``/tmp/autotune-cpu.lock``, ``''`` for none) so other
@@ -84,6 +85,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--storage", default=None, help="with --winner: the finished study's storage (its trials are reported)"
     )
     ap.add_argument("--study-wall-s", type=float, default=None, help="with --storage: the study's wall time")
+    ap.add_argument(
+        "--loaded-winner", default=None, help="with --winner: the export of a study run under --background-load"
+    )
+    ap.add_argument("--loaded-storage", default=None, help="with --loaded-winner: that study's storage")
+    ap.add_argument("--loaded-load", type=int, default=None, metavar="N", help="with --loaded-winner: its load")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny preset, batches 1/8, 1 round, 2 trials")
     ap.add_argument("--max-seconds", type=float, default=None, help="peer time per config (default: the spec's)")
     ap.add_argument("--lock", default="/tmp/autotune-cpu.lock", help="flock file held per step ('' for none)")
@@ -107,6 +113,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error("--background-load must be >= 0")
     if args.storage and not args.winner:
         ap.error("--storage reports a finished study: give its --winner too")
+    if args.loaded_winner and not args.winner:
+        ap.error("--loaded-winner is compared with the quiet study's: give its --winner too")
     if args.background_load and args.winner:
         ap.error("--background-load runs the study twice: it cannot take --winner")
     return args
@@ -718,24 +726,28 @@ def bench(args: argparse.Namespace) -> None:
     studies: list[dict[str, Any]] = []
     winners: dict[str, Path] = {}
     if args.winner:
-        winners["autotune"] = Path(args.winner)
-        if args.storage:  # a study run before (as run_study runs it): its trials are reported all the same
-            doc = json.loads(Path(args.winner).read_text())
-            st = study_storage_stats(args.storage)
-            wall = args.study_wall_s if args.study_wall_s is not None else st["trials_span_s"]
-            studies.append(
-                {
-                    "tag": "quiet",
-                    "background_load": 0,
-                    "wall_s": wall,
-                    "wall_from": "--study-wall-s" if args.study_wall_s is not None else "first trial start to last end",
-                    "storage_url": args.storage,
-                    "export": args.winner,
-                    "winner": doc.get("config"),
-                    "winner_label": label(doc.get("config") or {}),
-                    "storage": st,
-                }
-            )
+        # Studies run before (as run_study runs them): their winners are measured, their trials reported.
+        finished = [("quiet", 0, args.winner, args.storage, args.study_wall_s)]
+        if args.loaded_winner:
+            finished.append(("loaded", args.loaded_load or 0, args.loaded_winner, args.loaded_storage, None))
+        for tag, load, export, storage, wall_s in finished:
+            winners["autotune" if tag == "quiet" else f"autotune-{tag}"] = Path(export)
+            if storage:
+                doc = json.loads(Path(export).read_text())
+                st = study_storage_stats(storage)
+                studies.append(
+                    {
+                        "tag": tag,
+                        "background_load": load,
+                        "wall_s": wall_s if wall_s is not None else st["trials_span_s"],
+                        "wall_from": "--study-wall-s" if wall_s is not None else "first trial start to last end",
+                        "storage_url": storage,
+                        "export": export,
+                        "winner": doc.get("config"),
+                        "winner_label": label(doc.get("config") or {}),
+                        "storage": st,
+                    }
+                )
     else:
         studies.append(run_study(args, tmp, "quiet", 0))
         if args.background_load:

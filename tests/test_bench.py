@@ -76,7 +76,14 @@ def test_the_engines_bench_parses_its_arguments() -> None:
     some = eng.parse_args(["--peers", "ctranslate2:int8,transformers:fp32", "--batches", "4,64", "--rounds", "2"])
     assert some.peer_groups == [("ctranslate2", "int8"), ("transformers", "fp32")] and some.batch_sizes == [4, 64]
     assert eng.parse_args(["--peers", ""]).peer_groups == []
-    bad_args = (["--peers", "vllm:int4"], ["--rounds", "0"], ["--background-load", "2", "--winner", "x.json"])
+    both = eng.parse_args(["--winner", "q.json", "--loaded-winner", "l.json", "--loaded-load", "2"])
+    assert (both.winner, both.loaded_winner, both.loaded_load) == ("q.json", "l.json", 2)
+    bad_args = (
+        ["--peers", "vllm:int4"],
+        ["--rounds", "0"],
+        ["--background-load", "2", "--winner", "x.json"],
+        ["--loaded-winner", "l.json"],
+    )
     for bad in (*bad_args, ["--storage", "sqlite:///x.db"]):
         with pytest.raises(SystemExit):
             eng.parse_args(bad)

@@ -92,11 +92,11 @@ def import_ctranslate2() -> Any:
 
     What was measured about its OpenMP: the wheel bundles a libgomp, but torch puts its own in the
     global symbol scope (``libtorch_global_deps``, ``RTLD_GLOBAL``), so CTranslate2's OpenMP calls
-    bind to torch's runtime (``LD_DEBUG=bindings``) and a trial process's ``OMP_WAIT_POLICY=PASSIVE``
-    applies to it. A process started with PASSIVE ran the engine at 0.90-0.99x the default
-    (``bench/ctranslate2_engine.py``, mode ``engine:passive``); importing with ``RTLD_DEEPBIND`` (its
-    own libgomp, at the default wait policy, verified) did not close that gap (0.84x in 3 rounds,
-    one of them faster), so the cause is elsewhere and the plain import stays.
+    bind to torch's runtime (``LD_DEBUG=bindings``): its wait policy and its per-thread pools (see
+    ``engines/builtin/openmp.py``) apply to it. Trial processes ran with ``OMP_WAIT_POLICY=PASSIVE``
+    until 2026-12-07 and the engine at 0.84-0.99x there (``bench/ctranslate2_engine.py``, mode
+    ``engine:passive``); importing with ``RTLD_DEEPBIND`` (its own libgomp) did not close that gap,
+    so the plain import stays.
     """
     import ctranslate2
 

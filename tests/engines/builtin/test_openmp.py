@@ -7,14 +7,12 @@ import os
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
 from autotune.config import TrialConfig
 from autotune.engines.builtin import engine as engine_module
 from autotune.engines.builtin.engine import Engine
-from autotune.engines.builtin.openmp import release_thread_pool
 from autotune.hardware import probe
 
 needs_two_cores = pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="an OpenMP pool needs 2 cores")
@@ -43,30 +41,39 @@ print(json.dumps(out))
 """
 
 
-def _threads() -> int:
+#: A fresh process: a thread gets a pool by computing, then frees it; prints its thread counts.
+FREE = """
+import json, os, threading, time, torch
+from autotune.engines.builtin.openmp import release_thread_pool
+torch.set_num_threads(2)
+seen = {}
+def threads():
     return len(os.listdir("/proc/self/task"))
+def on_a_fresh_thread():
+    x = torch.ones(1 << 20)
+    (x + x).sum()                   # a parallel region: this thread's pool, one helper thread
+    seen["with_pool"] = threads()
+    seen["released"] = release_thread_pool()
+    deadline = time.monotonic() + 5
+    while threads() >= seen["with_pool"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    seen["after"] = threads()
+t = threading.Thread(target=on_a_fresh_thread)
+t.start()
+t.join()
+print(json.dumps(seen))
+"""
+
+
+def _probe(script: str, *args: str) -> dict[str, int]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_"))}
+    done = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, check=True)
+    return {k: int(v) for k, v in json.loads(done.stdout.strip().splitlines()[-1]).items()}
 
 
 @needs_two_cores
 def test_release_frees_the_calling_threads_pool() -> None:
-    import torch
-
-    torch.set_num_threads(2)
-    seen: dict[str, int] = {}
-
-    def on_a_fresh_thread() -> None:
-        x = torch.ones(1 << 20)
-        (x + x).sum()  # a parallel region: this thread gets a pool with one helper thread
-        seen["with_pool"] = _threads()
-        seen["released"] = int(release_thread_pool())
-        deadline = time.monotonic() + 2
-        while _threads() >= seen["with_pool"] and time.monotonic() < deadline:
-            time.sleep(0.01)
-        seen["after"] = _threads()
-
-    t = threading.Thread(target=on_a_fresh_thread)
-    t.start()
-    t.join()
+    seen = _probe(FREE)
     assert seen["released"] == 1
     assert seen["after"] == seen["with_pool"] - 1
 
@@ -74,13 +81,7 @@ def test_release_frees_the_calling_threads_pool() -> None:
 @needs_two_cores
 def test_a_second_threads_pool_spins_only_once_the_first_is_freed() -> None:
     """The cause, measured: with two pools on two cores each parallel region is a futex sleep."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_"))}
-
-    def switches(mode: str) -> int:
-        done = subprocess.run([sys.executable, "-c", PROBE, mode], env=env, capture_output=True, text=True, check=True)
-        return int(json.loads(done.stdout.strip().splitlines()[-1])["switches"])
-
-    kept, released = switches("keep"), switches("release")
+    kept, released = _probe(PROBE, "keep")["switches"], _probe(PROBE, "release")["switches"]
     assert kept > 500, f"two pools: expected a sleep per region, saw {kept} switches in 2000 regions"
     assert released < kept / 4, f"one pool: {released} switches vs {kept} with two"
 
