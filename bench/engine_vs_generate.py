@@ -12,7 +12,8 @@ Each measurement runs in a fresh process (OpenMP defaults unless ``--passive``),
 
 A mode may carry suffixes that change its process: ``:passive`` (``OMP_WAIT_POLICY=PASSIVE``, as trial
 processes had it), ``:nice`` (CPU niceness 19, the default ``budget.trial_niceness``), ``:arena1``
-(``MALLOC_ARENA_MAX=1``: one glibc malloc arena for every thread).
+(``MALLOC_ARENA_MAX=1``: one glibc malloc arena for every thread), ``:release`` (the main thread's
+OpenMP pool freed before a ``-thread`` mode's thread starts, as ``Engine.start()`` does).
 
     python bench/engine_vs_generate.py [--model preset:llama-small] [--batch 32] [--precision bf16]
         [--quantization none] [--rounds 2] [--modes plain-main,plain-main:passive,engine-delay0]
@@ -120,6 +121,7 @@ def measure(mode: str, model: str, batch: int, precision: str, quantization: str
     from autotune.workload import build_requests
 
     delay = 20.0 if mode == "engine-delay20" else 0.0
+    release = ":release" in mode
     if ":nice" in mode:
         os.setpriority(os.PRIO_PROCESS, 0, 19)  # before torch starts its threads, as trial processes do
     mode = mode.split(":")[0]
@@ -158,6 +160,7 @@ def measure(mode: str, model: str, batch: int, precision: str, quantization: str
                 generate(chunk)
             out["tokens_per_s"] = BATCHES * batch * NEW_TOKENS / (time.perf_counter() - t)
         out["others_share"] = others.share
+        out.update(others.own_figures)  # voluntary switches: how often OpenMP's helpers slept
 
     def own() -> None:
         engine.run_batch(chunks[0], NEW_TOKENS)
@@ -175,6 +178,10 @@ def measure(mode: str, model: str, batch: int, precision: str, quantization: str
         return {**row, "others_share": others.share}
     fn = plain if mode.startswith("plain") else own
     if mode.endswith("-thread"):
+        if release:
+            from autotune.engines.builtin.openmp import release_thread_pool
+
+            release_thread_pool()
         worker = threading.Thread(target=fn)
         worker.start()
         worker.join()
@@ -216,6 +223,8 @@ def main() -> None:
             row = run_one(cmd, env)
             runs[mode].append(row)
             note = f"others {100 * row['others_share']:.0f}% of the CPU, {row['tries']} tries"
+            if "voluntary_switches" in row:
+                note += f", {row['voluntary_switches']} voluntary switches"
             print(f"round {r} {mode:22s} {row['tokens_per_s']:8.1f} tok/s ({note})", flush=True)
     base = statistics.median(x["tokens_per_s"] for x in runs[modes[0]])
     summary = {

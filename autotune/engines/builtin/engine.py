@@ -291,7 +291,7 @@ class Engine:
 
             torch.set_num_threads(self._cpu_threads)  # a previous config's split must not linger
             # The workers compute; a pool the caller's thread keeps (from building the model) would
-            # make every pool sleep between parallel regions (see openmp.py): 0.72-0.84x.
+            # make every pool sleep between parallel regions (see openmp.py): 0.78x.
             release_thread_pool()
         if self.config.scheduler == "continuous":
             prompt = self.prompt_pad_to or min(self.max_context // 2, 512)

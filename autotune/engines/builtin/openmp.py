@@ -5,12 +5,12 @@ region its own pool of helper threads, and keeps it until that thread exits. Onc
 pools outnumber the cores, every pool stops spinning between parallel regions (libgomp's
 "throttled" spin count, about 100 spins) and its helpers sleep on a futex instead: one wake-up per
 parallel region, tens of thousands per batch of a small model. A process that builds the model on its
-main thread (one pool) and generates on a stream worker thread (a second pool) is in that state:
-``generate`` on the worker ran at 0.72-0.84x the same loop on the main thread, with ~34,000
-voluntary context switches per four batches against ~30 (llama-small b32 int8 on 2 cores;
-``python bench/engine_vs_generate.py --modes plain-main,plain-thread``). ``OMP_WAIT_POLICY=PASSIVE``
-forces that sleeping on every pool and cost as much (0.79x). Freeing the caller's pool first
-(``omp_pause_resource_all``, OpenMP 5.0) leaves one pool, and the worker's loop ran at 1.01-1.03x.
+main thread (one pool) and generates on a stream worker thread (a second pool) is in that state.
+Measured (llama-small b32 int8 on 2 cores, ``python bench/engine_vs_generate.py --precision fp32
+--quantization int8-dynamic --modes plain-main,plain-thread,plain-thread:release,plain-thread:release:passive``):
+``generate`` on a second thread ran at 0.78x the main thread with ~34,000 voluntary context switches
+per 4 batches against 1-8; with the main thread's pool freed first (``omp_pause_resource_all``,
+OpenMP 5.0) at 0.96x with 1-5; ``OMP_WAIT_POLICY=PASSIVE`` forces the sleeping on every pool (0.81x).
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ def _runtime() -> ctypes.CDLL | None:
             except OSError:
                 continue
             if hasattr(lib, "omp_pause_resource_all"):
+                lib.omp_pause_resource_all.argtypes = [ctypes.c_int]
+                lib.omp_pause_resource_all.restype = ctypes.c_int
                 return lib
     return None
 
@@ -53,6 +55,4 @@ def release_thread_pool() -> bool:
     lib = _runtime()
     if lib is None:
         return False
-    lib.omp_pause_resource_all.argtypes = [ctypes.c_int]
-    lib.omp_pause_resource_all.restype = ctypes.c_int
     return bool(lib.omp_pause_resource_all(OMP_PAUSE_SOFT) == 0)
