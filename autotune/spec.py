@@ -241,6 +241,20 @@ class Budget(_Strict):
         "that from every unmeasured config",
     )
     min_improvement_pct: float = Field(1.0, ge=0, description="what counts as an improvement for patience")
+    engine_probes: int = Field(
+        2,
+        ge=0,
+        le=10,
+        description="with several engines searched: trials each engine gets first, near its best batch size, "
+        "before the sampler takes over (0: the sampler alone splits the budget)",
+    )
+    engine_keep: float = Field(
+        0.6,
+        gt=0,
+        le=1,
+        description="after the probes, an engine whose best tokens/s is under this fraction of the best feasible "
+        "figure any engine reached gets no more trials",
+    )
     confirm_runs: int = Field(
         1,
         ge=0,

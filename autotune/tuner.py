@@ -33,6 +33,7 @@ from sqlalchemy import text as sa_text
 from autotune import __version__, load
 from autotune.config import TrialConfig
 from autotune.digest import model_digest
+from autotune.engine_race import EngineRace
 from autotune.errors import SpecError, StorageError, TrialFailure
 from autotune.hardware import Hardware
 from autotune.measure import Measurement, overhead
@@ -75,6 +76,7 @@ MAX_CONFIRM_CANDIDATES = 3
 #: Trial attribute, present when a trial's first measurement was disturbed by other processes'
 #: load: that measurement's load, the wait, the re-measurement and which of the two was kept.
 A_DISTURBED = "disturbed"
+A_ENGINE_PROBE, A_ENGINE_RACE = "engine_probe", "engine_race"
 #: How long the tuner waits for other processes' load to pass before re-measuring a disturbed
 #: trial. Once a wait ends with the machine still busy, the next waits are one check each (the
 #: load persists: waiting again would cost every trial this long) until a check finds it quiet.
@@ -700,6 +702,10 @@ class Tuner:
         self.stop_reason: str | None = None  # set when the study stops before its budget
         self._candidates: list[TrialConfig] | None = None  # the space's runnable configs, for outlook()
         self.load_persists = False  # the last wait for other processes' load to pass ended busy
+        b = self.spec.budget
+        racing = (self.sampler or self.spec.sampler) != "grid"
+        self.race = EngineRace.for_study(self.space, self.budget, b.engine_probes, b.engine_keep) if racing else None
+        self._race_dropped: dict[str, str] | None = None  # the dropped engines last said and recorded
 
     # -- study set-up ---------------------------------------------------------------------------
     def open_study(self) -> optuna.Study:
@@ -711,6 +717,9 @@ class Tuner:
         distinct = sampler.distinct if isinstance(sampler, NoRepeatSampler) else sampler
         if isinstance(distinct, DistinctRandomSampler):
             distinct.known_trials = lambda: self._step_trials  # read just before ask()
+            if self.race is not None:  # the engines still in the race, on top of the space's rules
+                rules, race = distinct.allowed, self.race
+                distinct.allowed = lambda params: (rules is None or rules(params)) and race.allows(params)
         optuna.logging.set_verbosity(optuna.logging.ERROR)
         try:
             study = optuna.create_study(
@@ -973,6 +982,8 @@ class Tuner:
             cfg = self.space.suggest(trial)
         self._step_trials = None
         known = {A_CONFIG: cfg.model_dump(mode="json"), "config_key": cfg.key(), **self.space.ranked_values(cfg)}
+        if self.race is not None and self.race.is_probe(cfg.engine, cfg.batch_size):
+            known[A_ENGINE_PROBE] = self.race.plan_now.describe() if self.race.plan_now else None
         reason = self.space.check(cfg)
         if reason:
             raise self._reject(trial, reason, known)
@@ -1121,6 +1132,9 @@ class Tuner:
                 "the sampler kept proposing configs already measured (sampler: random never does)"
             )
         self._record_worker_stats(study, time.perf_counter() - t_run)
+        if self.race is not None:
+            trials = study.get_trials(deepcopy=False)
+            self.clock.call(study.set_user_attr, A_ENGINE_RACE, self.race.record(trials))
         self.confirm(study)
         study.set_user_attr("updated_at", time.time())
         if self.repository is not None:
@@ -1149,6 +1163,8 @@ class Tuner:
             optuna.storages.fail_stale_trials(study)
             time.sleep(WAIT_FOR_OTHERS_S)
             return True
+        if self.race is not None:
+            self._plan_race(study, trials)
         # One trial per optimize() call: heartbeats and stale-trial recovery run as usual, and the
         # budget check above runs between trials, so several workers stop at exactly the budget.
         remaining = deadline - time.monotonic()
@@ -1167,6 +1183,19 @@ class Tuner:
             if ran is not None:
                 callback(study, ran, trials)
         return True
+
+    def _plan_race(self, study: optuna.Study, trials: list[FrozenTrial]) -> None:
+        """The engines the next trial may run (:mod:`autotune.engine_race`); a change in the dropped
+        ones is said and recorded with every engine's standing."""
+        assert self.race is not None
+        plan = self.race.plan(trials)
+        if plan.dropped == self._race_dropped:
+            return
+        for engine, why in plan.dropped.items():
+            if engine not in (self._race_dropped or {}):
+                self.events.on_outlook(f"engine {engine} gets no more trials: {why}")
+        self._race_dropped = dict(plan.dropped)
+        self.clock.call(study.set_user_attr, A_ENGINE_RACE, self.race.record(trials))
 
     def stagnation(self, trials: list[FrozenTrial]) -> str | None:
         """Why the study should stop before its budget (``budget.patience``), or None: ``patience``
