@@ -4,12 +4,15 @@ A study with ``engine: [builtin, vllm, ctranslate2]`` is a race between engines,
 sampler runs it badly: on a 2-core CPU, TPE gave CTranslate2 3 of 21 trials (it came within 1%
 of the winner at batch 32, a batch it never tried) and vLLM 6, each a 32-48 s server start, while
 vLLM's best was 0.40x the others'. So before the sampler takes over, every engine is **probed**
-near where throughput peaks under the SLO (``budget.engine_probes`` trials each: the first at a
-large batch, 60% up the space's batch sizes; the next two ranks up if that one met the SLO, two
-down if not). Then an engine whose best measurement, feasible or not, is under
-``budget.engine_keep`` of the best feasible figure any engine reached is **dropped**: the sampler
-proposes only the engines still in the race (a proposal of a dropped one is replaced by the
-nearest config of a kept one). An engine can be dropped later too, as the leader improves.
+near where throughput peaks under the SLO, ``budget.engine_probes`` trials each, round robin: the
+first at a large batch (60% up the batch sizes it runs) in its lightest precision and
+quantization (fewest bytes per weight), the next two batch sizes up if that one met the SLO, two
+down if not, in the pair most unlike the earlier probes' (another quantization, else another
+precision), the sampler drawing the other knobs. Once every engine's probes are measured, an
+engine whose best measurement, feasible or not, is under ``budget.engine_keep`` of the best
+feasible figure any engine reached is **dropped**: the sampler proposes only the engines still in
+the race (a proposal of a dropped one is replaced by the nearest config of a kept one). An engine
+can be dropped later too, as the leader improves.
 
 The plan is a function of the trial list alone (finished and running trials), so a resumed study
 and several workers of one study follow the same plan, and the rule for a trial in progress is
@@ -26,12 +29,17 @@ from typing import TYPE_CHECKING, Any
 from optuna.trial import FrozenTrial, TrialState
 
 if TYPE_CHECKING:
+    from autotune.config import TrialConfig
     from autotune.space import SearchSpace
 
 #: Where an engine's first probe sits among the space's batch sizes (0: smallest, 1: largest).
 FIRST_PROBE_AT = 0.6
 #: How many batch-size ranks the next probe moves: up after a probe that met the SLO, else down.
 PROBE_STEP = 2
+
+
+#: What a probe fixes: engine, batch size, precision, quantization (the sampler draws the rest).
+Point = tuple[str, int, str, str]
 
 
 @dataclass(frozen=True)
@@ -53,13 +61,15 @@ class Plan:
 
     kept: tuple[str, ...]
     dropped: dict[str, str] = field(default_factory=dict)  # engine -> why
-    probe: tuple[str, int] | None = None
+    probe: Point | None = None
     probe_number: int = 0  # which of the engine's probes (1-based)
 
     def describe(self) -> str | None:
         if self.probe is None:
             return None
-        return f"probe {self.probe_number} of engine {self.probe[0]} at batch {self.probe[1]}"
+        engine, batch, precision, quantization = self.probe
+        form = precision if quantization == "none" else f"{precision} {quantization}"
+        return f"probe {self.probe_number} of engine {engine}: batch {batch}, {form}"
 
 
 @dataclass
@@ -68,11 +78,12 @@ class EngineRace:
 
     engines: list[str]
     batches: dict[str, list[int]]  # engine -> the batch sizes it runs in this space, ascending
+    forms: dict[str, list[tuple[str, str]]]  # engine -> the (precision, quantization) pairs it runs here
     probes: int
     keep: float
-    space: SearchSpace | None = None  # maps Optuna parameters to (engine, batch) in :meth:`allows`
+    space: SearchSpace | None = None  # maps Optuna parameters to configs in :meth:`allows`
     plan_now: Plan | None = None
-    _keys: dict[tuple[Any, ...], tuple[str, int]] = field(default_factory=dict)
+    _keys: dict[tuple[Any, ...], Point] = field(default_factory=dict)
 
     @classmethod
     def for_study(cls, space: SearchSpace, budget: int, probes: int, keep: float) -> EngineRace | None:
@@ -83,12 +94,20 @@ class EngineRace:
             return None
         probes = min(probes, max(1, budget // (2 * len(engines))))
         every = sorted(space.values.get("batch_size", [1]))
-        batches = {}
-        for e in engines:
-            knobs = space.engines.get(e)
-            own = knobs.shared.get("batch_size") if knobs is not None and e != "builtin" else None
-            batches[e] = [b for b in every if own is None or b in own] or every
-        return cls(engines, batches, probes, keep, space)
+        batches: dict[str, set[int]] = {e: set() for e in engines}
+        forms: dict[str, set[tuple[str, str]]] = {e: set() for e in engines}
+        for cfg in space.grid():
+            if space.check(cfg) is None:
+                batches[cfg.engine].add(cfg.batch_size)
+                forms[cfg.engine].add((cfg.precision, cfg.quantization))
+        return cls(
+            engines,
+            {e: sorted(batches[e]) or every for e in engines},
+            {e: sorted(forms[e], key=_weight_bytes) for e in engines},
+            probes,
+            keep,
+            space,
+        )
 
     # -- what happened --------------------------------------------------------------------------
     def standings(self, trials: Sequence[FrozenTrial]) -> dict[str, Standing]:
@@ -119,20 +138,17 @@ class EngineRace:
 
     def _plan(self, trials: Sequence[FrozenTrial]) -> Plan:
         stand = self.standings(trials)
-        dropped = self._dropped(stand, probing=self._probing(stand))
+        dropped = self._dropped(stand, probing=any(s.spent < self.probes for s in stand.values()))
         kept = tuple(e for e in self.engines if e not in dropped)
-        probe: tuple[str, int] | None = None
+        probe: Point | None = None
         number = 0
+        # Round robin: every engine's first probe before any engine's second.
         for e in sorted(kept, key=lambda e: (stand[e].spent + stand[e].running, self.engines.index(e))):
             held = stand[e].spent + stand[e].running
-            if held < self.probes and (held == 0 or not self._probing(stand)):
-                probe, number = (e, self._probe_batch(e, trials)), held + 1
+            if held < self.probes:
+                probe, number = self._probe(e, trials), held + 1
                 break
         return Plan(kept, dropped, probe, number)
-
-    def _probing(self, stand: dict[str, Standing]) -> bool:
-        """Whether some engine has not had its first probe measured (no engine is dropped before)."""
-        return any(s.spent == 0 for s in stand.values())
 
     def _dropped(self, stand: dict[str, Standing], probing: bool) -> dict[str, str]:
         if probing:
@@ -155,39 +171,57 @@ class EngineRace:
             )
         return why
 
-    def _probe_batch(self, engine: str, trials: Sequence[FrozenTrial]) -> int:
-        """The batch size of ``engine``'s next probe: 60% up the batch sizes first, then two ranks
-        up from its last probe if that met the SLO, two down if it did not."""
+    def _probe(self, engine: str, trials: Sequence[FrozenTrial]) -> Point:
+        """``engine``'s next probe. Batch size: 60% up its batch sizes first, then two ranks up from
+        its last measured probe if that met the SLO, two down if it did not. Precision and
+        quantization: the pair that differs most from its earlier probes' (quantization first,
+        then precision), the fewest bytes per weight among those: a first probe at fp32 only
+        would judge CTranslate2 by its slowest compute type."""
         sizes = self.batches[engine]
         rank = round(FIRST_PROBE_AT * (len(sizes) - 1))
-        last = [t for t in trials if _engine_of(t) == engine and _spent(t) and t.user_attrs.get("engine_probe")]
-        if last:
-            t = max(last, key=lambda t: t.number)
+        probes = [t for t in trials if _engine_of(t) == engine and t.user_attrs.get("engine_probe")]
+        measured = [t for t in probes if _spent(t)]
+        if measured:
+            t = max(measured, key=lambda t: t.number)
             batch = (t.user_attrs.get("config") or {}).get("batch_size", sizes[rank])
             at = sizes.index(batch) if batch in sizes else rank
             rank = at + PROBE_STEP if t.user_attrs.get("feasible") else at - PROBE_STEP
-        return sizes[max(0, min(rank, len(sizes) - 1))]
+        batch = sizes[max(0, min(rank, len(sizes) - 1))]
+        before = [
+            (
+                (t.user_attrs.get("config") or {}).get("precision"),
+                (t.user_attrs.get("config") or {}).get("quantization"),
+            )
+            for t in probes
+        ]
+        forms = self.forms[engine] or [("fp32", "none")]
+        precision, quantization = min(
+            forms,
+            key=lambda f: (sum(q == f[1] for _, q in before), sum(p == f[0] for p, _ in before), forms.index(f)),
+        )
+        return engine, batch, precision, quantization
 
     def allows(self, params: dict[str, Any]) -> bool:
         """Whether the sampler may propose these Optuna parameters under :attr:`plan_now`."""
         plan = self.plan_now
         if plan is None:
             return True
-        engine, batch = self._engine_batch(params)
+        point = self._point(params)
         if plan.probe is not None:
-            return (engine, batch) == plan.probe
-        return engine in plan.kept
+            return point == plan.probe
+        return point[0] in plan.kept
 
-    def is_probe(self, engine: str, batch: int) -> bool:
-        """Whether a config of ``engine`` at ``batch`` is the probe the plan asked for."""
-        return self.plan_now is not None and self.plan_now.probe == (engine, batch)
+    def is_probe(self, cfg: TrialConfig) -> bool:
+        """Whether ``cfg`` is the probe the plan asked for."""
+        point = (cfg.engine, cfg.batch_size, cfg.precision, cfg.quantization)
+        return self.plan_now is not None and self.plan_now.probe == point
 
-    def _engine_batch(self, params: dict[str, Any]) -> tuple[str, int]:
+    def _point(self, params: dict[str, Any]) -> Point:
         key = tuple(sorted(params.items()))
         if key not in self._keys:
             assert self.space is not None
             cfg = self.space.config_for(params)
-            self._keys[key] = (cfg.engine, cfg.batch_size)
+            self._keys[key] = (cfg.engine, cfg.batch_size, cfg.precision, cfg.quantization)
         return self._keys[key]
 
     def record(self, trials: Sequence[FrozenTrial]) -> dict[str, Any]:
@@ -206,6 +240,14 @@ class EngineRace:
             }
             for e, s in stand.items()
         }
+
+
+def _weight_bytes(form: tuple[str, str]) -> tuple[float, float]:
+    """Bytes per weight, then per activation, of a (precision, quantization) pair: fewer first."""
+    from autotune.space import weight_bytes
+
+    precision, quantization = form
+    return weight_bytes(precision, quantization), weight_bytes(precision, "none")
 
 
 def _engine_of(t: FrozenTrial) -> str | None:

@@ -62,6 +62,11 @@ PIPELINE_REASON = (
 )
 
 
+def weight_bytes(precision: str, quantization: str) -> float:
+    """Bytes per weight of a precision with a quantization (``none``: the precision's own)."""
+    return _QUANT_BYTES.get(quantization, _WEIGHT_BYTES.get(precision, 4.0))
+
+
 def default_values(knob: str, hw: Hardware) -> tuple[list[Any], dict[str, str]]:
     """What to search when the spec leaves a knob out, and what was left out of that default and why."""
     gpu = hw.device_type == "cuda"
@@ -269,7 +274,7 @@ class SearchSpace:
         m = self.variants.get(cfg.model, self.model) if cfg.model else self.model
         if m is None:
             return None
-        wbytes = _QUANT_BYTES.get(cfg.quantization, _WEIGHT_BYTES[cfg.precision])
+        wbytes = weight_bytes(cfg.precision, cfg.quantization)
         weights = m.num_parameters * wbytes
         kv_bytes = _WEIGHT_BYTES[cfg.precision]
         rows = cfg.batch_size * cfg.streams

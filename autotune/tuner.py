@@ -982,7 +982,7 @@ class Tuner:
             cfg = self.space.suggest(trial)
         self._step_trials = None
         known = {A_CONFIG: cfg.model_dump(mode="json"), "config_key": cfg.key(), **self.space.ranked_values(cfg)}
-        if self.race is not None and self.race.is_probe(cfg.engine, cfg.batch_size):
+        if self.race is not None and self.race.is_probe(cfg):
             known[A_ENGINE_PROBE] = self.race.plan_now.describe() if self.race.plan_now else None
         reason = self.space.check(cfg)
         if reason:

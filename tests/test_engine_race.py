@@ -83,17 +83,23 @@ def engines_of(trials: list[Any]) -> list[str]:
 def test_every_engine_is_probed_first_then_one_far_behind_gets_no_more_trials(tmp_path: Path) -> None:
     t, trials = run_study(tmp_path, vllm_speed=0.3, space={**SPEC["space"], "streams": [1]})
     assert t.race is not None and t.race.probes == 2
-    # first probes: one per engine, 60% up each engine's batch sizes (the fake vLLM runs 8-64 here)
-    assert engines_of(trials[:2]) == ["builtin", "vllm"]
-    assert [x.user_attrs["config"]["batch_size"] for x in trials[:2]] == [32, 32]
-    assert all(A_ENGINE_PROBE in x.user_attrs for x in trials[:2])
-    # vLLM's best (0.3x) is under 0.6x the built-in's: no second probe, no more trials
-    assert engines_of(trials).count("vllm") == 1
+    # probes first, round robin: 60% up each engine's batch sizes (the fake vLLM runs 8-64 here), the
+    # lightest form first (int8), then the other quantization two sizes up (32 rows at int8 met the SLO)
+    assert engines_of(trials[:4]) == ["builtin", "vllm", "builtin", "vllm"]
+    assert all(A_ENGINE_PROBE in x.user_attrs for x in trials[:4])
+    assert not any(A_ENGINE_PROBE in x.user_attrs for x in trials[4:])
+    first, second = (x.user_attrs["config"] for x in trials[:3:2])
+    assert (first["batch_size"], first["quantization"]) == (32, "int8-dynamic")
+    assert (second["batch_size"], second["quantization"]) == (64, "none")
+    assert trials[1].user_attrs["config"]["batch_size"] == 32
+    assert trials[0].user_attrs[A_ENGINE_PROBE] == "probe 1 of engine builtin: batch 32, fp32 int8-dynamic"
+    # vLLM's best (0.3x) is under 0.6x the built-in's: after its probes, no more trials
+    assert engines_of(trials).count("vllm") == 2
     race = t.race.record([])  # plan from no trials: nothing dropped yet
     assert race["vllm"]["state"] == "probing"
     stored = t.open_study().user_attrs[A_ENGINE_RACE]
     assert stored["vllm"]["state"] == "dropped" and "budget.engine_keep" in stored["vllm"]["why"]
-    assert stored["builtin"]["trials"] == len(trials) - 1
+    assert stored["builtin"]["trials"] == len(trials) - 2
 
 
 def test_a_close_engine_keeps_its_share_and_its_second_probe_follows_the_slo(tmp_path: Path) -> None:
@@ -137,6 +143,6 @@ def test_an_engine_whose_trials_all_failed_is_dropped_once_another_meets_the_slo
     t = Tuner(s, make_hw(), resolve_model(s.model), storage_url=f"sqlite:///{tmp_path}/f.db", runner=run)
     study = t.run()
     tried = [x.user_attrs["config"]["engine"] for x in study.get_trials() if "worker" in x.user_attrs]
-    assert tried.count("vllm") == 1
+    assert tried.count("vllm") == 2
     why = study.user_attrs[A_ENGINE_RACE]["vllm"]["why"]
-    assert why.startswith("its 1 trial(s) measured nothing (failed), is under 0.6x engine builtin's")
+    assert why.startswith("its 2 trial(s) measured nothing (failed), is under 0.6x engine builtin's")
