@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import statistics
 import sys
 from collections.abc import Callable
 from importlib import resources
@@ -609,10 +610,23 @@ def _load_note(trial: Any) -> str:
     kept = (trial.user_attrs.get("measurement") or {}).get("background")
     if is_disturbed(kept):
         again = "; re-measured, still under load" if note.get("remeasured") else "; the load did not pass"
-        return f" [measured under load: {describe(kept)}{again}]"
+        return f" [measured under load: {describe(kept)}{again}{_estimate_note(note)}]"
     if note.get("remeasured"):
         return f" [re-measured: the first run measured {note['first_tokens_per_s']:,.0f} tok/s under load]"
     return ""
+
+
+def _estimate_note(note: dict[str, Any]) -> str:
+    """How a measurement under a load that did not pass is ranked ('' when by what it measured)."""
+    est = note.get("quiet_estimate")
+    if not est:
+        return ""
+    p95 = (est.get("e2e_ms") or {}).get("p95")
+    lat = f", e2e p95 {p95:,.0f} ms" if p95 is not None else ""
+    return (
+        f"; ranked by its estimate for a quiet machine: {est['output_tokens_per_s']:,.0f} tok/s{lat} "
+        f"(x{est['factor']:.2f}, the cores it lacked)"
+    )
 
 
 def _confirmation_verdict(record: dict[str, Any]) -> str:
@@ -627,6 +641,14 @@ def _confirmation_verdict(record: dict[str, Any]) -> str:
     new, old, change, tol = (
         record[k] for k in ("remeasured_tokens_per_s", "search_tokens_per_s", "change_pct", "tolerance_pct")
     )
+    notes = [r.get("disturbed") for r in record["runs"]]
+    if record.get("disturbed_runs") and any(isinstance(n, dict) and "quiet_estimate" in n for n in notes):
+        measured = statistics.median(float(r["measurement"]["output_tokens_per_s"]) for r in record["runs"])
+        return (
+            f"NOT confirmed: re-measured under other processes' load ({record['disturbed_runs']} run(s)): "
+            f"{measured:,.0f} tok/s measured, an estimated {new:,.0f} on a quiet machine vs {old:,.0f} in the "
+            f"search ({change:+.0f}%); the measured figure is the one shown and exported"
+        )
     if record.get("disturbed_runs"):
         return (
             f"NOT confirmed: re-measured {new:,.0f} tok/s vs {old:,.0f} in the search ({change:+.0f}%) while other "

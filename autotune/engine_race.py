@@ -38,6 +38,8 @@ FIRST_PROBE_AT = 0.6
 PROBE_STEP = 2
 
 
+#: The trial attribute that marks a probe (its description).
+A_PROBE = "engine_probe"
 #: What a probe fixes: engine, batch size, precision, quantization (the sampler draws the rest).
 Point = tuple[str, int, str, str]
 
@@ -179,21 +181,15 @@ class EngineRace:
         would judge CTranslate2 by its slowest compute type."""
         sizes = self.batches[engine]
         rank = round(FIRST_PROBE_AT * (len(sizes) - 1))
-        probes = [t for t in trials if _engine_of(t) == engine and t.user_attrs.get("engine_probe")]
+        probes = [t for t in trials if _engine_of(t) == engine and t.user_attrs.get(A_PROBE)]
         measured = [t for t in probes if _spent(t)]
         if measured:
             t = max(measured, key=lambda t: t.number)
-            batch = (t.user_attrs.get("config") or {}).get("batch_size", sizes[rank])
+            batch = _config(t).get("batch_size", sizes[rank])
             at = sizes.index(batch) if batch in sizes else rank
             rank = at + PROBE_STEP if t.user_attrs.get("feasible") else at - PROBE_STEP
         batch = sizes[max(0, min(rank, len(sizes) - 1))]
-        before = [
-            (
-                (t.user_attrs.get("config") or {}).get("precision"),
-                (t.user_attrs.get("config") or {}).get("quantization"),
-            )
-            for t in probes
-        ]
+        before = [(_config(t).get("precision"), _config(t).get("quantization")) for t in probes]
         forms = self.forms[engine] or [("fp32", "none")]
         precision, quantization = min(
             forms,
@@ -248,6 +244,11 @@ def _weight_bytes(form: tuple[str, str]) -> tuple[float, float]:
 
     precision, quantization = form
     return weight_bytes(precision, quantization), weight_bytes(precision, "none")
+
+
+def _config(t: FrozenTrial) -> dict[str, Any]:
+    cfg = t.user_attrs.get("config")
+    return cfg if isinstance(cfg, dict) else {}
 
 
 def _engine_of(t: FrozenTrial) -> str | None:

@@ -304,6 +304,34 @@ def is_disturbed(background: Mapping[str, Any] | None) -> bool:
     return bool(background and background.get("disturbed"))
 
 
+#: A disturbed measurement whose own process tree got fewer cores than this is not scaled: too
+#: little was measured to say what a quiet machine would give.
+ESTIMATE_MIN_OWN_CORES = 0.1
+
+
+def quiet_factor(background: Mapping[str, Any] | None) -> float | None:
+    """How many times the CPU time it got a measurement disturbed by other processes' CPU load would
+    have had on a quiet machine: (own + other cores) / own cores, at most cores / own. None when the
+    measurement was not disturbed on its CPUs (a GPU shared with others has no such estimate).
+
+    An estimate, for ranking configs while a load does not pass (``budget.load_estimate``): a
+    trial's CPU-bound work runs at the share of the cores it gets. Checked with ``python
+    bench/engines.py --background-load 2`` on 2 cores (2 busy processes took 1.33-1.52 of the
+    cores), configs the loaded and quiet studies both measured: CTranslate2 scaled to within 9% of its
+    quiet tokens/s and 14% of its quiet p95 (6 configs, b1-b32, 2 streams); the built-in engine (b24 x2)
+    came out 12% above its quiet tokens/s and 43% above its quiet p95, and vLLM's server (b32),
+    whose scheduler and API server share its two cores, 49% below.
+    """
+    if not is_disturbed(background) or background is None:
+        return None
+    own = float(background.get("own_cpu_cores", 0.0))
+    other = float(background.get("other_cpu_cores", 0.0))
+    cores = float(background.get("cores", 0) or 0)
+    if own < ESTIMATE_MIN_OWN_CORES or other < threshold_cores(int(cores)) or cores <= 0:
+        return None
+    return max(1.0, min(cores, own + other) / own)
+
+
 def describe(background: Mapping[str, Any] | None) -> str:
     """One line for logs and the CLI: who took how much."""
     if not background:

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -100,6 +100,21 @@ class Measurement:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def scaled(self, factor: float) -> Measurement:
+        """The figures with ``factor`` times the CPU time: rates times it, latencies divided by it.
+        An estimate (:func:`autotune.load.quiet_factor`) to rank configs by, never stored as measured."""
+        return replace(
+            self,
+            output_tokens_per_s=self.output_tokens_per_s * factor,
+            requests_per_s=self.requests_per_s * factor,
+            e2e_ms={k: v / factor for k, v in self.e2e_ms.items()},
+            ttft_ms={k: v / factor for k, v in self.ttft_ms.items()},
+            tpot_ms={k: v / factor for k, v in self.tpot_ms.items()},
+            queue_ms={k: v / factor for k, v in self.queue_ms.items()},
+            prefill_ms={k: v / factor for k, v in self.prefill_ms.items()},
+            e2e_samples_ms=[v / factor for v in self.e2e_samples_ms],
+        )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Measurement:

@@ -269,6 +269,12 @@ class Budget(_Strict):
         description="how far a re-measurement may differ from the search's figure and still confirm it (widened "
         "to the spread the re-measurements themselves show)",
     )
+    load_estimate: bool = Field(
+        True,
+        description="a trial other processes' CPU load disturbed, and that load did not pass, is ranked and "
+        "judged against the SLO by its estimate for a quiet machine (its rates times the cores it lacked, "
+        "latencies divided); the measurement itself is stored as measured. false: by what it measured",
+    )
     reuse_engine: bool = Field(
         True,
         description="keep the trial process and its built model for the next trial when only runtime knobs "

@@ -33,7 +33,7 @@ from sqlalchemy import text as sa_text
 from autotune import __version__, load
 from autotune.config import TrialConfig
 from autotune.digest import model_digest
-from autotune.engine_race import EngineRace
+from autotune.engine_race import A_PROBE, EngineRace
 from autotune.errors import SpecError, StorageError, TrialFailure
 from autotune.hardware import Hardware
 from autotune.measure import Measurement, overhead
@@ -76,7 +76,7 @@ MAX_CONFIRM_CANDIDATES = 3
 #: Trial attribute, present when a trial's first measurement was disturbed by other processes'
 #: load: that measurement's load, the wait, the re-measurement and which of the two was kept.
 A_DISTURBED = "disturbed"
-A_ENGINE_PROBE, A_ENGINE_RACE = "engine_probe", "engine_race"
+A_ENGINE_PROBE, A_ENGINE_RACE = A_PROBE, "engine_race"
 #: How long the tuner waits for other processes' load to pass before re-measuring a disturbed
 #: trial. Once a wait ends with the machine still busy, the next waits are one check each (the
 #: load persists: waiting again would cost every trial this long) until a check finds it quiet.
@@ -1026,7 +1026,8 @@ class Tuner:
         m, disturbed = self._settle(f"trial {trial.number}", cfg, m)
         # Time inside the trial process; the rest of a trial's wall time is the parent's (sampling, storage).
         process_s = time.perf_counter() - t0
-        cons = constraint_values(m, self.slo)
+        judged = _judged(m, disturbed)
+        cons = constraint_values(judged, self.slo)
         full = m.to_dict()
         # The latency samples go to autotune's own table only: every later read of the trial list
         # (several per trial, in every worker) would otherwise parse them again.
@@ -1038,9 +1039,28 @@ class Tuner:
             **({A_DISTURBED: disturbed} if disturbed else {}),
         }
         self._write(trial, result, cons)
-        return self._values(m.output_tokens_per_s, m.value(self.spec.second_objective))
+        return self._values(judged.output_tokens_per_s, judged.value(self.spec.second_objective))
 
     def _settle(
+        self, what: str, cfg: TrialConfig, m: Measurement, *, fresh: bool = False
+    ) -> tuple[Measurement, dict[str, Any] | None]:
+        """:meth:`_wait_and_remeasure`; a measurement still disturbed after it gets its estimate for
+        a quiet machine in the note (``quiet_estimate``, see :func:`autotune.load.quiet_factor`),
+        which :func:`_judged` ranks it by when ``budget.load_estimate`` is on."""
+        m, note = self._wait_and_remeasure(what, cfg, m, fresh=fresh)
+        if note is not None and self.spec.budget.load_estimate:
+            factor = load.quiet_factor(m.background)
+            if factor is not None:
+                est = m.scaled(factor)
+                note["quiet_estimate"] = {
+                    "factor": round(factor, 3),
+                    "output_tokens_per_s": est.output_tokens_per_s,
+                    "e2e_ms": est.e2e_ms,
+                    "how": "rates times (own + other processes' cores) / own cores, latencies divided by it",
+                }
+        return m, note
+
+    def _wait_and_remeasure(
         self, what: str, cfg: TrialConfig, m: Measurement, *, fresh: bool = False
     ) -> tuple[Measurement, dict[str, Any] | None]:
         """A measurement other processes disturbed is taken again once their load has passed.
@@ -1297,12 +1317,13 @@ class Tuner:
                 record["ok"] = False
                 break
             m, disturbed = self._settle(f"the re-measurement of trial {best.number}", cfg, m, fresh=True)
-            cons = constraint_values(m, self.slo)
+            judged = _judged(m, disturbed)
+            cons = constraint_values(judged, self.slo)
             full = m.to_dict()
             run = {
-                "output_tokens_per_s": m.output_tokens_per_s,
+                "output_tokens_per_s": judged.output_tokens_per_s,
                 "constraints": cons,
-                self.spec.second_objective: m.value(self.spec.second_objective),
+                self.spec.second_objective: judged.value(self.spec.second_objective),
                 A_MEASUREMENT: {k: v for k, v in full.items() if k != "e2e_samples_ms"},
                 "disturbed": load.is_disturbed(m.background),
             }
@@ -1348,6 +1369,14 @@ class Tuner:
         kept = {k: v for k, v in confirmations.items() if "not_remeasured" not in v}
         if len(kept) != len(confirmations):
             study.set_user_attr(A_CONFIRMATIONS, kept)
+
+
+def _judged(m: Measurement, note: dict[str, Any] | None) -> Measurement:
+    """What a trial is ranked and held to the SLO by: its measurement, or its estimate for a quiet
+    machine where a load that did not pass disturbed it (``note['quiet_estimate']``)."""
+    if note is None or "quiet_estimate" not in note:
+        return m
+    return m.scaled(float(note["quiet_estimate"]["factor"]))
 
 
 def _load_summary(background: dict[str, Any]) -> dict[str, Any]:

@@ -23,6 +23,9 @@ builds them), exactly ``output_tokens`` new tokens, greedy, the spec's SLO (p95 
         [--batches 1,8,16,32,64] [--background-load N] [--quick] [--winner EXPORT.json]
         [--storage URL] [--loaded-winner EXPORT.json --loaded-storage URL --loaded-load N]
 
+``--winner`` with ``--storage``: a finished study's winner is measured instead of running the study;
+with ``--background-load N`` too, only the loaded study runs (beside the given quiet one).
+
 ``--quick``: the tiny preset, batches 1 and 8, one round, a 2-trial study (a smoke run for tests).
 Each step holds ``--lock`` (``flock``; default ``/tmp/autotune-cpu.lock``, ``''`` for none) so other
 work on the machine does not time at the same moment.
@@ -115,8 +118,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error("--storage reports a finished study: give its --winner too")
     if args.loaded_winner and not args.winner:
         ap.error("--loaded-winner is compared with the quiet study's: give its --winner too")
-    if args.background_load and args.winner:
-        ap.error("--background-load runs the study twice: it cannot take --winner")
+    if args.background_load and args.loaded_winner:
+        ap.error("--background-load runs the loaded study: it cannot take --loaded-winner too")
     return args
 
 
@@ -748,6 +751,11 @@ def bench(args: argparse.Namespace) -> None:
                         "storage": st,
                     }
                 )
+        if args.background_load:  # the quiet study given, the loaded one run now
+            loaded = run_study(args, tmp, "loaded", args.background_load)
+            studies.append(loaded)
+            if "export" in loaded:
+                winners["autotune-loaded"] = Path(loaded["export"])
     else:
         studies.append(run_study(args, tmp, "quiet", 0))
         if args.background_load:

@@ -78,10 +78,12 @@ def test_the_engines_bench_parses_its_arguments() -> None:
     assert eng.parse_args(["--peers", ""]).peer_groups == []
     both = eng.parse_args(["--winner", "q.json", "--loaded-winner", "l.json", "--loaded-load", "2"])
     assert (both.winner, both.loaded_winner, both.loaded_load) == ("q.json", "l.json", 2)
+    only_loaded = eng.parse_args(["--winner", "q.json", "--storage", "sqlite:///q.db", "--background-load", "2"])
+    assert (only_loaded.winner, only_loaded.background_load) == ("q.json", 2)  # runs only the loaded study
     bad_args = (
         ["--peers", "vllm:int4"],
         ["--rounds", "0"],
-        ["--background-load", "2", "--winner", "x.json"],
+        ["--background-load", "2", "--winner", "x.json", "--loaded-winner", "l.json"],
         ["--loaded-winner", "l.json"],
     )
     for bad in (*bad_args, ["--storage", "sqlite:///x.db"]):

@@ -166,3 +166,21 @@ def test_the_background_round_trips_through_the_measurement_and_the_store() -> N
     assert measurement_dict(row)["background"] == m.background  # type: ignore[index]
     unwatched = Measurement(1.0, 1.0, 1, 1, 1.0, lat, lat, lat, lat, 1.0, 1.0, "none")
     assert "background" not in measurement_columns(unwatched.to_dict())["metrics"]
+
+
+def test_the_quiet_estimate_gives_back_the_cores_others_took() -> None:
+    """Own tree 0.66 of 2 cores, others 1.34: x3.03. Not disturbed, too little own time to scale,
+    or a GPU-only disturbance: no estimate."""
+    bg = {"own_cpu_cores": 0.66, "other_cpu_cores": 1.34, "cores": 2, "disturbed": True}
+    assert load.quiet_factor(bg) == pytest.approx(2 / 0.66)
+    assert load.quiet_factor({**bg, "other_cpu_cores": 3.0}) == pytest.approx(2 / 0.66)  # at most cores / own
+    assert load.quiet_factor({**bg, "disturbed": False}) is None
+    assert load.quiet_factor({**bg, "own_cpu_cores": 0.05}) is None
+    assert load.quiet_factor({**bg, "other_cpu_cores": 0.1, "gpu_other_sm_pct": 50.0}) is None
+    assert load.quiet_factor(None) is None
+    lat = {k: 300.0 for k in ("p50", "p90", "p95", "p99", "mean", "max")}
+    m = Measurement(100.0, 3.0, 9, 90, 1.0, lat, lat, lat, lat, 8.0, 1.0, "none", e2e_samples_ms=[300.0])
+    est = m.scaled(3.0)
+    assert (est.output_tokens_per_s, est.requests_per_s, est.e2e_ms["p95"], est.tpot_ms["p50"]) == (300, 9, 100, 100)
+    assert est.e2e_samples_ms == [100.0] and est.output_tokens == 90  # counts are what was measured
+    assert m.output_tokens_per_s == 100.0  # the measurement itself is left as measured

@@ -742,6 +742,62 @@ def test_a_remeasurement_under_load_does_not_confirm(tmp_path: Path, monkeypatch
     assert export_dict(study)["confirmation"]["disturbed_runs"] == 1
 
 
+def _starved(m: Measurement, own: float) -> Measurement:
+    """``m`` as measured while its process tree got only ``own`` of 2 cores, the rest taken by others:
+    rates times own/2, latencies divided by it (the CPU-share model :func:`autotune.load.quiet_factor` inverts)."""
+    from dataclasses import replace
+
+    f = own / 2
+    lat = {k: v / f for k, v in m.e2e_ms.items()}
+    loaded = replace(m, output_tokens_per_s=m.output_tokens_per_s * f, e2e_ms=lat, ttft_ms=lat, tpot_ms=lat)
+    loaded.background = {
+        "own_cpu_cores": own,
+        "other_cpu_cores": 2 - own,
+        "cores": 2,
+        "disturbed": True,
+        "reason": f"other processes used {2 - own:.2f} of 2 cores",
+    }
+    return loaded
+
+
+@pytest.mark.parametrize("estimate", [True, False])
+def test_a_load_that_never_passes_does_not_change_the_winner(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, estimate: bool
+) -> None:
+    """Other processes take 2/3 of the cores for the whole study (bench/engines.py --background-load 2
+    measured 1.33-1.52 of 2). Judged by what it measured, the study picks a batch 3x smaller; judged
+    by each trial's estimate for a quiet machine (budget.load_estimate), it picks the quiet winner,
+    while every stored measurement and the exported figure stay what was measured."""
+    from autotune.cli import _confirmation_verdict, _load_note
+    from autotune.export import export_dict
+
+    _quiet_after(monkeypatch, quiet=False)
+    spec = {"budget": {"trials": 24, "confirm_runs": 1, "load_estimate": estimate}}
+    (tmp_path / "q").mkdir()
+    quiet = best_feasible(tuner(tmp_path / "q", sampler="grid", spec=spec).run())
+    study = tuner(
+        tmp_path, sampler="grid", runner=lambda *a: _starved(landscape(*a), 2 / 3), spec=spec, quiet_wait_s=0.0
+    ).run()
+    best = best_feasible(study)
+    assert quiet is not None and best is not None
+    raw = best.user_attrs["measurement"]["output_tokens_per_s"]
+    if not estimate:
+        assert best.user_attrs["config"]["batch_size"] < quiet.user_attrs["config"]["batch_size"]
+        assert best.values[0] == pytest.approx(raw)
+        return
+    assert best.user_attrs["config"] == quiet.user_attrs["config"]
+    note = best.user_attrs["disturbed"]["quiet_estimate"]
+    assert note["factor"] == pytest.approx(3.0) and best.values[0] == pytest.approx(3 * raw)
+    assert best.values[0] == pytest.approx(quiet.values[0])
+    assert "ranked by its estimate for a quiet machine: 320 tok/s" in _load_note(best)
+    record = study.user_attrs["confirmations"][best.user_attrs["config_key"]]
+    assert record["ok"] and not record["agrees"]  # under load: not confirmed
+    verdict = _confirmation_verdict(record)
+    assert verdict.startswith("NOT confirmed: re-measured under other processes' load (1 run(s)): 107 tok/s measured")
+    # the export carries what was measured, not the estimate
+    assert export_dict(study)["metrics"]["output_tokens_per_s"] == pytest.approx(raw)
+
+
 def test_the_exported_winner_is_always_one_that_was_remeasured(tmp_path: Path) -> None:
     """Every re-measurement falls to 10% of the search's figure (a loaded machine during the search's
     lucky windows). After MAX_CONFIRM_CANDIDATES would-be winners fell, configs whose search figure
