@@ -571,6 +571,9 @@ def _run_with_progress(tuner: Any) -> Any:
         done = tuner.run(study)
     if tuner.stop_reason:
         err.print(tuner.stop_reason, highlight=False)
+    race = done.user_attrs.get("engine_race")
+    if race:
+        err.print(_race_summary(race), highlight=False)
     from autotune.tuner import trial_overhead
 
     share = trial_overhead(done.get_trials(deepcopy=False))
@@ -582,6 +585,17 @@ def _run_with_progress(tuner: Any) -> Any:
             highlight=False,
         )
     return done
+
+
+def _race_summary(race: dict[str, Any]) -> str:
+    """One line per engine a study searched: its trials, its best within the SLO, and why it was dropped."""
+    lines = ["engines (budget.engine_probes, budget.engine_keep):"]
+    for engine, r in sorted(race.items(), key=lambda kv: -(kv[1].get("best_feasible_tokens_per_s") or 0.0)):
+        best = r.get("best_feasible_tokens_per_s")
+        where = f"best {best:,.1f} tok/s within the SLO (trial {r['best_trial']})" if best else "none met the SLO"
+        verdict = f"; dropped: {r['why']}" if r.get("state") == "dropped" else ""
+        lines.append(f"  {engine}: {r['trials']} trial(s), {where}{verdict}")
+    return "\n".join(lines)
 
 
 def _label(trial: Any) -> str:

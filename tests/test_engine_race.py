@@ -146,3 +146,13 @@ def test_an_engine_whose_trials_all_failed_is_dropped_once_another_meets_the_slo
     assert tried.count("vllm") == 2
     why = study.user_attrs[A_ENGINE_RACE]["vllm"]["why"]
     assert why.startswith("its 2 trial(s) measured nothing (failed), is under 0.6x engine builtin's")
+
+
+def test_tune_says_how_each_engine_fared(tmp_path: Path) -> None:
+    from autotune.cli import _race_summary
+
+    t, _ = run_study(tmp_path, vllm_speed=0.3, space={**SPEC["space"], "streams": [1]})
+    text = _race_summary(t.open_study().user_attrs[A_ENGINE_RACE])
+    lines = text.splitlines()
+    assert lines[1].startswith("  builtin: 8 trial(s), best ") and "within the SLO" in lines[1]
+    assert lines[2].startswith("  vllm: 2 trial(s), ") and "; dropped: its best in 2 trial(s)" in lines[2]
