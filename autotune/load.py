@@ -320,7 +320,8 @@ def quiet_factor(background: Mapping[str, Any] | None) -> float | None:
     cores), configs the loaded and quiet studies both measured: CTranslate2 scaled to within 9% of its
     quiet tokens/s and 14% of its quiet p95 (6 configs, b1-b32, 2 streams); the built-in engine (b24 x2)
     came out 12% above its quiet tokens/s and 43% above its quiet p95, and vLLM's server (b32),
-    whose scheduler and API server share its two cores, 49% below.
+    whose scheduler and API server share its two cores, 49% below. Single-stream configs were off
+    both ways (CTranslate2 b16: +40%; the built-in engine's b24: -68%).
     """
     if not is_disturbed(background) or background is None:
         return None
