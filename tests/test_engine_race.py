@@ -156,3 +156,23 @@ def test_tune_says_how_each_engine_fared(tmp_path: Path) -> None:
     lines = text.splitlines()
     assert lines[1].startswith("  builtin: 8 trial(s), best ") and "within the SLO" in lines[1]
     assert lines[2].startswith("  vllm: 2 trial(s), ") and "; dropped: its best in 2 trial(s)" in lines[2]
+
+
+def test_standings_rank_by_what_the_study_ranks_by_not_the_raw_measurement() -> None:
+    """Under a load that did not pass, a trial's value is its quiet-machine estimate (3x here); the
+    race compares engines by that, as the sampler and the winner do."""
+    from optuna.distributions import CategoricalDistribution
+    from optuna.trial import create_trial
+
+    race = EngineRace(["builtin", "vllm"], {"builtin": [8], "vllm": [8]}, {}, probes=1, keep=0.6)
+    loaded = create_trial(
+        values=[300.0],
+        params={"engine": "builtin"},
+        distributions={"engine": CategoricalDistribution(["builtin", "vllm"])},
+        user_attrs={
+            "config": {"engine": "builtin", "batch_size": 8},
+            "feasible": True,
+            "measurement": {"output_tokens_per_s": 100.0},
+        },
+    )
+    assert race.standings([loaded])["builtin"].best_feasible == 300.0
