@@ -12,7 +12,7 @@ precision), the sampler drawing the other knobs. Once every engine's probes are 
 engine whose best measurement, feasible or not, is under ``budget.engine_keep`` of the best
 feasible figure any engine reached is **dropped**: the sampler proposes only the engines still in
 the race (a proposal of a dropped one is replaced by the nearest config of a kept one). An engine
-can be dropped later too, as the leader improves. With it, on the same CPU with AVX-512 bf16
+can be dropped later too, as the leader improves. With it, on a 2-core CPU with AVX-512 bf16
 (``python bench/engines.py``), the study gave CTranslate2 11 of 24 trials and vLLM 3, and its
 winner (CTranslate2 b32 int8 x2) ran at 1.26x the best hand-picked peer config.
 
